@@ -1,0 +1,41 @@
+# medscreen — `make demo` runs the pipeline on the embedded default,
+# `make test` runs the test suite. Both create .venv and install pinned
+# dependencies (constraints.txt) when needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+WORKDIR ?= work/demo
+
+.PHONY: demo test bench airflow venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip==$$(grep -E '^pip==' constraints.txt | cut -d= -f3)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,tensorrt,train]'
+	@# The Spark provider pulls pyspark-client, whose files overwrite pyspark's own
+	@# (pyspark/version.py then reports the client's version). Reinstall the pinned
+	@# pyspark last so the Python side matches its jars.
+	$(PY) -m pip install --quiet --no-deps --force-reinstall -c constraints.txt pyspark
+	$(PY) -c "import pyspark, sys; v = pyspark.__version__; sys.exit(0 if v.startswith('4.3') else 'pyspark ' + v + ' is not 4.3')"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/medscreen demo --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/emr_features.py
+	$(PY) bench/engines.py
+	$(PY) bench/emr_scoring.py
+	$(PY) bench/ct.py
+
+airflow: $(STAMP)
+	bash dags/standalone.sh
+
+clean:
+	rm -rf $(VENV) work

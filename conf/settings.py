@@ -1,0 +1,227 @@
+"""The validated settings model.
+
+Sources, highest priority first: explicit overrides (CLI flags), the
+environment (``MEDSCREEN_`` prefix, ``__`` between levels, e.g.
+``MEDSCREEN_LAKE__ROOT``), then ``conf/defaults.yaml`` (or the file named by
+``MEDSCREEN_CONFIG``). A bad value fails at load with one message naming the
+key and what is allowed.
+
+Bottom floor: imports nothing of ours.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONF_DIR = Path(__file__).resolve().parent
+DEFAULTS_FILE = CONF_DIR / "defaults.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LakeSettings(_Section):
+    root: Path = Path("work/lake")
+
+
+class SparkSettings(_Section):
+    master: str = "local[2]"
+    driver_memory: str = "2g"
+    shuffle_partitions: int = Field(4, ge=1)
+    # Keep the Spark UI off by default: a laptop-class machine and CI need no port.
+    ui_enabled: bool = False
+
+
+class RaySettings(_Section):
+    address: str | None = None
+    # Fractional CPUs per actor so an actor pool cannot starve read tasks on small machines.
+    actor_num_cpus: float = Field(0.5, gt=0)
+    num_actors: int | None = Field(None, ge=1)
+
+
+class PseudonymSettings(_Section):
+    key_env: str = "MEDSCREEN_PSEUDONYM_KEY"
+    key_file: Path | None = None
+
+
+class InputsSettings(_Section):
+    emr_dir: Path | None = None
+    emr_format: Literal["fhir", "omop"] = "fhir"
+    dicom_dir: Path | None = None
+
+
+class ExtractionSettings(_Section):
+    code_groups_file: Path = CONF_DIR / "code_groups.yaml"
+    negation_cues: list[str] = Field(
+        default_factory=lambda: ["no", "denies", "denied", "negative for", "without", "ruled out",
+                                 "rule out", "free of", "no evidence of", "not"])
+    history_cues: list[str] = Field(
+        default_factory=lambda: ["history of", "h/o", "hx of", "family history of", "past history of"])
+    # Tokens to look back from a code mention for a cue.
+    cue_window_words: int = Field(6, ge=1)
+
+
+class FeaturesSettings(_Section):
+    lookback_days: int = Field(1825, ge=1)
+    max_tokens: int = Field(256, ge=8)
+    horizon_days: int = Field(365, ge=1)
+    vocab_min_count: int = Field(5, ge=1)
+
+
+class GateSettings(_Section):
+    fp16_max_abs_delta_auc: float = 0.005
+    fp16_max_abs_delta_p: float = 0.02
+    int8_max_abs_delta_auc: float = 0.01
+    min_holdout_rows: int = 200
+
+
+class EnginesSettings(_Section):
+    cache_dir: Path | None = None  # default: <lake root>/engines
+    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    calibration_rows: int = Field(1000, ge=16)
+    calibration_method: Literal["entropy", "minmax", "percentile"] = "entropy"
+    gate: GateSettings = Field(default_factory=GateSettings)
+
+
+class QCSettings(_Section):
+    max_psi: float = 0.25
+    min_std: float = 1e-4
+    fallback_to_fp32: bool = True
+
+
+class ScoringSettings(_Section):
+    token_budget: int = Field(65536, ge=256)
+    length_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    screening_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {"t2d": 0.5, "ckd": 0.5, "hf": 0.5})
+    screening_top_k: int | None = None
+    prometheus_port: int | None = None
+    qc: QCSettings = Field(default_factory=QCSettings)
+
+
+class ImagingSettings(_Section):
+    target_spacing_mm: float = Field(1.0, gt=0)
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+    patch_size: tuple[int, int, int] = (64, 128, 128)  # z, y, x voxels
+    patch_stride: tuple[int, int, int] = (32, 64, 64)
+    min_slices: int = Field(16, ge=2)
+    gantry_tilt: Literal["correct", "reject"] = "correct"
+    probability_threshold: float = Field(0.5, gt=0, lt=1)
+    min_finding_volume_mm3: float = 15.0
+
+
+class DemoSettings(_Section):
+    patients: int = Field(20000, ge=10)
+    seed: int = 7
+    as_of: str = "2024-06-30"
+    bad_record_share: float = Field(0.02, ge=0, le=0.5)
+    ct_studies: int = Field(3, ge=0)
+
+
+class Settings(BaseSettings):
+    """Everything a medscreen run reads from configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDSCREEN_", env_nested_delimiter="__",
+                                      extra="forbid", nested_model_default_partial_update=True)
+
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings)
+    inputs: InputsSettings = Field(default_factory=InputsSettings)
+    extraction: ExtractionSettings = Field(default_factory=ExtractionSettings)
+    features: FeaturesSettings = Field(default_factory=FeaturesSettings)
+    engines: EnginesSettings = Field(default_factory=EnginesSettings)
+    scoring: ScoringSettings = Field(default_factory=ScoringSettings)
+    imaging: ImagingSettings = Field(default_factory=ImagingSettings)
+    demo: DemoSettings = Field(default_factory=DemoSettings)
+    models: dict[str, Path] = Field(default_factory=lambda: {
+        "emr_risk": CONF_DIR / "models" / "emr_risk.yaml",
+        "ct_nodule": CONF_DIR / "models" / "ct_nodule.yaml"})
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: dict[str, Path]) -> dict[str, Path]:
+        return {k: Path(p) for k, p in v.items()}
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls))
+
+    @property
+    def engine_cache_dir(self) -> Path:
+        return self.engines.cache_dir or (self.lake.root / "engines")
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """conf/defaults.yaml, or the file named by MEDSCREEN_CONFIG."""
+
+    def __init__(self, settings_cls: type[BaseSettings]):
+        super().__init__(settings_cls)
+        path = Path(os.environ.get("MEDSCREEN_CONFIG", DEFAULTS_FILE))
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (MEDSCREEN_CONFIG)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data)
+
+
+def _deep_set(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Load and validate settings.
+
+    ``overrides`` maps dotted keys (``"lake.root"``) to values that win over the
+    environment and the YAML file; ``None`` values are ignored so CLI flags that
+    were not given fall through.
+    """
+    init: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _deep_set(init, key, value)
+    try:
+        return Settings(**init)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        env = "MEDSCREEN_" + "__".join(str(p).upper() for p in err["loc"])
+        allowed = ""
+        ctx = err.get("ctx") or {}
+        if "expected" in ctx:
+            allowed = f"; allowed: {ctx['expected']}"
+        got = err.get("input")
+        lines.append(f"invalid setting {key} (env {env}): {err['msg']}{allowed}; got {got!r}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Ray Data scoring pipelines: EMR and CT, actors, batching, QC, metrics, reports."""

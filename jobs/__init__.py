@@ -1,0 +1,1 @@
+"""Spark entry points (spark-submit-able): thin read → transform → write."""

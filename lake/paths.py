@@ -1,0 +1,84 @@
+"""Where everything lives under the lake root."""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def as_of_str(as_of: dt.date | str) -> str:
+    """Normalise an as-of date to ``YYYY-MM-DD``; raise ValueError naming the bad value."""
+    if isinstance(as_of, dt.date):
+        return as_of.isoformat()
+    try:
+        return dt.date.fromisoformat(str(as_of)).isoformat()
+    except ValueError:
+        raise ValueError(f"as-of date {as_of!r} is not a date in YYYY-MM-DD form") from None
+
+
+@dataclass(frozen=True)
+class LakePaths:
+    """The lake layout. Every partition below is committed atomically (see lake.commit)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # EMR
+    @property
+    def events(self) -> Path:
+        return self.root / "emr" / "events"
+
+    @property
+    def patients(self) -> Path:
+        return self.root / "emr" / "patients"
+
+    @property
+    def emr_quarantine(self) -> Path:
+        return self.root / "emr" / "quarantine"
+
+    def timelines(self, as_of: dt.date | str) -> Path:
+        return self.root / "emr" / "timelines" / f"as_of={as_of_str(as_of)}"
+
+    @property
+    def vocabulary(self) -> Path:
+        return self.root / "emr" / "vocabulary"
+
+    # Imaging
+    @property
+    def dicom_instances(self) -> Path:
+        return self.root / "imaging" / "instances"
+
+    @property
+    def dicom_series(self) -> Path:
+        return self.root / "imaging" / "series"
+
+    @property
+    def imaging_quarantine(self) -> Path:
+        return self.root / "imaging" / "quarantine"
+
+    # Outputs
+    def scores(self, model: str, as_of: dt.date | str) -> Path:
+        return self.root / "scores" / f"model={model}" / f"as_of={as_of_str(as_of)}"
+
+    def findings(self, model: str, as_of: dt.date | str) -> Path:
+        return self.root / "findings" / f"model={model}" / f"as_of={as_of_str(as_of)}"
+
+    def screening(self, as_of: dt.date | str) -> Path:
+        return self.root / "screening" / f"as_of={as_of_str(as_of)}"
+
+    def cohort(self, name: str) -> Path:
+        return self.root / "cohorts" / name
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    def run(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    @property
+    def engines(self) -> Path:
+        return self.root / "engines"
+

@@ -1,0 +1,44 @@
+"""``medscreen score emr|ct`` — Ray scoring; prints the run directory as the last line."""
+from __future__ import annotations
+
+import argparse
+
+from medscreen.cli_common import add_as_of_flag, add_lake_flag, settings_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score timelines or CT series with a gated engine (Ray)")
+    s = p.add_subparsers(dest="score_command", required=True)
+    for name, helptext in (("emr", "EMR risk scores + screening list"),
+                           ("ct", "CT nodule findings")):
+        c = s.add_parser(name, help=helptext)
+        add_lake_flag(c)
+        add_as_of_flag(c)
+        c.add_argument("--ray-address", help="Ray cluster address (default: ray.address; local Ray when unset)")
+        c.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+        c.add_argument("--precision", choices=["fp32", "fp16", "int8"])
+        c.add_argument("--force-ungated", action="store_true",
+                       help="score with an engine that has not passed its accuracy gate")
+        c.set_defaults(func=_emr if name == "emr" else _ct)
+
+
+def _settings(args: argparse.Namespace):
+    return settings_from_args(args, **{"ray.address": args.ray_address,
+                                       "engines.backend": args.backend,
+                                       "engines.precision": args.precision})
+
+
+def _emr(args: argparse.Namespace) -> int:
+    from inference import emr
+
+    run_dir = emr.score(_settings(args), args.as_of, force_ungated=args.force_ungated)
+    print(run_dir)
+    return 0
+
+
+def _ct(args: argparse.Namespace) -> int:
+    from inference import ct
+
+    run_dir = ct.score(_settings(args), args.as_of, force_ungated=args.force_ungated)
+    print(run_dir)
+    return 0
