@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args, **{"inputs.emr_dir": args.input, "inputs.emr_format": args.format})
     from jobs import emr_ingest
 
-    settings = settings_from_args(args, **{"inputs.emr_dir": args.input, "inputs.emr_format": args.format})
     if settings.inputs.emr_dir is None:
         raise ValueError("no EMR input: pass --input DIR or set MEDSCREEN_INPUTS__EMR_DIR")
     summary = emr_ingest.run(settings, settings.inputs.emr_dir, settings.inputs.emr_format)
@@ -38,9 +38,9 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
     from jobs import emr_features
 
-    settings = settings_from_args(args)
     summary = emr_features.run(settings, args.as_of, with_labels=args.with_labels)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0

@@ -29,16 +29,18 @@ def _settings(args: argparse.Namespace):
 
 
 def _emr(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     from inference import emr
 
-    run_dir = emr.score(_settings(args), args.as_of, force_ungated=args.force_ungated)
+    run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated)
     print(run_dir)
     return 0
 
 
 def _ct(args: argparse.Namespace) -> int:
+    settings = _settings(args)
     from inference import ct
 
-    run_dir = ct.score(_settings(args), args.as_of, force_ungated=args.force_ungated)
+    run_dir = ct.score(settings, args.as_of, force_ungated=args.force_ungated)
     print(run_dir)
     return 0
