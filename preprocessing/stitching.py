@@ -1,0 +1,104 @@
+"""Overlap blending of patch predictions back into one volume.
+
+The one place the sliding-window blending math lives (MONAI
+``sliding_window_inference`` with ``mode="gaussian"`` or ``"constant"``):
+
+    out(v) = Σ_i w(v - s_i) · p_i(v - s_i)  /  Σ_i w(v - s_i)
+
+over the patches i whose window (start s_i) contains voxel v, with importance
+weights w over the patch:
+
+- ``gaussian``: w(u) = Π_axis exp(-(u_a - c_a)² / (2 σ_a²)), σ_a = sigma_scale ·
+  patch_a, c_a the patch centre, scaled to max 1. Patch edges, where a
+  convolutional network sees the least context, count least; no voxel gets
+  weight 0 (zeros are lifted to the smallest positive weight) so a voxel that
+  only one patch edge reaches still has a defined prediction.
+- ``constant``: w ≡ 1, a plain average of overlapping predictions.
+
+Because out(v) is a weighted mean, a constant prediction stitches back to that
+constant (up to float32 rounding) whatever the weights. Accumulation is
+incremental (:class:`Stitcher`) so a caller can feed patches in batches and
+never hold all of them at once.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from preprocessing.patches import PatchGrid
+
+BlendMode = Literal["gaussian", "constant"]
+
+
+def importance_map(patch_size: tuple[int, int, int], mode: BlendMode = "gaussian",
+                   sigma_scale: float = 0.125) -> np.ndarray:
+    """Blending weights over one patch, float32 of shape ``patch_size``, max 1, all > 0."""
+    if mode == "constant":
+        return np.ones(patch_size, dtype=np.float32)
+    if mode != "gaussian":
+        raise ValueError(f"blend mode {mode!r} is not one of 'gaussian', 'constant'")
+    if sigma_scale <= 0:
+        raise ValueError(f"sigma_scale {sigma_scale} must be positive")
+    axes = []
+    for p in patch_size:
+        centre = (p - 1) / 2.0
+        sigma = sigma_scale * p
+        u = np.arange(p, dtype=np.float64)
+        axes.append(np.exp(-((u - centre) ** 2) / (2.0 * sigma * sigma)))
+    w = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+    w = (w / w.max()).astype(np.float32)
+    positive = w[w > 0]
+    w[w <= 0] = positive.min()
+    return w
+
+
+class Stitcher:
+    """Accumulates weighted patch predictions for one volume; :meth:`result` blends them.
+
+    ``add`` takes predictions ``[k, pz, py, px]`` (or ``[k, 1, pz, py, px]``)
+    for the grid indices ``indices`` in any order and any batch size.
+    """
+
+    def __init__(self, grid: PatchGrid, mode: BlendMode = "gaussian", sigma_scale: float = 0.125):
+        self.grid = grid
+        self.weights = importance_map(grid.patch_size, mode, sigma_scale)
+        self._acc = np.zeros(grid.padded_shape, dtype=np.float32)
+        self._wsum = np.zeros(grid.padded_shape, dtype=np.float32)
+        self._seen = np.zeros(len(grid), dtype=bool)
+
+    def add(self, preds: np.ndarray, indices: list[int] | range | np.ndarray) -> None:
+        preds = np.asarray(preds)
+        if preds.ndim == 5:
+            if preds.shape[1] != 1:
+                raise ValueError(f"patch predictions have {preds.shape[1]} channels; stitching takes one")
+            preds = preds[:, 0]
+        if preds.shape[1:] != tuple(self.grid.patch_size) or len(preds) != len(indices):
+            raise ValueError(f"patch predictions of shape {preds.shape} do not match "
+                             f"{len(indices)} patches of size {self.grid.patch_size}")
+        for p, i in zip(preds, indices):
+            sl = self.grid.slices(int(i))
+            self._acc[sl] += p * self.weights
+            self._wsum[sl] += self.weights
+            self._seen[int(i)] = True
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._seen.all())
+
+    def result(self) -> np.ndarray:
+        """The blended volume, cropped to the original shape (float32)."""
+        if not self.complete:
+            missing = int((~self._seen).sum())
+            raise ValueError(f"{missing} of {len(self.grid)} patches were never added; "
+                             "a stitched volume would have holes")
+        z, y, x = self.grid.volume_shape
+        return self._acc[:z, :y, :x] / self._wsum[:z, :y, :x]
+
+
+def stitch(preds: np.ndarray, grid: PatchGrid, mode: BlendMode = "gaussian",
+           sigma_scale: float = 0.125) -> np.ndarray:
+    """Blend the predictions of every patch of ``grid`` (grid order) into one volume."""
+    s = Stitcher(grid, mode, sigma_scale)
+    s.add(preds, range(len(grid)))
+    return s.result()
