@@ -1,0 +1,212 @@
+"""The parsed-record contract shared by the FHIR and OMOP parsers.
+
+A parser turns one raw record (an NDJSON line, an OMOP row) into exactly one
+:class:`ParsedRecord`: accepted (``ok``, with zero or more events, or the
+patient's demographics), ``quarantine`` (with a machine-readable reason), or
+``ignored`` by a documented rule (e.g. ``unsupported_resource``). One record
+in, one record out is what makes the ingest ledger balance.
+
+Everything here is already pseudonymised: patient keys and record refs are
+keyed hashes (lake.keys.pseudonymise); no raw ids, names or note text.
+
+Pure: numpy/pyarrow only; no Spark, Ray or Airflow.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import pyarrow as pa
+
+from lake.keys import pseudonymise
+from lake.schemas import UTC_TS
+from preprocessing.code_groups import CodeGroups
+from preprocessing.notes import NoteExtractor
+
+OK = "ok"
+QUARANTINE = "quarantine"
+IGNORED = "ignored"
+
+# Quarantine reason codes (machine-readable; documented in docs and the summary).
+R_MALFORMED_JSON = "malformed_json"
+R_MISSING_RESOURCE_TYPE = "missing_resource_type"
+R_MISSING_ID = "missing_id"
+R_INVALID_ID = "invalid_id"
+R_MISSING_SUBJECT = "missing_subject"
+R_INVALID_SUBJECT = "invalid_subject"
+R_UNKNOWN_PATIENT = "unknown_patient"
+R_DUPLICATE_ID = "duplicate_id"
+R_MISSING_DATE = "missing_date"
+R_INVALID_DATE = "invalid_date"
+R_FUTURE_DATE = "future_date"
+R_MISSING_CODE = "missing_code"
+R_MALFORMED_CODE = "malformed_code"
+R_INVALID_ICD10CM = "invalid_icd10cm"
+R_MISSING_VALUE = "missing_value"
+R_INVALID_VALUE = "invalid_value"
+R_MISSING_ATTACHMENT = "missing_attachment"
+R_UNDECODABLE_ATTACHMENT = "undecodable_attachment"
+
+# Ignore rules (counted in the ledger's ``ignored``, never silent).
+I_UNSUPPORTED_RESOURCE = "unsupported_resource"
+I_UNSUPPORTED_TABLE = "unsupported_table"
+I_BLANK_LINE = "blank_line"
+I_ENTERED_IN_ERROR = "entered_in_error"
+I_NON_NUMERIC_VALUE = "non_numeric_value"
+I_UNSUPPORTED_ATTACHMENT = "unsupported_attachment"
+
+
+class Event(NamedTuple):
+    """One row of LAKE/emr/events, minus the record-level columns (patient_key, source, source_ref)."""
+
+    event_time_us: int          # microseconds since the epoch, UTC
+    kind: str
+    code_system: str | None
+    code: str | None
+    value: float | None
+    unit: str | None
+    assertion: str
+    code_groups: list[str]
+
+
+@dataclass
+class ParsedRecord:
+    """The outcome of parsing one raw record."""
+
+    status: str                      # ok | quarantine | ignored
+    resource_type: str               # FHIR resource type or OMOP table
+    reason: str | None = None        # quarantine reason or ignore rule
+    detail: str | None = None        # short, identifier-free explanation
+    source_ref: str | None = None    # keyed hash of "<type>/<id>" (the dedup key)
+    patient_key: str | None = None
+    is_patient: bool = False         # a patients-table row (birth_date, sex)
+    birth_date: dt.date | None = None
+    sex: str | None = None
+    events: list[Event] = field(default_factory=list)
+
+
+def quarantine(resource_type: str, reason: str, detail: str,
+               source_ref: str | None = None) -> ParsedRecord:
+    """A quarantined record; ``detail`` must name fields, never values."""
+    return ParsedRecord(QUARANTINE, resource_type, reason, detail, source_ref)
+
+
+def ignored(resource_type: str, rule: str, detail: str | None = None,
+            source_ref: str | None = None) -> ParsedRecord:
+    """A record not carried forward by a documented rule."""
+    return ParsedRecord(IGNORED, resource_type, rule, detail, source_ref)
+
+
+@dataclass
+class ParseContext:
+    """Everything a parser needs besides the record: the key, the cue lists, the code groups, now."""
+
+    key: bytes
+    extractor: NoteExtractor
+    groups: CodeGroups
+    now_us: int                      # records dated after this are future_date
+
+    def hash(self, source_id: str) -> str:
+        """Keyed hash of a source identifier (lake.keys.pseudonymise)."""
+        return pseudonymise(self.key, source_id)
+
+    @property
+    def today(self) -> dt.date:
+        return (_EPOCH + dt.timedelta(microseconds=self.now_us)).date()
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_ONE_US = dt.timedelta(microseconds=1)
+
+
+def now_us() -> int:
+    """The current time as microseconds since the epoch, UTC."""
+    return (dt.datetime.now(dt.timezone.utc) - _EPOCH) // _ONE_US
+
+
+def parse_datetime_us(value: object) -> int:
+    """A FHIR dateTime/instant/date or OMOP date/datetime as microseconds since the epoch, UTC.
+
+    Partial dates (``2019``, ``2019-03``) and dates without a time mean the
+    start of that period at midnight UTC; a time without an offset is read as
+    UTC; offsets are converted. Raise ValueError for anything else.
+    """
+    if not isinstance(value, str):
+        raise ValueError("not a string")
+    s = value.strip()
+    n = len(s)
+    if n == 4 and s.isdigit():
+        d = dt.datetime(int(s), 1, 1, tzinfo=dt.timezone.utc)
+    elif n == 7 and s[4] == "-":
+        d = dt.datetime(int(s[:4]), int(s[5:7]), 1, tzinfo=dt.timezone.utc)
+    elif n == 8 and s.isdigit():  # OMOP exports sometimes write dates as yyyymmdd
+        d = dt.datetime(int(s[:4]), int(s[4:6]), int(s[6:8]), tzinfo=dt.timezone.utc)
+    else:
+        d = dt.datetime.fromisoformat(s)
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=dt.timezone.utc)
+    return (d - _EPOCH) // _ONE_US
+
+
+def parse_date(value: object) -> dt.date:
+    """A date (or the date part of a datetime) as a ``datetime.date``; ValueError otherwise."""
+    us = parse_datetime_us(value)
+    return (_EPOCH + dt.timedelta(microseconds=us)).date()
+
+
+def dx_event(ctx: ParseContext, time_us: int, kind: str, system: str, code: str,
+             assertion: str = "affirmed") -> Event:
+    """A diagnosis event; ICD-10-CM codes get their code groups."""
+    groups = ctx.groups.groups_for(code) if system == "icd10cm" else []
+    return Event(time_us, kind, system, code, None, None, assertion, groups)
+
+
+# --- Arrow form of a batch of records (what the Spark job moves between Python and the JVM) ---
+
+EVENT_STRUCT = pa.struct([
+    ("event_time", UTC_TS),
+    ("kind", pa.string()),
+    ("code_system", pa.string()),
+    ("code", pa.string()),
+    ("value", pa.float64()),
+    ("unit", pa.string()),
+    ("assertion", pa.string()),
+    ("code_groups", pa.list_(pa.string())),
+])
+
+RECORDS = pa.schema([
+    ("ord", pa.int64()),             # reader order: first of duplicate ids wins
+    ("status", pa.string()),
+    ("resource_type", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("source_ref", pa.string()),
+    ("patient_key", pa.string()),
+    ("is_patient", pa.bool_()),
+    ("birth_date", pa.date32()),
+    ("sex", pa.string()),
+    ("events", pa.list_(EVENT_STRUCT)),
+])
+
+
+def records_to_arrow(records: list[ParsedRecord], ords: list[int]) -> pa.RecordBatch:
+    """One RecordBatch (schema :data:`RECORDS`) for parsed records and their reader order."""
+    events = [[{"event_time": e.event_time_us, "kind": e.kind, "code_system": e.code_system,
+                "code": e.code, "value": e.value, "unit": e.unit, "assertion": e.assertion,
+                "code_groups": e.code_groups} for e in r.events] for r in records]
+    # Timestamps go in as integer microseconds: the struct field type says UTC microseconds.
+    cols = [
+        pa.array(ords, pa.int64()),
+        pa.array([r.status for r in records], pa.string()),
+        pa.array([r.resource_type for r in records], pa.string()),
+        pa.array([r.reason for r in records], pa.string()),
+        pa.array([r.detail for r in records], pa.string()),
+        pa.array([r.source_ref for r in records], pa.string()),
+        pa.array([r.patient_key for r in records], pa.string()),
+        pa.array([r.is_patient for r in records], pa.bool_()),
+        pa.array([r.birth_date for r in records], pa.date32()),
+        pa.array([r.sex for r in records], pa.string()),
+        pa.array(events, pa.list_(EVENT_STRUCT)),
+    ]
+    return pa.RecordBatch.from_arrays(cols, schema=RECORDS)
