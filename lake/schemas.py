@@ -95,3 +95,73 @@ FINDINGS = pa.schema([
     ("precision", pa.string()),
     ("run_id", pa.string()),
 ])
+
+# ---------------------------------------------------------------- imaging (DICOM index)
+# Written by jobs/dicom_index. No raw UIDs, names or patient ids: keys are
+# pseudonymised (lake.keys.pseudonymise) of SeriesInstanceUID, StudyInstanceUID,
+# SOPInstanceUID and PatientID. File paths are kept so scorers can read eligible
+# series; paths are locations, not identifiers.
+
+DICOM_INSTANCES = pa.schema([
+    ("series_key", pa.string()),
+    ("study_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("sop_key", pa.string()),
+    ("path", pa.string()),
+    ("file_size_bytes", pa.int64()),
+    ("sop_class_uid", pa.string()),        # a standard class UID, not an identifier
+    ("modality", pa.string()),
+    ("image_type", pa.string()),           # values joined by "\"
+    ("transfer_syntax", pa.string()),
+    ("manufacturer", pa.string()),
+    ("study_date", pa.date32()),
+    ("instance_number", pa.int32()),
+    ("position_lps_mm", pa.list_(pa.float64())),   # ImagePositionPatient (x, y, z)
+    ("orientation", pa.list_(pa.float64())),       # ImageOrientationPatient (6 cosines)
+    ("pixel_spacing_mm", pa.list_(pa.float64())),  # PixelSpacing (between rows, between columns)
+    ("rows", pa.int32()),
+    ("cols", pa.int32()),
+    ("slice_thickness_mm", pa.float64()),
+    ("gantry_tilt_deg", pa.float64()),
+    ("rescale_slope", pa.float64()),
+    ("rescale_intercept", pa.float64()),
+    ("has_pixels", pa.bool_()),
+])
+
+# verdict: "eligible" or a reason code (preprocessing.dicom_series.REASONS).
+DICOM_SERIES = pa.schema([
+    ("series_key", pa.string()),
+    ("study_key", pa.string()),
+    ("patient_key", pa.string()),
+    ("verdict", pa.string()),
+    ("eligible", pa.bool_()),
+    ("detail", pa.string()),
+    ("modality", pa.string()),
+    ("image_type", pa.string()),
+    ("transfer_syntax", pa.string()),
+    ("manufacturer", pa.string()),
+    ("study_date", pa.date32()),
+    ("rows", pa.int32()),
+    ("cols", pa.int32()),
+    ("pixel_spacing_row_mm", pa.float64()),
+    ("pixel_spacing_col_mm", pa.float64()),
+    ("slice_thickness_mm", pa.float64()),
+    ("slice_count", pa.int32()),
+    ("spacing_min_mm", pa.float64()),      # from positions projected on the slice normal
+    ("spacing_median_mm", pa.float64()),
+    ("spacing_max_mm", pa.float64()),
+    ("regular_spacing", pa.bool_()),
+    ("tilt_deg", pa.float64()),
+    ("orientation", pa.list_(pa.float64())),
+    ("paths", pa.list_(pa.string())),      # ordered along the slice normal when geometry allows
+    ("run_id", pa.string()),
+])
+
+# Files the index could not take as instances (not DICOM, unreadable, cut short).
+DICOM_QUARANTINE = pa.schema([
+    ("path", pa.string()),
+    ("reason", pa.string()),               # not_dicom | unreadable | incomplete_header | truncated
+    ("detail", pa.string()),
+    ("file_size_bytes", pa.int64()),
+    ("run_id", pa.string()),
+])
