@@ -1,0 +1,153 @@
+"""The accuracy gate, which is also the comparator: candidate vs the fp32 ONNX Runtime reference.
+
+Both runners score the same held-out, labelled, stratified lake sample; per
+head we compare AUC and Brier score against the labels and the probabilities
+against each other (max |Δp|). The verdict, with metrics and thresholds, goes
+into the engine's metadata; engines that did not pass are refused for scoring.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from scipy.stats import rankdata
+
+from conf.settings import Settings
+from engines import samples
+from engines.runner import Runner
+from lake.schemas import HEADS
+
+log = logging.getLogger(__name__)
+
+# Thresholds settings.engines.gate does not carry (yet): Brier deltas for all
+# precisions, max |Δp| for int8, and everything for fp32-vs-fp32 (another backend).
+_BRIER = {"fp32": 0.001, "fp16": 0.002, "int8": 0.005}
+_INT8_MAX_DELTA_P = 0.10
+_FP32_MAX_DELTA_AUC, _FP32_MAX_DELTA_P = 0.001, 0.005
+DEFAULT_GATE_ROWS = 2000
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    max_abs_delta_auc: float
+    max_abs_delta_brier: float
+    max_abs_delta_p: float
+    min_holdout_rows: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def thresholds_for(settings: Settings, precision: str) -> GateThresholds:
+    """Gate thresholds for a candidate of ``precision`` (from settings.engines.gate)."""
+    g = settings.engines.gate
+    if precision == "fp16":
+        auc, p = g.fp16_max_abs_delta_auc, g.fp16_max_abs_delta_p
+    elif precision == "int8":
+        auc, p = g.int8_max_abs_delta_auc, _INT8_MAX_DELTA_P
+    else:
+        auc, p = _FP32_MAX_DELTA_AUC, _FP32_MAX_DELTA_P
+    return GateThresholds(auc, _BRIER.get(precision, _BRIER["fp32"]), p, g.min_holdout_rows)
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC by the rank (Mann–Whitney) formula, ties averaged; NaN if one class is absent."""
+    y = np.asarray(y).astype(bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0 or not np.all(np.isfinite(p)):
+        return math.nan
+    ranks = rankdata(p)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
+
+
+def head_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per head: AUC, Brier, prevalence and n (rows with a label; -1 = no label)."""
+    out = {}
+    for j, head in enumerate(HEADS):
+        ok = y[:, j] >= 0
+        yy, pp = y[ok, j], probs[ok, j]
+        out[head] = {"auc": roc_auc(yy, pp), "brier": brier(yy, pp) if len(yy) else math.nan,
+                     "prevalence": float(yy.mean()) if len(yy) else math.nan, "n": int(ok.sum())}
+    return out
+
+
+def run_batches(runner: Runner, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]],
+                rows: int, output: str = "probs") -> np.ndarray:
+    """Run ``runner`` over ``batches`` and return ``output`` in the original row order."""
+    out = None
+    for idx, feed in batches:
+        probs = np.asarray(runner.infer(feed)[output], dtype=np.float32)
+        if out is None:
+            out = np.full((rows,) + probs.shape[1:], np.nan, dtype=np.float32)
+        out[idx] = probs
+    return out
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, y: np.ndarray,
+            thresholds: GateThresholds) -> dict[str, Any]:
+    """Polygraphy-style comparison of two runners' probabilities plus the label metrics; the verdict."""
+    ref_m, cand_m = head_metrics(reference, y), head_metrics(candidate, y)
+    diff = np.abs(candidate.astype(np.float64) - reference.astype(np.float64))
+    failures: list[str] = []
+    metrics: dict[str, Any] = {"rows": int(len(reference)), "heads": {}}
+    for j, head in enumerate(HEADS):
+        r, c = ref_m[head], cand_m[head]
+        d_auc = c["auc"] - r["auc"]
+        d_brier = c["brier"] - r["brier"]
+        max_dp = float(np.max(diff[:, j])) if len(diff) else math.nan
+        metrics["heads"][head] = {
+            "auc_reference": r["auc"], "auc_candidate": c["auc"], "delta_auc": d_auc,
+            "brier_reference": r["brier"], "brier_candidate": c["brier"], "delta_brier": d_brier,
+            "max_abs_delta_p": max_dp, "mean_abs_delta_p": float(np.mean(diff[:, j])),
+            "prevalence": r["prevalence"], "n": r["n"]}
+        # A head with one class only has no AUC; then |Δp| and Brier still judge it.
+        if not math.isnan(r["auc"]) and not abs(d_auc) <= thresholds.max_abs_delta_auc:
+            failures.append(f"{head}: |ΔAUC| {abs(d_auc):.4g} > {thresholds.max_abs_delta_auc}")
+        if not abs(d_brier) <= thresholds.max_abs_delta_brier:
+            failures.append(f"{head}: |ΔBrier| {abs(d_brier):.4g} > {thresholds.max_abs_delta_brier}")
+        if not max_dp <= thresholds.max_abs_delta_p:
+            failures.append(f"{head}: max |Δp| {max_dp:.4g} > {thresholds.max_abs_delta_p}")
+    metrics["max_abs_delta_p"] = float(np.max(diff)) if diff.size else math.nan
+    if len(reference) < thresholds.min_holdout_rows:
+        failures.append(f"held-out sample has {len(reference)} rows < min_holdout_rows "
+                        f"{thresholds.min_holdout_rows}")
+    return {"passed": not failures, "failures": failures, "metrics": metrics,
+            "thresholds": thresholds.to_dict(),
+            "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def holdout_sample(settings: Settings, as_of: str | None, rows: int = DEFAULT_GATE_ROWS,
+                   seed: int = 0) -> tuple[str, pa.Table]:
+    """The gate's labelled sample: half 1 of the key split (calibration uses half 0), stratified."""
+    as_of = as_of or samples.latest_as_of(settings.lake.root, with_labels=True)
+    if as_of is None:
+        raise samples.SampleError(
+            f"the accuracy gate needs labelled timelines in lake {settings.lake.root}; run "
+            "`medscreen emr features --as-of D --with-labels` and pass --as-of D")
+    table = samples.read_timelines(settings.lake.root, as_of, labels=True)
+    return as_of, samples.stratified_sample(table, rows, seed=seed, half=1)
+
+
+def gate(settings: Settings, reference: Runner, candidate: Runner, precision: str,
+         as_of: str | None = None, rows: int = DEFAULT_GATE_ROWS) -> dict[str, Any]:
+    """Score the held-out sample with both (active) runners and return the verdict dict."""
+    as_of, table = holdout_sample(settings, as_of, rows)
+    y = samples.labels(table)
+    batches = samples.feed_batches(table, settings.features.max_tokens)
+    ref = run_batches(reference, batches, table.num_rows)
+    cand = run_batches(candidate, batches, table.num_rows)
+    verdict = compare(ref, cand, y, thresholds_for(settings, precision))
+    verdict.update({"as_of": as_of, "reference": reference.name, "candidate": candidate.name,
+                    "precision": precision})
+    log.info("gate %s vs %s at %s: %s %s", candidate.name, reference.name, as_of,
+             "PASSED" if verdict["passed"] else "FAILED", "; ".join(verdict["failures"]))
+    return verdict

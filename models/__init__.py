@@ -1,0 +1,1 @@
+"""Reference models (torch; the ``train`` extra). Nothing in the pipeline imports this at run time."""
