@@ -1,0 +1,107 @@
+"""Cohort retrospective: score a research cohort at a series of past index dates.
+
+Manual only. The trigger form asks for the cohort's name, the ICD code groups
+to include and exclude (conf/code_groups.yaml), the age range, the index-date
+range and step, and the models. Features and scoring run once per index date
+as mapped tasks; members and their scores land under LAKE/cohorts/<name>/
+beside the stored definition. Selection logic: medscreen.cohort.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task
+
+from conf.settings import load_settings
+from medscreen import cohort as cohort_lib
+from medscreen import orchestration as orch
+
+GROUPS = cohort_lib.code_group_names(load_settings().extraction.code_groups_file)
+_group_items = {"type": "string", **({"enum": GROUPS} if GROUPS else {})}
+
+COHORTS = Asset(name="medscreen.cohorts", uri="medscreen://lake/cohorts")
+EVENTS = Asset(name="medscreen.emr.events", uri="medscreen://lake/emr/events")
+
+with DAG(
+    dag_id="cohort_retrospective",
+    description="Research cohort: features + scoring at each index date, members under LAKE/cohorts/<name>/",
+    schedule=None,
+    start_date=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
+    catchup=False,
+    default_args={
+        "owner": "medscreen",
+        "retries": int(os.environ.get("MEDSCREEN_AIRFLOW_RETRIES", "2")),
+        "retry_delay": dt.timedelta(minutes=2),
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": dt.timedelta(minutes=30),
+    },
+    tags=["medscreen", "cohort"],
+    params={
+        "cohort_name": Param("my-cohort", type="string", pattern=cohort_lib.NAME_PATTERN.pattern,
+                             title="Cohort name", description="Results go to LAKE/cohorts/<name>/"),
+        "include_groups": Param(GROUPS[:1], type="array", items=_group_items, minItems=1,
+                                uniqueItems=True, title="Include ICD groups",
+                                description="Patients with an affirmed diagnosis in any of these."),
+        "exclude_groups": Param([], type="array", items=_group_items, uniqueItems=True,
+                                title="Exclude ICD groups",
+                                description="Patients with any of these are left out."),
+        "age_min_years": Param(18, type="number", minimum=0, maximum=120, title="Minimum age (years)"),
+        "age_max_years": Param(90, type="number", minimum=0, maximum=120, title="Maximum age (years)"),
+        "index_start": Param("2024-01-31", type="string", format="date", title="First index date"),
+        "index_end": Param("2024-06-30", type="string", format="date", title="Last index date"),
+        "step_days": Param(30, type="integer", minimum=1, title="Step (days)"),
+        "models": Param(["emr_risk"], type="array", minItems=1, uniqueItems=True,
+                        items={"type": "string", "enum": list(orch.MODELS)}, title="Models"),
+        "replace": Param(False, type="boolean", title="Replace an existing cohort of this name"),
+    },
+    doc_md=__doc__,
+) as dag:
+
+    @task(retries=0)
+    def define() -> list[str]:
+        """Validate the form, store the definition, return the index dates."""
+        return orch.define_cohort(get_current_context())
+
+    emr_ingest = orch.SharedTableSparkSubmitOperator(
+        task_id="emr_ingest", job="emr_ingest", pool=orch.SHARED_TABLE_POOL, outlets=[EVENTS])
+
+    dicom_index = orch.SharedTableSparkSubmitOperator(
+        task_id="dicom_index", job="dicom_index", pool=orch.SHARED_TABLE_POOL)
+
+    index_dates = define()
+    # One Spark job per index date; one at a time so the JVMs do not crowd small machines.
+    emr_features = orch.LakeSparkSubmitOperator.partial(
+        task_id="emr_features", job="emr_features", trigger_rule=TriggerRule.NONE_FAILED,
+        max_active_tis_per_dag=1,
+    ).expand(as_of=index_dates)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED, pool=orch.SHARED_TABLE_POOL)
+    def engines_ensure(dates: list[str]) -> list[str]:
+        return orch.ensure_engines(get_current_context(), as_of=max(dates))
+
+    @task(max_active_tis_per_dag=1)
+    def score_emr(as_of: str) -> str | None:
+        return orch.score(get_current_context(), "emr_risk", as_of=as_of)
+
+    @task(max_active_tis_per_dag=1, trigger_rule=TriggerRule.NONE_FAILED)
+    def score_ct(as_of: str) -> str | None:
+        return orch.score(get_current_context(), "ct_nodule", as_of=as_of)
+
+    @task(trigger_rule=TriggerRule.NONE_FAILED)
+    def select_members(as_of: str) -> dict:
+        return orch.cohort_index_date(get_current_context(), as_of)
+
+    @task(retries=0, outlets=[COHORTS])
+    def summarize(per_date: list[dict]) -> str:
+        return str(orch.cohort_summary(get_current_context(), list(per_date)))
+
+    engines = engines_ensure(index_dates)
+    emr_ingest >> emr_features >> engines
+    dicom_index >> engines
+    emr_scores = score_emr.expand(as_of=index_dates)
+    ct_findings = score_ct.expand(as_of=index_dates)
+    engines >> [emr_scores, ct_findings]
+    selected = select_members.expand(as_of=index_dates)
+    [emr_scores, ct_findings] >> selected
+    summarize(selected)

@@ -1,0 +1,498 @@
+"""What the Airflow DAGs do, kept out of the DAG files so it can be imported and tested.
+
+The DAGs (dags/) only declare tasks; every decision lives here: which file
+spark-submit runs and with which interpreter, when a shared table (EMR events,
+the DICOM series index) must be rebuilt, how the pipeline's CLI is called and
+how its failures are surfaced, the QC gate, publishing the screening list and
+the run report.
+
+Shared tables. ``emr ingest`` and ``dicom index`` each write ONE table that
+every as-of date reads, so two DAG runs (a backfill with several active runs,
+or the nightly run beside a cohort run) must never rebuild it at the same
+time. :class:`SharedTableSparkSubmitOperator` holds an exclusive file lock on
+the lake while it decides and submits, and skips the job when the inputs'
+fingerprint matches the one recorded by the last successful build and the
+table is still committed. The DAGs also put these tasks in a one-slot pool
+(:data:`SHARED_TABLE_POOL`) so the scheduler serialises them across runs too.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from conf.settings import Settings, load_settings
+from lake.commit import atomic_partition, is_committed
+from lake.paths import LakePaths, as_of_str
+from lake.runs import write_json
+
+log = logging.getLogger(__name__)
+
+# The nightly cron (UTC). The run that fires at 02:00 on day X has the logical
+# date X-1 (a data-interval timetable), so its as-of day is complete.
+NIGHTLY_CRON = os.environ.get("MEDSCREEN_NIGHTLY_CRON", "0 2 * * *")
+# One slot: the scheduler never runs two shared-table builds at once, across all DAG runs.
+SHARED_TABLE_POOL = "medscreen_shared_tables"
+SPARK_CONN_ID = "spark_default"
+# Where a Ray cluster address may be configured in Airflow; unset → local Ray.
+RAY_ADDRESS_VARIABLE = "medscreen_ray_address"
+RAY_CONN_ID = "medscreen_ray"
+MODELS = ("emr_risk", "ct_nodule")
+# Orchestration state inside the lake (fingerprints of the inputs behind shared tables, locks).
+STATE_DIR = "_orchestration"
+
+
+class OrchestrationError(RuntimeError):
+    """A pipeline step failed; the message says which, why, and what to do."""
+
+
+class QCGateFailed(OrchestrationError):
+    """Scoring outputs failed the QC gate; the message lists every reason."""
+
+
+# ---------------------------------------------------------------- Spark submit
+
+def job_file(name: str) -> Path:
+    """The spark-submit-able file of ``jobs/<name>.py``, resolved from the installed package."""
+    spec = importlib.util.find_spec("jobs")
+    if spec is None or not spec.submodule_search_locations:
+        raise OrchestrationError("the medscreen package 'jobs' is not importable; "
+                                 "install medscreen into the Airflow environment (pip install -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))) / f"{name}.py"
+    return path
+
+
+def spark_env() -> dict[str, str]:
+    """Environment for spark-submit: this interpreter on both sides, its bin/ first on PATH.
+
+    Airflow runs in the project's virtualenv, which also holds the pinned
+    PySpark and its ``spark-submit``; the driver and the Python workers must
+    run the same interpreter so they import the same medscreen and pyarrow.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k.startswith("MEDSCREEN_")}
+    env.update({
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "TZ": "UTC",
+    })
+    return env
+
+
+def spark_conf(settings: Settings | None = None) -> dict[str, str]:
+    """``--conf`` pairs for spark-submit, matching jobs.spark_session.get_spark."""
+    s = (settings or load_settings()).spark
+    return {
+        "spark.pyspark.python": sys.executable,
+        "spark.pyspark.driver.python": sys.executable,
+        "spark.sql.session.timeZone": "UTC",
+        "spark.sql.shuffle.partitions": str(s.shuffle_partitions),
+        "spark.ui.enabled": str(s.ui_enabled).lower(),
+        "spark.driver.extraJavaOptions": "-Duser.timezone=UTC",
+        "spark.executor.extraJavaOptions": "-Duser.timezone=UTC",
+    }
+
+
+def job_arguments(job: str, settings: Settings, as_of: str | None = None,
+                  with_labels: bool = False) -> list[str]:
+    """The argv a job module's ``main(argv)`` takes (the same flags as the CLI)."""
+    lake = ["--lake", str(settings.lake.root)]
+    if job == "emr_ingest":
+        if settings.inputs.emr_dir is None:
+            raise OrchestrationError("no EMR input configured: set MEDSCREEN_INPUTS__EMR_DIR "
+                                     "in the Airflow environment")
+        return ["--input", str(settings.inputs.emr_dir), "--format", settings.inputs.emr_format, *lake]
+    if job == "dicom_index":
+        if settings.inputs.dicom_dir is None:
+            raise OrchestrationError("no DICOM input configured: set MEDSCREEN_INPUTS__DICOM_DIR "
+                                     "in the Airflow environment")
+        return ["--input", str(settings.inputs.dicom_dir), *lake]
+    if job == "emr_features":
+        if not as_of:
+            raise OrchestrationError("emr_features needs an as-of date")
+        return [*lake, "--as-of", as_of_str(as_of), *(["--with-labels"] if with_labels else [])]
+    raise OrchestrationError(f"unknown Spark job {job!r}; known: emr_ingest, emr_features, dicom_index")
+
+
+# ------------------------------------------------------- shared-table rebuilds
+
+def input_fingerprint(directory: Path) -> str:
+    """sha256 over every file's relative path, size and mtime under ``directory``.
+
+    Cheap on large archives (no content reads); any added, removed, resized or
+    rewritten file changes it.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise OrchestrationError(f"input directory {directory} does not exist; check the "
+                                 "MEDSCREEN_INPUTS__* settings of the Airflow environment")
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        st = path.stat()
+        h.update(f"{path.relative_to(directory).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SharedTable:
+    """A lake table rebuilt whole from one input directory."""
+
+    job: str
+    output: Path
+    input_dir: Path
+    input_format: str = ""
+
+    @classmethod
+    def for_job(cls, job: str, settings: Settings) -> "SharedTable":
+        lake = LakePaths(settings.lake.root)
+        args = job_arguments(job, settings)  # raises when the input is not configured
+        if job == "emr_ingest":
+            return cls(job, lake.events, Path(args[1]), settings.inputs.emr_format)
+        if job == "dicom_index":
+            return cls(job, lake.dicom_series, Path(args[1]))
+        raise OrchestrationError(f"{job} does not build a shared table")
+
+    def state_file(self, lake_root: Path) -> Path:
+        return Path(lake_root) / STATE_DIR / f"{self.job}.json"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"{self.input_format}\0{input_fingerprint(self.input_dir)}".encode()).hexdigest()
+
+    def is_current(self, lake_root: Path) -> bool:
+        """True when the table is committed and was built from inputs with today's fingerprint."""
+        state = self.state_file(lake_root)
+        if not (is_committed(self.output) and state.is_file()):
+            return False
+        recorded = json.loads(state.read_text())
+        return recorded.get("fingerprint") == self.fingerprint() and \
+            recorded.get("input_dir") == str(self.input_dir)
+
+    def record(self, lake_root: Path, run_id: str | None) -> Path:
+        return write_json(self.state_file(lake_root), {
+            "fingerprint": self.fingerprint(), "input_dir": str(self.input_dir),
+            "built_at_utc": dt.datetime.now(dt.timezone.utc).isoformat(), "airflow_run_id": run_id})
+
+
+@contextlib.contextmanager
+def lake_lock(lake_root: Path, name: str) -> Iterator[None]:
+    """An exclusive advisory lock on ``LAKE/_orchestration/<name>.lock`` (blocks until free)."""
+    path = Path(lake_root) / STATE_DIR / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class LakeSparkSubmitOperator(SparkSubmitOperator):
+    """SparkSubmitOperator for a medscreen job; arguments come from settings at run time.
+
+    Settings are read when the task runs (not when the DAG is parsed), so the
+    lake and inputs configured in the worker's environment are the ones used.
+    """
+
+    template_fields: Sequence[str] = (*SparkSubmitOperator.template_fields, "as_of")
+
+    def __init__(self, *, job: str, as_of: str | None = None, with_labels: bool = False,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("application", str(job_file(job)))
+        kwargs.setdefault("conn_id", SPARK_CONN_ID)
+        kwargs.setdefault("name", f"medscreen-{job}")
+        super().__init__(**kwargs)
+        self.job, self.as_of, self.with_labels = job, as_of, with_labels
+
+    def _prepare(self) -> Settings:
+        settings = load_settings()
+        self.application_args = job_arguments(self.job, settings, self.as_of, self.with_labels)
+        self.conf = {**spark_conf(settings), **(self.conf or {})}
+        # Taken when the task runs, so the worker's MEDSCREEN_* settings are the ones passed on.
+        self.env_vars = {**spark_env(), **(self.env_vars or {})}
+        self._driver_memory = self._driver_memory or settings.spark.driver_memory
+        return settings
+
+    def execute(self, context: Any) -> None:
+        self._prepare()
+        super().execute(context)
+
+
+class SharedTableSparkSubmitOperator(LakeSparkSubmitOperator):
+    """Rebuild a shared table only when its inputs changed; never two rebuilds at once."""
+
+    def execute(self, context: Any) -> None:
+        settings = load_settings()
+        if self.job == "dicom_index" and settings.inputs.dicom_dir is None:
+            raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); "
+                                       "DICOM index and CT scoring skipped")
+        settings = self._prepare()
+        table = SharedTable.for_job(self.job, settings)
+        run_id = getattr(context.get("dag_run"), "run_id", None) if context else None
+        # The lock spans decide + build + record, so a concurrent run either waits and
+        # then sees the table current, or builds it itself — never both at once.
+        with lake_lock(settings.lake.root, self.job):
+            if table.is_current(settings.lake.root):
+                raise AirflowSkipException(
+                    f"{self.job}: inputs unchanged since the last build of {table.output}; skipped")
+            super(LakeSparkSubmitOperator, self).execute(context)
+            if not is_committed(table.output):
+                raise OrchestrationError(f"{self.job} finished but {table.output} has no _SUCCESS; "
+                                         "see the Spark job log above")
+            table.record(settings.lake.root, run_id)
+
+
+# ------------------------------------------------------------------- the CLI
+
+def resolve_as_of(param: str | None, ds: str) -> str:
+    """The as-of date of a run: the ``as_of`` param when given, else the logical date."""
+    return as_of_str(param or ds)
+
+
+def ray_address() -> str | None:
+    """The Ray address from the Airflow Variable, else the connection, else settings (None = local Ray)."""
+    from airflow.sdk import Connection, Variable
+
+    address = Variable.get(RAY_ADDRESS_VARIABLE, default=None)
+    if not address:
+        try:
+            conn = Connection.get(RAY_CONN_ID)
+        except Exception:  # not configured: the documented fallback, not an error
+            conn = None
+        if conn is not None and conn.host:
+            address = conn.host if "://" in conn.host or conn.port is None else f"{conn.host}:{conn.port}"
+            if conn.conn_type and "://" not in address and conn.conn_type not in ("generic", "ray"):
+                address = f"{conn.conn_type}://{address}"
+    return address or load_settings().ray.address
+
+
+def cli_env() -> dict[str, str]:
+    """The environment the CLI runs with: Airflow's, with this interpreter's bin/ first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    return env
+
+
+def run_cli(args: Sequence[str], timeout_s: float | None = None) -> str:
+    """Run ``medscreen ARGS`` in a child process, stream its output to the task log, return its last stdout line.
+
+    On failure the error names the command, its exit status and the last lines
+    of its stderr (where the CLI and scoring QC write their reasons).
+    """
+    cmd = [sys.executable, "-m", "medscreen", *args]
+    log.info("running: medscreen %s", " ".join(args))
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout_s)
+    for line in proc.stdout.splitlines():
+        log.info("%s", line)
+    for line in proc.stderr.splitlines():
+        log.info("%s", line)
+    if proc.returncode != 0:
+        reasons = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-8:]
+        raise OrchestrationError(
+            f"`medscreen {' '.join(args)}` failed with exit status {proc.returncode}:\n"
+            + "\n".join(reasons))
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def score_args(kind: str, lake_root: Path, as_of: str, address: str | None) -> list[str]:
+    """argv for ``medscreen score emr|ct``."""
+    args = ["score", kind, "--lake", str(lake_root), "--as-of", as_of_str(as_of)]
+    if address:
+        args += ["--ray-address", address]
+    return args
+
+
+def engines_args(model: str, lake_root: Path, as_of: str) -> list[str]:
+    """argv for ``medscreen engines ensure`` of one model (calibration samples from as-of D)."""
+    return ["engines", "ensure", "--model", model, "--lake", str(lake_root), "--as-of", as_of_str(as_of)]
+
+
+# ------------------------------------------------------- QC, publish, report
+
+def qc_gate(run_dirs: dict[str, str | None]) -> dict[str, Any]:
+    """Check each scoring run: ledger balanced, QC passed. Raise QCGateFailed listing every reason.
+
+    ``run_dirs`` maps the model to its run directory (None when that model was
+    not run in this DAG run). Returns a summary per model for the report.
+    """
+    reasons: list[str] = []
+    summary: dict[str, Any] = {}
+    for model, run_dir in run_dirs.items():
+        if not run_dir:
+            summary[model] = {"status": "not run"}
+            continue
+        rd = Path(run_dir)
+        ledger_path = rd / "ledger.json"
+        if not ledger_path.is_file():
+            reasons.append(f"{model}: run {rd.name} wrote no ledger.json")
+            continue
+        ledger = json.loads(ledger_path.read_text())
+        for stage, s in sorted(ledger.get("stages", {}).items()):
+            if not s.get("balanced", False):
+                reasons.append(f"{model}: stage {stage} does not balance: {s.get('records_in')} in, "
+                               f"{s.get('records_out')} out, {s.get('quarantined_total')} quarantined")
+        metrics_path = rd / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        qc = metrics.get("qc") if isinstance(metrics.get("qc"), dict) else {}
+        passed = qc.get("passed", qc.get("ok", True))
+        if passed is False:
+            for r in qc.get("reasons") or qc.get("failures") or ["QC failed (no reason recorded)"]:
+                reasons.append(f"{model}: QC: {r}")
+        summary[model] = {"run_dir": str(rd), "run_id": rd.name,
+                          "ledger_balanced": bool(ledger.get("balanced", False)), "qc": qc}
+    if reasons:
+        raise QCGateFailed("QC gate failed:\n" + "\n".join(f"- {r}" for r in reasons))
+    return summary
+
+
+def publish_screening(lake_root: Path, as_of: str) -> dict[str, Any]:
+    """Point ``LAKE/screening/LATEST.json`` at as-of D unless a newer date is already published.
+
+    The partition ``LAKE/screening/as_of=D/`` itself is written (atomically) by
+    scoring; publishing makes it the list consumers read. A backfill of an old
+    date never moves the pointer backwards.
+    """
+    lake = LakePaths(lake_root)
+    as_of = as_of_str(as_of)
+    partition = lake.screening(as_of)
+    if not is_committed(partition):
+        raise OrchestrationError(f"screening list {partition} is not committed; "
+                                 "`medscreen score emr` writes it — check that task's log")
+    pointer = partition.parent / "LATEST.json"
+    with lake_lock(lake_root, "screening_publish"):
+        current = json.loads(pointer.read_text()) if pointer.is_file() else {}
+        moved = current.get("as_of", "") <= as_of
+        if moved:
+            write_json(pointer, {"as_of": as_of, "path": str(partition),
+                                 "published_at_utc": dt.datetime.now(dt.timezone.utc).isoformat()})
+    return {"as_of": as_of, "partition": str(partition), "latest": as_of if moved else current["as_of"]}
+
+
+def write_report(lake_root: Path, dag_id: str, as_of: str, airflow_run_id: str,
+                 sections: dict[str, Any]) -> Path:
+    """Commit ``LAKE/reports/<dag_id>/as_of=D/report.json`` (a rerun replaces it)."""
+    final = Path(lake_root) / "reports" / dag_id / f"as_of={as_of_str(as_of)}"
+    report = {"dag_id": dag_id, "as_of": as_of_str(as_of), "airflow_run_id": airflow_run_id,
+              "written_at_utc": dt.datetime.now(dt.timezone.utc).isoformat(), **sections}
+    with atomic_partition(final, {"dag_id": dag_id, "as_of": as_of_str(as_of)}) as staging:
+        (staging / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    return final / "report.json"
+
+
+# ------------------------------------------- task bodies (context → the above)
+
+def context_as_of(context: Any) -> str:
+    """The as-of date of the running task: ``params.as_of`` when given, else the logical date (ds)."""
+    return resolve_as_of(context["params"].get("as_of"), context["ds"])
+
+
+def ensure_engines(context: Any, as_of: str | None = None) -> list[str]:
+    """Build or reuse a gated engine for every model the run asked for (calibrated on as-of data)."""
+    lake_root = load_settings().lake.root
+    models = list(context["params"]["models"])
+    for model in models:
+        run_cli(engines_args(model, lake_root, as_of or context_as_of(context)))
+    return models
+
+
+def score(context: Any, model: str, as_of: str | None = None) -> str:
+    """Score one model for ``as_of`` (default: the run's as-of date); return the scoring run directory.
+
+    Skips (not fails) when the run's ``models`` param leaves the model out, or
+    when no DICOM input is configured for CT.
+    """
+    params = context["params"]
+    if model not in params["models"]:
+        raise AirflowSkipException(f"{model} not in this run's models {params['models']}")
+    settings = load_settings()
+    kind = "emr" if model == "emr_risk" else "ct"
+    if kind == "ct" and settings.inputs.dicom_dir is None:
+        raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); CT not scored")
+    args = score_args(kind, settings.lake.root, as_of or context_as_of(context), ray_address())
+    limit = params.get("patient_limit")
+    if limit:
+        args += patient_limit_args(kind, int(limit))
+    run_dir = run_cli(args)
+    if not Path(run_dir).is_dir():
+        raise OrchestrationError(f"`medscreen {' '.join(args)}` printed {run_dir!r} as its last line, "
+                                 "not a run directory")
+    return run_dir
+
+
+def patient_limit_args(kind: str, limit: int) -> list[str]:
+    """``--limit N`` for ``medscreen score KIND`` when the installed CLI has that flag; else a clear error."""
+    from medscreen.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["score"]
+    leaf = next(a for a in sub._actions if a.dest == "score_command").choices[kind]
+    for flag in ("--limit", "--patient-limit"):
+        if flag in leaf._option_string_actions:
+            return [flag, str(limit)]
+    raise OrchestrationError(f"patient_limit={limit} was given but `medscreen score {kind}` has no "
+                             "--limit flag in this installation; trigger without patient_limit")
+
+
+def publish(context: Any) -> dict[str, Any]:
+    """Publish the run's screening list (skipped when EMR scoring was not part of the run)."""
+    if "emr_risk" not in context["params"]["models"]:
+        raise AirflowSkipException("emr_risk not scored in this run: no screening list to publish")
+    return publish_screening(load_settings().lake.root, context_as_of(context))
+
+
+def report(context: Any, dag_id: str, sections: dict[str, Any]) -> Path:
+    """Write the run report for the running DAG run."""
+    return write_report(load_settings().lake.root, dag_id, context_as_of(context), context["run_id"],
+                        {"params": dict(context["params"]), **sections})
+
+
+def define_cohort(context: Any) -> list[str]:
+    """Validate the cohort form, store its definition beside the results; return the index dates."""
+    from medscreen import cohort
+
+    settings = load_settings()
+    params = dict(context["params"])
+    definition = cohort.define_cohort(params, cohort.code_group_names(settings.extraction.code_groups_file),
+                                      MODELS)
+    cohort.store_definition(settings.lake.root, definition, replace=bool(params.get("replace")))
+    return definition.index_dates()
+
+
+def _stored_definition(context: Any):
+    from medscreen import cohort
+
+    settings = load_settings()
+    path = LakePaths(settings.lake.root).cohort(str(context["params"]["cohort_name"])) / "definition.json"
+    return settings.lake.root, cohort.CohortDefinition(**json.loads(path.read_text()))
+
+
+def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
+    """Select the cohort's members at one index date and commit them with their scores."""
+    from medscreen import cohort
+
+    lake_root, definition = _stored_definition(context)
+    return cohort.write_index_date(lake_root, definition, as_of)
+
+
+def cohort_summary(context: Any, per_date: list[dict[str, Any]]) -> Path:
+    """Write the cohort's summary.json from the per-date counts."""
+    from medscreen import cohort
+
+    lake_root, definition = _stored_definition(context)
+    return cohort.write_summary(lake_root, definition, per_date, context["run_id"])

@@ -1,0 +1,132 @@
+"""The DAG files import cleanly and declare what the operators and the UI rely on."""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+NIGHTLY_EDGES = {
+    ("emr_ingest", "emr_features"), ("emr_features", "engines_ensure"),
+    ("dicom_index", "engines_ensure"), ("engines_ensure", "score_emr"),
+    ("engines_ensure", "score_ct"), ("score_emr", "qc_gate"), ("score_ct", "qc_gate"),
+    ("qc_gate", "publish"), ("publish", "report"), ("qc_gate", "report"),
+}
+
+
+def _edges(dag) -> set[tuple[str, str]]:
+    return {(t.task_id, d) for t in dag.tasks for d in t.downstream_task_ids}
+
+
+def test_dags_import_without_errors(dagbag) -> None:
+    assert dagbag.import_errors == {}
+    assert {"nightly_screening", "cohort_retrospective"} <= set(dagbag.dag_ids)
+
+
+def test_nightly_schedule_and_run_limits(dagbag) -> None:
+    from airflow.timetables.interval import CronDataIntervalTimetable
+
+    dag = dagbag.dags["nightly_screening"]
+    assert isinstance(dag.timetable, CronDataIntervalTimetable)
+    assert dag.timetable._expression == "0 2 * * *"
+    assert str(dag.timetable._timezone) in ("UTC", "Timezone('UTC')")
+    assert dag.catchup is False
+    assert dag.max_active_runs == 1
+    # The 02:00 run of 2024-07-01 is the run of logical date (= as-of) 2024-06-30.
+    info = dag.timetable.next_dagrun_info(
+        last_automated_data_interval=None,
+        restriction=_restriction(dt.datetime(2024, 6, 30, 2, tzinfo=dt.timezone.utc)))
+    assert info.logical_date.date() == dt.date(2024, 6, 30)
+    assert info.run_after == dt.datetime(2024, 7, 1, 2, tzinfo=dt.timezone.utc)
+
+
+def _restriction(earliest: dt.datetime):
+    from airflow.timetables.base import TimeRestriction
+
+    return TimeRestriction(earliest=earliest, latest=None, catchup=True)
+
+
+def test_nightly_tasks_and_dependencies(dagbag) -> None:
+    dag = dagbag.dags["nightly_screening"]
+    assert {t.task_id for t in dag.tasks} == {
+        "emr_ingest", "dicom_index", "emr_features", "engines_ensure", "score_emr", "score_ct",
+        "qc_gate", "publish", "report"}
+    assert _edges(dag) == NIGHTLY_EDGES
+
+
+def test_spark_steps_go_through_the_spark_provider(dagbag) -> None:
+    from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    from medscreen import orchestration as orch
+
+    dag = dagbag.dags["nightly_screening"]
+    for task_id, job in (("emr_ingest", "emr_ingest"), ("emr_features", "emr_features"),
+                         ("dicom_index", "dicom_index")):
+        task = dag.get_task(task_id)
+        assert isinstance(task, SparkSubmitOperator)
+        assert task._conn_id == "spark_default"
+        assert Path(task.application) == orch.job_file(job)
+        assert Path(task.application).is_file(), f"{task.application} (spark-submit application) missing"
+    # Shared tables are rebuilt one at a time across all DAG runs (backfills included).
+    for task_id in ("emr_ingest", "dicom_index", "engines_ensure"):
+        assert dag.get_task(task_id).pool == orch.SHARED_TABLE_POOL
+
+
+def test_retries_back_off_exponentially(dagbag) -> None:
+    dag = dagbag.dags["nightly_screening"]
+    for task_id in ("emr_ingest", "emr_features", "engines_ensure", "score_emr", "score_ct"):
+        task = dag.get_task(task_id)
+        assert task.retries >= 1 and task.retry_exponential_backoff > 1
+        assert task.max_retry_delay is not None
+    # A QC verdict does not change on retry: the gate fails at once.
+    assert dag.get_task("qc_gate").retries == 0
+
+
+def test_outputs_are_declared_as_assets(dagbag) -> None:
+    dag = dagbag.dags["nightly_screening"]
+    uris = {a.uri for t in dag.tasks for a in t.outlets}
+    assert {"medscreen://lake/emr/events", "medscreen://lake/emr/timelines",
+            "medscreen://lake/scores/model=emr_risk", "medscreen://lake/findings/model=ct_nodule",
+            "medscreen://lake/screening"} <= uris
+
+
+def test_nightly_params_are_typed(dagbag) -> None:
+    from airflow.sdk.definitions.param import ParamsDict
+    from airflow.sdk.exceptions import ParamValidationError
+
+    dag = dagbag.dags["nightly_screening"]
+    assert dag.params["as_of"] is None
+    assert dag.params["models"] == ["emr_risk", "ct_nodule"]
+    schema = {k: dag.params.get_param(k).schema for k in dag.params}
+    assert schema["as_of"]["format"] == "date"
+    assert schema["patient_limit"]["type"] == ["null", "integer"]
+
+    def validate(**values):
+        params = ParamsDict(dag.params.deep_copy() if hasattr(dag.params, "deep_copy") else dag.params)
+        for k, v in values.items():
+            params[k] = v
+        return params.validate()
+
+    assert validate(as_of="2024-06-30", patient_limit=10)["patient_limit"] == 10
+    with pytest.raises((ParamValidationError, ValueError)):
+        validate(models=["not_a_model"])
+    with pytest.raises((ParamValidationError, ValueError)):
+        validate(patient_limit=0)
+
+
+def test_cohort_dag_is_manual_with_mapped_steps(dagbag) -> None:
+    from medscreen.cohort import code_group_names
+    from conf.settings import load_settings
+
+    dag = dagbag.dags["cohort_retrospective"]
+    assert dag.schedule is None and type(dag.timetable).__name__ == "NullTimetable"
+    mapped = {t.task_id for t in dag.tasks if getattr(t, "is_mapped", False) or
+              type(t).__name__ == "MappedOperator"}
+    assert {"emr_features", "score_emr", "score_ct", "select_members"} <= mapped
+    groups = code_group_names(load_settings().extraction.code_groups_file)
+    assert groups, "conf/code_groups.yaml defines no groups"
+    items = dag.params.get_param("include_groups").schema["items"]
+    assert items["enum"] == groups
+    assert set(dag.params) == {"cohort_name", "include_groups", "exclude_groups", "age_min_years",
+                               "age_max_years", "index_start", "index_end", "step_days", "models",
+                               "replace"}
