@@ -1,0 +1,413 @@
+"""EMR risk scoring with Ray Data: committed timelines in, committed scores + screening list out.
+
+The pipeline, top to bottom (:func:`build_pipeline`)::
+
+    fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
+      → pack_fragments    CPU tasks: read, validate, length-sort, pad to buckets,
+                          cut by token budget; one row per pre-padded batch
+      → ScoreActor        actor pool, one engine per actor (num_gpus=1 per GPU,
+                          else fractional CPUs); __call__ only runs infer
+      → driver            per-fragment Parquet + _DONE marker in run staging
+      → QC gate           (FP32 safe mode on a low-precision trip)
+      → commit            LAKE/scores/model=emr_risk/as_of=D, then screening list
+
+Speed comes from what the actor does NOT do: no per-row Python, no padding,
+no pandas; it gets big numpy views of batches CPU tasks already padded, and
+Ray prefetches its next blocks while it computes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from conf.settings import Settings
+from inference import metrics as run_metrics
+from inference import qc, report, screening
+from inference.actors import CachedEngine, EngineSource, FragmentSpec, ScoreActor, pack_fragments
+from inference.batching import validate_buckets
+from inference.fragments import DEFAULT_FRAGMENT_ROWS, RunStaging, plan_fragments, spec_dicts
+from lake.commit import commit, is_committed, read_manifest
+from lake.ledger import StageLedger, write_ledger
+from lake.paths import LakePaths, as_of_str
+from lake.runs import new_run_id, write_json
+from lake.schemas import HEADS, SCORES
+
+MODEL = "emr_risk"
+STAGE = "score_emr"
+log = logging.getLogger(__name__)
+
+
+class VocabularyMismatch(RuntimeError):
+    """The timelines were encoded with a different vocabulary than the engine was trained on."""
+
+
+@dataclass
+class Attempt:
+    """One scoring pass with one engine precision (a run has two in FP32 safe mode)."""
+
+    precision: str
+    metadata: dict[str, Any]
+    staging: RunStaging
+    records: list[dict[str, Any]] = field(default_factory=list)
+    batches_this_attempt: list[dict[str, Any]] = field(default_factory=list)
+    resumed_fragments: int = 0
+    wall_s: float = 0.0
+    started_at: float = 0.0
+    rows_this_attempt: int = 0
+    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    qc: dict[str, Any] = field(default_factory=dict)
+
+
+def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
+          engine_source: EngineSource | None = None, actor_cls: type = ScoreActor,
+          fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
+          on_fragment_done: Callable[[int, int], None] | None = None) -> Path:
+    """Score the committed timelines of ``as_of`` and commit scores and the screening list.
+
+    Returns the run directory (LAKE/runs/<run_id>/: manifest.json, ledger.json,
+    metrics.json, report.html). Pass the ``run_id`` of a crashed run to resume
+    it: only fragments without a _DONE marker are scored again. Raises
+    :class:`inference.qc.QCFailed` when the scores fail the QC gate (after
+    FP32 safe mode, when that applies), :class:`VocabularyMismatch` when the
+    engine and the timelines disagree on the vocabulary. ``on_fragment_done``
+    (fragment, fragments done this attempt) is called after each fragment is
+    durably staged.
+    """
+    as_of = as_of_str(as_of)
+    lake = LakePaths(settings.lake.root)
+    timelines = lake.timelines(as_of)
+    if not is_committed(timelines):
+        raise FileNotFoundError(f"timelines for as-of {as_of} are not committed ({timelines} has no "
+                                f"_SUCCESS); run `medscreen emr features --as-of {as_of}` first")
+    in_manifest = read_manifest(timelines)
+    validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
+    run_id = run_id or new_run_id(STAGE)
+    run_dir = lake.run(run_id)
+    final = lake.scores(MODEL, as_of)
+    source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
+    specs = plan_fragments(timelines, fragment_rows)
+    started = time.time()
+    log.info("score_emr run %s: %d fragments, %d rows", run_id, len(specs), sum(s.num_rows for s in specs))
+
+    started_ray = _ensure_ray(settings)
+    try:
+        attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
+                             final, run_id, actor_cls, on_fragment_done)]
+        first = attempts[0]
+        if (not first.qc["passed"] and first.precision != "fp32"
+                and settings.scoring.qc.fallback_to_fp32):
+            log.warning("QC failed for the %s engine (%s); re-scoring in FP32 safe mode",
+                        first.precision, "; ".join(first.qc["reasons"]))
+            first.staging.discard()
+            attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
+                                     run_id, actor_cls, on_fragment_done))
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    chosen = attempts[-1]
+    ledger = _ledger(specs, chosen)
+    quarantine = chosen.staging.quarantine()
+    summary = run_metrics.summarise(_all_batches(chosen), chosen.wall_s, chosen.rows_this_attempt)
+    summary.update({
+        "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
+        "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,
+    })
+    safe_mode = len(attempts) > 1
+    run_summary: dict[str, Any] = {
+        "run_id": run_id, "stage": STAGE, "model": MODEL, "as_of": as_of,
+        "status": "ok" if chosen.qc["passed"] else "failed_qc",
+        "engine": _engine_summary(chosen.metadata, chosen.precision),
+        "fp32_safe_mode": safe_mode,
+        "attempts": [{"precision": a.precision, "engine_fingerprint": a.metadata.get("fingerprint"),
+                      "qc": a.qc} for a in attempts],
+        "qc": chosen.qc,
+        "throughput": summary,
+        "throughput_over_time": run_metrics.throughput_series(chosen.batches_this_attempt, chosen.started_at),
+        "histograms": run_metrics.score_histograms(chosen.scores),
+        "ledger": ledger.to_dict(),
+        "settings": {"token_budget": settings.scoring.token_budget,
+                     "length_buckets": list(settings.scoring.length_buckets),
+                     "actor_num_cpus": settings.ray.actor_num_cpus, "fragment_rows": fragment_rows},
+        "started_at": _iso(started), "finished_at": _iso(time.time()),
+    }
+    if settings.scoring.prometheus_port:
+        run_metrics.exporter_for(settings.scoring.prometheus_port).publish(
+            MODEL, chosen.precision, summary, _all_batches(chosen), chosen.qc["passed"])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if quarantine is not None:
+        import pyarrow.parquet as pq
+
+        pq.write_table(quarantine, run_dir / "quarantine.parquet")
+    manifest: dict[str, Any] = {
+        "run_id": run_id, "stage": STAGE, "model": MODEL, "as_of": as_of,
+        "input": {"partition": f"emr/timelines/as_of={as_of}", "run_id": in_manifest.get("run_id"),
+                  "vocab_sha256": _vocab_sha256(in_manifest)},
+        "engine": run_summary["engine"], "fp32_safe_mode": safe_mode,
+        "qc_passed": chosen.qc["passed"], "rows": ledger.records_out,
+        "quarantined": ledger.quarantined, "started_at": run_summary["started_at"],
+    }
+    if not chosen.qc["passed"]:
+        chosen.staging.discard()
+        manifest["status"] = "failed_qc"
+        _write_run(run_dir, manifest, run_summary, [ledger])
+        qc.raise_if_failed(chosen.qc, f"{MODEL} as-of {as_of} (run {run_id}; see {run_dir / 'report.html'})")
+
+    ledger.check()
+    files = [p.name for p in chosen.staging.part_files()]
+    commit(chosen.staging.seal(), final, {**manifest, "files": files})
+    screening_dir, screening_ledger = screening.build(settings, as_of, run_id)
+    manifest.update({"status": "ok", "outputs": {"scores": f"scores/model={MODEL}/as_of={as_of}",
+                                                 "screening": f"screening/as_of={as_of}"},
+                     "finished_at": _iso(time.time())})
+    run_summary["ledger_screening"] = screening_ledger.to_dict()
+    _write_run(run_dir, manifest, run_summary, [ledger, screening_ledger])
+    log.info("score_emr run %s committed %d rows (%s records/s)", run_id, ledger.records_out,
+             summary.get("records_per_s"))
+    return run_dir
+
+
+def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
+                   actor_cls: type = ScoreActor, vocab_size: int | None = None):
+    """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors.
+
+    Returns a ``ray.data.Dataset`` whose rows are scored batches (see ScoreActor).
+    """
+    import ray
+
+    items = spec_dicts(list(specs))
+    # One fragment per block: a pack task = one fragment, so fragments prepare in parallel.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(pack_fragments, batch_size=None, batch_format="pyarrow",
+                        fn_kwargs={"length_buckets": list(settings.scoring.length_buckets),
+                                   "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        size, resources = settings.ray.num_actors or gpus, {"num_gpus": 1, "num_cpus": settings.ray.actor_num_cpus}
+    else:
+        size, resources = settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
+    # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
+    compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4)
+    return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision},
+                          batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+                          compute=compute, **resources)
+
+
+def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
+             in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
+             on_fragment_done: Callable[[int, int], None] | None) -> Attempt:
+    runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
+    del runner
+    _check_vocabulary(in_manifest, metadata, timelines)
+    staging = RunStaging(final, run_id, precision)
+    plan = {"input": str(timelines), "input_run_id": in_manifest.get("run_id"),
+            "fragments": spec_dicts(specs), "engine_fingerprint": metadata.get("fingerprint"),
+            "precision": precision, "token_budget": settings.scoring.token_budget,
+            "length_buckets": list(settings.scoring.length_buckets)}
+    done = staging.open(plan)
+    attempt = Attempt(precision=precision, metadata=metadata, staging=staging, resumed_fragments=len(done))
+    pending = [s for s in specs if s.fragment not in done]
+    attempt.started_at = time.time()
+    attempt_id = uuid.uuid4().hex[:8]
+    if pending:
+        ds = build_pipeline(pending, settings, source, precision, actor_cls, _vocab_size(metadata))
+        writer = _FragmentWriter(pending, staging, metadata, precision, run_id, final, attempt_id,
+                                 on_fragment_done)
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(block)
+        writer.finish()
+        attempt.rows_this_attempt = writer.rows_written
+    attempt.wall_s = time.time() - attempt.started_at
+    attempt.records = staging.records()
+    attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
+                                    for b in r["batches"]]
+    attempt.scores = qc.read_scores(staging.part_files())
+    reference = qc.previous_partition(final.parent, final.name.split("=", 1)[1])
+    attempt.qc = qc.evaluate(attempt.scores, settings.scoring.qc,
+                             qc.read_scores(qc.partition_files(reference)) if reference else None,
+                             reference.name if reference else None)
+    return attempt
+
+
+class _FragmentWriter:
+    """Collects scored batches per fragment; writes a fragment once all its batches are in."""
+
+    def __init__(self, pending: list[FragmentSpec], staging: RunStaging, metadata: dict[str, Any],
+                 precision: str, run_id: str, final: Path, attempt_id: str,
+                 on_fragment_done: Callable[[int, int], None] | None):
+        self.specs = {s.fragment: s for s in pending}
+        self.staging = staging
+        self.metadata = metadata
+        self.precision = precision
+        self.run_id = run_id
+        self.as_of = dt.date.fromisoformat(final.name.split("=", 1)[1])
+        self.attempt_id = attempt_id
+        self.callback = on_fragment_done
+        self.open: dict[int, dict[str, Any]] = {}
+        self.done: set[int] = set()
+        self.rows_written = 0
+
+    def add(self, block: pa.Table) -> None:
+        cols = {c: block.column(c).to_pylist() for c in (
+            "fragment", "batch_index", "n_batches", "n_rows", "seq_len", "real_tokens", "prep_s",
+            "host_s", "device_s", "done_at", "actor_id", "incarnation", "key_width", "qkey_width",
+            "qreason_width", "engine_fingerprint")}
+        for i in range(block.num_rows):
+            frag = cols["fragment"][i]
+            if frag in self.done or frag not in self.specs:
+                continue  # a late duplicate of an already written fragment: exactly-once by key
+            if cols["engine_fingerprint"][i] != str(self.metadata.get("fingerprint")):
+                raise RuntimeError(f"an actor scored with engine {cols['engine_fingerprint'][i]} while the "
+                                   f"run planned {self.metadata.get('fingerprint')}; the engine cache "
+                                   "changed during the run — rerun")
+            state = self.open.setdefault(frag, {"n_batches": cols["n_batches"][i], "parts": {}})
+            b = cols["batch_index"][i]
+            if b in state["parts"]:
+                continue
+            n = cols["n_rows"][i]
+            keys = _view(block, "keys", i, f"S{cols['key_width'][i]}")
+            probs = _view(block, "probs", i, np.float32).reshape(n, 3) if n else np.zeros((0, 3), np.float32)
+            qkeys = _view(block, "quarantine_keys", i, f"S{cols['qkey_width'][i]}")
+            qreasons = _view(block, "quarantine_reasons", i, f"S{cols['qreason_width'][i]}")
+            record = {k: cols[k][i] for k in ("batch_index", "n_rows", "seq_len", "real_tokens", "prep_s",
+                                               "host_s", "device_s", "done_at", "actor_id", "incarnation")}
+            # Copies: the block's buffers are released when the iterator moves on.
+            state["parts"][b] = (keys.copy(), probs.copy(), qkeys.copy(), qreasons.copy(), record)
+            if len(state["parts"]) == state["n_batches"]:
+                self._write(frag, self.open.pop(frag))
+
+    def _write(self, frag: int, state: dict[str, Any]) -> None:
+        parts = [state["parts"][b] for b in sorted(state["parts"])]
+        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, "S1")
+        probs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 3), np.float32)
+        keys_str = np.char.decode(keys, "utf-8") if len(keys) else np.zeros(0, dtype=str)
+        order = np.argsort(keys_str, kind="stable")
+        n = len(order)
+        meta = self.metadata
+        table = pa.table({
+            "patient_key": pa.array(keys_str[order], pa.string()),
+            "as_of": pa.array([self.as_of] * n, pa.date32()),
+            "model": pa.array([str(meta.get("model", MODEL))] * n, pa.string()),
+            "model_version": pa.array([str(meta.get("model_version"))] * n, pa.string()),
+            "engine_fingerprint": pa.array([str(meta.get("fingerprint"))] * n, pa.string()),
+            "precision": pa.array([self.precision] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            **{f"score_{h}": pa.array(probs[order, j], pa.float32()) for j, h in enumerate(HEADS)},
+        }, schema=SCORES)
+        qkeys = np.concatenate([p[2] for p in parts])
+        qreasons = np.concatenate([p[3] for p in parts])
+        quarantine = pa.table({
+            "patient_key": pa.array(np.char.decode(qkeys, "utf-8") if len(qkeys) else [], pa.string()),
+            "reason": pa.array(np.char.decode(qreasons, "utf-8") if len(qreasons) else [], pa.string())})
+        reasons, counts = np.unique(quarantine.column("reason").to_numpy(zero_copy_only=False),
+                                    return_counts=True) if quarantine.num_rows else ([], [])
+        spec = self.specs[frag]
+        record = {"fragment": frag, "rows_in": spec.num_rows, "rows_out": n,
+                  "quarantined": {str(r): int(c) for r, c in zip(reasons, counts)},
+                  "attempt_id": self.attempt_id, "batches": [p[4] for p in parts]}
+        self.staging.write_fragment(frag, table, quarantine, record)
+        self.done.add(frag)
+        self.rows_written += n
+        if self.callback is not None:
+            self.callback(frag, len(self.done))
+
+    def finish(self) -> None:
+        missing = sorted(set(self.specs) - self.done)
+        if missing:
+            raise RuntimeError(f"the scoring pipeline ended with {len(missing)} fragment(s) incomplete "
+                               f"(first: {missing[:5]}); rerun with the same run_id to resume")
+
+
+def _view(block: pa.Table, name: str, i: int, dtype: Any) -> np.ndarray:
+    buf = block.column(name)[i].as_buffer()
+    return np.frombuffer(buf, dtype=dtype) if buf is not None and buf.size else np.zeros(0, dtype=dtype)
+
+
+def _all_batches(attempt: Attempt) -> list[dict[str, Any]]:
+    return [b for r in attempt.records for b in r["batches"]]
+
+
+def _ledger(specs: list[FragmentSpec], attempt: Attempt) -> StageLedger:
+    ledger = StageLedger(STAGE, records_in=sum(s.num_rows for s in specs), unit="timelines")
+    for r in attempt.records:
+        ledger.records_out += r["rows_out"]
+        for reason, n in r["quarantined"].items():
+            ledger.quarantined[reason] = ledger.quarantined.get(reason, 0) + n
+    return ledger
+
+
+def _write_run(run_dir: Path, manifest: dict[str, Any], summary: dict[str, Any],
+               ledgers: list[StageLedger]) -> None:
+    write_ledger(run_dir, *ledgers)
+    write_json(run_dir / "metrics.json", summary)
+    (run_dir / "report.html").write_text(report.render(summary))
+    write_json(run_dir / "manifest.json", manifest)
+
+
+def _vocab_sha256(manifest: dict[str, Any]) -> str | None:
+    for value in (manifest.get("vocab_sha256"), (manifest.get("vocab") or {}).get("sha256"),
+                  (manifest.get("vocabulary") or {}).get("sha256")):
+        if value:
+            return str(value)
+    return None
+
+
+def _vocab_size(metadata: dict[str, Any]) -> int | None:
+    value = metadata.get("vocab_size") or (metadata.get("vocab") or {}).get("size")
+    return int(value) if value else None
+
+
+def _check_vocabulary(in_manifest: dict[str, Any], metadata: dict[str, Any], timelines: Path) -> None:
+    ours = _vocab_sha256(in_manifest)
+    theirs = metadata.get("vocab_sha256") or (metadata.get("vocab") or {}).get("sha256")
+    if not ours:
+        raise VocabularyMismatch(f"timelines partition {timelines.name} records no vocabulary sha256 in its "
+                                 "manifest; rebuild it with `medscreen emr features`")
+    if not theirs:
+        raise VocabularyMismatch(f"engine {metadata.get('fingerprint')} records no vocabulary sha256; "
+                                 "rebuild it with `medscreen engines build`")
+    if ours != theirs:
+        raise VocabularyMismatch(
+            f"timelines {timelines.name} use vocabulary {ours[:12]} but engine {metadata.get('fingerprint')} "
+            f"was trained on {theirs[:12]}; rebuild the timelines or the engine so they agree")
+
+
+def _engine_summary(metadata: dict[str, Any], precision: str) -> dict[str, Any]:
+    keys = ("model", "model_version", "fingerprint", "backend", "backend_version", "providers", "platform")
+    out = {k: metadata.get(k) for k in keys if metadata.get(k) is not None}
+    out["precision"] = precision
+    gate = metadata.get("gate") or {}
+    out["gate_passed"] = gate.get("passed")
+    return out
+
+
+def _ensure_ray(settings: Settings) -> bool:
+    """Connect to settings.ray.address, or start a local Ray; True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # Local Ray on a laptop/CI has no auth; a cluster address brings its own.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if settings.ray.address:
+        ray.init(address=settings.ray.address, configure_logging=False)
+    else:
+        ray.init(include_dashboard=False, configure_logging=False)
+    return True
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
