@@ -1,0 +1,240 @@
+"""``medscreen demo`` — the whole pipeline on the embedded default, end to end.
+
+synthetic EMR → ingest → point-in-time features → engine build + gate → Ray
+scoring → screening list; synthetic CT → DICOM index → Ray CT scoring →
+findings. Prints a progress line per stage and a summary: counts per stage,
+quarantine reasons, output paths, and how the outputs compare with what the
+generators planted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from conf.settings import Settings, load_settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the whole pipeline on synthetic data (embedded default)")
+    p.add_argument("--workdir", type=Path, default=Path("work/demo"),
+                   help="where inputs, the lake and the key file go (default: work/demo)")
+    p.add_argument("--patients", type=int, help="synthetic patients (default: demo.patients)")
+    p.add_argument("--ct-studies", type=int, help="synthetic CT studies (default: demo.ct_studies)")
+    p.add_argument("--as-of", dest="as_of", help="as-of date (default: demo.as_of)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=run_demo)
+
+
+class _Progress:
+    def __init__(self, total: int):
+        self.total, self.step, self.t0 = total, 0, time.monotonic()
+
+    def run(self, title: str, fn: Callable[[], Any]) -> Any:
+        self.step += 1
+        print(f"[{self.step}/{self.total}] {title} …", flush=True)
+        t = time.monotonic()
+        result = fn()
+        print(f"[{self.step}/{self.total}] {title}: done in {time.monotonic() - t:.1f} s "
+              f"(total {time.monotonic() - self.t0:.0f} s)", flush=True)
+        return result
+
+
+def demo_settings(workdir: Path, args: argparse.Namespace | None = None) -> Settings:
+    """Settings for a demo in ``workdir``: its own lake, its own 0600 key file."""
+    from lake.keys import create_key_file
+
+    workdir = workdir.resolve()
+    key_file = create_key_file(workdir / "pseudonym.key")
+    overrides: dict[str, Any] = {
+        "lake.root": str(workdir / "lake"),
+        "inputs.emr_dir": str(workdir / "input" / "emr"),
+        "inputs.dicom_dir": str(workdir / "input" / "dicom"),
+        "inputs.emr_format": "fhir",
+    }
+    if not os.environ.get("MEDSCREEN_PSEUDONYM_KEY"):
+        overrides["pseudonym.key_file"] = str(key_file)
+    if args is not None:
+        overrides.update({"demo.patients": args.patients, "demo.ct_studies": args.ct_studies,
+                          "demo.as_of": args.as_of, "demo.seed": args.seed})
+    return load_settings(overrides)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run every stage; print the summary; exit non-zero if any stage fails its ledger or QC."""
+    settings = demo_settings(args.workdir, args)
+    d = settings.demo
+    emr_dir, dicom_dir = Path(settings.inputs.emr_dir), Path(settings.inputs.dicom_dir)
+    ct = d.ct_studies > 0
+    progress = _Progress(7 + (3 if ct else 0))
+    summary: dict[str, Any] = {"workdir": str(args.workdir.resolve()), "as_of": d.as_of}
+
+    from medscreen import synth_emr
+    summary["synth_emr"] = progress.run(
+        f"synthetic EMR: {d.patients} patients (seed {d.seed}, {d.bad_record_share:.0%} bad records)",
+        lambda: synth_emr.generate(emr_dir, patients=d.patients, seed=d.seed,
+                                   bad_share=d.bad_record_share, fmt="fhir"))
+
+    from jobs import emr_features, emr_ingest
+    summary["ingest"] = progress.run("EMR ingest (Spark)", lambda: emr_ingest.run(
+        settings, emr_dir, "fhir"))
+    summary["features"] = progress.run(f"point-in-time timelines as of {d.as_of} (Spark)",
+                                       lambda: emr_features.run(settings, d.as_of, with_labels=True))
+    _stop_spark()
+
+    from engines import cache
+    summary["engine_emr"] = str(progress.run(
+        "engine build + accuracy gate (emr_risk)",
+        lambda: cache.ensure(settings, model="emr_risk", as_of=d.as_of)))
+
+    from inference import emr
+    run_dir = progress.run("Ray scoring (emr_risk) + QC + screening list",
+                           lambda: emr.score(settings, d.as_of))
+    summary["score_emr_run"] = str(run_dir)
+    summary["emr_check"] = progress.run("checking scores against labels and the model card",
+                                        lambda: _check_emr(settings, d.as_of))
+
+    if ct:
+        from medscreen import synth_ct
+        summary["synth_ct"] = progress.run(f"synthetic CT: {d.ct_studies} studies",
+                                           lambda: synth_ct.generate(dicom_dir, studies=d.ct_studies,
+                                                                     seed=d.seed))
+        from jobs import dicom_index
+        summary["dicom_index"] = progress.run("DICOM index (Spark, headers only)",
+                                              lambda: dicom_index.run(settings, dicom_dir))
+        _stop_spark()
+        from inference import ct as ct_inference
+        ct_run = progress.run("Ray CT scoring (ct_nodule) → findings",
+                              lambda: ct_inference.score(settings, d.as_of))
+        summary["score_ct_run"] = str(ct_run)
+        summary["ct_check"] = _check_ct(settings, d.as_of, dicom_dir)
+
+    progress.run("summary", lambda: None)
+    _print_summary(settings, summary)
+    (args.workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _stop_spark() -> None:
+    # Free the JVM before Ray starts its workers: the embedded default has 2 cores.
+    try:
+        from pyspark.sql import SparkSession
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
+    """AUC of the committed scores against the labels, next to the model card's held-out AUC."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    import yaml
+
+    from lake.paths import LakePaths
+
+    lp = LakePaths(settings.lake.root)
+    scores = pq.read_table(lp.scores("emr_risk", as_of), columns=[
+        "patient_key", "score_t2d", "score_ckd", "score_hf"]).to_pandas()
+    labels = pq.read_table(lp.timelines(as_of), columns=[
+        "patient_key", "label_t2d", "label_ckd", "label_hf"]).to_pandas()
+    merged = scores.merge(labels, on="patient_key")
+    card = yaml.safe_load(Path(settings.models["emr_risk"]).read_text())
+    out: dict[str, Any] = {"scored": int(len(scores))}
+    for head in ("t2d", "ckd", "hf"):
+        m = merged[merged[f"label_{head}"].notna()]
+        y, p = m[f"label_{head}"].to_numpy(dtype=int), m[f"score_{head}"].to_numpy()
+        out[f"auc_{head}"] = round(_auc(y, p), 4) if 0 < y.sum() < len(y) else None
+        card_auc = (card.get("metrics", {}).get(head, {}) or {}).get("auc")
+        out[f"card_auc_{head}"] = card_auc
+    screening = lp.screening(as_of)
+    out["screening_rows"] = int(pq.read_table(screening).num_rows) if screening.exists() else 0
+    return out
+
+
+def _auc(y, p) -> float:
+    import numpy as np
+    from scipy.stats import rankdata
+
+    r = rankdata(p)
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _check_ct(settings: Settings, as_of: str, dicom_dir: Path) -> dict[str, Any]:
+    """Sensitivity for planted nodules ≥ 6 mm (a finding within 5 mm) and false positives per series."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from lake.keys import load_key, pseudonymise
+    from lake.paths import LakePaths
+
+    truth = json.loads((dicom_dir / "ground_truth.json").read_text())
+    key = load_key(settings.pseudonym)
+    findings = pq.read_table(LakePaths(settings.lake.root).findings("ct_nodule", as_of)).to_pandas()
+    hit = total = fp = 0
+    series_n = 0
+    for s in truth["series"]:
+        sk = pseudonymise(key, s["series_instance_uid"])
+        f = findings[findings.series_key == sk]
+        if not s["nodules"] and f.empty:
+            series_n += 1
+            continue
+        series_n += 1
+        centres = f[["centre_x_mm", "centre_y_mm", "centre_z_mm"]].to_numpy()
+        matched = np.zeros(len(f), dtype=bool)
+        for n in s["nodules"]:
+            if len(centres):
+                dist = np.linalg.norm(centres - np.asarray(n["centre_lps_mm"]), axis=1)
+                near = dist <= 5.0
+                matched |= near
+            else:
+                near = np.array([False])
+            if n["diameter_mm"] >= 6:
+                total += 1
+                hit += int(near.any())
+        fp += int((~matched).sum())
+    return {"nodules_ge_6mm": total, "found_within_5mm": hit,
+            "sensitivity": round(hit / total, 3) if total else None,
+            "false_positives_per_series": round(fp / max(series_n, 1), 2),
+            "findings": int(len(findings))}
+
+
+def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
+    from lake.paths import LakePaths
+
+    lp = LakePaths(settings.lake.root)
+    w = sys.stdout.write
+    w("\n=== medscreen demo summary ===\n")
+    ing = s.get("ingest", {})
+    for stage, led in (ing.get("ledger") or {}).items() if isinstance(ing.get("ledger"), dict) else []:
+        w(f"  {stage}: {json.dumps(led, default=str)}\n")
+    w(f"ingest:    {json.dumps(ing.get('counts', ing), default=str)[:600]}\n")
+    reasons = ing.get("quarantine_reasons") or {}
+    if reasons:
+        w("quarantine reasons:\n")
+        for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+            w(f"  {r:<28} {n}\n")
+    feat = s.get("features", {})
+    w(f"features:  {json.dumps(feat.get('counts', feat), default=str)[:400]}\n")
+    w(f"engine:    {s.get('engine_emr')}\n")
+    w(f"scores:    {json.dumps(s.get('emr_check'), default=str)}\n")
+    if "ct_check" in s:
+        w(f"CT index:  {json.dumps(s['dicom_index'].get('counts', {}), default=str)[:400]}\n")
+        w(f"CT:        {json.dumps(s['ct_check'], default=str)}\n")
+    w("outputs:\n")
+    for label, path in (("events", lp.events), ("quarantine", lp.emr_quarantine),
+                        ("timelines", lp.timelines(s["as_of"])),
+                        ("scores", lp.scores("emr_risk", s["as_of"])),
+                        ("screening", lp.screening(s["as_of"])),
+                        ("findings", lp.findings("ct_nodule", s["as_of"])),
+                        ("run (EMR scoring)", s.get("score_emr_run")),
+                        ("report", Path(s["score_emr_run"]) / "report.html" if s.get("score_emr_run") else None)):
+        if path is not None:
+            w(f"  {label:<18} {path}\n")
