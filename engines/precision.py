@@ -231,7 +231,8 @@ def quantize_int8(model_path: Path, out_path: Path, batches: list[dict[str, np.n
                   method: str = "entropy") -> Path:
     """Write an int8 Q/DQ model of ``model_path`` calibrated on ``batches``; return ``out_path``.
 
-    Only MatMul/Gemm are quantized (weights per channel); embeddings, LayerNorm,
+    Only weight MatMul/Gemm are quantized (weights per channel, see
+    ``_int8_excluded_nodes`` for the ones kept fp32); embeddings, LayerNorm,
     Softmax and the heads' sigmoid stay fp32.
     """
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
@@ -246,6 +247,7 @@ def quantize_int8(model_path: Path, out_path: Path, batches: list[dict[str, np.n
     cal = {"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
            "percentile": CalibrationMethod.Percentile}[method]
     out_path = Path(out_path)
+    exclude = _int8_excluded_nodes(onnx.load(str(model_path)))
     # ORT's calibrators print progress to stdout; CLI commands keep stdout for their result.
     with tempfile.TemporaryDirectory(prefix="medscreen-int8-") as tmp, \
             contextlib.redirect_stdout(sys.stderr):
@@ -254,7 +256,8 @@ def quantize_int8(model_path: Path, out_path: Path, batches: list[dict[str, np.n
         quantize_static(str(pre), str(out_path), FeedCalibrationReader(batches),
                         quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=["MatMul", "Gemm"], calibrate_method=cal,
+                        op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=exclude,
+                        calibrate_method=cal,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                                        # Batches differ in seq length (length-bucketed like
                                        # scoring). Collecting one batch per stride lets the
@@ -268,6 +271,25 @@ def quantize_int8(model_path: Path, out_path: Path, batches: list[dict[str, np.n
                                        "QuantizeBias": False})
     onnx.checker.check_model(str(out_path), full_check=True)
     return out_path
+
+
+def _int8_excluded_nodes(model: onnx.ModelProto) -> list[str]:
+    """MatMul/Gemm nodes that stay fp32 in the int8 plan.
+
+    Activation × activation products (attention scores, attention × values)
+    quantize badly (softmax outputs and keys share one per-tensor scale), and
+    the tiny projections (time/age features in, the three heads out) cost
+    nothing in fp32 but sit right at the model's inputs and outputs.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm"):
+            continue
+        weight = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if weight is None or min(weight.dims, default=0) < 16:
+            out.append(n.name)
+    return out
 
 
 # --------------------------------------------------------------------------- plans

@@ -103,10 +103,15 @@ def stratified_sample(table: pa.Table, n: int, seed: int = 0, half: int | None =
                + np.searchsorted(AGE_EDGES_YEARS, age, side="right") * 10 + sex)
     rng = np.random.default_rng(seed)
     ids, counts = np.unique(stratum, return_counts=True)
-    alloc = np.maximum(1, np.floor(counts / rows * n)).astype(int)
-    # Trim the largest allocations if the minimum-one rule overshot n.
+    share = counts / rows * n
+    alloc = np.minimum(counts, np.maximum(1, np.floor(share))).astype(int)
+    # Trim the largest allocations if the minimum-one rule overshot n ...
     while alloc.sum() > n:
         alloc[np.argmax(alloc)] -= 1
+    # ... and hand flooring's remainder to the strata with the largest unmet share.
+    while alloc.sum() < n:
+        room = np.where(alloc < counts, share - alloc, -np.inf)
+        alloc[np.argmax(room)] += 1
     chosen = []
     for sid, k in zip(ids, alloc):
         members = np.flatnonzero(stratum == sid)
