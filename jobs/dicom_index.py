@@ -1,0 +1,227 @@
+"""DICOM index (Spark, headers only): raw DICOM folders → LAKE/imaging/{instances,series,quarantine}.
+
+Spark distributes file paths; each task reads headers only (pixel data is
+skipped, though its byte length is checked) and pseudonymises every UID and
+patient id before a row exists. Instances are grouped by ``series_key`` and
+each series gets a geometry summary and a verdict: ``eligible`` or a reason
+code (not_ct, localizer, too_few_slices, inconsistent_orientation,
+inconsistent_size, missing_slices, gantry_tilt, undecodable_pixels, …).
+Exactly one pixel frame per series (the middle slice) is decoded to prove the
+series can be read.
+
+Ledger (LAKE/runs/<run_id>/ledger.json): files in = instances indexed +
+files quarantined; series in = eligible + rejected with a reason. The three
+tables are staged, the ledger checked, then each is committed atomically; a
+rerun replaces them.
+
+Run as ``medscreen dicom index --input DIR --lake LAKE`` or
+``spark-submit jobs/dicom_index.py --input DIR --lake LAKE``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from conf.settings import Settings, load_settings
+from lake.commit import commit, staging_dir
+from lake.keys import load_key, pseudonymise
+from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.paths import LakePaths
+from lake.runs import new_run_id, write_json
+from lake.schemas import DICOM_INSTANCES, DICOM_QUARANTINE, DICOM_SERIES
+from preprocessing.dicom_header import ELIGIBLE, judge_series, read_instance_header
+
+log = logging.getLogger(__name__)
+
+STAGE_FILES = "dicom_index_files"
+STAGE_SERIES = "dicom_index_series"
+# Instance columns that travel from header reading to the series verdict.
+_HEADER_COLUMNS = [f.name for f in DICOM_INSTANCES] + ["quarantine", "detail"]
+
+
+def list_input_files(input_dir: Path) -> list[str]:
+    """Every regular file under ``input_dir`` (sorted, so partitions and reruns are stable)."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"DICOM input {input_dir} is not a directory; pass --input DIR "
+                                "or set MEDSCREEN_INPUTS__DICOM_DIR")
+    out = []
+    for root, dirs, files in os.walk(input_dir):
+        dirs.sort()
+        out.extend(os.path.join(root, f) for f in sorted(files))
+    return out
+
+
+def _row_schema():
+    return from_arrow_schema(DICOM_INSTANCES.append(pa.field("quarantine", pa.string()))
+                             .append(pa.field("detail", pa.string())))
+
+
+def header_rows(paths: Iterator[str], key: bytes) -> Iterator[tuple[Any, ...]]:
+    """Read each file's header and yield one pseudonymised row (instance or quarantine) per file."""
+    for p in paths:
+        h = read_instance_header(p)
+        if "quarantine" in h:
+            row = {"path": h["path"], "file_size_bytes": h.get("file_size_bytes"),
+                   "quarantine": h["quarantine"], "detail": h["detail"]}
+        else:
+            row = dict(h)
+            # Raw identifiers end here: only their keyed hashes go on.
+            row["series_key"] = pseudonymise(key, row.pop("series_uid"))
+            row["study_key"] = pseudonymise(key, row.pop("study_uid"))
+            row["sop_key"] = pseudonymise(key, row.pop("sop_uid"))
+            pid = row.pop("patient_id")
+            row["patient_key"] = pseudonymise(key, pid) if pid else None
+            row["quarantine"], row["detail"] = None, None
+        yield tuple(row.get(c) for c in _HEADER_COLUMNS)
+
+
+def _judge_group(min_slices: int, gantry_tilt: str, run_id: str):
+    def judge(pdf: pd.DataFrame) -> pd.DataFrame:
+        records = pdf.to_dict("records")
+        for r in records:
+            for c in ("position_lps_mm", "orientation", "pixel_spacing_mm"):
+                v = r.get(c)
+                r[c] = None if v is None else [float(x) for x in v]
+        s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
+        first = records[0]
+        s.update(series_key=first["series_key"], study_key=first["study_key"],
+                 patient_key=first["patient_key"], eligible=s["verdict"] == ELIGIBLE,
+                 detail=s["detail"] or None, run_id=run_id)
+        return pd.DataFrame([{c: s.get(c) for c in DICOM_SERIES.names}])
+
+    return judge
+
+
+def index_frames(spark: SparkSession, files: list[str], key: bytes, settings: Settings,
+                 run_id: str) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
+    """(instances, series, quarantine, header rows) DataFrames for ``files``; nothing is written.
+
+    The header rows are persisted so headers are read once; unpersist them when done.
+    """
+    n_parts = max(2, min(len(files) // 64 + 1, 256))
+    rdd = spark.sparkContext.parallelize(files, n_parts).mapPartitions(lambda it: header_rows(it, key))
+    rows = spark.createDataFrame(rdd, _row_schema()).persist()
+    instances = rows.filter(F.col("quarantine").isNull()).select(*DICOM_INSTANCES.names)
+    quarantine = (rows.filter(F.col("quarantine").isNotNull())
+                  .select("path", F.col("quarantine").alias("reason"), "detail", "file_size_bytes",
+                          F.lit(run_id).alias("run_id")))
+    series = (instances.groupBy("series_key")
+              .applyInPandas(_judge_group(settings.imaging.min_slices, settings.imaging.gantry_tilt, run_id),
+                             schema=from_arrow_schema(DICOM_SERIES)))
+    return instances, series, quarantine, rows
+
+
+def _write(df: DataFrame, final: Path, n_files: int, sort_cols: list[str]) -> Path:
+    staging = staging_dir(final)
+    (df.repartition(n_files).sortWithinPartitions(*sort_cols)
+     .write.mode("overwrite").parquet(str(staging)))
+    # Spark's own markers/checksums would confuse readers that glob the partition.
+    for p in list(staging.iterdir()):
+        if p.name.endswith(".crc") or p.name == "_SUCCESS":
+            p.unlink()
+    return staging
+
+
+def _dataset(path: Path) -> ds.Dataset:
+    return ds.dataset(sorted(str(p) for p in Path(path).glob("*.parquet")), format="parquet")
+
+
+def _value_counts(path: Path, column: str) -> dict[str, int]:
+    counts = pc.value_counts(_dataset(path).to_table(columns=[column]).column(column))
+    return {str(c["values"]): int(c["counts"]) for c in counts.to_pylist()}
+
+
+def run(settings: Settings, input_dir: Path, run_id: str | None = None,
+        spark: SparkSession | None = None) -> dict[str, Any]:
+    """Index ``input_dir`` into the lake; return a summary with counts and the ledger.
+
+    Raises LedgerImbalance (after writing the ledger, before committing any
+    table) when files or series are unaccounted for.
+    """
+    from jobs.spark_session import get_spark
+
+    key = load_key(settings.pseudonym)
+    files = list_input_files(Path(input_dir))
+    run_id = run_id or new_run_id("dicom_index")
+    paths = LakePaths(settings.lake.root)
+    spark = spark or get_spark(settings.spark, "medscreen-dicom-index")
+    instances, series, quarantine, rows = index_frames(spark, files, key, settings, run_id)
+    stagings: dict[str, Path] = {}
+    try:
+        stagings["series"] = _write(series, paths.dicom_series, 1, ["series_key"])
+        stagings["instances"] = _write(instances, paths.dicom_instances,
+                                       max(1, settings.spark.shuffle_partitions), ["series_key", "path"])
+        stagings["quarantine"] = _write(quarantine, paths.imaging_quarantine, 1, ["path"])
+        # Count what was written (staged files, read back) so the ledger checks the outputs
+        # themselves; column reads through Arrow avoid more Spark jobs for a few numbers.
+        n_instances = _dataset(stagings["instances"]).count_rows()
+        q_counts = _value_counts(stagings["quarantine"], "reason")
+        v_counts = _value_counts(stagings["series"], "verdict")
+        n_series_in = len(pc.unique(_dataset(stagings["instances"]).to_table(columns=["series_key"])
+                                    .column("series_key")))
+        files_ledger = StageLedger(STAGE_FILES, records_in=len(files), records_out=int(n_instances),
+                                   quarantined=q_counts, unit="files")
+        series_ledger = StageLedger(STAGE_SERIES, records_in=int(n_series_in),
+                                    records_out=v_counts.get(ELIGIBLE, 0),
+                                    quarantined={k: v for k, v in v_counts.items() if k != ELIGIBLE},
+                                    unit="series")
+        run_dir = paths.run(run_id)
+        ledger_path = write_ledger(run_dir, files_ledger, series_ledger)
+        files_ledger.check()
+        series_ledger.check()
+        manifest = {"run_id": run_id, "stage": "dicom_index", "input_dir": str(input_dir),
+                    "files": len(files), "instances": int(n_instances),
+                    "series": int(n_series_in), "eligible_series": v_counts.get(ELIGIBLE, 0),
+                    "gantry_tilt": settings.imaging.gantry_tilt, "min_slices": settings.imaging.min_slices}
+        for name, final in (("series", paths.dicom_series), ("instances", paths.dicom_instances),
+                            ("quarantine", paths.imaging_quarantine)):
+            commit(stagings.pop(name), final, {**manifest, "table": name})
+    finally:
+        rows.unpersist()
+        for p in stagings.values():
+            shutil.rmtree(p, ignore_errors=True)
+    write_json(run_dir / "manifest.json", manifest)
+    summary = {"run_id": run_id, "counts": {"files": len(files), "instances": int(n_instances),
+                                            "quarantined_files": q_counts, "series": int(n_series_in),
+                                            "series_verdicts": v_counts},
+               "ledger": str(ledger_path), "series_table": str(paths.dicom_series)}
+    log.info("dicom index %s: %d files, %d instances, %d series (%d eligible)", run_id, len(files),
+             n_instances, n_series_in, v_counts.get(ELIGIBLE, 0))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point: ``--input DIR --lake LAKE [--run-id ID]``."""
+    p = argparse.ArgumentParser(prog="dicom_index", description=__doc__.splitlines()[0])
+    p.add_argument("--input", type=Path, help="DICOM folder (default: inputs.dicom_dir)")
+    p.add_argument("--lake", help="lake root (default: lake.root)")
+    p.add_argument("--run-id")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings({"lake.root": args.lake, "inputs.dicom_dir": args.input})
+    if settings.inputs.dicom_dir is None:
+        raise SystemExit("dicom_index: no input; pass --input DIR or set MEDSCREEN_INPUTS__DICOM_DIR")
+    summary = run(settings, Path(settings.inputs.dicom_dir), run_id=args.run_id)
+    import json
+
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

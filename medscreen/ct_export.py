@@ -1,0 +1,40 @@
+"""Export one indexed CT series as NIfTI: the raw scanner grid or the resampled model input."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conf.settings import Settings
+from preprocessing.dicom_series import load_volume
+from preprocessing.imaging_index import series_record
+from preprocessing.nifti import ras_affine, write_nifti
+from preprocessing.resample import resample_to_spacing
+
+STAGES = ("raw", "resampled")
+
+
+def export_series(settings: Settings, series_key: str, out: Path, stage: str = "raw") -> dict[str, Any]:
+    """Write series ``series_key`` of the lake's DICOM index to ``out`` (.nii/.nii.gz).
+
+    ``raw``: HU (int16) on the scanner grid (after the same tilt / spacing
+    corrections the scorer applies). ``resampled``: the float32 HU volume at
+    ``imaging.target_spacing_mm`` the model is given (before windowing).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    rec = series_record(settings.lake.root, series_key)
+    if not rec["eligible"]:
+        raise ValueError(f"series {series_key} was rejected by the index ({rec['verdict']}: "
+                         f"{rec['detail']}); only eligible series can be exported")
+    volume = load_volume([Path(p) for p in rec["paths"]], gantry_tilt=settings.imaging.gantry_tilt,
+                         min_slices=settings.imaging.min_slices)
+    if stage == "resampled":
+        volume = resample_to_spacing(volume, settings.imaging.target_spacing_mm)
+        path = write_nifti(volume, out, dtype=np.float32)
+    else:
+        path = write_nifti(volume, out, dtype=np.int16)
+    return {"series_key": series_key, "stage": stage, "out": str(path), "shape_xyz": list(volume.shape[::-1]),
+            "spacing_xyz_mm": list(volume.spacing_mm[::-1]), "affine_ras": ras_affine(volume).tolist(),
+            "notes": list(volume.notes)}
