@@ -42,8 +42,9 @@ METADATA_FORMAT = 1
 CALIBRATION_BATCH_ROWS = 64
 
 
-class EngineCacheError(RuntimeError):
-    """An engine is missing, stale, corrupted or built for another platform."""
+class EngineCacheError(ValueError):
+    """An engine is missing, stale, corrupted or built for another platform (an input problem:
+    the CLI reports it as an error with its fix, not a crash)."""
 
 
 class UngatedEngineError(EngineCacheError):

@@ -58,6 +58,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_ensure)
 
 
+def _engine_errors(handler):
+    """Report TensorRT build/runtime refusals like other input errors: one line, exit 2."""
+    import functools
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from engines.trt_builder import BuildError, TensorRTUnavailable
+        from engines.trt_runner import NoCompatibleGPU
+
+        try:
+            return handler(args)
+        except (BuildError, TensorRTUnavailable, NoCompatibleGPU) as exc:
+            print(f"medscreen: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def _settings(args: argparse.Namespace):
     return settings_from_args(args, **{
         "engines.cache_dir": getattr(args, "cache", None),
@@ -65,6 +83,7 @@ def _settings(args: argparse.Namespace):
         "engines.calibration_method": getattr(args, "calibration_method", None)})
 
 
+@_engine_errors
 def _build(args: argparse.Namespace) -> int:
     from engines import cache
 
@@ -77,6 +96,7 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+@_engine_errors
 def _gate(args: argparse.Namespace) -> int:
     from engines import cache, gate
 
@@ -129,6 +149,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+@_engine_errors
 def _ensure(args: argparse.Namespace) -> int:
     from engines import cache
 
