@@ -170,7 +170,7 @@ def write_series(folder: Path, phantom: ChestPhantom, spec: SeriesSpec, study: d
             "tilt_deg": spec.tilt_deg, "rle": spec.rle, "files": sorted(files)}
 
 
-def _study_identity(rng: np.random.Generator, seed_key: str, index: int) -> dict[str, Any]:
+def study_identity(rng: np.random.Generator, seed_key: str, index: int) -> dict[str, Any]:
     # Fake, obviously synthetic identifiers: the index must never let these reach the lake.
     born = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 45)))
     when = dt.date(2023, 1, 1) + dt.timedelta(days=int(rng.integers(0, 540)))
@@ -250,7 +250,7 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
         n_nod = int(rng.integers(nodules_per_study[0], nodules_per_study[1] + 1))
         nodules = random_nodules(rng, n_nod, anatomy, diameter_range_mm=(4.0, 24.0))
         phantom = ChestPhantom(anatomy, [Nodule.from_dict(n) for n in nodules])
-        study = _study_identity(rng, seed_key, s)
+        study = study_identity(rng, seed_key, s)
         for number, spec in enumerate(specs, start=1):
             rec = write_series(folder, phantom, spec, study, number, rng, seed_key)
             rec["study"] = folder.name

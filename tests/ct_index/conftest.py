@@ -1,0 +1,38 @@
+"""CT index fixtures: tiny synthetic DICOM studies written once per session, and one indexed lake."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ct_index_cases import SESSION_KEY, index_settings
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic studies (48×48) with every series kind and planted broken files."""
+    from medscreen.synth_ct import generate
+
+    out = tmp_path_factory.mktemp("synth_ct")
+    generate(out, studies=2, seed=11, rows=48, slices=20, variable_spacing=True, gantry_tilt=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def truth(synth_dir: Path) -> dict[str, Any]:
+    return json.loads((synth_dir / "ground_truth.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def indexed(spark, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The synthetic studies indexed once on the shared local Spark session."""
+    from jobs import dicom_index
+
+    lake = tmp_path_factory.mktemp("ct_lake")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", SESSION_KEY)
+        settings = index_settings(lake)
+        summary = dicom_index.run(settings, synth_dir, spark=spark)
+    return {"lake": lake, "settings": settings, "summary": summary}
