@@ -1,0 +1,427 @@
+"""EMR ingest (Spark): raw FHIR Bulk NDJSON or OMOP CDM → LAKE/emr/{events,patients,quarantine}.
+
+Read → parse → de-duplicate → resolve patients → write, each output swapped in
+atomically with a manifest, and a ledger that must balance:
+
+1. read: NDJSON with ``spark.read.text`` (a malformed line stays a row and is
+   quarantined, never dropped by a JSON reader); OMOP CSV/Parquet with an
+   all-string schema of the columns each table needs (a bad value is
+   quarantined by the parser, not nulled by the reader). Tables we do not
+   ingest are counted, not parsed.
+2. parse: the pure parsers (preprocessing.fhir / preprocessing.omop) over
+   Arrow batches (``mapInArrow``): one record in, one record out, ids hashed
+   with the pseudonym key inside the executor.
+3. de-duplicate: of accepted records with the same type and id, the first in
+   reader order wins; the others are quarantined ``duplicate_id``.
+4. resolve: clinical records whose patient is not an accepted patient are
+   quarantined ``unknown_patient``.
+5. write: events (one row per event), patients, quarantine, each into a
+   staging directory; row counts read back and checked against the ledger;
+   then committed (rename) with a manifest. A rerun replaces.
+
+Spark-submit-able: ``spark-submit jobs/emr_ingest.py --input DIR --format fhir --lake LAKE``.
+Logs carry counts only: never ids, names or note text.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+from pyspark.sql.types import StringType, StructField, StructType
+
+from conf.settings import Settings, load_settings
+from jobs.spark_session import get_spark
+from lake.commit import clean_stale_staging, commit, staging_dir
+from lake.keys import load_key
+from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.paths import LakePaths
+from lake.runs import new_run_id, write_json
+from lake.schemas import EVENTS, PATIENTS, QUARANTINE
+from preprocessing import emr_record as rec
+from preprocessing.icd import code_set_version
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("fhir", "omop")
+STAGE = "emr_ingest"
+EVENTS_STAGE = "emr_ingest.events"
+PATIENTS_STAGE = "emr_ingest.patients"
+QUARANTINE_STAGE = "emr_ingest.quarantine"
+
+_NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
+_OMOP_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".parquet")
+RECORDS_SPARK = from_arrow_schema(rec.RECORDS)
+
+
+# --- parsing inside the executors ----------------------------------------------------------
+
+# One ParseContext per Python worker and configuration: the code set, code groups and cue
+# regexes are built once, not per batch.
+_CONTEXTS: dict[tuple[Any, ...], rec.ParseContext] = {}
+
+
+def _context(cfg: tuple[Any, ...]) -> rec.ParseContext:
+    ctx = _CONTEXTS.get(cfg)
+    if ctx is None:
+        from preprocessing.code_groups import load_code_groups
+        from preprocessing.notes import NoteExtractor
+
+        key, negation, history, window, groups_file, now = cfg
+        ctx = rec.ParseContext(key=key, extractor=NoteExtractor(list(negation), list(history), window),
+                               groups=load_code_groups(groups_file), now_us=now)
+        _CONTEXTS[cfg] = ctx
+    return ctx
+
+
+def _parse_fhir_batches(cfg: tuple[Any, ...], batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    from preprocessing.fhir import parse_fhir_line
+
+    ctx = _context(cfg)
+    for batch in batches:
+        lines = batch.column("value").to_pylist()
+        files = batch.column("file").to_pylist()
+        records = [parse_fhir_line(line, ctx, f) for line, f in zip(lines, files)]
+        yield rec.records_to_arrow(records, batch.column("ord").to_pylist())
+
+
+def _parse_omop_batches(cfg: tuple[Any, ...], table: str, columns: tuple[str, ...],
+                        batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    from preprocessing.omop import parse_omop_row
+
+    ctx = _context(cfg)
+    for batch in batches:
+        cols = {c: batch.column(c).to_pylist() for c in columns}
+        n = batch.num_rows
+        records = [parse_omop_row(table, {c: cols[c][i] for c in columns}, ctx) for i in range(n)]
+        yield rec.records_to_arrow(records, batch.column("ord").to_pylist())
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+def list_inputs(input_dir: Path, fmt: str) -> list[Path]:
+    """The files (or Parquet folders) of an export, sorted; a clear error when there are none."""
+    input_dir = Path(input_dir)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown EMR format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"EMR input directory {input_dir} does not exist; pass --input "
+                                "the export directory")
+    suffixes = _NDJSON_SUFFIXES if fmt == "fhir" else _OMOP_SUFFIXES
+    found = [p for p in sorted(input_dir.rglob("*")) if p.is_file()
+             and p.name.lower().endswith(suffixes) and not p.name.startswith((".", "_"))]
+    if fmt == "omop":
+        # A table may also be a folder of Parquet part files (person/part-0000.parquet).
+        found = sorted({p.parent if p.parent != input_dir and p.name.endswith(".parquet") else p
+                        for p in found})
+    if not found:
+        kind = "FHIR Bulk NDJSON (*.ndjson)" if fmt == "fhir" else "OMOP CDM tables (*.csv, *.parquet)"
+        raise FileNotFoundError(f"no {kind} files under {input_dir}; check --input and --format")
+    return found
+
+
+def fingerprint(input_dir: Path, files: list[Path]) -> dict[str, Any]:
+    """File names (relative) and sizes of the input, and a sha256 over them."""
+    entries = []
+    for f in files:
+        parts = [f] if f.is_file() else sorted(p for p in f.rglob("*") if p.is_file())
+        for p in parts:
+            entries.append({"name": str(p.relative_to(input_dir)), "size": p.stat().st_size})
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    return {"files": entries, "sha256": digest}
+
+
+def read_fhir(spark: SparkSession, files: list[Path]) -> DataFrame:
+    """Raw NDJSON lines with their file name and reader order (``value``, ``file``, ``ord``)."""
+    raw = spark.read.text([str(f) for f in files])
+    return raw.select(F.col("value"), F.col("_metadata.file_name").alias("file"),
+                      F.monotonically_increasing_id().alias("ord"))
+
+
+def _csv_header(path: Path) -> list[str]:
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:  # type: ignore[operator]
+        first = f.readline()
+    delimiter = "\t" if "\t" in first and "," not in first else ","
+    return next(csv.reader([first], delimiter=delimiter)), delimiter  # type: ignore[return-value]
+
+
+def read_omop_table(spark: SparkSession, path: Path, columns: tuple[str, ...] | None) -> DataFrame:
+    """One CDM table as strings: ``columns`` (lower-case; absent ones null) plus ``ord``; all columns if None."""
+    if path.is_dir() or path.name.lower().endswith(".parquet"):
+        df = spark.read.parquet(str(path))
+    else:
+        header, delimiter = _csv_header(path)
+        # Every column as a string: typed CSV schemas null or fail on one bad value, and the
+        # parser should decide (and quarantine with a reason). Names come from the header
+        # because exports differ in column order and extra columns.
+        schema = StructType([StructField(h, StringType(), True) for h in header])
+        df = (spark.read.schema(schema).option("header", True).option("multiLine", True)
+              .option("escape", '"').option("sep", delimiter).option("mode", "PERMISSIVE")
+              .option("enforceSchema", True).csv(str(path)))
+    if columns is None:
+        return df
+    by_lower = {c.lower(): c for c in df.columns}
+    cols = [(F.col(f"`{by_lower[c]}`").cast("string") if c in by_lower else F.lit(None).cast("string")).alias(c)
+            for c in columns]
+    return df.select(*cols, F.monotonically_increasing_id().alias("ord"))
+
+
+# --- transforms --------------------------------------------------------------------------------
+
+def resolve(records: DataFrame) -> DataFrame:
+    """Parsed records → final records: duplicates and unknown-patient references quarantined.
+
+    Same columns as the input (:data:`preprocessing.emr_record.RECORDS`); one row per input
+    row, so the ledger still balances. Of accepted records with the same type and id the
+    first in reader order (``ord``) stays; a clinical record stays only if its patient_key
+    is an accepted patient's.
+    """
+    ok = F.col("status") == rec.OK
+    first = Window.partitionBy("status", "resource_type", "source_ref").orderBy("ord")
+    ranked = records.withColumn("_dup", ok & (F.row_number().over(first) > 1))
+    known = (ranked.filter(ok & F.col("is_patient") & ~F.col("_dup"))
+             .select("patient_key").distinct().withColumn("_known", F.lit(True)))
+    joined = ranked.join(known, "patient_key", "left")
+    dup = F.col("_dup")
+    unknown = ok & ~dup & ~F.col("is_patient") & F.col("_known").isNull()
+    bad = dup | unknown
+    no_events = F.array().cast(RECORDS_SPARK["events"].dataType)
+    return joined.select(
+        "ord",
+        F.when(bad, F.lit(rec.QUARANTINE)).otherwise(F.col("status")).alias("status"),
+        "resource_type",
+        F.when(dup, F.lit(rec.R_DUPLICATE_ID)).when(unknown, F.lit(rec.R_UNKNOWN_PATIENT))
+        .otherwise(F.col("reason")).alias("reason"),
+        F.when(dup, F.concat(F.col("resource_type"), F.lit(" id seen earlier in the export")))
+        .when(unknown, F.concat(F.col("resource_type"),
+                                F.lit(" references a patient not accepted in this export")))
+        .otherwise(F.col("detail")).alias("detail"),
+        "source_ref", "patient_key", "is_patient", "birth_date", "sex",
+        F.when(bad, no_events).otherwise(F.col("events")).alias("events"))
+
+
+def events_frame(final: DataFrame, source: str) -> DataFrame:
+    """Accepted records → LAKE/emr/events rows (schema lake.schemas.EVENTS)."""
+    e = (final.filter((F.col("status") == rec.OK) & ~F.col("is_patient"))
+         .select("patient_key", "source_ref", F.explode("events").alias("e")))
+    return e.select(
+        "patient_key", F.col("e.event_time").alias("event_time"), F.col("e.kind").alias("kind"),
+        F.col("e.code_system").alias("code_system"), F.col("e.code").alias("code"),
+        F.col("e.value").alias("value"), F.col("e.unit").alias("unit"),
+        F.col("e.assertion").alias("assertion"), F.col("e.code_groups").alias("code_groups"),
+        F.lit(source).alias("source"), "source_ref")
+
+
+def patients_frame(final: DataFrame, source: str) -> DataFrame:
+    """Accepted patient records → LAKE/emr/patients rows (schema lake.schemas.PATIENTS)."""
+    return (final.filter((F.col("status") == rec.OK) & F.col("is_patient"))
+            .select("patient_key", "birth_date", "sex", F.lit(source).alias("source")))
+
+
+def quarantine_frame(final: DataFrame, source: str) -> DataFrame:
+    """Quarantined records → LAKE/emr/quarantine rows (schema lake.schemas.QUARANTINE)."""
+    return (final.filter(F.col("status") == rec.QUARANTINE)
+            .select(F.lit(source).alias("source"), "resource_type", "reason", "source_ref", "detail"))
+
+
+# --- the job ----------------------------------------------------------------------------------------
+
+def _parse(spark: SparkSession, fmt: str, files: list[Path], cfg: tuple[Any, ...]
+           ) -> tuple[DataFrame, DataFrame | None, dict[str, int]]:
+    """(parsed records, raw rows for an independent count or None, rows of tables not ingested)."""
+    if fmt == "fhir":
+        raw = read_fhir(spark, files)
+        return raw.mapInArrow(partial(_parse_fhir_batches, cfg), RECORDS_SPARK), raw, {}
+    from preprocessing.omop import TABLE_COLUMNS, table_name
+
+    parsed: DataFrame | None = None
+    raw_all: DataFrame | None = None
+    skipped: dict[str, int] = {}
+    for path in files:
+        table = table_name(path.name)
+        columns = TABLE_COLUMNS.get(table)
+        if columns is None:
+            # Not parsed, but every row is counted: the ledger must account for them.
+            skipped[table] = skipped.get(table, 0) + read_omop_table(spark, path, None).count()
+            continue
+        raw = read_omop_table(spark, path, columns)
+        part = raw.mapInArrow(partial(_parse_omop_batches, cfg, table, columns), RECORDS_SPARK)
+        parsed = part if parsed is None else parsed.unionByName(part)
+        one = raw.select(F.lit(1).alias("one"))
+        raw_all = one if raw_all is None else raw_all.unionByName(one)
+    if parsed is None:
+        parsed = spark.createDataFrame([], RECORDS_SPARK)
+    return parsed, raw_all, skipped
+
+
+def _write(df: DataFrame, final_path: Path, sort_cols: list[str]) -> Path:
+    staging = staging_dir(final_path)
+    (df.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(str(staging)))
+    return staging
+
+
+def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None = None) -> dict[str, Any]:
+    """Ingest one EMR export (``fmt`` fhir | omop) into the lake; return the run summary.
+
+    Writes LAKE/emr/events, LAKE/emr/patients and LAKE/emr/quarantine (each
+    replaced atomically) and LAKE/runs/<run_id>/{ledger,manifest}.json. Raises
+    LedgerImbalance (nothing committed) when a record is unaccounted for.
+    """
+    input_dir = Path(input_dir)
+    files = list_inputs(input_dir, fmt)
+    key = load_key(settings.pseudonym)
+    run_id = run_id or new_run_id("emr-ingest")
+    paths = LakePaths(settings.lake.root)
+    run_dir = paths.run(run_id)
+    started = dt.datetime.now(dt.timezone.utc)
+    ex = settings.extraction
+    groups_file = Path(ex.code_groups_file)
+    # Load once on the driver: a bad groups file fails here with its message, not in a task.
+    from preprocessing.code_groups import load_code_groups
+    load_code_groups(groups_file)
+    cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
+           str(groups_file), rec.now_us())
+    clean_stale_staging(paths.events.parent)
+
+    spark = get_spark(settings.spark, "medscreen-emr-ingest")
+    # Parquet timestamps as UTC microseconds (Arrow reads them as timestamp[us, tz=UTC]).
+    spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+    log.info("emr ingest %s: %d %s input files", run_id, len(files), fmt)
+
+    parsed, raw, skipped = _parse(spark, fmt, files, cfg)
+    # Parse once: resolve() reads the parsed records twice (records, accepted patient keys).
+    parsed = parsed.persist()
+    final = resolve(parsed).persist()
+    stagings: list[Path] = []
+    try:
+        rows_read = raw.count() if raw is not None else 0
+        counts = (final.groupBy("status", "resource_type", "reason")
+                  .agg(F.count(F.lit(1)).alias("n"),
+                       F.sum(F.when(F.col("status") == rec.OK, F.size("events")).otherwise(0))
+                       .alias("n_events"))
+                  .collect())
+        ledger = StageLedger(STAGE, unit="records")
+        ledger.records_in = rows_read + sum(skipped.values())
+        if skipped:
+            ledger.ignored[rec.I_UNSUPPORTED_TABLE] = sum(skipped.values())
+        by_type: dict[str, dict[str, int]] = {}
+        n_events = n_patients = 0
+        for row in counts:
+            status, rtype, reason, n = row["status"], row["resource_type"], row["reason"], int(row["n"])
+            by_type.setdefault(rtype, {}).setdefault(status, 0)
+            by_type[rtype][status] += n
+            if status == rec.OK:
+                ledger.records_out += n
+                n_events += int(row["n_events"] or 0)
+                if rtype in ("Patient", "person"):
+                    n_patients += n
+            elif status == rec.QUARANTINE:
+                ledger.quarantined[reason] = ledger.quarantined.get(reason, 0) + n
+            else:
+                ledger.ignored[reason] = ledger.ignored.get(reason, 0) + n
+        for table, n in skipped.items():
+            by_type.setdefault(table, {})[rec.IGNORED] = n
+
+        staging_events = _write(
+            events_frame(final, fmt).repartition(settings.spark.shuffle_partitions, "patient_key"),
+            paths.events, ["patient_key", "event_time", "kind", "code_system", "code", "assertion"])
+        stagings.append(staging_events)
+        staging_patients = _write(patients_frame(final, fmt).coalesce(1), paths.patients, ["patient_key"])
+        stagings.append(staging_patients)
+        staging_quarantine = _write(quarantine_frame(final, fmt).coalesce(1), paths.emr_quarantine,
+                                    ["resource_type", "reason", "source_ref"])
+        stagings.append(staging_quarantine)
+
+        written = {name: spark.read.parquet(str(p)).count() for name, p in
+                   (("events", staging_events), ("patients", staging_patients),
+                    ("quarantine", staging_quarantine))}
+        stages = [
+            ledger,
+            StageLedger(EVENTS_STAGE, records_in=n_events, records_out=written["events"], unit="events"),
+            StageLedger(PATIENTS_STAGE, records_in=n_patients, records_out=written["patients"],
+                        unit="patients"),
+            StageLedger(QUARANTINE_STAGE, records_in=ledger.quarantined_total,
+                        records_out=written["quarantine"], unit="records"),
+        ]
+        write_ledger(run_dir, *stages)
+        for s in stages:
+            s.check()
+
+        manifest = {
+            "run_id": run_id, "stage": STAGE, "format": fmt, "source": fmt,
+            "input": fingerprint(input_dir, files), "code_set_version": code_set_version(),
+            "code_groups_sha256": hashlib.sha256(groups_file.read_bytes()).hexdigest(),
+            "counts": {"records_in": ledger.records_in, "records_out": ledger.records_out,
+                       "quarantined": ledger.quarantined_total, "ignored": ledger.ignored_total,
+                       **{f"{k}_rows": v for k, v in written.items()}},
+            "started_utc": started.isoformat(),
+        }
+        outputs = {"events": str(commit(staging_events, paths.events, manifest)),
+                   "patients": str(commit(staging_patients, paths.patients, manifest)),
+                   "quarantine": str(commit(staging_quarantine, paths.emr_quarantine, manifest))}
+        stagings.clear()
+    finally:
+        final.unpersist()
+        parsed.unpersist()
+        for s in stagings:
+            shutil.rmtree(s, ignore_errors=True)
+
+    finished = dt.datetime.now(dt.timezone.utc)
+    manifest.update({"finished_utc": finished.isoformat(), "outputs": outputs,
+                     "ledger": str(run_dir / "ledger.json")})
+    write_json(run_dir / "manifest.json", manifest)
+    summary = {
+        "run_id": run_id, "run_dir": str(run_dir), "format": fmt,
+        "counts": {s.stage: s.to_dict() for s in stages},
+        "quarantine_reasons": dict(sorted(ledger.quarantined.items())),
+        "ignored": dict(sorted(ledger.ignored.items())),
+        "by_resource_type": {k: by_type[k] for k in sorted(by_type)},
+        "outputs": outputs,
+        "code_set_version": manifest["code_set_version"],
+        "seconds": round((finished - started).total_seconds(), 3),
+    }
+    log.info("emr ingest %s: %d records in, %d out, %d quarantined, %d ignored; %d events, %d patients",
+             run_id, ledger.records_in, ledger.records_out, ledger.quarantined_total,
+             ledger.ignored_total, written["events"], written["patients"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point: ``--input DIR --format fhir|omop [--lake LAKE] [--run-id ID]``."""
+    p = argparse.ArgumentParser(prog="emr_ingest", description=__doc__.splitlines()[0])
+    p.add_argument("--input", type=Path, required=True, help="export directory")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: inputs.emr_format")
+    p.add_argument("--lake", default=None, help="lake root (default: lake.root)")
+    p.add_argument("--run-id", default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings({"lake.root": args.lake, "inputs.emr_format": args.format})
+    try:
+        summary = run(settings, args.input, settings.inputs.emr_format, args.run_id)
+    except LedgerImbalance as exc:
+        print(f"emr_ingest: ledger does not balance: {exc}", file=sys.stderr)
+        return 3
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"emr_ingest: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
