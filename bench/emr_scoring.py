@@ -1,0 +1,356 @@
+"""Benchmark: end-to-end EMR scoring (Parquet timelines in → committed Parquet scores out).
+
+Compares, in one run and on the same engine and data:
+
+- ``records_per_s``: medscreen's pipeline (inference.emr.score: token-budget
+  batches pre-padded by CPU tasks, engine actors that only infer, commit, QC,
+  screening, report);
+- ``baseline_records_per_s``: a naive Ray Data pipeline (read_parquet →
+  map_batches with a fixed batch size of 256 rows, pandas batches, every row
+  padded in Python to max_tokens, no length bucketing → write_parquet);
+- ``engine_only_records_per_s``: the engine alone on preloaded, pre-padded
+  arrays (the ceiling); ``efficiency`` = records_per_s / engine_only.
+
+Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
+and on a GPU machine with onnxruntime-gpu (CUDA EP, one num_gpus=1 actor per
+GPU). It generates its own timelines and uses the committed model
+(models/emr_risk/emr_risk.onnx, via the engine cache) or, when that is
+absent, a small model it builds. Prints one JSON object last.
+
+    python bench/emr_scoring.py --quick
+    python bench/emr_scoring.py --rows 1000000 --precision fp16
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from conf.settings import CONF_DIR, Settings, load_settings  # noqa: E402
+from lake.commit import atomic_partition  # noqa: E402
+from lake.paths import LakePaths  # noqa: E402
+from lake.schemas import TIMELINES  # noqa: E402
+
+AS_OF = "2024-06-30"
+NAIVE_BATCH_ROWS = 256
+
+
+def log(msg: str) -> None:
+    print(f"[bench emr_scoring] {msg}", file=sys.stderr, flush=True)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def _tiny_model(path: Path, vocab_size: int) -> Path:
+    """A small stand-in with the EMR I/O contract (embedding mean + linear + sigmoid)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 1, (vocab_size, 3)).astype(np.float32), "w_tok"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (3, 3)).astype(np.float32), "w_sex"),
+             numpy_helper.from_array(rng.normal(0, 0.02, (1, 3)).astype(np.float32), "w_age"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax2"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array(-1 / 365, np.float32), "k"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("Gather", ["w_tok", "tokens"], ["e"]),
+             helper.make_node("Greater", ["tokens", "zero"], ["m0"]),
+             helper.make_node("Cast", ["m0"], ["m"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["days_before", "k"], ["d0"]),
+             helper.make_node("Exp", ["d0"], ["d"]),
+             helper.make_node("Mul", ["m", "d"], ["w"]),
+             helper.make_node("Unsqueeze", ["w", "ax2"], ["w3"]),
+             helper.make_node("Mul", ["e", "w3"], ["we"]),
+             helper.make_node("ReduceSum", ["we", "ax1"], ["s"], keepdims=0),
+             helper.make_node("ReduceSum", ["m", "ax1"], ["c"], keepdims=1),
+             helper.make_node("Add", ["c", "one"], ["c1"]),
+             helper.make_node("Div", ["s", "c1"], ["p"]),
+             helper.make_node("Unsqueeze", ["age_years", "ax1"], ["a"]),
+             helper.make_node("Mul", ["a", "w_age"], ["at"]),
+             helper.make_node("Gather", ["w_sex", "sex"], ["st"]),
+             helper.make_node("Add", ["p", "at"], ["l1"]),
+             helper.make_node("Add", ["l1", "st"], ["l"]),
+             helper.make_node("Sigmoid", ["l"], ["probs"])]
+    graph = helper.make_graph(nodes, "emr_risk_bench", [
+        helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("days_before", TensorProto.FLOAT, ["batch", "seq"]),
+        helper.make_tensor_value_info("age_years", TensorProto.FLOAT, ["batch"]),
+        helper.make_tensor_value_info("sex", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def prepare_model(workdir: Path) -> tuple[Path, dict[str, Any], str]:
+    """A model card in ``workdir`` for the committed model (or a stand-in); returns (card, vocab, source)."""
+    from engines.model_card import file_sha256
+
+    committed = CONF_DIR / "models" / "emr_risk.yaml"
+    card: dict[str, Any] | None = None
+    if committed.is_file():
+        card = yaml.safe_load(committed.read_text())
+        onnx_path = Path(card["onnx"]["path"])
+        onnx_path = onnx_path if onnx_path.is_absolute() else REPO / onnx_path
+        if not onnx_path.is_file():
+            card = None
+    if card is None:
+        vocab_size = 512
+        onnx_path = _tiny_model(workdir / "emr_risk_bench.onnx", vocab_size)
+        card = {"name": "emr_risk", "version": "bench-standin",
+                "inputs": [], "outputs": [], "vocab": {"size": vocab_size}}
+        source = "bench stand-in (committed model absent)"
+    else:
+        source = f"committed {card['version']}"
+    vocab = dict(card.get("vocab") or {})
+    vocab.setdefault("size", int((card.get("architecture") or {}).get("vocab_size", 512)))
+    # An untrained export records no vocabulary hash; the bench's timelines and engine share a made-up one.
+    vocab["sha256"] = vocab.get("sha256") or hashlib.sha256(b"bench-vocabulary").hexdigest()
+    vocab["version"] = vocab.get("version") or "bench"
+    card.update({"onnx": {**(card.get("onnx") or {}), "path": str(onnx_path), "sha256": file_sha256(onnx_path)},
+                 "vocab": vocab})
+    card.setdefault("inputs", [])
+    card.setdefault("outputs", [])
+    path = workdir / "emr_risk_card.yaml"
+    path.write_text(yaml.safe_dump(card))
+    return path, vocab, source
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_tokens: int,
+                       files: int = 8, seed: int = 0) -> Path:
+    """Committed timelines with a long-tailed length distribution, built without per-row Python."""
+    rng = np.random.default_rng(seed)
+    # Most patients have a few dozen events, a tail reaches max_tokens; ~4% have none.
+    lengths = np.minimum(rng.lognormal(3.3, 1.0, rows), max_tokens).astype(np.int32)
+    lengths[rng.random(rows) < 0.04] = 0
+    offsets = np.zeros(rows + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    tokens = rng.integers(1, int(vocab["size"]), total, dtype=np.int32)
+    days = rng.integers(0, 1825, total, dtype=np.int32)
+    keys = np.char.mod("%032x", np.arange(rows, dtype=np.int64) * 2654435761 % (1 << 61))
+    table = pa.table({
+        "patient_key": pa.array(keys.astype(str), pa.string()),
+        "as_of": pa.array(np.full(rows, np.datetime64(AS_OF, "D"))).cast(pa.date32()),
+        "length": pa.array(lengths, pa.int32()),
+        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens)),
+        "days_before": pa.ListArray.from_arrays(pa.array(offsets), pa.array(days)),
+        "age_years": pa.array(rng.uniform(18, 95, rows).astype(np.float32)),
+        "sex": pa.array(rng.choice(np.array(["F", "M", "U"]), rows, p=[0.5, 0.47, 0.03]).astype(str)),
+    }).cast(TIMELINES)
+    final = LakePaths(lake_root).timelines(AS_OF)
+    manifest = {"run_id": "bench", "as_of": AS_OF,
+                "vocabulary": {"sha256": vocab["sha256"], "version": vocab["version"], "size": vocab["size"]}}
+    bounds = np.linspace(0, rows, files + 1).astype(int)
+    with atomic_partition(final, manifest) as staging:
+        for i in range(files):
+            pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), staging / f"part-{i:05d}.parquet",
+                           row_group_size=65536)
+    return final
+
+
+# --- the three measurements -------------------------------------------------------------------
+
+def engine_only(settings: Settings, timelines: Path, precision: str) -> dict[str, Any]:
+    """The engine alone over every batch, arrays already padded and in memory."""
+    from engines import cache
+    from inference.batching import pack_fragment
+
+    table = pa.concat_tables(pq.read_table(f) for f in sorted(timelines.glob("*.parquet")))
+    batches = pack_fragment(table, 0, settings.scoring.length_buckets, settings.scoring.token_budget)
+    runner, meta = cache.load_runner(settings, precision=precision)
+    runner.activate()
+    try:
+        runner.infer(batches[len(batches) // 2].feed())  # warm-up (kernel selection, allocations)
+        rows = 0
+        start = time.perf_counter()
+        for b in batches:
+            if b.n_rows:
+                runner.infer(b.feed())
+                rows += b.n_rows
+        elapsed = time.perf_counter() - start
+        providers = list(getattr(runner, "active_providers", []) or [])
+    finally:
+        runner.deactivate()
+    return {"records_per_s": rows / elapsed, "rows": rows, "seconds": elapsed, "metadata": meta,
+            "providers": providers}
+
+
+class NaiveScorer:
+    """The usual first attempt: fixed-size pandas batches, pad every row in Python to max_tokens."""
+
+    def __init__(self, settings: Settings, precision: str):
+        from engines import cache
+
+        self.runner, _ = cache.load_runner(settings, precision=precision)
+        self.runner.activate()
+        self.max_tokens = settings.features.max_tokens
+
+    def __call__(self, df):
+        n = len(df)
+        tokens = np.zeros((n, self.max_tokens), np.int64)
+        days = np.zeros((n, self.max_tokens), np.float32)
+        for i, (t, d) in enumerate(zip(df["tokens"], df["days_before"])):
+            k = min(len(t), self.max_tokens)
+            tokens[i, :k] = t[:k]
+            days[i, :k] = d[:k]
+        sex = df["sex"].map({"F": 1, "M": 2}).fillna(0).astype(np.int64).to_numpy()
+        probs = self.runner.infer({"tokens": tokens, "days_before": days,
+                                   "age_years": df["age_years"].to_numpy(np.float32), "sex": sex})["probs"]
+        out = df[["patient_key"]].copy()
+        for j, head in enumerate(("t2d", "ckd", "hf")):
+            out[f"score_{head}"] = probs[:, j]
+        return out
+
+
+def naive_pipeline(settings: Settings, timelines: Path, out_dir: Path, precision: str) -> dict[str, Any]:
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = {"num_gpus": 1, "num_cpus": settings.ray.actor_num_cpus} if gpus \
+        else {"num_cpus": settings.ray.actor_num_cpus}
+    start = time.perf_counter()
+    ds = ray.data.read_parquet(str(timelines))
+    ds = ds.map_batches(NaiveScorer, fn_constructor_kwargs={"settings": settings, "precision": precision},
+                        batch_size=NAIVE_BATCH_ROWS, batch_format="pandas",
+                        compute=ray.data.ActorPoolStrategy(size=max(1, gpus)), **resources)
+    ds.write_parquet(str(out_dir))
+    elapsed = time.perf_counter() - start
+    rows = sum(pq.read_metadata(f).num_rows for f in out_dir.glob("*.parquet"))
+    return {"records_per_s": rows / elapsed, "rows": rows, "seconds": elapsed}
+
+
+def medscreen_pipeline(settings: Settings) -> dict[str, Any]:
+    from inference import emr
+
+    start = time.perf_counter()
+    run_dir = emr.score(settings, AS_OF)
+    elapsed = time.perf_counter() - start
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"records_per_s": m["throughput"]["rows_scored"] / elapsed, "seconds": elapsed,
+            "rows": m["throughput"]["rows_scored"], "metrics": m["throughput"], "qc_passed": m["qc"]["passed"]}
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"host_cpus": os.cpu_count(), "platform": platform.platform(),
+                            "python": platform.python_version()}
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["ort_providers_available"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            info["gpus"] = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            info["gpus"] = "nvidia-smi failed"
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=300_000, help="timelines to generate (default 300k)")
+    p.add_argument("--quick", action="store_true", help="a small run (30k rows) that finishes in minutes")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--token-budget", type=int, default=None, help="override scoring.token_budget")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    p.add_argument("--skip-baseline", action="store_true", help="skip the naive Ray Data baseline")
+    args = p.parse_args(argv)
+    rows = 30_000 if args.quick else args.rows
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("MEDSCREEN_PSEUDONYM_KEY", "bench-only-key-not-for-patient-data")
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medscreen-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"bench": "emr_scoring", "rows": rows, "quick": args.quick,
+                              "precision": args.precision, "machine": machine()}
+    import ray
+
+    try:
+        card, vocab, model_source = prepare_model(workdir)
+        overrides: dict[str, Any] = {"lake.root": str(workdir / "lake"), "models": {"emr_risk": str(card)},
+                                     "engines.cache_dir": str(workdir / "engines"),
+                                     "engines.precision": args.precision, "ray.address": args.ray_address,
+                                     "scoring.token_budget": args.token_budget}
+        settings = load_settings(overrides)
+        from engines import cache
+
+        log(f"engine: {model_source}; building/gating {args.precision} in the engine cache")
+        cache.ensure(settings, precision=args.precision)
+        log(f"generating {rows} timelines")
+        timelines = generate_timelines(settings.lake.root, rows, vocab, settings.features.max_tokens)
+
+        eng = engine_only(settings, timelines, args.precision)
+        meta = eng.pop("metadata")
+        result["engine"] = {"model": model_source, "backend": meta.get("backend"),
+                            "precision": meta.get("precision"), "fingerprint": meta.get("fingerprint"),
+                            "providers": eng.pop("providers"), "platform": (meta.get("platform") or {}).get("id")}
+        result["engine_only_records_per_s"] = round(eng["records_per_s"], 1)
+        log(f"engine alone: {eng['records_per_s']:,.0f} records/s")
+
+        if args.ray_address:
+            ray.init(address=args.ray_address, configure_logging=False)
+        else:
+            ray.init(include_dashboard=False, configure_logging=False)
+        result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+        ours = medscreen_pipeline(settings)
+        result["records_per_s"] = round(ours["records_per_s"], 1)
+        result["pipeline"] = {k: ours["metrics"].get(k) for k in (
+            "records_per_s", "device_records_per_s", "padding_efficiency", "batches", "mean_rows_per_batch",
+            "latency", "actors", "actor_restarts")}
+        result["pipeline"]["seconds_end_to_end"] = round(ours["seconds"], 2)
+        result["qc_passed"] = ours["qc_passed"]
+        log(f"medscreen pipeline: {ours['records_per_s']:,.0f} records/s")
+
+        if not args.skip_baseline:
+            naive = naive_pipeline(settings, timelines, workdir / "naive_out", args.precision)
+            result["baseline_records_per_s"] = round(naive["records_per_s"], 1)
+            result["baseline"] = {"name": f"naive Ray Data map_batches, batch_size={NAIVE_BATCH_ROWS}, "
+                                          "pad to max_tokens, no bucketing", "seconds": round(naive["seconds"], 2),
+                                  "rows": naive["rows"]}
+            result["speedup_vs_baseline"] = round(ours["records_per_s"] / naive["records_per_s"], 2)
+            log(f"naive baseline: {naive['records_per_s']:,.0f} records/s")
+        result["efficiency"] = round(ours["records_per_s"] / eng["records_per_s"], 4)
+        result["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 — a bench reports what it got, then fails loudly
+        result["status"] = "error"
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result, default=str))
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,219 @@
+"""End to end on real local Ray + real ONNX Runtime + real Parquet: scoring, reruns, failures, QC."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conf.settings import Settings
+from inference import emr
+from inference.actors import CachedEngine
+from inference.qc import QCFailed
+from lake.commit import atomic_partition, is_committed, read_manifest
+from lake.paths import LakePaths
+from lake.schemas import HEADS, SCORES
+from scoring_fixtures import (BrokenLowPrecision, commit_timelines, crash_once_actor, random_timelines,
+                              reference_scores)
+
+AS_OF = "2024-06-30"
+N = 400
+
+
+def _scores(settings: Settings, as_of: str = AS_OF) -> pa.Table:
+    part = LakePaths(settings.lake.root).scores("emr_risk", as_of)
+    return pa.concat_tables([pq.read_table(f) for f in sorted(part.glob("*.parquet"))])
+
+
+def _assert_matches_engine_alone(scores: pa.Table, expected: dict[str, np.ndarray]) -> None:
+    keys = scores.column("patient_key").to_pylist()
+    assert len(keys) == len(set(keys)) == len(expected), "every scoreable row exactly once"
+    got = np.stack([scores.column(f"score_{h}").to_numpy() for h in ("t2d", "ckd", "hf")], axis=1)
+    want = np.stack([expected[k] for k in keys])
+    # padding to buckets and batching must not change any patient's scores
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def timelines(scoring_settings):
+    settings = scoring_settings()
+    table = random_timelines(N, seed=11, bad_rows=True)
+    commit_timelines(settings.lake.root, AS_OF, table)
+    return settings, table
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scoring_scores_commits_reports_and_reruns_identically(timelines, scoring_models):
+    settings, table = timelines
+    settings = settings.model_copy(update={"scoring": settings.scoring.model_copy(
+        update={"prometheus_port": _free_port(), "screening_top_k": 10})})
+    run_dir = emr.score(settings, AS_OF, fragment_rows=64)
+
+    lake = LakePaths(settings.lake.root)
+    final = lake.scores("emr_risk", AS_OF)
+    assert is_committed(final) and read_manifest(final)["run_id"] == run_dir.name
+    first = _scores(settings)
+    valid = table.filter(pa.compute.is_in(table.column("patient_key"), first.column("patient_key")))
+    _assert_matches_engine_alone(first, reference_scores(scoring_models["good"], valid))
+    assert set(first.column("precision").to_pylist()) == {"fp32"}
+    assert first.column("engine_fingerprint")[0].as_py().startswith("onn-fp32-")
+
+    for name in ("manifest.json", "ledger.json", "metrics.json", "report.html", "quarantine.parquet"):
+        assert (run_dir / name).is_file(), name
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["balanced"] and ledger["stages"]["score_emr"]["records_in"] == N
+    assert ledger["stages"]["score_emr"]["records_out"] == N - 4
+    assert ledger["stages"]["score_emr"]["quarantined"] == {
+        "invalid_sex": 1, "length_exceeds_max_bucket": 1, "length_mismatch": 1, "missing_age": 1}
+    quarantine = pq.read_table(run_dir / "quarantine.parquet")
+    assert sorted(quarantine.column("patient_key").to_pylist()) == sorted(table.column("patient_key").to_pylist()[1:5])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    t = m["throughput"]
+    for key in ("records_per_s", "padding_efficiency", "actor_restarts", "rows_scored", "batches"):
+        assert key in t, key
+    for part in ("host", "device", "total"):
+        assert set(t["latency"][part]) == {"p50_ms", "p95_ms", "p99_ms", "max_ms"}
+    assert 0.3 < t["padding_efficiency"] <= 1.0 and t["rows_scored"] == N - 4
+    assert m["qc"]["passed"] and not m["fp32_safe_mode"] and m["throughput_over_time"]
+    assert set(m["histograms"]) == {"t2d", "ckd", "hf"}
+    html = (run_dir / "report.html").read_text()
+    assert html.count("<svg") >= 4 and "QC gate" in html and "Ledger" in html and "http" not in \
+        html.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert not any(k in html for k in table.column("patient_key").to_pylist())  # no patient keys
+
+    screening = pq.read_table(lake.screening(AS_OF) / "part-00000.parquet")
+    assert screening.num_rows == 30 and set(screening.column("run_id").to_pylist()) == {run_dir.name}
+    metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.scoring.prometheus_port}/metrics",
+                                          timeout=5).read().decode()
+    assert "medscreen_emr_records_per_second" in metrics_text
+    assert "medscreen_emr_batch_latency_seconds_bucket" in metrics_text
+
+    # Same input, same engine: the same rows in the same files (only run_id differs).
+    files_before = sorted(p.name for p in final.glob("*.parquet"))
+    run2 = emr.score(settings, AS_OF, fragment_rows=64)
+    assert run2 != run_dir
+    second = _scores(settings)
+    assert sorted(p.name for p in final.glob("*.parquet")) == files_before
+    assert first.drop_columns(["run_id"]).equals(second.drop_columns(["run_id"]))
+
+
+def test_scoring_refuses_vocabulary_mismatch(scoring_settings):
+    settings = scoring_settings()
+    commit_timelines(settings.lake.root, AS_OF, random_timelines(20, seed=2), vocab_sha256="0" * 64)
+    with pytest.raises(emr.VocabularyMismatch, match="rebuild"):
+        emr.score(settings, AS_OF)
+    assert not LakePaths(settings.lake.root).scores("emr_risk", AS_OF).exists()
+
+
+def test_scoring_refuses_uncommitted_timelines(scoring_settings):
+    settings = scoring_settings()
+    with pytest.raises(FileNotFoundError, match="emr features"):
+        emr.score(settings, AS_OF)
+
+
+def test_scoring_survives_an_actor_killed_mid_run(timelines, scoring_models, tmp_path):
+    settings, table = timelines
+    marker = tmp_path / "crashed"
+    run_dir = emr.score(settings, AS_OF, fragment_rows=64, actor_cls=crash_once_actor(marker, 2))
+    assert marker.exists(), "the actor process really died"
+    scores = _scores(settings)
+    valid = table.filter(pa.compute.is_in(table.column("patient_key"), scores.column("patient_key")))
+    assert valid.num_rows == N - 4
+    _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], valid))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["throughput"]["actor_restarts"] >= 1
+    assert json.loads((run_dir / "ledger.json").read_text())["balanced"]
+
+
+def test_scoring_resumes_a_crashed_driver_rescoring_only_unfinished_fragments(timelines, scoring_models):
+    settings, table = timelines
+
+    def crash_after_two(fragment: int, done: int) -> None:
+        if done == 2:
+            raise KeyboardInterrupt("simulated driver crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        emr.score(settings, AS_OF, run_id="run-crashy", fragment_rows=64, on_fragment_done=crash_after_two)
+    final = LakePaths(settings.lake.root).scores("emr_risk", AS_OF)
+    assert not final.exists()
+    staged = {p.name: p.stat().st_mtime_ns for p in final.parent.glob(".staging-*/part-*.parquet")}
+    assert len(staged) == 2
+
+    run_dir = emr.score(settings, AS_OF, run_id="run-crashy", fragment_rows=64)
+    m = json.loads((run_dir / "metrics.json").read_text())["throughput"]
+    assert m["fragments_resumed"] == 2
+    assert m["fragments_scored_this_attempt"] == m["fragments"] - 2
+    staged_rows = sum(pq.read_metadata(final / name).num_rows for name in staged)
+    assert m["rows_scored_this_attempt"] == N - 4 - staged_rows
+    for name, mtime in staged.items():
+        assert (final / name).stat().st_mtime_ns == mtime, "finished fragments are not rewritten"
+    scores = _scores(settings)
+    valid = table.filter(pa.compute.is_in(table.column("patient_key"), scores.column("patient_key")))
+    _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], valid))
+    assert not list(final.parent.glob(".staging-*"))
+
+
+def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_models):
+    settings, table = timelines
+    settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": "fp16"})})
+    source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["constant"]))
+    run_dir = emr.score(settings, AS_OF, engine_source=source, fragment_rows=200)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["fp32_safe_mode"] and [a["precision"] for a in m["attempts"]] == ["fp16", "fp32"]
+    assert not m["attempts"][0]["qc"]["passed"] and m["qc"]["passed"]
+    assert any("same value" in r for r in m["attempts"][0]["qc"]["reasons"])
+    scores = _scores(settings)
+    assert set(scores.column("precision").to_pylist()) == {"fp32"}
+    assert read_manifest(LakePaths(settings.lake.root).scores("emr_risk", AS_OF))["fp32_safe_mode"] is True
+    assert "FP32 safe mode" in (run_dir / "report.html").read_text()
+
+
+def test_scoring_qc_failure_fails_the_run_and_commits_nothing(timelines, scoring_models):
+    settings, _ = timelines
+    settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": "fp16"}),
+                                           "scoring": settings.scoring.model_copy(update={"qc": settings.scoring.qc.model_copy(update={"fallback_to_fp32": False})})})
+    source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["nan"]))
+    with pytest.raises(QCFailed, match="NaN") as err:
+        emr.score(settings, AS_OF, run_id="run-nan", engine_source=source, fragment_rows=200)
+    assert not err.value.verdict["passed"]
+    lake = LakePaths(settings.lake.root)
+    assert not lake.scores("emr_risk", AS_OF).exists() and not lake.screening(AS_OF).exists()
+    run_dir = lake.run("run-nan")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["status"] == "failed_qc" and not m["qc"]["passed"]
+    assert "FAIL" in (run_dir / "report.html").read_text()
+    assert not list(lake.scores("emr_risk", AS_OF).parent.glob(".staging-*"))
+
+
+def test_scoring_psi_drift_against_previous_as_of_fails(scoring_settings, scoring_models):
+    shifted = scoring_settings("shift_card")
+    table = random_timelines(N, seed=11)
+    # The previous as-of's committed scores: the good model (engine alone) on the same population.
+    previous = "2024-03-31"
+    good = reference_scores(scoring_models["good"], table)
+    keys = sorted(good)
+    probs = np.stack([good[k] for k in keys])
+    prev = pa.table({"patient_key": keys, "as_of": pa.array([dt.date(2024, 3, 31)] * N, pa.date32()),
+                     "model": ["emr_risk"] * N, "model_version": ["test-1"] * N,
+                     "engine_fingerprint": ["onn-fp32-previous"] * N, "precision": ["fp32"] * N,
+                     "run_id": ["previous-run"] * N,
+                     **{f"score_{h}": pa.array(probs[:, j], pa.float32()) for j, h in enumerate(HEADS)}},
+                    schema=SCORES)
+    with atomic_partition(LakePaths(shifted.lake.root).scores("emr_risk", previous), {"run_id": "previous-run"}) as st:
+        pq.write_table(prev, st / "part-00000.parquet")
+    commit_timelines(shifted.lake.root, AS_OF, table)
+    with pytest.raises(QCFailed, match="PSI") as err:
+        emr.score(shifted, AS_OF, fragment_rows=200)
+    assert err.value.verdict["reference"] == f"as_of={previous}"
+    assert {c["check"] for c in err.value.verdict["checks"] if not c["passed"]} == {"psi"}

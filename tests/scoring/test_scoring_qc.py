@@ -1,0 +1,82 @@
+"""The QC gate's checks, and the screening list's selection rules, on known inputs."""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conf.settings import QCSettings
+from inference import qc
+from inference.screening import select
+from lake.schemas import SCORES
+
+
+def _scores(t2d, ckd=None, hf=None):
+    t2d = np.asarray(t2d, np.float32)
+    return {"score_t2d": t2d, "score_ckd": np.asarray(ckd if ckd is not None else t2d, np.float32),
+            "score_hf": np.asarray(hf if hf is not None else t2d, np.float32)}
+
+
+def _failed(verdict):
+    return {(c["check"], c["head"]) for c in verdict["checks"] if not c["passed"]}
+
+
+def test_scoring_qc_passes_healthy_scores():
+    rng = np.random.default_rng(0)
+    v = qc.evaluate(_scores(rng.beta(2, 8, 5000)), QCSettings(),
+                    reference=_scores(rng.beta(2, 8, 5000)), reference_name="as_of=2024-03-31")
+    assert v["passed"] and v["reasons"] == [] and v["psi_checked"]
+
+
+def test_scoring_qc_trips_on_nan_constant_zero_and_collapse():
+    rng = np.random.default_rng(1)
+    good = rng.beta(2, 8, 1000)
+    with_nan = good.copy()
+    with_nan[5] = np.nan
+    v = qc.evaluate(_scores(with_nan, np.full(1000, 0.3), np.zeros(1000)), QCSettings())
+    assert not v["passed"]
+    assert _failed(v) >= {("non_finite", "t2d"), ("constant", "ckd"), ("all_zero", "hf")}
+    assert any("NaN" in r for r in v["reasons"])
+    collapsed = 0.5 + rng.normal(0, 1e-6, 1000)
+    v = qc.evaluate(_scores(good, collapsed, good), QCSettings(min_std=1e-4))
+    assert _failed(v) == {("collapsed", "ckd")}
+    with pytest.raises(qc.QCFailed, match="collapsed"):
+        qc.raise_if_failed(v, "test")
+
+
+def test_scoring_qc_psi_detects_a_moved_distribution():
+    rng = np.random.default_rng(2)
+    ref = rng.beta(2, 8, 20000)
+    assert qc.psi(ref, rng.beta(2, 8, 20000)) < 0.02
+    assert qc.psi(ref, np.clip(ref + 0.3, 0, 1)) > 1.0
+    v = qc.evaluate(_scores(np.clip(ref + 0.3, 0, 1), ref, ref), QCSettings(max_psi=0.25),
+                    reference=_scores(ref), reference_name="as_of=2024-03-31")
+    assert _failed(v) == {("psi", "t2d")}
+
+
+def _score_table(values: dict[str, list[float]]) -> pa.Table:
+    n = len(values["t2d"])
+    return pa.table({
+        "patient_key": [f"p{i:03d}" for i in range(n)],
+        "as_of": pa.array([dt.date(2024, 6, 30)] * n, pa.date32()),
+        "model": ["emr_risk"] * n, "model_version": ["v1"] * n, "engine_fingerprint": ["ort-fp32-x"] * n,
+        "precision": ["fp32"] * n, "run_id": ["r1"] * n,
+        **{f"score_{h}": pa.array(values[h], pa.float32()) for h in ("t2d", "ckd", "hf")}}, schema=SCORES)
+
+
+def test_scoring_screening_thresholds_and_top_k():
+    t = _score_table({"t2d": [0.9, 0.2, 0.6, 0.6, float("nan")], "ckd": [0.1, 0.8, 0.1, 0.1, 0.1],
+                      "hf": [0.0, 0.0, 0.0, 0.0, 0.0]})
+    flagged = select(t, {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}, None)
+    rows = [(r["head"], r["patient_key"], r["rank"]) for r in flagged.to_pylist()]
+    # highest first, ties by key, NaN never flagged, provenance carried
+    assert rows == [("t2d", "p000", 1), ("t2d", "p002", 2), ("t2d", "p003", 3), ("ckd", "p001", 1)]
+    assert set(flagged.column("criterion").to_pylist()) == {"threshold>=0.5"}
+    assert set(flagged.column("engine_fingerprint").to_pylist()) == {"ort-fp32-x"}
+    top = select(t, {"t2d": 0.5}, top_k=2)
+    assert [(r["head"], r["patient_key"]) for r in top.to_pylist()] == [
+        ("t2d", "p000"), ("t2d", "p002"), ("ckd", "p001"), ("ckd", "p000"), ("hf", "p000"), ("hf", "p001")]
+    with pytest.raises(ValueError, match="unknown heads"):
+        select(t, {"stroke": 0.5}, None)
