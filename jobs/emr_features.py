@@ -1,0 +1,467 @@
+"""Point-in-time EMR timelines: LAKE/emr/events + patients → LAKE/emr/timelines/as_of=D.
+
+spark-submit-able (``main(argv)``) and callable (``run(settings, as_of)``, the
+``medscreen emr features`` command). The feature rules live in
+preprocessing/timelines.py and preprocessing/vocabulary.py; this module
+computes the same thing with Spark expressions (no Python UDFs, nothing of the
+data collected to the driver) and tests check the two agree row for row.
+
+One output row per patient in the patient table, including patients with no
+events in the window (``length`` 0). Patient rows that cannot be used are
+quarantined (``no_patient_key``, ``duplicate_patient_key``, ``no_birth_date``)
+into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
+as-of date are ignored by rule. Two ledger stages account for everything:
+``emr_features`` (patients) and ``emr_features.events`` (every event is in a
+timeline or counted under a reason: after the as-of day, before the lookback,
+dropped assertion, truncated to max_tokens, unknown patient, …).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.pandas.types import from_arrow_schema
+
+from conf.settings import Settings, load_settings
+from lake.commit import commit, read_manifest, staging_dir
+from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.paths import LakePaths, as_of_str
+from lake.runs import new_run_id, write_json
+from lake.schemas import EVENTS, LABEL_COLUMNS, PATIENTS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
+from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
+from preprocessing.vocabulary import (DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV, OOV_ID,
+                                      TOKEN_ASSERTIONS, UNKNOWN_BIN, LoincRule, Vocabulary,
+                                      default_vocabulary)
+
+STAGE = "emr_features"
+EVENTS_STAGE = "emr_features.events"
+log = logging.getLogger(__name__)
+
+# Patient-row statuses. "ok" rows become timelines; the rest are counted in the ledger.
+OK = "ok"
+PATIENT_QUARANTINE = ("no_patient_key", "duplicate_patient_key", "no_birth_date")
+PATIENT_IGNORED = ("born_after_as_of",)
+_QUARANTINE_DETAIL = {
+    "no_patient_key": "patient row without patient_key",
+    "duplicate_patient_key": "patient_key appears on more than one patient row",
+    "no_birth_date": "patient row without birth_date; age at as-of cannot be computed",
+}
+
+
+class InputNotCommitted(FileNotFoundError):
+    """An input partition has no _SUCCESS marker."""
+
+
+# ---------------------------------------------------------------- transforms
+
+def token_column(kind: Column, system: Column, code: Column, value: Column, unit: Column,
+                 assertion: Column) -> Column:
+    """The token string of each event (NULL = no token), mirroring vocabulary.token_for."""
+    icd10 = F.concat(F.lit("icd10:"),
+                     F.substring(F.upper(F.regexp_replace(F.coalesce(code, F.lit("")), "[^A-Za-z0-9]", "")), 1, 3))
+    dx = (F.when(assertion.isNotNull() & ~assertion.isin(*TOKEN_ASSERTIONS), F.lit(None).cast("string"))
+          .when(system == "icd10cm", icd10)
+          .when(system == "icd9cm", F.lit(ICD9_BUCKET))
+          .otherwise(F.lit(OOV)))
+    unit_norm = F.lower(F.trim(unit))
+    loinc_bin = None
+    for rule in LOINC_RULES:
+        b = _loinc_bin_column(rule, value, unit_norm)
+        loinc_bin = F.when(code == rule.code, b) if loinc_bin is None else loinc_bin.when(code == rule.code, b)
+    obs = F.concat(F.lit("loinc:"), code, F.lit(":"), loinc_bin)
+    return (F.when(kind == "encounter", F.lit(ENCOUNTER))
+            .when(kind.isin(*DX_KINDS), dx)
+            .when((kind == "obs") & (system == "loinc") & code.isin(*[r.code for r in LOINC_RULES]), obs)
+            .otherwise(F.lit(OOV)))
+
+
+def _loinc_bin_column(rule: LoincRule, value: Column, unit_norm: Column) -> Column:
+    factor = F.when(unit_norm.isNull(), F.lit(1.0))
+    for u, f in sorted(rule.units.items()):
+        factor = factor.when(unit_norm == u, F.lit(float(f)))
+    v = value * factor  # NULL when the unit is not one we can convert
+    binned = F.when(v < rule.cuts[0], F.lit(rule.bins[0]))
+    for cut, name in zip(rule.cuts[1:], rule.bins[1:]):
+        binned = binned.when(v < cut, F.lit(name))
+    binned = binned.otherwise(F.lit(rule.bins[-1]))
+    return (F.when(value.isNull() | F.isnan(value) | (value < 0) | v.isNull(), F.lit(UNKNOWN_BIN))
+            .otherwise(binned))
+
+
+def vocabulary_frame(spark: SparkSession, vocab: Vocabulary) -> DataFrame:
+    """(token, token_id) for every token — small, broadcast into the event join."""
+    return spark.createDataFrame([(t, i) for i, t in enumerate(vocab.tokens)], "token string, token_id int")
+
+
+def encode_events(events: DataFrame, vocab_frame: DataFrame) -> DataFrame:
+    """Add ``token_id`` (int; NULL for events that yield no token; OOV for unknown strings)."""
+    tok = token_column(F.col("kind"), F.col("code_system"), F.col("code"), F.col("value"), F.col("unit"),
+                       F.col("assertion"))
+    joined = events.withColumn("token", tok).join(F.broadcast(vocab_frame), "token", "left")
+    return joined.withColumn("token_id", F.when(F.col("token").isNull(), F.lit(None).cast("int"))
+                             .otherwise(F.coalesce(F.col("token_id"), F.lit(OOV_ID)))).drop("token")
+
+
+def _group_match(prefixes: tuple[str, ...]) -> Column:
+    norm = F.upper(F.regexp_replace(F.coalesce(F.col("code"), F.lit("")), "[^A-Za-z0-9]", ""))
+    starts = None
+    for p in prefixes:
+        s = norm.startswith(p)
+        starts = s if starts is None else (starts | s)
+    return F.col("kind").isin(*DX_KINDS) & (F.col("code_system") == "icd10cm") & starts
+
+
+def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
+                       horizon_days: int | None = None) -> DataFrame:
+    """Per patient_key: the sorted in-window (t, tok) structs, event counts by reason, label flags.
+
+    Filtering is by integer µs since the epoch, so nothing depends on the session time zone.
+    """
+    t = F.unix_micros(F.col("event_time"))
+    start, end = window_us(as_of, lookback_days)
+    in_win = (t >= start) & (t < end)
+    one = F.lit(1)
+    aggs = [
+        F.sort_array(F.collect_list(F.when(in_win & F.col("token_id").isNotNull(),
+                                           F.struct(t.alias("t"), F.col("token_id").alias("tok"))))).alias("ev"),
+        F.count(one).alias("n_events"),
+        F.sum(F.when(t.isNull(), one).otherwise(0)).alias("n_no_time"),
+        F.sum(F.when(t >= end, one).otherwise(0)).alias("n_after"),
+        F.sum(F.when(t < start, one).otherwise(0)).alias("n_before"),
+        F.sum(F.when(in_win & F.col("token_id").isNull(), one).otherwise(0)).alias("n_dropped"),
+    ]
+    if horizon_days is not None:
+        horizon_end = end + horizon_days * US_PER_DAY
+        a = F.col("assertion")
+        prevalent_assertion = a.isNull() | a.isin(*TOKEN_ASSERTIONS)
+        positive_assertion = a.isNull() | (a == "affirmed")
+        for head, prefixes in LABEL_GROUPS.items():
+            g = _group_match(prefixes)
+            aggs.append(F.max(F.when(g & (t < end) & prevalent_assertion, one).otherwise(0)).alias(f"prev_{head}"))
+            aggs.append(F.max(F.when(g & (t >= end) & (t < horizon_end) & positive_assertion, one)
+                              .otherwise(0)).alias(f"pos_{head}"))
+        aggs.append(F.max(F.when(t >= horizon_end - US_PER_DAY, one).otherwise(0)).alias("followed"))
+    return encoded.groupBy("patient_key").agg(*aggs)
+
+
+def join_patients(aggregates: DataFrame, patients: DataFrame, as_of: dt.date) -> DataFrame:
+    """Full outer join of patient rows with event aggregates, with a ``status`` per row."""
+    p = patients.groupBy("patient_key").agg(
+        F.count(F.lit(1)).alias("n_patient_rows"), F.min("birth_date").alias("birth_date"),
+        F.min("sex").alias("sex_raw"), F.min("source").alias("patient_source"))
+    j = p.join(aggregates, "patient_key", "full_outer")
+    status = (F.when(F.col("n_patient_rows").isNull(),
+                     F.when(F.col("patient_key").isNull(), "events_no_patient_key").otherwise("unknown_patient"))
+              .when(F.col("patient_key").isNull(), "no_patient_key")
+              .when(F.col("n_patient_rows") > 1, "duplicate_patient_key")
+              .when(F.col("birth_date").isNull(), "no_birth_date")
+              .when(F.col("birth_date") > F.lit(as_of), "born_after_as_of")
+              .otherwise(OK))
+    return j.withColumn("status", status)
+
+
+def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool) -> list[Column]:
+    """Column expressions of the TIMELINES (+ label) schema over a :func:`join_patients` frame."""
+    as_of_day = epoch_day(as_of)
+    ev = F.coalesce(F.col("ev"), F.array().cast("array<struct<t:bigint,tok:int>>"))
+    kept = F.slice(ev, F.greatest(F.size(ev) - max_tokens + 1, F.lit(1)), max_tokens)
+
+    def days_before(x: Column) -> Column:
+        # Floor to the UTC day in integers: pmod keeps pre-1970 instants on the right day.
+        day = ((x["t"] - F.pmod(x["t"], F.lit(US_PER_DAY))) / F.lit(US_PER_DAY)).cast("int")
+        return F.lit(as_of_day) - day
+
+    sex = F.upper(F.trim(F.col("sex_raw")))
+    cols = [
+        F.col("patient_key"),
+        F.lit(as_of).alias("as_of"),
+        F.size(kept).cast("int").alias("length"),
+        F.transform(kept, lambda x: x["tok"]).cast("array<int>").alias("tokens"),
+        F.transform(kept, days_before).cast("array<int>").alias("days_before"),
+        ((F.lit(as_of_day) - F.unix_date(F.col("birth_date"))) / F.lit(365.25)).cast("float").alias("age_years"),
+        F.when(sex.isin(*SEXES), sex).otherwise(F.lit("U")).alias("sex"),
+    ]
+    if with_labels:
+        for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS):
+            cols.append(F.when(F.col(f"prev_{head}") == 1, F.lit(None))
+                        .when(F.col(f"pos_{head}") == 1, F.lit(1))
+                        .when(F.col("followed") == 1, F.lit(0))
+                        .otherwise(F.lit(None)).cast("tinyint").alias(col))
+    return cols
+
+
+_COUNTERS = ("n_patient_rows", "n_events", "n_no_time", "n_after", "n_before", "n_dropped")
+
+
+def build_timelines(events: DataFrame, patients: DataFrame, vocab_frame: DataFrame, as_of: dt.date,
+                    lookback_days: int, max_tokens: int, horizon_days: int | None = None) -> DataFrame:
+    """Events + patients → one row per patient key seen in either, with the timeline
+    columns, ``status`` and the per-reason counters the ledger sums."""
+    aggs = patient_aggregates(encode_events(events, vocab_frame), as_of, lookback_days, horizon_days)
+    joined = join_patients(aggs, patients, as_of)
+    n_in_window = F.size(F.coalesce(F.col("ev"), F.array())).alias("n_in_window")
+    counters = [F.coalesce(F.col(c), F.lit(0)).cast("long").alias(c) for c in _COUNTERS]
+    return joined.select(*timeline_columns(as_of, max_tokens, horizon_days is not None), "status",
+                         "patient_source", n_in_window, *counters)
+
+
+def timelines_output(built: DataFrame, with_labels: bool) -> DataFrame:
+    """The rows written to the partition: status ok, exactly the lake schema's columns."""
+    schema = TIMELINES_WITH_LABELS if with_labels else TIMELINES
+    return built.filter(F.col("status") == OK).select(*schema.names)
+
+
+def ledger_stats(built: DataFrame) -> dict[str, Any]:
+    """One aggregate over the built frame: everything the ledgers and the manifest need."""
+    ok = F.col("status") == OK
+
+    def total(cond: Column, col: str | Column) -> Column:
+        c = F.col(col) if isinstance(col, str) else col
+        return F.coalesce(F.sum(F.when(cond, c).otherwise(0)), F.lit(0)).cast("long")
+
+    is_patient = F.col("n_patient_rows") > 0
+    not_output = is_patient & ~ok
+    aggs = [
+        total(F.lit(True), "n_patient_rows").alias("patients_in"),
+        total(ok, F.lit(1)).alias("rows_out"),
+        *[total(F.col("status") == s, "n_patient_rows").alias(f"pq_{s}") for s in PATIENT_QUARANTINE],
+        *[total(F.col("status") == s, "n_patient_rows").alias(f"pi_{s}") for s in PATIENT_IGNORED],
+        total(F.lit(True), "n_events").alias("events_in"),
+        total(ok, "length").alias("events_out"),
+        total(ok, "n_no_time").alias("eq_no_event_time"),
+        total(F.col("status") == "events_no_patient_key", "n_events").alias("eq_no_patient_key"),
+        total(ok, "n_after").alias("ei_after_as_of"),
+        total(ok, "n_before").alias("ei_before_lookback"),
+        total(ok, "n_dropped").alias("ei_dropped_assertion"),
+        total(ok, F.col("n_in_window") - F.col("length")).alias("ei_truncated_max_tokens"),
+        total(F.col("status") == "unknown_patient", "n_events").alias("ei_unknown_patient"),
+        total(not_output, "n_events").alias("ei_patient_not_output"),
+        F.percentile(F.when(ok, F.col("length")), [0.5, 0.95, 0.99]).alias("length_pct"),
+        F.max(F.when(ok, F.col("length"))).alias("length_max"),
+        total(ok & (F.col("length") == 0), F.lit(1)).alias("rows_empty"),
+    ]
+    for col in LABEL_COLUMNS:
+        if col in built.columns:
+            aggs += [total(ok & (F.col(col) == 1), F.lit(1)).alias(f"{col}_pos"),
+                     total(ok & (F.col(col) == 0), F.lit(1)).alias(f"{col}_neg"),
+                     total(ok & F.col(col).isNull(), F.lit(1)).alias(f"{col}_null")]
+    row = built.agg(*aggs).first()
+    return row.asDict() if row is not None else {}
+
+
+def ledgers(stats: dict[str, Any]) -> tuple[StageLedger, StageLedger]:
+    """The patient and event ledgers from :func:`ledger_stats`."""
+    patients = StageLedger(STAGE, unit="patients", records_in=stats["patients_in"], records_out=stats["rows_out"],
+                           quarantined={s: stats[f"pq_{s}"] for s in PATIENT_QUARANTINE if stats[f"pq_{s}"]},
+                           ignored={s: stats[f"pi_{s}"] for s in PATIENT_IGNORED if stats[f"pi_{s}"]})
+    q = {k[3:]: v for k, v in stats.items() if k.startswith("eq_") and v}
+    ig = {k[3:]: v for k, v in stats.items() if k.startswith("ei_") and v}
+    events = StageLedger(EVENTS_STAGE, unit="events", records_in=stats["events_in"],
+                         records_out=stats["events_out"], quarantined=q, ignored=ig)
+    return patients, events
+
+
+# ---------------------------------------------------------------- I/O
+
+def _spark_schema(schema: Any) -> Any:
+    return from_arrow_schema(schema)
+
+
+def _require_committed(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return read_manifest(path)
+    except FileNotFoundError:
+        raise InputNotCommitted(
+            f"{what} partition {path} is not committed (no _SUCCESS marker): the ingest run that writes it "
+            "has not finished or failed; run `medscreen emr ingest` and retry") from None
+
+
+def _check_columns(path: Path, schema: Any, what: str) -> None:
+    """Fail early, naming the file, if a Parquet file lacks a column of the contract
+    (Spark would silently read it as NULL)."""
+    files = sorted(p for p in path.rglob("*.parquet")
+                   if not any(s.startswith((".", "_")) for s in p.relative_to(path).parts))
+    if not files:
+        return
+    have = set(pq.read_schema(files[0]).names)
+    missing = [n for n in schema.names if n not in have]
+    if missing:
+        raise ValueError(f"{what} file {files[0].name} in {path} lacks columns {missing} of the "
+                         f"lake schema; rewrite the partition with the current ingest job")
+
+
+def read_table(spark: SparkSession, path: Path, schema: Any) -> DataFrame:
+    """A committed lake table with its explicit schema (manifest and markers are skipped)."""
+    return (spark.read.schema(_spark_schema(schema)).option("pathGlobFilter", "*.parquet")
+            .option("recursiveFileLookup", "true").parquet(str(path)))
+
+
+def _tidy_spark_output(directory: Path) -> int:
+    """Give Spark's part files stable names (part-00000.parquet …) and drop its checksums and
+    marker, so identical reruns give identical partitions; return the file count."""
+    n = 0
+    for p in sorted(directory.iterdir()):
+        if p.name.endswith(".crc") or p.name == "_SUCCESS":
+            p.unlink()
+    for p in sorted(directory.glob("part-*.parquet")):
+        index = p.name.split("-")[1]
+        p.rename(directory / f"part-{index}.parquet")
+        n += 1
+    return n
+
+
+def _write_vocabulary(paths: LakePaths, vocab: Vocabulary) -> Path:
+    target = paths.vocabulary / f"{vocab.sha256[:12]}.json"
+    if target.is_file():
+        try:
+            if Vocabulary.load(target).sha256 == vocab.sha256:
+                return target
+        except (ValueError, KeyError, json.JSONDecodeError):
+            pass  # a damaged copy: rewrite it below
+    return vocab.save(target)
+
+
+def _merge_run_manifest(run_dir: Path, entry: dict[str, Any]) -> None:
+    path = run_dir / "manifest.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.setdefault("stages", {})[STAGE] = entry
+    data["run_id"] = entry["run_id"]
+    write_json(path, data)
+
+
+def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str | None = None) -> dict[str, Any]:
+    """Build LAKE/emr/timelines/as_of=D from the committed events and patients partitions.
+
+    Writes the partition atomically (a rerun replaces it), the vocabulary to
+    LAKE/emr/vocabulary/<sha256[:12]>.json, the ledger to LAKE/runs/<run_id>/,
+    and quarantined patient rows to LAKE/runs/<run_id>/quarantine/emr_features.
+    Raises InputNotCommitted if an input is not committed and LedgerImbalance
+    (before committing anything) if the counts do not reconcile. Returns a summary.
+    """
+    from jobs.spark_session import get_spark
+
+    as_of_date = dt.date.fromisoformat(as_of_str(as_of))
+    paths = LakePaths(settings.lake.root)
+    feats = settings.features
+    events_manifest = _require_committed(paths.events, "events")
+    patients_manifest = _require_committed(paths.patients, "patients")
+    _check_columns(paths.events, EVENTS, "events")
+    _check_columns(paths.patients, PATIENTS, "patients")
+    run_id = run_id or new_run_id(STAGE)
+    run_dir = paths.run(run_id)
+    vocab = default_vocabulary()
+    horizon = feats.horizon_days if with_labels else None
+
+    spark = get_spark(settings.spark, "medscreen-emr-features")
+    events = read_table(spark, paths.events, EVENTS)
+    patients = read_table(spark, paths.patients, PATIENTS)
+    built = build_timelines(events, patients, vocabulary_frame(spark, vocab), as_of_date,
+                            feats.lookback_days, feats.max_tokens, horizon)
+    # Three actions (stats, timelines, quarantine) read the same per-patient frame: scan events once.
+    built = built.persist(StorageLevel.MEMORY_AND_DISK)
+    final = paths.timelines(as_of_date)
+    staging = None
+    try:
+        stats = ledger_stats(built)
+        patient_ledger, event_ledger = ledgers(stats)
+        write_ledger(run_dir, patient_ledger, event_ledger)
+        for ledger in (patient_ledger, event_ledger):
+            ledger.check()
+
+        if patient_ledger.quarantined_total:
+            quarantine_dir = run_dir / "quarantine" / STAGE
+            (built.filter(F.col("status").isin(*PATIENT_QUARANTINE))
+             .select(F.coalesce(F.col("patient_source"), F.lit("unknown")).alias("source"),
+                     F.lit("patient").alias("resource_type"), F.col("status").alias("reason"),
+                     F.col("patient_key").alias("source_ref"),
+                     F.element_at(F.create_map(*[F.lit(x) for kv in _QUARANTINE_DETAIL.items() for x in kv]),
+                                  F.col("status")).alias("detail"))
+             .select(*QUARANTINE.names)
+             .coalesce(1).write.mode("overwrite").parquet(str(quarantine_dir)))
+            _tidy_spark_output(quarantine_dir)
+
+        staging = staging_dir(final)
+        n_files = settings.spark.shuffle_partitions
+        (timelines_output(built, with_labels)
+         .repartition(n_files, "patient_key").sortWithinPartitions("patient_key")
+         .write.mode("overwrite").parquet(str(staging)))
+        files = _tidy_spark_output(staging)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        built.unpersist()
+
+    vocab_file = _write_vocabulary(paths, vocab)
+    pct = stats["length_pct"] or [0, 0, 0]
+    length = {"p50": float(pct[0]), "p95": float(pct[1]), "p99": float(pct[2]),
+              "max": int(stats["length_max"] or 0), "empty_rows": stats["rows_empty"]}
+    labels = {}
+    for col in LABEL_COLUMNS if with_labels else ():
+        pos, neg, null = stats[f"{col}_pos"], stats[f"{col}_neg"], stats[f"{col}_null"]
+        labels[col] = {"positive": pos, "negative": neg, "null": null,
+                       "prevalence": (pos / (pos + neg)) if pos + neg else None}
+    manifest = {
+        "stage": STAGE, "run_id": run_id, "as_of": as_of_date.isoformat(),
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "schema": (TIMELINES_WITH_LABELS if with_labels else TIMELINES).names,
+        "vocabulary": {"version": vocab.version, "sha256": vocab.sha256, "size": vocab.size,
+                       "file": vocab_file.relative_to(paths.root).as_posix()},
+        "lookback_days": feats.lookback_days, "max_tokens": feats.max_tokens,
+        "with_labels": with_labels, "horizon_days": horizon,
+        "rows": stats["rows_out"], "files": files, "length": length, "labels": labels,
+        "ledger": {STAGE: patient_ledger.to_dict(), EVENTS_STAGE: event_ledger.to_dict()},
+        "inputs": {"events": {"run_id": events_manifest.get("run_id")},
+                   "patients": {"run_id": patients_manifest.get("run_id")}},
+    }
+    commit(staging, final, manifest)
+    summary = {
+        "run_id": run_id, "run_dir": str(run_dir), "output": str(final), "as_of": as_of_date.isoformat(),
+        "rows": stats["rows_out"], "patients_in": patient_ledger.records_in,
+        "patients_quarantined": patient_ledger.quarantined, "patients_ignored": patient_ledger.ignored,
+        "events_in": event_ledger.records_in, "events_out": event_ledger.records_out,
+        "events_ignored": event_ledger.ignored, "events_quarantined": event_ledger.quarantined,
+        "length": length, "labels": labels, "vocabulary_sha256": vocab.sha256, "files": files,
+    }
+    _merge_run_manifest(run_dir, {k: v for k, v in manifest.items() if k != "ledger"} | {"output": str(final)})
+    log.info("emr_features %s: %d rows, %d events in", as_of_date, stats["rows_out"], stats["events_in"])
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point: ``emr_features.py --lake L --as-of D [--with-labels] [--run-id R]``."""
+    ap = argparse.ArgumentParser(prog="emr_features", description=__doc__.splitlines()[0])
+    ap.add_argument("--lake", help="lake root (default: lake.root from config / MEDSCREEN_LAKE__ROOT)")
+    ap.add_argument("--as-of", dest="as_of", required=True, help="as-of date, YYYY-MM-DD (UTC)")
+    ap.add_argument("--with-labels", action="store_true", help="add label_t2d/ckd/hf from (as-of, as-of + horizon]")
+    ap.add_argument("--run-id", dest="run_id", help="run id to record under (default: a new one)")
+    args = ap.parse_args(argv)
+    settings = load_settings({"lake.root": args.lake})
+    # Stop the session only if this call started it (spark-submit), not a caller's.
+    owned = SparkSession.getActiveSession() is None
+    try:
+        summary = run(settings, args.as_of, with_labels=args.with_labels, run_id=args.run_id)
+    except (InputNotCommitted, LedgerImbalance, ValueError) as exc:
+        print(f"emr_features: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        active = SparkSession.getActiveSession()
+        if owned and active is not None:
+            active.stop()
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

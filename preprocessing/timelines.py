@@ -1,0 +1,208 @@
+"""Point-in-time timelines and incident-disease labels for one patient.
+
+These pure functions define the features; the Spark job (jobs/emr_features)
+computes the same thing with DataFrame expressions and the tests and the
+benchmark's pandas baseline check the two agree row for row.
+
+Time rules (all UTC; ``as_of`` is a calendar date):
+
+* The timeline for ``as_of`` = D holds events with
+  ``D - lookback_days 00:00 <= event_time < D + 1 day 00:00`` — everything up
+  to the end of the as-of day, nothing after it.
+* Events are ordered oldest → newest by (event_time, token id) so ties are
+  deterministic; only the most recent ``max_tokens`` are kept.
+* ``days_before`` = D − the UTC calendar date of the event (0 … lookback_days).
+* ``age_years`` = (D − birth_date) in days / 365.25, as float32.
+* A patient with no usable events in the window still gets a row with
+  ``length`` 0: the screening population is the patient table, and a model can
+  still score age and sex.
+
+Label rules, per group (t2d = E11.*, ckd = N18.*, hf = I50.*; ICD-10-CM
+diagnoses, kind ``dx`` or ``dx_text``):
+
+* NULL if *prevalent*: an affirmed or history diagnosis of the group (or a
+  coded one with no assertion) at any time up to the end of the as-of day.
+  A prevalent case is not an incident one.
+* 1 if an affirmed (or assertion-less coded) diagnosis of the group falls in
+  (D, D + horizon_days] — i.e. ``D + 1 day 00:00 <= t < D + horizon_days + 1 day 00:00``.
+* 0 if not, provided the patient was still observed at the end of the horizon:
+  any event at or after ``D + horizon_days 00:00``.
+* NULL otherwise (lost to follow-up: we cannot tell a negative from a gap).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from preprocessing.vocabulary import DX_KINDS, TOKEN_ASSERTIONS, normalise_icd_code
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from preprocessing.vocabulary import Vocabulary
+
+US_PER_DAY = 86_400_000_000
+_EPOCH = dt.date(1970, 1, 1)
+DAYS_PER_YEAR = 365.25
+_NAT = np.iinfo(np.int64).min  # a missing event_time (NaT) as int64 µs
+
+# Label heads → ICD-10-CM code prefixes (normalised: no dot, upper case).
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {"t2d": ("E11",), "ckd": ("N18",), "hf": ("I50",)}
+SEXES = ("F", "M", "U")
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """One patient's point-in-time features as of a date."""
+
+    tokens: list[int]
+    days_before: list[int]
+    length: int
+    age_years: float
+    sex: str
+
+
+def epoch_day(d: dt.date) -> int:
+    """Days since 1970-01-01 (UTC calendar)."""
+    return (d - _EPOCH).days
+
+
+def window_us(as_of: dt.date, lookback_days: int) -> tuple[int, int]:
+    """[start, end) of the feature window in µs since the epoch, UTC."""
+    end_day = epoch_day(as_of) + 1
+    return (end_day - 1 - lookback_days) * US_PER_DAY, end_day * US_PER_DAY
+
+
+def to_epoch_us(times: Sequence[object] | np.ndarray) -> np.ndarray:
+    """Event times (datetime64, tz-aware datetimes or int µs since the epoch) → int64 µs."""
+    arr = np.asarray(times)
+    if arr.dtype.kind == "M":
+        return arr.astype("datetime64[us]").astype(np.int64)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    out = np.empty(len(arr), dtype=np.int64)
+    for i, t in enumerate(arr):
+        if not isinstance(t, dt.datetime) or t.tzinfo is None:
+            raise ValueError(f"event_time {t!r} is not a timezone-aware datetime; "
+                             "event times must be UTC instants")
+        out[i] = (t - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // dt.timedelta(microseconds=1)
+    return out
+
+
+def normalise_sex(sex: str | None) -> str:
+    """F, M or U (anything else, including missing, is U)."""
+    s = (sex or "").strip(" ").upper()
+    return s if s in SEXES else "U"
+
+
+def age_years(birth_date: dt.date, as_of: dt.date) -> float:
+    """Age at the as-of date in years (days / 365.25), rounded to float32."""
+    return float(np.float32((as_of - birth_date).days / DAYS_PER_YEAR))
+
+
+def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequence[int] | np.ndarray,
+                   birth_date: dt.date, sex: str | None, as_of: dt.date, lookback_days: int,
+                   max_tokens: int) -> Timeline:
+    """One patient's timeline as of ``as_of`` (see the module docstring for the rules).
+
+    ``token_ids`` are vocabulary ids, negative for events that yield no token
+    (:data:`preprocessing.vocabulary.DROPPED`); they are left out.
+    """
+    if max_tokens < 1 or lookback_days < 0:
+        raise ValueError(f"max_tokens must be ≥ 1 and lookback_days ≥ 0 (got {max_tokens}, {lookback_days})")
+    t = to_epoch_us(event_time_us)
+    tok = np.asarray(token_ids, dtype=np.int64)
+    if t.shape != tok.shape:
+        raise ValueError(f"event_time_us ({t.shape}) and token_ids ({tok.shape}) differ in length")
+    start, end = window_us(as_of, lookback_days)
+    keep = (t >= start) & (t < end) & (tok >= 0)
+    t, tok = t[keep], tok[keep]
+    order = np.lexsort((tok, t))[-max_tokens:]
+    t, tok = t[order], tok[order]
+    days = epoch_day(as_of) - np.floor_divide(t, US_PER_DAY)
+    return Timeline(tokens=[int(x) for x in tok], days_before=[int(x) for x in days], length=int(len(tok)),
+                    age_years=age_years(birth_date, as_of), sex=normalise_sex(sex))
+
+
+def _in_group(kind: str | None, system: str | None, code: str | None, prefixes: tuple[str, ...]) -> bool:
+    return kind in DX_KINDS and system == "icd10cm" and normalise_icd_code(code).startswith(prefixes)
+
+
+def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
+                   systems: Sequence[str | None], codes: Sequence[str | None],
+                   assertions: Sequence[str | None], as_of: dt.date, horizon_days: int,
+                   groups: dict[str, tuple[str, ...]] | None = None) -> dict[str, int | None]:
+    """``{head: 1 | 0 | None}`` for each label group (see the module docstring for the rules)."""
+    groups = LABEL_GROUPS if groups is None else groups
+    t = to_epoch_us(event_time_us)
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    horizon_end = end + horizon_days * US_PER_DAY
+    followed = bool(np.any(t >= horizon_end - US_PER_DAY))
+    labels: dict[str, int | None] = {}
+    for head, prefixes in groups.items():
+        prevalent = positive = False
+        for ti, k, s, c, a in zip(t, kinds, systems, codes, assertions):
+            if ti == _NAT or not _in_group(k, s, c, prefixes):
+                continue
+            if ti < end and (a is None or a in TOKEN_ASSERTIONS):
+                prevalent = True
+            elif end <= ti < horizon_end and (a is None or a == "affirmed"):
+                positive = True
+        labels[head] = None if prevalent else 1 if positive else 0 if followed else None
+    return labels
+
+
+def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lookback_days: int,
+                    max_tokens: int, horizon_days: int | None = None,
+                    vocab: "Vocabulary | None" = None) -> "pa.Table":
+    """Single-process timelines for whole EVENTS and PATIENTS tables (the Spark job's reference).
+
+    Same rows as jobs/emr_features writes (sorted by patient_key): one per
+    usable patient row — rows without a key or birth date, keys on more than
+    one row and patients born after ``as_of`` are left out, as the job does
+    (it counts them in its ledger). Label columns are added when
+    ``horizon_days`` is given.
+    """
+    import pyarrow as pa
+
+    from lake.schemas import LABEL_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS
+    from preprocessing.vocabulary import default_vocabulary
+
+    vocab = vocab or default_vocabulary()
+    ev = {c: events.column(c).to_pylist() for c in ("kind", "code_system", "code", "value", "unit", "assertion")}
+    tokens = np.fromiter((vocab.encode(k, s, c, v, a, u) for k, s, c, v, u, a in
+                          zip(ev["kind"], ev["code_system"], ev["code"], ev["value"], ev["unit"], ev["assertion"])),
+                         dtype=np.int64, count=events.num_rows)
+    times = events.column("event_time").cast(pa.int64()).fill_null(_NAT).to_numpy()
+    keys = events.column("patient_key").combine_chunks().dictionary_encode()
+    key_index = keys.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+    order = np.argsort(key_index, kind="stable")
+    bounds = np.searchsorted(key_index[order], np.arange(len(keys.dictionary) + 1))
+    slot = {k: i for i, k in enumerate(keys.dictionary.to_pylist())}
+
+    pk = patients.column("patient_key").to_pylist()
+    counts: dict[str | None, int] = {}
+    for k in pk:
+        counts[k] = counts.get(k, 0) + 1
+    rows = []
+    for k, birth, sex in sorted(zip(pk, patients.column("birth_date").to_pylist(),
+                                    patients.column("sex").to_pylist()), key=lambda r: str(r[0])):
+        if k is None or counts[k] > 1 or birth is None or birth > as_of:
+            continue
+        idx = order[bounds[slot[k]]:bounds[slot[k] + 1]] if k in slot else np.empty(0, dtype=np.int64)
+        tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens)
+        row = {"patient_key": k, "as_of": as_of, "length": tl.length, "tokens": tl.tokens,
+               "days_before": tl.days_before, "age_years": tl.age_years, "sex": tl.sex}
+        if horizon_days is not None:
+            sel = idx.tolist()
+            labels = compute_labels(times[idx], [ev["kind"][i] for i in sel], [ev["code_system"][i] for i in sel],
+                                    [ev["code"][i] for i in sel], [ev["assertion"][i] for i in sel],
+                                    as_of, horizon_days)
+            row.update({col: labels[head] for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS)})
+        rows.append(row)
+    schema = TIMELINES if horizon_days is None else TIMELINES_WITH_LABELS
+    return pa.Table.from_pylist(rows, schema=schema)
