@@ -1,0 +1,390 @@
+"""Render a simulated cohort as a FHIR R4 Bulk Data export (NDJSON per type + manifest.json)."""
+from __future__ import annotations
+
+import base64
+import json
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medscreen.synth_emr_codes import (BMI, BP_PANEL, DBP, EGFR_CKDEPI, EGFR_MDRD, GLUCOSE, HBA1C,
+                                       INVALID_ICD10, MALFORMED_CODES, NTPROBNP, SBP, SMOKING,
+                                       SMOKING_VALUES, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC,
+                                       SYSTEM_SNOMED, SYSTEM_UCUM, ConditionCode, LoincCode)
+from medscreen.synth_emr_sim import Cohort
+
+TRANSACTION_TIME = "2026-01-02T04:00:00Z"
+BASE_URL = "https://ehr.example.org/fhir"
+MAX_LINES_PER_FILE = 100_000
+CORE_TYPES = ("Patient", "Encounter", "Condition", "Observation", "DocumentReference")
+# Bad-record kinds and their share of the bad records (docs/synthetic_emr.md).
+BAD_KINDS: dict[str, float] = {
+    "invalid_icd10": 0.15, "malformed_code": 0.10, "missing_date": 0.14, "future_date": 0.12,
+    "duplicate_id": 0.12, "unknown_patient": 0.12, "malformed_json": 0.10,
+    "unused_resource": 0.09, "extra_extension": 0.06,
+}
+# Which resource types a bad kind is planted in (copied from a good record of that type).
+_BAD_SOURCES: dict[str, tuple[str, ...]] = {
+    "invalid_icd10": ("Condition",), "malformed_code": ("Condition",),
+    "missing_date": ("Encounter", "Condition", "Observation", "DocumentReference"),
+    "future_date": ("Encounter", "Condition", "Observation", "DocumentReference"),
+    "duplicate_id": ("Encounter", "Condition", "Observation"),
+    "unknown_patient": ("Encounter", "Condition", "Observation", "DocumentReference"),
+    "malformed_json": ("Condition", "Observation"),
+}
+
+OBS_LOINC: dict[str, LoincCode] = {"hba1c": HBA1C, "glucose": GLUCOSE, "bmi": BMI, "sbp": SBP,
+                                   "dbp": DBP, "egfr_mdrd": EGFR_MDRD, "egfr_ckdepi": EGFR_CKDEPI,
+                                   "ntprobnp": NTPROBNP}
+_ENC_CLASS = {"AMB": ("ambulatory", "185349003", "Encounter for check up"),
+              "EMER": ("emergency", "50849002", "Emergency room admission"),
+              "IMP": ("inpatient encounter", "32485007", "Hospital admission")}
+_OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
+_COND_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+_CLINICAL = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                         "code": "active"}]}
+_VERIFIED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                         "code": "confirmed"}]}
+
+
+class IdStream:
+    """Deterministic UUID-shaped ids (FHIR servers hand out UUIDs; ours come from the seed)."""
+
+    def __init__(self, seed: int) -> None:
+        self._bits = random.Random(seed * 7919 + 3).getrandbits
+
+    def __call__(self) -> str:
+        h = f"{self._bits(128):032x}"
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split ``total`` over ``weights`` by largest remainder (deterministic, sums exactly)."""
+    wsum = sum(weights.values())
+    raw = {k: total * w / wsum for k, w in weights.items()}
+    out = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: (-(raw[k] - out[k]), k))[: total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def _z(dt: Any) -> str:
+    return dt.isoformat().replace("+00:00", "Z")
+
+
+def _coding(code: ConditionCode, style: str) -> list[dict[str, str]]:
+    out = []
+    if "icd10" in style:
+        out.append({"system": SYSTEM_ICD10CM, "code": code.icd10, "display": code.display})
+    if "icd9" in style:
+        out.append({"system": SYSTEM_ICD9CM, "code": code.icd9, "display": code.icd9_display})
+    if "snomed" in style:
+        out.append({"system": SYSTEM_SNOMED, "code": code.snomed, "display": code.snomed_display})
+    return out
+
+
+def _qty(value: float, unit: str) -> dict[str, Any]:
+    return {"value": value, "unit": unit, "system": SYSTEM_UCUM, "code": unit}
+
+
+def _loinc(l: LoincCode) -> dict[str, Any]:
+    return {"coding": [{"system": SYSTEM_LOINC, "code": l.code, "display": l.display}],
+            "text": l.short}
+
+
+def _category(l: LoincCode) -> list[dict[str, Any]]:
+    return [{"coding": [{"system": _OBS_CATEGORY, "code": l.category}]}]
+
+
+class _Sink:
+    """Writes one resource type, splitting into ``<Type>.000.ndjson`` … past the line limit."""
+
+    def __init__(self, out_dir: Path, rtype: str, total_lines: int) -> None:
+        self.out_dir, self.rtype = out_dir, rtype
+        self.split = total_lines > MAX_LINES_PER_FILE
+        self.files: list[tuple[str, int]] = []
+        self._fh = None
+        self._n = 0
+
+    def _open(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.files[-1] = (self.files[-1][0], self._n)
+        name = (f"{self.rtype}.{len(self.files):03d}.ndjson" if self.split
+                else f"{self.rtype}.ndjson")
+        self._fh = open(self.out_dir / name, "w", encoding="utf-8", newline="\n")
+        self.files.append((name, 0))
+        self._n = 0
+
+    def write(self, line: str) -> None:
+        if self._fh is None or self._n >= MAX_LINES_PER_FILE:
+            self._open()
+        self._fh.write(line)
+        self._fh.write("\n")
+        self._n += 1
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.files[-1] = (self.files[-1][0], self._n)
+
+
+def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
+    """Write the Bulk Data export of cohort ``c`` into ``out_dir`` (which must exist, empty).
+
+    Returns the format part of the summary: record counts per type, lines per file, and
+    the bad records planted per kind.
+    """
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    new_id = IdStream(c.seed)
+    pids = [new_id() for _ in range(c.patients)]
+    eids = [new_id() for _ in range(len(c.encounters))]
+    n_good = {"Patient": c.patients, "Encounter": len(c.encounters),
+              "Condition": len(c.conditions), "Observation": len(c.observations),
+              "DocumentReference": len(c.notes)}
+    total_good = sum(n_good.values())
+    n_bad = int(round(bad_share * total_good))
+    bad = allocate(n_bad, BAD_KINDS) if n_bad else {k: 0 for k in BAD_KINDS}
+    if bad["extra_extension"] > c.patients:  # extensions go on patients, one each at most
+        bad["unused_resource"] += bad["extra_extension"] - c.patients
+        bad["extra_extension"] = c.patients
+
+    # Plan: which good record each bad copy follows. Seeded separately from the simulation
+    # so changing the bad share never changes the good records.
+    prng = np.random.default_rng(c.seed * 31 + 5)
+    plan: dict[str, dict[int, list[str]]] = {t: {} for t in CORE_TYPES}
+    icd10_conditions = np.array([i for i, row in enumerate(c.conditions) if "icd10" in row[5]],
+                                dtype=np.int64)
+    for kind, types in _BAD_SOURCES.items():
+        k = bad[kind]
+        if not k:
+            continue
+        sizes = np.array([n_good[t] for t in types], dtype=np.float64)
+        tchoice = prng.choice(len(types), size=k, p=sizes / sizes.sum())
+        for ti in tchoice.tolist():
+            t = types[ti]
+            if kind in ("invalid_icd10", "malformed_code"):
+                idx = int(icd10_conditions[prng.integers(len(icd10_conditions))])
+            else:
+                idx = int(prng.integers(n_good[t]))
+            plan[t].setdefault(idx, []).append(kind)
+    ext_patients = set(prng.choice(c.patients, size=bad["extra_extension"], replace=False).tolist())
+    bad_lines = {t: sum(len(v) for v in plan[t].values()) for t in CORE_TYPES}
+
+    brnd = random.Random(c.seed * 97 + 11)
+
+    def emit(sink: _Sink, rtype: str, i: int, res: dict[str, Any]) -> None:
+        line = dumps(res)
+        sink.write(line)
+        for kind in plan[rtype].get(i, ()):
+            sink.write(_bad_line(kind, rtype, res, line, new_id, brnd, dumps))
+
+    sinks = {t: _Sink(out_dir, t, n_good[t] + bad_lines[t]) for t in CORE_TYPES}
+    s = sinks["Patient"]
+    for p in range(c.patients):
+        res: dict[str, Any] = {
+            "resourceType": "Patient", "id": pids[p],
+            "identifier": [{"system": "http://hospital.example.org/mrn", "value": c.mrn[p]}],
+            "name": [{"use": "official", "family": c.family[p], "given": [c.given[p]]}],
+            "gender": c.sex[p], "birthDate": c.birth_date[p].isoformat(),
+        }
+        if p in ext_patients:
+            # Fields a Synthea-style export carries that medscreen does not use.
+            res["extension"] = [
+                {"url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex",
+                 "valueCode": {"female": "F", "male": "M"}.get(c.sex[p], "UNK")},
+                {"url": "http://synthetichealth.github.io/synthea/disability-adjusted-life-years",
+                 "valueDecimal": round(brnd.random() * 3, 4)}]
+        emit(s, "Patient", p, res)
+
+    starts = [_z(e[1]) for e in c.encounters]
+    s = sinks["Encounter"]
+    for i, (p, _start, end, cls) in enumerate(c.encounters):
+        disp, sct, sct_disp = _ENC_CLASS[cls]
+        emit(s, "Encounter", i, {
+            "resourceType": "Encounter", "id": eids[i], "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": cls,
+                      "display": disp},
+            "type": [{"coding": [{"system": SYSTEM_SNOMED, "code": sct, "display": sct_disp}]}],
+            "subject": {"reference": f"Patient/{pids[p]}"},
+            "period": {"start": starts[i], "end": _z(end)},
+        })
+
+    s = sinks["Condition"]
+    for i, (p, e, onset, category, code, style) in enumerate(c.conditions):
+        emit(s, "Condition", i, {
+            "resourceType": "Condition", "id": new_id(),
+            "clinicalStatus": _CLINICAL, "verificationStatus": _VERIFIED,
+            "category": [{"coding": [{"system": _COND_CATEGORY, "code": category}]}],
+            "code": {"coding": _coding(code, style), "text": code.display},
+            "subject": {"reference": f"Patient/{pids[p]}"},
+            "encounter": {"reference": f"Encounter/{eids[e]}"},
+            "onsetDateTime": onset if onset is not None else starts[e],
+            "recordedDate": starts[e],
+        })
+
+    s = sinks["Observation"]
+    for i, (p, e, kind, v1, v2) in enumerate(c.observations):
+        res = {"resourceType": "Observation", "id": new_id(), "status": "final"}
+        if kind == "bp_panel":
+            res["category"] = _category(BP_PANEL)
+            res["code"] = _loinc(BP_PANEL)
+        elif kind == "smoking":
+            res["category"] = _category(SMOKING)
+            res["code"] = _loinc(SMOKING)
+        else:
+            loinc = OBS_LOINC[kind]
+            res["category"] = _category(loinc)
+            res["code"] = _loinc(loinc)
+        res["subject"] = {"reference": f"Patient/{pids[p]}"}
+        res["encounter"] = {"reference": f"Encounter/{eids[e]}"}
+        res["effectiveDateTime"] = starts[e]
+        if kind == "bp_panel":
+            res["component"] = [{"code": _loinc(SBP), "valueQuantity": _qty(v1, SBP.unit)},
+                                {"code": _loinc(DBP), "valueQuantity": _qty(v2, DBP.unit)}]
+        elif kind == "smoking":
+            sct, disp = SMOKING_VALUES[int(v1)]
+            res["valueCodeableConcept"] = {"coding": [{"system": SYSTEM_SNOMED, "code": sct,
+                                                       "display": disp}], "text": disp}
+        else:
+            res["valueQuantity"] = _qty(v1, loinc.unit)
+        emit(s, "Observation", i, res)
+
+    s = sinks["DocumentReference"]
+    for i, (p, e, text) in enumerate(c.notes):
+        emit(s, "DocumentReference", i, {
+            "resourceType": "DocumentReference", "id": new_id(), "status": "current",
+            "type": {"coding": [{"system": SYSTEM_LOINC, "code": "11506-3",
+                                 "display": "Progress note"}]},
+            "subject": {"reference": f"Patient/{pids[p]}"},
+            "date": _z(c.encounters[e][2]),
+            "context": {"encounter": [{"reference": f"Encounter/{eids[e]}"}]},
+            "content": [{"attachment": {
+                "contentType": "text/plain; charset=utf-8",
+                "data": base64.b64encode(text.encode("utf-8")).decode("ascii")}}],
+        })
+    for sink in sinks.values():
+        sink.close()
+
+    files = [(t, name, n) for t in CORE_TYPES for name, n in sinks[t].files]
+    files += _write_unused(c, out_dir, bad["unused_resource"], pids, eids, starts, new_id, brnd,
+                           dumps)
+    manifest = {
+        "transactionTime": TRANSACTION_TIME,
+        "request": f"{BASE_URL}/$export?_type=" + ",".join(dict.fromkeys(f[0] for f in files)),
+        "requiresAccessToken": True,
+        "output": [{"type": t, "url": f"{BASE_URL}/bulkdata/{name}", "count": n}
+                   for t, name, n in files],
+        "error": [],
+    }
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return {
+        "transaction_time": TRANSACTION_TIME,
+        "records": n_good,
+        "files": {name: n for _t, name, n in files},
+        "bad_records": bad,
+        "bad_records_total": sum(bad.values()),
+    }
+
+
+def _future(brnd: random.Random) -> str:
+    return (f"{brnd.randint(2026, 2031):04d}-{brnd.randint(6, 12):02d}-{brnd.randint(1, 28):02d}"
+            f"T{brnd.randint(0, 23):02d}:00:00Z")
+
+
+def _bad_line(kind: str, rtype: str, res: dict[str, Any], line: str, new_id: Callable[[], str],
+              brnd: random.Random, dumps: Callable[[Any], str]) -> str:
+    if kind == "duplicate_id":
+        return line  # the same resource twice, as a retried page of an export produces
+    if kind == "malformed_json":
+        return line[: max(10, int(len(line) * (0.3 + 0.5 * brnd.random())))]
+    bad = json.loads(line)
+    bad["id"] = new_id()
+    if kind == "invalid_icd10":
+        for cd in bad["code"]["coding"]:
+            if cd["system"] == SYSTEM_ICD10CM:
+                cd["code"] = brnd.choice(INVALID_ICD10)
+    elif kind == "malformed_code":
+        for cd in bad["code"]["coding"]:
+            if cd["system"] == SYSTEM_ICD10CM:
+                cd["code"] = brnd.choice(MALFORMED_CODES)
+    elif kind == "unknown_patient":
+        bad["subject"]["reference"] = f"Patient/{new_id()}"
+    elif kind in ("missing_date", "future_date"):
+        when = _future(brnd) if kind == "future_date" else None
+        for fld in DATE_FIELDS[rtype]:
+            if when is None:
+                _drop(bad, fld)
+            else:
+                _set(bad, fld, when)
+    else:
+        raise ValueError(f"unknown bad-record kind {kind!r}")
+    return dumps(bad)
+
+
+# Dotted paths of the date fields per type: all removed (missing_date) or all moved past
+# the export's transactionTime (future_date).
+DATE_FIELDS: dict[str, tuple[str, ...]] = {
+    "Encounter": ("period.start", "period.end"),
+    "Condition": ("onsetDateTime", "recordedDate"),
+    "Observation": ("effectiveDateTime",),
+    "DocumentReference": ("date",),
+}
+
+
+def _drop(d: dict[str, Any], path: str) -> None:
+    *head, last = path.split(".")
+    for h in head:
+        d = d[h]
+    d.pop(last, None)
+
+
+def _set(d: dict[str, Any], path: str, value: str) -> None:
+    *head, last = path.split(".")
+    for h in head:
+        d = d[h]
+    d[last] = value
+
+
+def _write_unused(c: Cohort, out_dir: Path, n: int, pids: list[str], eids: list[str],
+                  starts: list[str], new_id: Callable[[], str], brnd: random.Random,
+                  dumps: Callable[[Any], str]) -> list[tuple[str, str, int]]:
+    """Claim and Immunization resources: real Synthea-style exports carry them; we don't use them."""
+    if n <= 0 or not c.encounters:
+        return []
+    n_claim = n // 2
+    out = []
+    for rtype, count in (("Claim", n_claim), ("Immunization", n - n_claim)):
+        if not count:
+            continue
+        with open(out_dir / f"{rtype}.ndjson", "w", encoding="utf-8", newline="\n") as fh:
+            for _ in range(count):
+                e = brnd.randrange(len(c.encounters))
+                p = c.encounters[e][0]
+                if rtype == "Claim":
+                    res = {"resourceType": "Claim", "id": new_id(), "status": "active",
+                           "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type",
+                                                "code": "professional"}]},
+                           "use": "claim", "patient": {"reference": f"Patient/{pids[p]}"},
+                           "created": starts[e], "provider": {"display": "Example Clinic"},
+                           "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority",
+                                                    "code": "normal"}]},
+                           "item": [{"sequence": 1,
+                                     "encounter": [{"reference": f"Encounter/{eids[e]}"}],
+                                     "productOrService": {"coding": [{"system": SYSTEM_SNOMED,
+                                                                      "code": "185349003"}]}}],
+                           "total": {"value": round(80 + 400 * brnd.random(), 2), "currency": "USD"}}
+                else:
+                    res = {"resourceType": "Immunization", "id": new_id(), "status": "completed",
+                           "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx",
+                                                       "code": "140",
+                                                       "display": "Influenza, seasonal, injectable, preservative free"}]},
+                           "patient": {"reference": f"Patient/{pids[p]}"},
+                           "encounter": {"reference": f"Encounter/{eids[e]}"},
+                           "occurrenceDateTime": starts[e], "primarySource": True}
+                fh.write(dumps(res))
+                fh.write("\n")
+        out.append((rtype, f"{rtype}.ndjson", count))
+    return out

@@ -1,0 +1,216 @@
+"""The synthetic EMR generator: reproducible, valid where it should be, bad where it says."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections import Counter, defaultdict
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import simple_icd_10_cm as icd
+
+from medscreen.synth_emr import generate
+from medscreen.synth_emr_fhir import DATE_FIELDS
+
+ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
+WELL_FORMED_ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
+CORE = ("Patient", "Encounter", "Condition", "Observation", "DocumentReference")
+
+
+def _files(out: Path) -> dict[str, list[Path]]:
+    by_type: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted(out.glob("*.ndjson")):
+        by_type[f.name.split(".")[0]].append(f)
+    return by_type
+
+
+def _get(res: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(res, dict) or part not in res:
+            return None
+        res = res[part]
+    return res
+
+
+def _classify(out: Path, transaction_time: str) -> tuple[Counter, dict[str, list[dict]]]:
+    """Count bad records by reading the files, independently of the generator's own plan."""
+    counts: Counter = Counter()
+    good: dict[str, list[dict]] = defaultdict(list)
+    files = _files(out)
+    patient_ids: set[str] = set()
+    order = [t for t in CORE if t in files] + sorted(t for t in files if t not in CORE)
+    for rtype in order:
+        seen: set[str] = set()
+        for f in files[rtype]:
+            for line in f.read_text(encoding="utf-8").splitlines():
+                try:
+                    res = json.loads(line)
+                except json.JSONDecodeError:
+                    counts["malformed_json"] += 1
+                    continue
+                assert res["resourceType"] == rtype
+                if res["id"] in seen:
+                    counts["duplicate_id"] += 1
+                    continue
+                seen.add(res["id"])
+                if rtype not in CORE:
+                    counts["unused_resource"] += 1
+                    continue
+                if rtype == "Patient":
+                    patient_ids.add(res["id"])
+                    if "extension" in res:
+                        counts["extra_extension"] += 1
+                    good[rtype].append(res)
+                    continue
+                if res["subject"]["reference"].removeprefix("Patient/") not in patient_ids:
+                    counts["unknown_patient"] += 1
+                    continue
+                dates = [d for d in (_get(res, fld) for fld in DATE_FIELDS[rtype]) if d]
+                if not dates:
+                    counts["missing_date"] += 1
+                    continue
+                if max(dates) > transaction_time:
+                    counts["future_date"] += 1
+                    continue
+                if rtype == "Condition":
+                    codes = [c["code"] for c in res["code"]["coding"] if c["system"] == ICD10]
+                    if any(not WELL_FORMED_ICD10.match(c) for c in codes):
+                        counts["malformed_code"] += 1
+                        continue
+                    if any(not icd.is_valid_item(c) for c in codes):
+                        counts["invalid_icd10"] += 1
+                        continue
+                good[rtype].append(res)
+    return counts, good
+
+
+def test_same_seed_gives_byte_identical_files(tmp_path: Path) -> None:
+    a = generate(tmp_path / "a", patients=60, seed=3, bad_share=0.05)
+    b = generate(tmp_path / "b", patients=60, seed=3, bad_share=0.05)
+    assert a == b
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    generate(tmp_path / "c", patients=60, seed=4, bad_share=0.05)
+    assert (tmp_path / "c" / "Patient.ndjson").read_bytes() != (tmp_path / "a" / "Patient.ndjson").read_bytes()
+
+
+def test_rerun_replaces_an_export_and_refuses_foreign_directories(tmp_path: Path) -> None:
+    out = tmp_path / "x"
+    generate(out, patients=30, seed=1, bad_share=0.05)
+    generate(out, patients=20, seed=1, bad_share=0.0)
+    assert not (out / "Claim.ndjson").exists()  # the earlier run's files are gone
+    assert len((out / "Patient.ndjson").read_text().splitlines()) == 20
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        generate(foreign, patients=5, seed=1)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_manifest_lists_every_file_with_its_line_count(fhir_export) -> None:
+    out, summary = fhir_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["transactionTime"] == summary["transaction_time"]
+    listed = {o["url"].rsplit("/", 1)[1]: o for o in manifest["output"]}
+    assert set(listed) == {f.name for f in out.glob("*.ndjson")}
+    for name, o in listed.items():
+        assert o["type"] == name.split(".")[0]
+        assert o["count"] == len((out / name).read_text().splitlines())
+
+
+def test_bad_record_counts_match_the_summary(fhir_export) -> None:
+    out, summary = fhir_export
+    counts, _ = _classify(out, summary["transaction_time"])
+    planted = {k: v for k, v in summary["bad_records"].items() if v}
+    assert dict(counts) == planted
+    # Every kind is present at a 5 % share, and the total is that share of the good records.
+    assert set(planted) == set(summary["bad_records"])
+    assert summary["bad_records_total"] == round(0.05 * sum(summary["records"].values()))
+
+
+def test_good_conditions_carry_valid_billable_icd10_codes(fhir_export, clean_fhir_export) -> None:
+    for out, summary in (fhir_export, clean_fhir_export):
+        _, good = _classify(out, summary["transaction_time"])
+        systems: Counter = Counter()
+        for res in good["Condition"]:
+            for c in res["code"]["coding"]:
+                systems[c["system"]] += 1
+                if c["system"] == ICD10:
+                    assert icd.is_valid_item(c["code"]) and icd.is_leaf(c["code"]), c["code"]
+        # ICD-10-CM dominates; ICD-9-CM and SNOMED appear as in real mixed-vintage records.
+        assert systems[ICD10] > systems["http://hl7.org/fhir/sid/icd-9-cm"] > 0
+        assert systems["http://snomed.info/sct"] > 0
+
+
+def test_clean_export_is_all_parseable_and_consistent(clean_fhir_export) -> None:
+    out, summary = clean_fhir_export
+    assert summary["bad_records_total"] == 0
+    assert set(_files(out)) == set(CORE)
+    counts, good = _classify(out, summary["transaction_time"])
+    assert not counts - Counter()  # nothing classified as bad
+    for rtype in CORE:
+        assert len(good[rtype]) == summary["records"][rtype]
+    encounters = {r["id"]: r["subject"]["reference"] for r in good["Encounter"]}
+    for rtype in ("Condition", "Observation"):
+        for r in good[rtype]:
+            assert encounters[r["encounter"]["reference"].removeprefix("Encounter/")] == \
+                r["subject"]["reference"]
+    ages = [(date(2018, 1, 1) - date.fromisoformat(p["birthDate"])).days / 365.25
+            for p in good["Patient"]]
+    assert 18 <= min(ages) and max(ages) <= 89
+    units = {}
+    for r in good["Observation"]:
+        for part in [r] + r.get("component", []):
+            if "valueQuantity" in part:
+                code = part["code"]["coding"][0]["code"]
+                units.setdefault(code, set()).add(part["valueQuantity"]["code"])
+    assert units["4548-4"] == {"%"} and units["2345-7"] == {"mg/dL"}
+    assert units["39156-5"] == {"kg/m2"} and units["8480-6"] == {"mm[Hg]"}
+    assert units["8462-4"] == {"mm[Hg]"}
+    assert {u for k in ("33914-3", "62238-1") for u in units.get(k, ())} == {"mL/min/{1.73_m2}"}
+    texts = [base64.b64decode(d["content"][0]["attachment"]["data"]).decode()
+             for d in good["DocumentReference"]]
+    assert any("no evidence of" in t and re.search(r"\([A-Z]\d\d\.?\w*\)", t) for t in texts)
+    assert any("history of stroke" in t for t in texts)
+    assert any(re.search(r"Assessment: .*\(E11\.9\)", t) for t in texts)
+
+
+def test_planted_signal_is_visible_in_the_export(clean_fhir_export) -> None:
+    """At the demo as-of date each head has enough incident cases, and future T2D patients
+    already had higher HbA1c before it."""
+    out, summary = clean_fhir_export
+    _, good = _classify(out, summary["transaction_time"])
+    as_of = date(2024, 6, 30)
+    end = as_of + timedelta(days=365)
+    first_dx: dict[str, dict[str, date]] = {h: {} for h in ("E11", "N18", "I50")}
+    for r in good["Condition"]:
+        day = date.fromisoformat(r["recordedDate"][:10])
+        pid = r["subject"]["reference"]
+        for c in r["code"]["coding"]:
+            h = c["code"][:3]
+            if c["system"] == ICD10 and h in first_dx:
+                first_dx[h][pid] = min(day, first_dx[h].get(pid, day))
+    n = len(good["Patient"])
+    positives = {}
+    for h, firsts in first_dx.items():
+        positives[h] = {p for p, d in firsts.items() if as_of < d <= end}
+        assert 0.03 <= len(positives[h]) / n <= 0.15, (h, len(positives[h]) / n)
+    last_a1c: dict[str, tuple[str, float]] = {}
+    for r in good["Observation"]:
+        if r["code"]["coding"][0]["code"] == "4548-4" and r["effectiveDateTime"][:10] <= as_of.isoformat():
+            pid = r["subject"]["reference"]
+            if r["effectiveDateTime"] > last_a1c.get(pid, ("", 0.0))[0]:
+                last_a1c[pid] = (r["effectiveDateTime"], r["valueQuantity"]["value"])
+    prevalent = {p for p, d in first_dx["E11"].items() if d <= as_of}
+    pos = [v for p, (_, v) in last_a1c.items() if p in positives["E11"]]
+    neg = [v for p, (_, v) in last_a1c.items() if p not in positives["E11"] and p not in prevalent]
+    assert len(pos) >= 10
+    assert sum(pos) / len(pos) > sum(neg) / len(neg) + 0.3
+    assert summary["signal"]["incident_share_at_demo_as_of"]["t2d"] == pytest.approx(
+        len(positives["E11"]) / n, abs=1e-4)
