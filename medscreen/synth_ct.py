@@ -281,7 +281,7 @@ def _plant_broken(folder: Path, axial: dict[str, Any], rng: np.random.Generator)
     out.append({"file": f"{folder.name}/{name}", "expected": "truncated"})
     name = f"{rng.integers(0, 2**48):012x}"
     (folder / name).write_bytes(src[:300])
-    out.append({"file": f"{folder.name}/{name}", "expected": "unreadable"})
+    out.append({"file": f"{folder.name}/{name}", "expected": "incomplete_header"})
     (folder / "README.txt").write_text("exported by the PACS gateway; see the transfer log\n")
     out.append({"file": f"{folder.name}/README.txt", "expected": "not_dicom"})
     (folder / "Thumbs.db").write_bytes(rng.integers(0, 256, size=2048, dtype=np.uint8).tobytes())
