@@ -145,6 +145,42 @@ def fingerprint(input_dir: Path, files: list[Path]) -> dict[str, Any]:
     return {"files": entries, "sha256": digest}
 
 
+def export_time_us(input_dir: Path, fmt: str) -> tuple[int, str]:
+    """When the export was taken (microseconds, UTC) and where that came from.
+
+    A record dated after its export is impossible (``future_date``): FHIR Bulk
+    exports say when in ``manifest.json`` ``transactionTime``; OMOP in
+    ``cdm_source.cdm_release_date`` (end of that day). Otherwise, and never
+    later than, the time of this run.
+    """
+    now = rec.now_us()
+    found: tuple[int, str] | None = None
+    try:
+        if fmt == "fhir" and (input_dir / "manifest.json").is_file():
+            t = json.loads((input_dir / "manifest.json").read_text()).get("transactionTime")
+            if t:
+                found = (rec.parse_datetime_us(t), "manifest.json transactionTime")
+        elif fmt == "omop":
+            for p in sorted(input_dir.glob("*")):
+                if p.name.lower() in ("cdm_source.csv", "cdm_source.csv.gz"):
+                    header, delimiter = _csv_header(p)
+                    opener = gzip.open if p.name.lower().endswith(".gz") else open
+                    with opener(p, "rt", newline="", encoding="utf-8-sig") as f:  # type: ignore[operator]
+                        rows = list(csv.DictReader(f, delimiter=delimiter))
+                    for col in ("cdm_release_date", "source_release_date"):
+                        v = next((r.get(col) for r in rows if r.get(col)), None)
+                        if v:
+                            end_of_day = rec.parse_datetime_us(v[:10]) + 86_400_000_000 - 1
+                            found = (end_of_day, f"cdm_source.{col}")
+                            break
+    except (ValueError, TypeError, OSError) as exc:
+        raise ValueError(f"{input_dir}: cannot read the export time ({exc}); fix the export's "
+                         "manifest.json / cdm_source table or remove it") from None
+    if found is None or found[0] > now:
+        return now, "run time"
+    return found
+
+
 def read_fhir(spark: SparkSession, files: list[Path]) -> DataFrame:
     """Raw NDJSON lines with their file name and reader order (``value``, ``file``, ``ord``)."""
     raw = spark.read.text([str(f) for f in files])
@@ -271,8 +307,17 @@ def _parse(spark: SparkSession, fmt: str, files: list[Path], cfg: tuple[Any, ...
 
 def _write(df: DataFrame, final_path: Path, sort_cols: list[str]) -> Path:
     staging = staging_dir(final_path)
-    (df.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(str(staging)))
+    df.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(str(staging))
+    # Checksums and Spark's own marker are noise in the lake; commit() writes _SUCCESS.
+    for p in staging.iterdir():
+        if p.name.endswith(".crc") or p.name == "_SUCCESS":
+            p.unlink()
     return staging
+
+
+def read_lake_table(spark: SparkSession, path: Path) -> DataFrame:
+    """A committed lake table's Parquet files (manifest.json and markers are skipped)."""
+    return spark.read.option("pathGlobFilter", "*.parquet").parquet(str(path))
 
 
 def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None = None) -> dict[str, Any]:
@@ -294,8 +339,9 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     # Load once on the driver: a bad groups file fails here with its message, not in a task.
     from preprocessing.code_groups import load_code_groups
     load_code_groups(groups_file)
+    export_us, export_time_from = export_time_us(input_dir, fmt)
     cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
-           str(groups_file), rec.now_us())
+           str(groups_file), export_us)
     clean_stale_staging(paths.events.parent)
 
     spark = get_spark(settings.spark, "medscreen-emr-ingest")
@@ -347,7 +393,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
                                     ["resource_type", "reason", "source_ref"])
         stagings.append(staging_quarantine)
 
-        written = {name: spark.read.parquet(str(p)).count() for name, p in
+        written = {name: read_lake_table(spark, p).count() for name, p in
                    (("events", staging_events), ("patients", staging_patients),
                     ("quarantine", staging_quarantine))}
         stages = [
@@ -366,6 +412,9 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             "run_id": run_id, "stage": STAGE, "format": fmt, "source": fmt,
             "input": fingerprint(input_dir, files), "code_set_version": code_set_version(),
             "code_groups_sha256": hashlib.sha256(groups_file.read_bytes()).hexdigest(),
+            "export_time_utc": (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+                                + dt.timedelta(microseconds=export_us)).isoformat(),
+            "export_time_from": export_time_from,
             "counts": {"records_in": ledger.records_in, "records_out": ledger.records_out,
                        "quarantined": ledger.quarantined_total, "ignored": ledger.ignored_total,
                        **{f"{k}_rows": v for k, v in written.items()}},
