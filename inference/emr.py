@@ -120,7 +120,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     chosen = attempts[-1]
     ledger = _ledger(specs, chosen)
     quarantine = chosen.staging.quarantine()
-    summary = run_metrics.summarise(_all_batches(chosen), chosen.wall_s, chosen.rows_this_attempt)
+    summary = run_metrics.summarise(_all_batches(chosen), chosen.wall_s, chosen.rows_this_attempt,
+                                    chosen.batches_this_attempt, chosen.started_at)
     summary.update({
         "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
         "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,

@@ -56,8 +56,13 @@ def score_histograms(scores: dict[str, np.ndarray], bins: int = HIST_BINS) -> di
     return out
 
 
-def summarise(batches: Sequence[dict[str, Any]], wall_s: float, rows_this_attempt: int) -> dict[str, Any]:
-    """The throughput / latency / padding / restart summary of one scoring pass."""
+def summarise(batches: Sequence[dict[str, Any]], wall_s: float, rows_this_attempt: int,
+              this_attempt: Sequence[dict[str, Any]] = (), started_at: float | None = None) -> dict[str, Any]:
+    """The throughput / latency / padding / restart summary of one scoring pass.
+
+    ``batches`` are all batches behind the committed rows (resumed ones too);
+    ``this_attempt`` those scored by this driver, timed from ``started_at``.
+    """
     rows = int(sum(b["n_rows"] for b in batches))
     real = int(sum(b["real_tokens"] for b in batches))
     padded = int(sum(b["n_rows"] * b["seq_len"] for b in batches))
@@ -74,7 +79,11 @@ def summarise(batches: Sequence[dict[str, Any]], wall_s: float, rows_this_attemp
     for b in batches:
         if b["n_rows"]:
             seq_hist[str(b["seq_len"])] = seq_hist.get(str(b["seq_len"]), 0) + 1
+    done_at = [b["done_at"] for b in this_attempt if b.get("done_at")]
+    # Start-up (actor launch, engine load) shows here, not in the per-batch latencies.
+    first = round(min(done_at) - started_at, 3) if done_at and started_at else None
     return {
+        "time_to_first_batch_s": first,
         "rows_scored": rows,
         "rows_scored_this_attempt": int(rows_this_attempt),
         "batches": len([b for b in batches if b["n_rows"]]),

@@ -119,7 +119,7 @@ def render(summary: dict[str, Any]) -> str:
         ("fragments (total / resumed)", f"{summary.get('throughput', {}).get('fragments')} / "
                                         f"{summary.get('throughput', {}).get('fragments_resumed')}"),
         ("actors · restarts", f"{t.get('actors')} · {t.get('actor_restarts')}"),
-        ("wall time (s)", t.get("wall_s")),
+        ("wall time (s) · first batch done at (s)", f"{t.get('wall_s')} · {t.get('time_to_first_batch_s')}"),
     ], ("metric", "value")))
     parts.append(line_svg(summary.get("throughput_over_time", []), "t_s", "records_per_s",
                           "Scored records per second over the run"))
