@@ -23,3 +23,10 @@ def clean_fhir_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
     """A 1500-patient export without bad records: big enough to see the planted signal."""
     out = tmp_path_factory.mktemp("synth") / "fhir_clean"
     return out, generate(out, patients=1500, seed=SEED, bad_share=0.0, fmt="fhir")
+
+
+@pytest.fixture(scope="session")
+def omop_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The same 400 patients as ``fhir_export``, as OMOP CDM tables."""
+    out = tmp_path_factory.mktemp("synth") / "omop"
+    return out, generate(out, patients=400, seed=SEED, bad_share=0.05, fmt="omop")
