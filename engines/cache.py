@@ -190,7 +190,7 @@ def _build_lock(plan_path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def calibration_set(settings: Settings, as_of: str | None, seed: int = 0
+def calibration_set(settings: Settings, as_of: str | None, seed: int = 0, model: str = "emr_risk"
                     ) -> tuple[dict[str, Any], list[dict]]:
     """Real timelines for int8 calibration: stratified, half 0 of the key split, length-sorted batches."""
     as_of = as_of or samples.latest_as_of(settings.lake.root)
@@ -199,6 +199,7 @@ def calibration_set(settings: Settings, as_of: str | None, seed: int = 0
             f"int8 calibration needs timelines in lake {settings.lake.root}; run "
             "`medscreen emr features --as-of D` first and pass --as-of D")
     table = samples.read_timelines(settings.lake.root, as_of)
+    samples.check_vocabulary(settings.lake.root, as_of, load_card(settings, model))
     sample = samples.stratified_sample(table, settings.engines.calibration_rows, seed=seed, half=0)
     batches = [feed for _, feed in samples.feed_batches(sample, settings.features.max_tokens,
                                                         CALIBRATION_BATCH_ROWS)]
@@ -224,7 +225,7 @@ def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as
     onnx_file = Path(card["onnx"]["file"])
     calibration, batches = None, None
     if spec.precision == "int8":
-        calibration, batches = calibration_set(settings, as_of)
+        calibration, batches = calibration_set(settings, as_of, model=spec.model)
     tag = uuid.uuid4().hex[:8]
     tmp_onnx = spec.plan_path.with_name(f".{spec.plan_path.stem}.{tag}.onnx.tmp")
     tmp_plan = spec.plan_path.with_name(f".{spec.plan_path.name}.{tag}.tmp")
@@ -312,7 +313,7 @@ def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
                                        "checked_at": dt.datetime.now(dt.timezone.utc)
                                        .isoformat(timespec="seconds"), "metrics": {}}
             try:
-                used_as_of, table = gate_mod.holdout_sample(settings, as_of, rows)
+                used_as_of, table = gate_mod.holdout_sample(settings, as_of, rows, model=meta["model"])
             except samples.SampleError as exc:
                 verdict["note"] = f"no labelled sample for metrics: {exc}"
             else:
@@ -324,7 +325,8 @@ def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
         else:
             candidate.activate()
             try:
-                verdict = gate_mod.gate(settings, reference, candidate, meta["precision"], as_of, rows)
+                verdict = gate_mod.gate(settings, reference, candidate, meta["precision"], as_of, rows,
+                                        model=meta["model"])
             finally:
                 candidate.deactivate()
     finally:

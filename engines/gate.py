@@ -19,6 +19,7 @@ from scipy.stats import rankdata
 
 from conf.settings import Settings
 from engines import samples
+from engines.model_card import load_card
 from engines.runner import Runner
 from lake.schemas import HEADS
 
@@ -126,7 +127,7 @@ def compare(reference: np.ndarray, candidate: np.ndarray, y: np.ndarray,
 
 
 def holdout_sample(settings: Settings, as_of: str | None, rows: int = DEFAULT_GATE_ROWS,
-                   seed: int = 0) -> tuple[str, pa.Table]:
+                   seed: int = 0, model: str = "emr_risk") -> tuple[str, pa.Table]:
     """The gate's labelled sample: half 1 of the key split (calibration uses half 0), stratified."""
     as_of = as_of or samples.latest_as_of(settings.lake.root, with_labels=True)
     if as_of is None:
@@ -134,13 +135,15 @@ def holdout_sample(settings: Settings, as_of: str | None, rows: int = DEFAULT_GA
             f"the accuracy gate needs labelled timelines in lake {settings.lake.root}; run "
             "`medscreen emr features --as-of D --with-labels` and pass --as-of D")
     table = samples.read_timelines(settings.lake.root, as_of, labels=True)
+    samples.check_vocabulary(settings.lake.root, as_of, load_card(settings, model))
     return as_of, samples.stratified_sample(table, rows, seed=seed, half=1)
 
 
 def gate(settings: Settings, reference: Runner, candidate: Runner, precision: str,
-         as_of: str | None = None, rows: int = DEFAULT_GATE_ROWS) -> dict[str, Any]:
+         as_of: str | None = None, rows: int = DEFAULT_GATE_ROWS,
+         model: str = "emr_risk") -> dict[str, Any]:
     """Score the held-out sample with both (active) runners and return the verdict dict."""
-    as_of, table = holdout_sample(settings, as_of, rows)
+    as_of, table = holdout_sample(settings, as_of, rows, model=model)
     y = samples.labels(table)
     batches = samples.feed_batches(table, settings.features.max_tokens)
     ref = run_batches(reference, batches, table.num_rows)

@@ -74,6 +74,18 @@ def read_timelines(lake_root: Path, as_of: str, labels: bool = False) -> pa.Tabl
     return pa.concat_tables([pq.read_table(f, columns=cols) for f in files])
 
 
+def check_vocabulary(lake_root: Path, as_of: str, card: dict) -> None:
+    """Refuse timelines built with another vocabulary than the model card's (when both record one)."""
+    from lake.commit import read_manifest
+
+    built = (read_manifest(timelines_path(lake_root, as_of)).get("vocabulary") or {}).get("sha256")
+    wanted = (card.get("vocab") or {}).get("sha256")
+    if built and wanted and built != wanted:
+        raise SampleError(f"timelines for as-of {as_of} were built with vocabulary {built[:12]}…, "
+                          f"model {card.get('name')!r} was trained on {wanted[:12]}…; rebuild the "
+                          "features with this medscreen version or retrain the model")
+
+
 def _key_half(keys: list[str]) -> np.ndarray:
     """0 or 1 per patient from a hash of its (already pseudonymised) key: a stable split."""
     return np.array([hashlib.sha256(k.encode()).digest()[0] & 1 for k in keys], dtype=np.int8)

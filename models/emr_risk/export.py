@@ -72,7 +72,7 @@ def export_untrained(path: Path, vocab_size: int = 64, seed: int = 0, **config: 
 
 def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: str,
                config: ModelConfig, vocab: dict, profiles: dict, metrics: dict,
-               training: dict) -> Path:
+               training: dict, torch_state: Path | None = None) -> Path:
     """Write the model card (YAML) describing ``onnx_path``; the ONNX path is stored repo-relative."""
     import yaml
 
@@ -82,7 +82,9 @@ def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: st
         "version": version,
         "description": "Risk of incident type 2 diabetes, chronic kidney disease and heart failure "
                        "within the horizon after the as-of date, from a point-in-time EMR timeline.",
-        "onnx": {"path": str(onnx_path.relative_to(repo_root)), "sha256": file_sha256(onnx_path),
+        # Repo-relative when inside the checkout, so the card does not name this machine's paths.
+        "onnx": {"path": (str(onnx_path.relative_to(repo_root)) if onnx_path.is_relative_to(repo_root)
+                          else str(onnx_path)), "sha256": file_sha256(onnx_path),
                  "opset": OPSET, "bytes": onnx_path.stat().st_size},
         "inputs": [
             {"name": "tokens", "dtype": "int64", "shape": ["batch", "seq"], "note": "0 = padding"},
@@ -99,6 +101,11 @@ def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: st
         "metrics": metrics,
         "training": training,
     }
+    if torch_state is not None:
+        # The eager baseline of bench/engines.py loads these weights (the ONNX folds them away).
+        ts = Path(torch_state).resolve()
+        card["torch"] = {"state_dict": (str(ts.relative_to(repo_root)) if ts.is_relative_to(repo_root)
+                                        else str(ts)), "sha256": file_sha256(ts)}
     card_path = Path(card_path)
     card_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = card_path.with_name(card_path.name + ".tmp")
