@@ -139,7 +139,7 @@ def prepare_model(workdir: Path) -> tuple[Path, dict[str, Any], str]:
 # --- data -------------------------------------------------------------------------------------
 
 def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_tokens: int,
-                       files: int = 8, seed: int = 0) -> Path:
+                       files: int = 8, row_group_rows: int = 16_384, seed: int = 0) -> Path:
     """Committed timelines with a long-tailed length distribution, built without per-row Python."""
     rng = np.random.default_rng(seed)
     # Most patients have a few dozen events, a tail reaches max_tokens; ~4% have none.
@@ -167,7 +167,7 @@ def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_to
     with atomic_partition(final, manifest) as staging:
         for i in range(files):
             pq.write_table(table.slice(bounds[i], bounds[i + 1] - bounds[i]), staging / f"part-{i:05d}.parquet",
-                           row_group_size=65536)
+                           row_group_size=row_group_rows)
     return final
 
 
@@ -242,11 +242,11 @@ def naive_pipeline(settings: Settings, timelines: Path, out_dir: Path, precision
     return {"records_per_s": rows / elapsed, "rows": rows, "seconds": elapsed}
 
 
-def medscreen_pipeline(settings: Settings) -> dict[str, Any]:
+def medscreen_pipeline(settings: Settings, fragment_rows: int) -> dict[str, Any]:
     from inference import emr
 
     start = time.perf_counter()
-    run_dir = emr.score(settings, AS_OF)
+    run_dir = emr.score(settings, AS_OF, fragment_rows=fragment_rows)
     elapsed = time.perf_counter() - start
     m = json.loads((run_dir / "metrics.json").read_text())
     return {"records_per_s": m["throughput"]["rows_scored"] / elapsed, "seconds": elapsed,
@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small run (8k rows) that finishes in minutes even on 2 CPUs")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--token-budget", type=int, default=None, help="override scoring.token_budget")
+    p.add_argument("--fragment-rows", type=int, default=16_384,
+                   help="rows per fragment (unit of CPU packing, output files and resume)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Ray Data baseline")
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medscreen-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bench": "emr_scoring", "rows": rows, "quick": args.quick,
+                              "fragment_rows": args.fragment_rows,
                               "precision": args.precision, "machine": machine()}
     import ray
 
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"engine: {model_source}; building/gating {args.precision} in the engine cache")
         cache.ensure(settings, precision=args.precision)
         log(f"generating {rows} timelines")
-        timelines = generate_timelines(settings.lake.root, rows, vocab, settings.features.max_tokens)
+        timelines = generate_timelines(settings.lake.root, rows, vocab, settings.features.max_tokens,
+                                       row_group_rows=min(args.fragment_rows, 65_536))
 
         eng = engine_only(settings, timelines, args.precision)
         meta = eng.pop("metadata")
@@ -321,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(include_dashboard=False, configure_logging=False)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
-        ours = medscreen_pipeline(settings)
+        ours = medscreen_pipeline(settings, args.fragment_rows)
         result["records_per_s"] = round(ours["records_per_s"], 1)
         result["pipeline"] = {k: ours["metrics"].get(k) for k in (
             "records_per_s", "device_records_per_s", "padding_efficiency", "batches", "mean_rows_per_batch",

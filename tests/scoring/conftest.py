@@ -16,7 +16,7 @@ def scoring_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real ONNX models (good and deliberately broken) plus the good one's model card."""
     root = tmp_path_factory.mktemp("scoring_models")
     models = {mode: build_model(root / f"emr_risk_{mode}.onnx", mode) for mode in
-              ("good", "constant", "nan", "shift")}
+              ("good", "nan", "shift")}
     models["card"] = write_card(models["good"], root / "emr_risk.yaml")
     models["shift_card"] = write_card(models["shift"], root / "emr_risk_shift.yaml")
     models["cache"] = root / "engines"

@@ -167,36 +167,19 @@ def test_scoring_resumes_a_crashed_driver_rescoring_only_unfinished_fragments(ti
 def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_models):
     settings, table = timelines
     settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": "fp16"})})
-    source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["constant"]))
+    source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["nan"]))
     run_dir = emr.score(settings, AS_OF, engine_source=source, fragment_rows=200)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["fp32_safe_mode"] and [a["precision"] for a in m["attempts"]] == ["fp16", "fp32"]
     assert not m["attempts"][0]["qc"]["passed"] and m["qc"]["passed"]
-    assert any("same value" in r for r in m["attempts"][0]["qc"]["reasons"])
+    assert any("NaN" in r for r in m["attempts"][0]["qc"]["reasons"])
     scores = _scores(settings)
     assert set(scores.column("precision").to_pylist()) == {"fp32"}
     assert read_manifest(LakePaths(settings.lake.root).scores("emr_risk", AS_OF))["fp32_safe_mode"] is True
     assert "FP32 safe mode" in (run_dir / "report.html").read_text()
 
 
-def test_scoring_qc_failure_fails_the_run_and_commits_nothing(timelines, scoring_models):
-    settings, _ = timelines
-    settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": "fp16"}),
-                                           "scoring": settings.scoring.model_copy(update={"qc": settings.scoring.qc.model_copy(update={"fallback_to_fp32": False})})})
-    source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["nan"]))
-    with pytest.raises(QCFailed, match="NaN") as err:
-        emr.score(settings, AS_OF, run_id="run-nan", engine_source=source, fragment_rows=200)
-    assert not err.value.verdict["passed"]
-    lake = LakePaths(settings.lake.root)
-    assert not lake.scores("emr_risk", AS_OF).exists() and not lake.screening(AS_OF).exists()
-    run_dir = lake.run("run-nan")
-    m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["status"] == "failed_qc" and not m["qc"]["passed"]
-    assert "FAIL" in (run_dir / "report.html").read_text()
-    assert not list(lake.scores("emr_risk", AS_OF).parent.glob(".staging-*"))
-
-
-def test_scoring_psi_drift_against_previous_as_of_fails(scoring_settings, scoring_models):
+def test_scoring_psi_drift_fails_the_run_and_commits_nothing(scoring_settings, scoring_models):
     shifted = scoring_settings("shift_card")
     table = random_timelines(N, seed=11)
     # The previous as-of's committed scores: the good model (engine alone) on the same population.
@@ -214,6 +197,13 @@ def test_scoring_psi_drift_against_previous_as_of_fails(scoring_settings, scorin
         pq.write_table(prev, st / "part-00000.parquet")
     commit_timelines(shifted.lake.root, AS_OF, table)
     with pytest.raises(QCFailed, match="PSI") as err:
-        emr.score(shifted, AS_OF, fragment_rows=200)
+        emr.score(shifted, AS_OF, run_id="run-drift", fragment_rows=200)
     assert err.value.verdict["reference"] == f"as_of={previous}"
     assert {c["check"] for c in err.value.verdict["checks"] if not c["passed"]} == {"psi"}
+    # fp32 already: no safe mode to fall back to; nothing is committed, the run says why
+    lake = LakePaths(shifted.lake.root)
+    assert not lake.scores("emr_risk", AS_OF).exists() and not lake.screening(AS_OF).exists()
+    assert not list(lake.scores("emr_risk", AS_OF).parent.glob(".staging-*"))
+    m = json.loads((lake.run("run-drift") / "metrics.json").read_text())
+    assert m["status"] == "failed_qc" and not m["qc"]["passed"] and not m["fp32_safe_mode"]
+    assert "FAIL" in (lake.run("run-drift") / "report.html").read_text()
