@@ -11,8 +11,8 @@ atomically with a manifest, and a ledger that must balance:
 2. parse: the pure parsers (preprocessing.fhir / preprocessing.omop) over
    Arrow batches (``mapInArrow``): one record in, one record out, ids hashed
    with the pseudonym key inside the executor.
-3. de-duplicate: of accepted records with the same type and id, the first in
-   reader order wins; the others are quarantined ``duplicate_id``.
+3. de-duplicate: of accepted or ignored records with the same type and id, the
+   first in reader order wins; the others are quarantined ``duplicate_id``.
 4. resolve: clinical records whose patient is not an accepted patient are
    quarantined ``unknown_patient``.
 5. write: events (one row per event), patients, quarantine, each into a
@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 from pyspark.sql.types import StringType, StructField, StructType
@@ -223,13 +223,16 @@ def resolve(records: DataFrame) -> DataFrame:
     """Parsed records → final records: duplicates and unknown-patient references quarantined.
 
     Same columns as the input (:data:`preprocessing.emr_record.RECORDS`); one row per input
-    row, so the ledger still balances. Of accepted records with the same type and id the
-    first in reader order (``ord``) stays; a clinical record stays only if its patient_key
-    is an accepted patient's.
+    row, so the ledger still balances. Of accepted or ignored records with the same type and
+    id the first in reader order (``ord``) stays; a clinical record stays only if its
+    patient_key is an accepted patient's.
     """
     ok = F.col("status") == rec.OK
-    first = Window.partitionBy("status", "resource_type", "source_ref").orderBy("ord")
-    ranked = records.withColumn("_dup", ok & (F.row_number().over(first) > 1))
+    # Ignored records take part too: a repeated Claim line is a duplicate, not a second Claim.
+    keyed = F.col("status").isin(rec.OK, rec.IGNORED) & F.col("source_ref").isNotNull()
+    first = Window.partitionBy("_keyed", "resource_type", "source_ref").orderBy("ord")
+    ranked = (records.withColumn("_keyed", keyed)
+              .withColumn("_dup", F.col("_keyed") & (F.row_number().over(first) > 1)))
     known = (ranked.filter(ok & F.col("is_patient") & ~F.col("_dup"))
              .select("patient_key").distinct().withColumn("_known", F.lit(True)))
     joined = ranked.join(known, "patient_key", "left")

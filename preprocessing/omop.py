@@ -27,9 +27,10 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 
-from lake.schemas import KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC
-from preprocessing.emr_record import (I_NON_NUMERIC_VALUE, I_UNSUPPORTED_TABLE, OK, R_FUTURE_DATE, R_INVALID_DATE,
-                                      R_INVALID_ID, R_INVALID_SUBJECT, R_INVALID_VALUE,
+from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
+                          SYSTEM_ICD10CM, SYSTEM_LOINC)
+from preprocessing.emr_record import (I_NON_NUMERIC_VALUE, I_UNSUPPORTED_TABLE, OK, R_FUTURE_DATE,
+                                      R_INVALID_DATE, R_INVALID_ID, R_INVALID_SUBJECT, R_INVALID_VALUE,
                                       R_MALFORMED_CODE, R_MISSING_CODE, R_MISSING_DATE,
                                       R_MISSING_ID, R_MISSING_SUBJECT, R_MISSING_VALUE, Event,
                                       ParseContext, ParsedRecord, dx_event, ignored, parse_date,

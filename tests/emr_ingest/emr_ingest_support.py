@@ -7,7 +7,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conf.settings import ExtractionSettings
+import pytest
+
+from conf.settings import ExtractionSettings, load_settings
 from preprocessing.code_groups import load_code_groups
 from preprocessing.emr_record import ParseContext, parse_datetime_us
 from preprocessing.notes import NoteExtractor
@@ -35,3 +37,21 @@ def sorted_rows(table: pa.Table) -> list[tuple]:
     rows = [tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in r.items())
             for r in table.to_pylist()]
     return sorted(rows, key=repr)
+
+
+def ingest(spark, tmp_path_factory, fmt: str, input_dir: Path, runs: int = 1) -> dict[str, Any]:
+    """Run the ingest ``runs`` times into a fresh lake; keep each run's summary and tables."""
+    from jobs import emr_ingest
+
+    lake = tmp_path_factory.mktemp(f"emr_lake_{fmt}")
+    out: dict[str, Any] = {"lake": lake, "summaries": [], "tables": []}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", INGEST_KEY)
+        settings = load_settings({"lake.root": str(lake), "spark.master": "local[2]",
+                                  "spark.shuffle_partitions": 2})
+        for _ in range(runs):
+            out["summaries"].append(emr_ingest.run(settings, input_dir, fmt))
+            out["tables"].append({name: read_lake_table(lake / "emr" / name)
+                                  for name in ("events", "patients", "quarantine")})
+    out["settings"] = settings
+    return out
