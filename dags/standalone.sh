@@ -8,7 +8,10 @@
 # one-slot pool for the shared-table stages. The lake and inputs come from the
 # usual MEDSCREEN_* variables (defaults: ./work/lake, ./work/demo/input/*).
 #
-# MEDSCREEN_AIRFLOW_SETUP_ONLY=1 prepares everything and exits without serving.
+# With arguments, runs that airflow sub-command in the same configuration instead
+# of `airflow standalone` (e.g. `bash dags/standalone.sh api-server`,
+# `bash dags/standalone.sh dags list`). MEDSCREEN_AIRFLOW_SETUP_ONLY=1 prepares
+# everything and exits.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -59,13 +62,18 @@ if [[ ! -s "$PASSWORDS_FILE" ]]; then
 fi
 chmod 600 "$PASSWORDS_FILE"
 
-airflow db migrate >/dev/null
-airflow connections delete spark_default >/dev/null 2>&1 || true
-airflow connections add spark_default --conn-type spark --conn-host 'local[2]' >/dev/null
-airflow pools set medscreen_shared_tables 1 \
-  "medscreen: one build of a shared lake table (EMR events, DICOM index, engine cache) at a time" >/dev/null
+# One-time setup per AIRFLOW_HOME and Airflow version (each airflow CLI call costs seconds).
+STAMP="$AIRFLOW_HOME/.medscreen-setup-$(python -c 'import airflow; print(airflow.__version__)')"
+if [[ ! -f "$STAMP" ]]; then
+  airflow db migrate >/dev/null
+  airflow connections delete spark_default >/dev/null 2>&1 || true
+  airflow connections add spark_default --conn-type spark --conn-host 'local[2]' >/dev/null
+  airflow pools set medscreen_shared_tables 1 \
+    "medscreen: one build of a shared lake table (EMR events, DICOM index, engine cache) at a time" >/dev/null
+  touch "$STAMP"
+fi
 
-cat <<EOF
+cat >&2 <<EOF
 medscreen Airflow
   UI:            http://127.0.0.1:$PORT   (bound to 127.0.0.1 only)
   user:          admin
@@ -79,5 +87,8 @@ EOF
 
 if [[ "${MEDSCREEN_AIRFLOW_SETUP_ONLY:-0}" == "1" ]]; then
   exit 0
+fi
+if [[ $# -gt 0 ]]; then
+  exec airflow "$@"
 fi
 exec airflow standalone
