@@ -212,7 +212,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
              on_fragment_done: Callable[[int, int], None] | None) -> Attempt:
     runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
     del runner
-    _check_vocabulary(in_manifest, metadata, timelines)
+    _check_vocabulary(in_manifest, metadata, timelines,
+                      allow_unrecorded=bool(getattr(source, "force_ungated", False)))
     staging = RunStaging(final, run_id, precision)
     plan = {"input": str(timelines), "input_run_id": in_manifest.get("run_id"),
             "fragments": spec_dicts(specs), "engine_fingerprint": metadata.get("fingerprint"),
@@ -371,15 +372,26 @@ def _vocab_size(metadata: dict[str, Any]) -> int | None:
     return int(value) if value else None
 
 
-def _check_vocabulary(in_manifest: dict[str, Any], metadata: dict[str, Any], timelines: Path) -> None:
+def _check_vocabulary(in_manifest: dict[str, Any], metadata: dict[str, Any], timelines: Path,
+                      allow_unrecorded: bool = False) -> None:
+    """Refuse timelines encoded with another vocabulary than the engine's model was trained on.
+
+    An engine that records no vocabulary (an untrained placeholder export) is
+    accepted only under ``--force-ungated``, which already means "unverified engine".
+    """
     ours = _vocab_sha256(in_manifest)
     theirs = metadata.get("vocab_sha256") or (metadata.get("vocab") or {}).get("sha256")
     if not ours:
         raise VocabularyMismatch(f"timelines partition {timelines.name} records no vocabulary sha256 in its "
                                  "manifest; rebuild it with `medscreen emr features`")
+    if not theirs and allow_unrecorded:
+        log.warning("engine %s records no vocabulary sha256; scoring anyway (--force-ungated)",
+                    metadata.get("fingerprint"))
+        return
     if not theirs:
         raise VocabularyMismatch(f"engine {metadata.get('fingerprint')} records no vocabulary sha256; "
-                                 "rebuild it with `medscreen engines build`")
+                                 "export the trained model (its card records the vocabulary) and rebuild "
+                                 "with `medscreen engines ensure`, or pass --force-ungated")
     if ours != theirs:
         raise VocabularyMismatch(
             f"timelines {timelines.name} use vocabulary {ours[:12]} but engine {metadata.get('fingerprint')} "

@@ -109,7 +109,9 @@ def evaluate(scores: dict[str, np.ndarray], settings: QCSettings,
         check("all_zero", head, float(np.abs(fin).max()) if len(fin) else None, 0.0, not all_zero,
               f"every {head} score is exactly 0")
         constant = bool(n > 1 and len(fin) and fin.min() == fin.max())
-        check("constant", head, float(fin.min()) if len(fin) else None, None, not constant or all_zero,
+        # value = range of the scores: 0 means one value for everybody
+        check("constant", head, float(fin.max() - fin.min()) if len(fin) else None, 0.0,
+              not constant or all_zero,
               f"every {head} score is the same value {fin.min() if len(fin) else float('nan'):.6g}")
         std = float(fin.std()) if len(fin) else float("nan")
         collapsed = n > 1 and not (std >= settings.min_std)

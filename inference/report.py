@@ -24,6 +24,8 @@ def _e(x: Any) -> str:
 
 
 def _fmt(x: Any) -> str:
+    if isinstance(x, bool):
+        return "yes" if x else "no"
     if isinstance(x, float):
         return f"{x:,.4g}" if abs(x) < 1000 else f"{x:,.0f}"
     if isinstance(x, int):
