@@ -302,7 +302,10 @@ def run_cli(args: Sequence[str], timeout_s: float | None = None) -> str:
     for line in proc.stderr.splitlines():
         log.info("%s", line)
     if proc.returncode != 0:
-        reasons = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()][-8:]
+        lines = [ln.strip() for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        # The CLI's own error lines and QC verdicts say why; a traceback's tail is the fallback.
+        reasons = [ln for ln in lines if ln.startswith("medscreen:") or "QC gate failed" in ln
+                   or "LedgerImbalance" in ln] or lines[-8:]
         raise OrchestrationError(
             f"`medscreen {' '.join(args)}` failed with exit status {proc.returncode}:\n"
             + "\n".join(reasons))

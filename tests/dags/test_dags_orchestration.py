@@ -1,0 +1,144 @@
+"""The DAGs' decisions (medscreen.orchestration) on tiny real files: no Spark, no Airflow scheduler."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lake.commit import atomic_partition
+from lake.ledger import StageLedger, write_ledger
+from lake.paths import LakePaths
+from medscreen import orchestration as orch
+
+
+def _settings(make_settings, emr_dir: Path, dicom_dir: Path | None = None):
+    over = {"inputs.emr_dir": str(emr_dir)}
+    if dicom_dir is not None:
+        over["inputs.dicom_dir"] = str(dicom_dir)
+    return make_settings(**over)
+
+
+def test_spark_jobs_resolve_to_installed_files_and_arguments(make_settings, tmp_path: Path) -> None:
+    for job in ("emr_ingest", "emr_features", "dicom_index"):
+        path = orch.job_file(job)
+        assert path.is_file() and "def main" in path.read_text()
+    s = _settings(make_settings, tmp_path / "emr")
+    assert orch.job_arguments("emr_ingest", s) == [
+        "--input", str(tmp_path / "emr"), "--format", "fhir", "--lake", str(s.lake.root)]
+    assert orch.job_arguments("emr_features", s, "2024-06-30") == [
+        "--lake", str(s.lake.root), "--as-of", "2024-06-30"]
+    with pytest.raises(orch.OrchestrationError, match="MEDSCREEN_INPUTS__DICOM_DIR"):
+        orch.job_arguments("dicom_index", s)
+    with pytest.raises(ValueError, match="not a date"):
+        orch.job_arguments("emr_features", s, "30/06/2024")
+    env = orch.spark_env()
+    assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"]
+    assert (Path(env["PATH"].split(os.pathsep)[0]) / "spark-submit").is_file()
+
+
+def test_shared_table_is_rebuilt_only_when_inputs_change(make_settings, tmp_path: Path) -> None:
+    emr = tmp_path / "emr"
+    emr.mkdir()
+    (emr / "Patient.ndjson").write_text('{"resourceType": "Patient"}\n')
+    s = _settings(make_settings, emr)
+    table = orch.SharedTable.for_job("emr_ingest", s)
+    assert table.output == LakePaths(s.lake.root).events
+    assert not table.is_current(s.lake.root)          # never built
+    with atomic_partition(table.output) as staging:
+        (staging / "part-0.parquet").write_bytes(b"")
+    assert not table.is_current(s.lake.root)          # built, but by nobody we recorded
+    table.record(s.lake.root, "run-1")
+    assert table.is_current(s.lake.root)
+    (emr / "Condition.ndjson").write_text("{}\n")      # a new export file
+    assert not table.is_current(s.lake.root)
+    table.record(s.lake.root, "run-2")
+    assert table.is_current(s.lake.root)
+    st = (emr / "Condition.ndjson").stat()
+    os.utime(emr / "Condition.ndjson", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten
+    assert not table.is_current(s.lake.root)
+
+
+def test_lake_lock_serialises_two_holders(tmp_path: Path) -> None:
+    order: list[str] = []
+
+    def second() -> None:
+        with orch.lake_lock(tmp_path, "emr_ingest"):
+            order.append("second")
+
+    with orch.lake_lock(tmp_path, "emr_ingest"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)
+        order.append("first done")
+    t.join(timeout=10)
+    assert order == ["first done", "second"]
+
+
+def _run_dir(tmp_path: Path, name: str, balanced: bool = True, qc: dict | None = None) -> str:
+    rd = tmp_path / "runs" / name
+    write_ledger(rd, StageLedger("score_emr", records_in=10, records_out=9 if balanced else 7,
+                                 quarantined={"empty_timeline": 1}))
+    (rd / "metrics.json").write_text(json.dumps({"qc": qc or {"passed": True, "reasons": []}}))
+    return str(rd)
+
+
+def test_qc_gate_lists_every_reason(tmp_path: Path) -> None:
+    ok = orch.qc_gate({"emr_risk": _run_dir(tmp_path, "a"), "ct_nodule": None})
+    assert ok["ct_nodule"] == {"status": "not run"} and ok["emr_risk"]["ledger_balanced"]
+    with pytest.raises(orch.QCGateFailed) as err:
+        orch.qc_gate({"emr_risk": _run_dir(tmp_path, "b", qc={"passed": False,
+                                                              "reasons": ["psi 0.4 > 0.25 for t2d"]}),
+                      "ct_nodule": _run_dir(tmp_path, "c", balanced=False)})
+    msg = str(err.value)
+    assert "emr_risk: QC: psi 0.4 > 0.25 for t2d" in msg
+    assert "ct_nodule: stage score_emr does not balance: 10 in, 7 out, 1 quarantined" in msg
+    with pytest.raises(orch.QCGateFailed, match="no ledger.json"):
+        orch.qc_gate({"emr_risk": str(tmp_path / "missing")})
+
+
+def test_publish_only_moves_forward(tmp_path: Path) -> None:
+    lake = LakePaths(tmp_path)
+    with pytest.raises(orch.OrchestrationError, match="not committed"):
+        orch.publish_screening(tmp_path, "2024-06-30")
+    for d in ("2024-06-29", "2024-06-30"):
+        with atomic_partition(lake.screening(d)) as staging:
+            (staging / "part-0.parquet").write_bytes(b"")
+    assert orch.publish_screening(tmp_path, "2024-06-30")["latest"] == "2024-06-30"
+    # A backfill of an older date commits its own partition but leaves LATEST alone.
+    assert orch.publish_screening(tmp_path, "2024-06-29")["latest"] == "2024-06-30"
+    pointer = json.loads((tmp_path / "screening" / "LATEST.json").read_text())
+    assert pointer["as_of"] == "2024-06-30"
+
+
+def test_report_is_committed_per_as_of(tmp_path: Path) -> None:
+    path = orch.write_report(tmp_path, "nightly_screening", "2024-06-30", "manual__x", {"qc": {}})
+    assert path == tmp_path / "reports" / "nightly_screening" / "as_of=2024-06-30" / "report.json"
+    assert (path.parent / "_SUCCESS").is_file()
+    assert json.loads(path.read_text())["airflow_run_id"] == "manual__x"
+
+
+def test_cli_failures_name_the_command_and_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(orch.OrchestrationError) as err:
+        orch.run_cli(["emr", "ingest", "--input", str(tmp_path / "nowhere"), "--lake", str(tmp_path)])
+    msg = str(err.value)
+    assert "medscreen emr ingest" in msg and "exit status 2" in msg
+    assert "nowhere" in msg
+    assert orch.resolve_as_of(None, "2024-06-30") == "2024-06-30"
+    assert orch.resolve_as_of("2024-01-31", "2024-06-30") == "2024-01-31"
+
+
+def test_patient_limit_needs_a_limit_flag_in_the_cli() -> None:
+    from medscreen.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["score"]
+    emr = next(a for a in sub._actions if a.dest == "score_command").choices["emr"]
+    flags = [f for f in ("--limit", "--patient-limit") if f in emr._option_string_actions]
+    if flags:
+        assert orch.patient_limit_args("emr", 5) == [flags[0], "5"]
+    else:
+        with pytest.raises(orch.OrchestrationError, match="no --limit flag"):
+            orch.patient_limit_args("emr", 5)
