@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from scipy.stats import rankdata
 
 from conf.settings import Settings
 from engines import samples
+from engines.metrics import brier, head_metrics, roc_auc  # noqa: F401 (re-exported)
 from engines.model_card import load_card
 from engines.runner import Runner
 from lake.schemas import HEADS
@@ -54,31 +54,6 @@ def thresholds_for(settings: Settings, precision: str) -> GateThresholds:
     else:
         auc, p = _FP32_MAX_DELTA_AUC, _FP32_MAX_DELTA_P
     return GateThresholds(auc, _BRIER.get(precision, _BRIER["fp32"]), p, g.min_holdout_rows)
-
-
-def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by the rank (Mann–Whitney) formula, ties averaged; NaN if one class is absent."""
-    y = np.asarray(y).astype(bool)
-    pos, neg = int(y.sum()), int((~y).sum())
-    if pos == 0 or neg == 0 or not np.all(np.isfinite(p)):
-        return math.nan
-    ranks = rankdata(p)
-    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def brier(y: np.ndarray, p: np.ndarray) -> float:
-    return float(np.mean((np.asarray(p, dtype=np.float64) - np.asarray(y, dtype=np.float64)) ** 2))
-
-
-def head_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, dict[str, float]]:
-    """Per head: AUC, Brier, prevalence and n (rows with a label; -1 = no label)."""
-    out = {}
-    for j, head in enumerate(HEADS):
-        ok = y[:, j] >= 0
-        yy, pp = y[ok, j], probs[ok, j]
-        out[head] = {"auc": roc_auc(yy, pp), "brier": brier(yy, pp) if len(yy) else math.nan,
-                     "prevalence": float(yy.mean()) if len(yy) else math.nan, "n": int(ok.sum())}
-    return out
 
 
 def run_batches(runner: Runner, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]],

@@ -77,7 +77,8 @@ def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def batches(data: dict[str, np.ndarray], batch_rows: int, rng: np.random.Generator | None):
+def batches(data: dict[str, np.ndarray], batch_rows: int, rng: np.random.Generator | None,
+            device: str = "cpu"):
     """Length-bucketed batches (shuffled within and across buckets when rng is given)."""
     order = np.argsort(data["length"] + (rng.random(len(data["length"])) * 4 if rng is not None else 0),
                        kind="stable")
@@ -87,23 +88,23 @@ def batches(data: dict[str, np.ndarray], batch_rows: int, rng: np.random.Generat
     for idx in chunks:
         seq = max(1, int(data["length"][idx].max()))
         # Timelines are left-aligned: keep the first `seq` positions (padding beyond).
-        yield (torch.from_numpy(data["tokens"][idx, :seq]), torch.from_numpy(data["days_before"][idx, :seq]),
-               torch.from_numpy(data["age_years"][idx]), torch.from_numpy(data["sex"][idx]),
-               torch.from_numpy(data["labels"][idx].astype(np.float32)))
+        yield tuple(torch.from_numpy(a).to(device) for a in (
+            data["tokens"][idx, :seq], data["days_before"][idx, :seq], data["age_years"][idx],
+            data["sex"][idx], data["labels"][idx].astype(np.float32)))
 
 
 def predict(model: EmrRiskModel, data: dict[str, np.ndarray], batch_rows: int = 512) -> np.ndarray:
     model.eval()
+    device = next(model.parameters()).device
     out = np.zeros((len(data["length"]), len(HEADS)), np.float32)
     order = np.argsort(data["length"], kind="stable")
     with torch.no_grad():
         for i in range(0, len(order), batch_rows):
             idx = order[i:i + batch_rows]
             seq = max(1, int(data["length"][idx].max()))
-            out[idx] = model(torch.from_numpy(data["tokens"][idx, :seq]),
-                             torch.from_numpy(data["days_before"][idx, :seq]),
-                             torch.from_numpy(data["age_years"][idx]),
-                             torch.from_numpy(data["sex"][idx])).numpy()
+            out[idx] = model(*(torch.from_numpy(a).to(device) for a in (
+                data["tokens"][idx, :seq], data["days_before"][idx, :seq], data["age_years"][idx],
+                data["sex"][idx]))).cpu().numpy()
     return out
 
 
@@ -111,19 +112,21 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
           batch_rows: int = 128, time_budget_s: float = 600.0) -> list[float]:
     """AdamW on masked BCE (labels of -1 = unknown are ignored); returns the loss per epoch."""
     rng = np.random.default_rng(seed)
+    device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     # Positive weights bring rare heads (hf) up to the gradient share of common ones.
     y = data["labels"]
     pos = np.clip([(y[:, j] == 1).mean() for j in range(y.shape[1])], 1e-3, None)
     loss_fn = nn.BCEWithLogitsLoss(reduction="none",
-                                   pos_weight=torch.tensor(np.sqrt((1 - pos) / pos), dtype=torch.float32))
+                                   pos_weight=torch.tensor(np.sqrt((1 - pos) / pos), dtype=torch.float32,
+                                                           device=device))
     steps = epochs * math.ceil(len(y) / batch_rows)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     history, started = [], time.perf_counter()
     for epoch in range(epochs):
         model.train()
         total, n = 0.0, 0
-        for tokens, days, age, sex, labels in batches(data, batch_rows, rng):
+        for tokens, days, age, sex, labels in batches(data, batch_rows, rng, str(device)):
             logits = model.logits(tokens, days, age, sex)
             mask = (labels >= 0).float()
             loss = (loss_fn(logits, labels.clamp(min=0)) * mask).sum() / mask.sum().clamp(min=1)
@@ -132,7 +135,7 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(labels)
+            total += float(loss.detach()) * len(labels)
             n += len(labels)
         history.append(total / max(n, 1))
         log.info("epoch %d: loss %.4f (%.0fs)", epoch + 1, history[-1], time.perf_counter() - started)
@@ -142,9 +145,41 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
     return history
 
 
+ARRAY_KEYS = ("length", "age_years", "sex", "labels")
+
+
+def save_arrays(path: Path, train_data: dict[str, np.ndarray], hold: dict[str, np.ndarray],
+                meta: dict[str, Any]) -> Path:
+    """Ragged (unpadded) arrays + metadata, so training can run where there is no lake or Spark."""
+    out: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+    for split, d in (("train", train_data), ("hold", hold)):
+        keep = np.arange(d["tokens"].shape[1])[None, :] < d["length"][:, None]
+        out[f"{split}_tokens"] = d["tokens"][keep].astype(np.int32)
+        out[f"{split}_days_before"] = d["days_before"][keep].astype(np.float32)
+        for k in ARRAY_KEYS:
+            out[f"{split}_{k}"] = d[k]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    return path
+
+
+def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+    z = np.load(path)
+    splits = []
+    for split in ("train", "hold"):
+        d = {k: z[f"{split}_{k}"] for k in ARRAY_KEYS}
+        n, seq = len(d["length"]), max(1, int(d["length"].max()))
+        keep = np.arange(seq)[None, :] < d["length"][:, None]
+        d["tokens"] = np.zeros((n, seq), np.int64)
+        d["days_before"] = np.zeros((n, seq), np.float32)
+        d["tokens"][keep] = z[f"{split}_tokens"]
+        d["days_before"][keep] = z[f"{split}_days_before"]
+        splits.append(d)
+    return splits[0], splits[1], json.loads(str(z["meta"]))
+
+
 def main(argv: list[str] | None = None) -> int:
-    from conf.settings import load_settings
-    from engines.gate import head_metrics
+    from engines.metrics import head_metrics
 
     p = argparse.ArgumentParser(prog="python -m models.emr_risk.train", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, default=Path("work/train_emr_risk"),
@@ -162,37 +197,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget-s", type=float, default=900.0)
     p.add_argument("--onnx", type=Path, default=REPO_ROOT / "models" / "emr_risk" / "emr_risk.onnx")
     p.add_argument("--card", type=Path, default=REPO_ROOT / "conf" / "models" / "emr_risk.yaml")
+    p.add_argument("--save-arrays", type=Path, dest="save_arrays",
+                   help="write the training/held-out arrays here and stop (train with --from-arrays)")
+    p.add_argument("--from-arrays", type=Path, dest="from_arrays",
+                   help="train from --save-arrays output: no lake, Spark or settings needed")
+    p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # Synthetic patients only: a fixed training key keeps reruns' patient keys identical.
     # A real deployment's key (env or key file) wins when set.
     os.environ.setdefault("MEDSCREEN_PSEUDONYM_KEY", "emr-risk-training-on-synthetic-data-only")
-    lake = Path(args.lake) if args.lake else args.workdir / "lake"
-    settings = load_settings({"lake.root": str(lake)})
-    dates = list(args.train_as_of) + [args.as_of]
-    data_summary = {} if args.skip_data else build_lake(settings, args.workdir, args.patients,
-                                                        args.seed, dates)
-    max_tokens = settings.features.max_tokens
-    train_data = concat([load_rows(lake, d, max_tokens) for d in args.train_as_of])
-    hold = load_rows(lake, args.as_of, max_tokens)
-    vocab = _vocabulary(lake, dates)
+    if args.from_arrays:
+        train_data, hold, meta = load_arrays(args.from_arrays)
+    else:
+        from conf.settings import load_settings
+
+        lake = Path(args.lake) if args.lake else args.workdir / "lake"
+        settings = load_settings({"lake.root": str(lake)})
+        dates = list(args.train_as_of) + [args.as_of]
+        if not args.skip_data:
+            build_lake(settings, args.workdir, args.patients, args.seed, dates)
+        max_tokens = settings.features.max_tokens
+        train_data = concat([load_rows(lake, d, max_tokens) for d in args.train_as_of])
+        hold = load_rows(lake, args.as_of, max_tokens)
+        meta = {"vocab": _vocabulary(lake, dates), "max_tokens": max_tokens,
+                "train_as_of": list(args.train_as_of), "holdout_as_of": args.as_of,
+                "patients": args.patients, "seed": args.seed}
+        if args.save_arrays:
+            save_arrays(args.save_arrays, train_data, hold, meta)
+            print(args.save_arrays)
+            return 0
+    vocab, max_tokens = meta["vocab"], meta["max_tokens"]
     log.info("training rows %d, held-out rows %d, vocabulary %d tokens", len(train_data["length"]),
              len(hold["length"]), vocab["size"])
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
     config = ModelConfig(vocab_size=vocab["size"], d_model=args.d_model, n_layers=args.layers,
                          n_heads=4, d_ff=2 * args.d_model)
-    model = EmrRiskModel(config)
+    model = EmrRiskModel(config).to(args.device)
     t = time.perf_counter()
     history = train(model, train_data, args.epochs, args.lr, args.seed, time_budget_s=args.time_budget_s)
     train_s = time.perf_counter() - t
     metrics = head_metrics(predict(model, hold), hold["labels"])
     metrics = {h: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
                for h, m in metrics.items()}
-    log.info("held-out %s: %s", args.as_of, json.dumps(metrics))
+    log.info("held-out %s: %s", meta["holdout_as_of"], json.dumps(metrics))
 
+    model = model.cpu()
     export_onnx(model, args.onnx)
     state_path = args.onnx.with_suffix(".pt")
     torch.save(model.state_dict(), state_path)
@@ -202,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
                         "max": max_tokens}}
     write_card(args.card, args.onnx, REPO_ROOT, version=MODEL_VERSION, config=config, vocab=vocab,
                profiles=profiles,
-               metrics={"holdout_as_of": args.as_of, "heads": metrics},
+               metrics={"holdout_as_of": meta["holdout_as_of"], "heads": metrics},
                training={"trained": True, "data": "synthetic (medscreen.synth_emr) through the lake",
-                         "patients": args.patients, "seed": args.seed, "train_as_of": list(args.train_as_of),
+                         "patients": meta["patients"], "seed": meta["seed"],
+                         "train_as_of": meta["train_as_of"], "device": args.device,
                          "rows": int(len(train_data["length"])), "epochs_run": len(history),
                          "loss_per_epoch": [round(x, 4) for x in history], "train_seconds": round(train_s),
                          "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
