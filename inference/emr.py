@@ -111,6 +111,11 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
             first.staging.discard()
             attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
                                      run_id, actor_cls, on_fragment_done))
+    except BaseException as exc:
+        # Finished fragments stay staged: the same run_id picks up where this one stopped.
+        exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — call "
+                     f"inference.emr.score(..., run_id={run_id!r}) to resume")
+        raise
     finally:
         if started_ray:
             import ray
@@ -299,14 +304,18 @@ class _FragmentWriter:
         order = np.argsort(keys_str, kind="stable")
         n = len(order)
         meta = self.metadata
+
+        def const(value: Any, typ: pa.DataType) -> pa.Array:
+            return pa.repeat(pa.scalar(value, typ), n)
+
         table = pa.table({
             "patient_key": pa.array(keys_str[order], pa.string()),
-            "as_of": pa.array([self.as_of] * n, pa.date32()),
-            "model": pa.array([str(meta.get("model", MODEL))] * n, pa.string()),
-            "model_version": pa.array([str(meta.get("model_version"))] * n, pa.string()),
-            "engine_fingerprint": pa.array([str(meta.get("fingerprint"))] * n, pa.string()),
-            "precision": pa.array([self.precision] * n, pa.string()),
-            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "as_of": const(self.as_of, pa.date32()),
+            "model": const(str(meta.get("model", MODEL)), pa.string()),
+            "model_version": const(str(meta.get("model_version")), pa.string()),
+            "engine_fingerprint": const(str(meta.get("fingerprint")), pa.string()),
+            "precision": const(self.precision, pa.string()),
+            "run_id": const(self.run_id, pa.string()),
             **{f"score_{h}": pa.array(probs[order, j], pa.float32()) for j, h in enumerate(HEADS)},
         }, schema=SCORES)
         qkeys = np.concatenate([p[2] for p in parts])
