@@ -130,6 +130,12 @@ class _Table:
         self._w.writerow(row)
         self.rows += 1
 
+    def write_plain(self, row: list[Any]) -> None:
+        """A row known to hold no comma, quote or line break: csv.writer would write the same."""
+        self._fh.write(",".join(map(str, row)))
+        self._fh.write("\n")
+        self.rows += 1
+
     def write_raw(self, line: str) -> None:
         self._fh.write(line)
         self._fh.write("\n")
@@ -172,7 +178,10 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
 
     def emit(t: str, i: int, row: list[Any]) -> None:
         tab = tables[t]
-        tab.write(row)
+        if t == "note":
+            tab.write(row)  # free text: needs csv quoting
+        else:
+            tab.write_plain(row)
         for kind in plan[t].get(i, ()):
             if kind == "duplicate_id":
                 tab.write(row)  # the same row twice, as a re-run extract appends it

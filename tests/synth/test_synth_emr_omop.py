@@ -80,3 +80,21 @@ def test_bad_rows_match_the_summary(omop_export) -> None:
     _, drugs = _rows(out / "drug_exposure.csv")
     counts["unused_table"] = len(drugs)
     assert dict(counts) == summary["bad_records"]
+
+
+def test_omop_is_byte_identical_per_seed_and_clean_without_bad_share(tmp_path: Path) -> None:
+    from medscreen.synth_emr import generate
+
+    a = generate(tmp_path / "a", patients=50, seed=5, bad_share=0.05, fmt="omop")
+    b = generate(tmp_path / "b", patients=50, seed=5, bad_share=0.05, fmt="omop")
+    assert a == b
+    for f in sorted((tmp_path / "a").iterdir()):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+    clean = generate(tmp_path / "c", patients=50, seed=5, bad_share=0.0, fmt="omop")
+    assert clean["bad_records_total"] == 0
+    assert not (tmp_path / "c" / "drug_exposure.csv").exists()
+    # The good rows do not depend on the bad share: the clean tables are the bad ones minus
+    # the planted rows.
+    _, clean_rows = _rows(tmp_path / "c" / "person.csv")
+    _, bad_rows = _rows(tmp_path / "a" / "person.csv")
+    assert clean_rows == bad_rows
