@@ -40,7 +40,7 @@ from lake.runs import new_run_id, write_json
 from lake.schemas import EVENTS, LABEL_COLUMNS, PATIENTS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
 from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
 from preprocessing.vocabulary import (DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV, OOV_ID,
-                                      TOKEN_ASSERTIONS, UNKNOWN_BIN, LoincRule, Vocabulary,
+                                      TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
                                       default_vocabulary)
 
 STAGE = "emr_features"
@@ -64,38 +64,16 @@ class InputNotCommitted(FileNotFoundError):
 
 # ---------------------------------------------------------------- transforms
 
-def token_column(kind: Column, system: Column, code: Column, value: Column, unit: Column,
-                 assertion: Column) -> Column:
-    """The token string of each event (NULL = no token), mirroring vocabulary.token_for."""
-    icd10 = F.concat(F.lit("icd10:"),
-                     F.substring(F.upper(F.regexp_replace(F.coalesce(code, F.lit("")), "[^A-Za-z0-9]", "")), 1, 3))
-    dx = (F.when(assertion.isNotNull() & ~assertion.isin(*TOKEN_ASSERTIONS), F.lit(None).cast("string"))
-          .when(system == "icd10cm", icd10)
-          .when(system == "icd9cm", F.lit(ICD9_BUCKET))
-          .otherwise(F.lit(OOV)))
-    unit_norm = F.lower(F.trim(unit))
-    loinc_bin = None
-    for rule in LOINC_RULES:
-        b = _loinc_bin_column(rule, value, unit_norm)
-        loinc_bin = F.when(code == rule.code, b) if loinc_bin is None else loinc_bin.when(code == rule.code, b)
-    obs = F.concat(F.lit("loinc:"), code, F.lit(":"), loinc_bin)
-    return (F.when(kind == "encounter", F.lit(ENCOUNTER))
-            .when(kind.isin(*DX_KINDS), dx)
-            .when((kind == "obs") & (system == "loinc") & code.isin(*[r.code for r in LOINC_RULES]), obs)
-            .otherwise(F.lit(OOV)))
+def loinc_rules_frame(spark: SparkSession) -> DataFrame:
+    """The LOINC binning rules as a small table (code, units map, cuts, bins), broadcast into a join.
 
-
-def _loinc_bin_column(rule: LoincRule, value: Column, unit_norm: Column) -> Column:
-    factor = F.when(unit_norm.isNull(), F.lit(1.0))
-    for u, f in sorted(rule.units.items()):
-        factor = factor.when(unit_norm == u, F.lit(float(f)))
-    v = value * factor  # NULL when the unit is not one we can convert
-    binned = F.when(v < rule.cuts[0], F.lit(rule.bins[0]))
-    for cut, name in zip(rule.cuts[1:], rule.bins[1:]):
-        binned = binned.when(v < cut, F.lit(name))
-    binned = binned.otherwise(F.lit(rule.bins[-1]))
-    return (F.when(value.isNull() | F.isnan(value) | (value < 0) | v.isNull(), F.lit(UNKNOWN_BIN))
-            .otherwise(binned))
+    Table-driven rather than one CASE expression per rule: the generated code
+    stays small however many rules there are.
+    """
+    rows = [(r.code, {u: float(f) for u, f in r.units.items()}, [float(c) for c in r.cuts], list(r.bins))
+            for r in LOINC_RULES]
+    return spark.createDataFrame(rows, "loinc_code string, loinc_units map<string,double>, "
+                                       "loinc_cuts array<double>, loinc_bins array<string>")
 
 
 def vocabulary_frame(spark: SparkSession, vocab: Vocabulary) -> DataFrame:
@@ -103,11 +81,45 @@ def vocabulary_frame(spark: SparkSession, vocab: Vocabulary) -> DataFrame:
     return spark.createDataFrame([(t, i) for i, t in enumerate(vocab.tokens)], "token string, token_id int")
 
 
+def _loinc_bin() -> Column:
+    """Bin of an observation joined to its rule, mirroring vocabulary.loinc_bin."""
+    value, unit = F.col("value"), F.lower(F.trim(F.col("unit")))
+    factor = F.when(unit.isNull(), F.lit(1.0)).otherwise(F.try_element_at(F.col("loinc_units"), unit))
+    v = value * factor  # NULL when the unit is not one we can convert
+    # Bin i holds [cuts[i-1], cuts[i]): its index is the number of cuts ≤ v.
+    index = F.size(F.filter(F.col("loinc_cuts"), lambda c: c <= v))
+    return (F.when(value.isNull() | F.isnan(value) | (value < 0) | v.isNull(), F.lit(UNKNOWN_BIN))
+            .otherwise(F.try_element_at(F.col("loinc_bins"), index + 1)))
+
+
+def token_column() -> Column:
+    """The token string of each event (NULL = no token), mirroring vocabulary.token_for.
+
+    Expects the event columns plus the LOINC rule columns of :func:`loinc_rules_frame`
+    (NULL when the event is not an observation with a rule).
+    """
+    kind, system, code, assertion = F.col("kind"), F.col("code_system"), F.col("code"), F.col("assertion")
+    icd10 = F.concat(F.lit("icd10:"),
+                     F.substring(F.upper(F.regexp_replace(F.coalesce(code, F.lit("")), "[^A-Za-z0-9]", "")), 1, 3))
+    dx = (F.when(assertion.isNotNull() & ~assertion.isin(*TOKEN_ASSERTIONS), F.lit(None).cast("string"))
+          .when(system == "icd10cm", icd10)
+          .when(system == "icd9cm", F.lit(ICD9_BUCKET))
+          .otherwise(F.lit(OOV)))
+    obs = F.concat(F.lit("loinc:"), F.col("loinc_code"), F.lit(":"), _loinc_bin())
+    return (F.when(kind == "encounter", F.lit(ENCOUNTER))
+            .when(kind.isin(*DX_KINDS), dx)
+            .when(F.col("loinc_code").isNotNull(), obs)
+            .otherwise(F.lit(OOV)))
+
+
 def encode_events(events: DataFrame, vocab_frame: DataFrame) -> DataFrame:
     """Add ``token_id`` (int; NULL for events that yield no token; OOV for unknown strings)."""
-    tok = token_column(F.col("kind"), F.col("code_system"), F.col("code"), F.col("value"), F.col("unit"),
-                       F.col("assertion"))
-    joined = events.withColumn("token", tok).join(F.broadcast(vocab_frame), "token", "left")
+    rules = F.broadcast(loinc_rules_frame(events.sparkSession))
+    is_rule_obs = (F.col("kind") == "obs") & (F.col("code_system") == "loinc")
+    with_rule = events.join(rules, is_rule_obs & (F.col("code") == F.col("loinc_code")), "left")
+    tokens = with_rule.withColumn("token", token_column()).drop("loinc_code", "loinc_units", "loinc_cuts",
+                                                                 "loinc_bins")
+    joined = tokens.join(F.broadcast(vocab_frame), "token", "left")
     return joined.withColumn("token_id", F.when(F.col("token").isNull(), F.lit(None).cast("int"))
                              .otherwise(F.coalesce(F.col("token_id"), F.lit(OOV_ID)))).drop("token")
 

@@ -1,0 +1,129 @@
+"""The Spark features job on tiny real Parquet: agrees with the pure rules on every row,
+balances its ledgers, reruns identically, replaces rather than appends, refuses uncommitted input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, features_settings,
+                               write_committed)
+
+from jobs import emr_features
+from lake.commit import is_committed, read_manifest
+from lake.paths import LakePaths
+from lake.schemas import EVENTS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
+from preprocessing.timelines import timelines_table
+from preprocessing.vocabulary import default_vocabulary
+
+
+def read_partition(path: Path) -> list[dict]:
+    """Rows of a committed partition sorted by key (files are hash-partitioned, each sorted)."""
+    assert is_committed(path)
+    rows = pa.concat_tables([pq.read_table(f) for f in sorted(path.glob("*.parquet"))]).to_pylist()
+    return sorted(rows, key=lambda r: r["patient_key"])
+
+
+@pytest.fixture(scope="module")
+def first_run(spark, emr_lake):
+    root, events, patients, facts = emr_lake
+    summary = emr_features.run(features_settings(root), AS_OF.isoformat(), with_labels=True, run_id="run-1")
+    return summary, read_partition(Path(summary["output"]))
+
+
+def test_spark_rows_equal_the_pure_function_on_every_row(first_run, emr_lake) -> None:
+    root, events, patients, facts = emr_lake
+    summary, rows = first_run
+    expected = timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS, HORIZON_DAYS).to_pylist()
+    assert len(rows) == len(expected) > 30
+    assert rows == expected
+    assert any(r["length"] == MAX_TOKENS for r in rows) and any(r["length"] == 0 for r in rows)
+    assert {r["label_t2d"] for r in rows} == {0, 1, None}
+
+
+def test_output_schema_manifest_and_vocabulary_file(first_run, emr_lake) -> None:
+    root = emr_lake[0]
+    summary, rows = first_run
+    out = Path(summary["output"])
+    assert out == LakePaths(root).timelines(AS_OF)
+    for f in out.glob("*.parquet"):
+        assert pq.read_table(f).cast(TIMELINES_WITH_LABELS).schema.names == TIMELINES_WITH_LABELS.names
+    m = read_manifest(out)
+    vocab = default_vocabulary()
+    assert m["vocabulary"]["sha256"] == vocab.sha256 and m["vocabulary"]["version"] == vocab.version
+    assert json.loads((root / m["vocabulary"]["file"]).read_text())["sha256"] == vocab.sha256
+    assert (m["run_id"], m["as_of"], m["lookback_days"], m["max_tokens"]) == ("run-1", "2024-06-30",
+                                                                             LOOKBACK_DAYS, MAX_TOKENS)
+    lengths = sorted(r["length"] for r in rows)
+    assert m["rows"] == len(rows) and m["length"]["max"] == lengths[-1]
+    assert lengths[0] <= m["length"]["p50"] <= m["length"]["p95"] <= m["length"]["p99"] <= lengths[-1]
+    t2d = m["labels"]["label_t2d"]
+    assert t2d["positive"] == sum(r["label_t2d"] == 1 for r in rows)
+    assert t2d["null"] == sum(r["label_t2d"] is None for r in rows)
+
+
+def test_ledgers_balance_and_account_for_every_record(first_run, emr_lake) -> None:
+    root, events, patients, facts = emr_lake
+    summary, rows = first_run
+    ledger = json.loads((Path(summary["run_dir"]) / "ledger.json").read_text())
+    assert ledger["balanced"]
+    p = ledger["stages"]["emr_features"]
+    assert p["records_in"] == patients.num_rows and p["records_out"] == len(rows)
+    assert p["quarantined"] == {"no_birth_date": facts["no_birth_date"], "no_patient_key": 1,
+                                "duplicate_patient_key": facts["duplicate_rows"]}
+    assert p["ignored"] == {"born_after_as_of": facts["born_after"]}
+    e = ledger["stages"]["emr_features.events"]
+    assert e["records_in"] == events.num_rows and e["records_out"] == sum(r["length"] for r in rows)
+    assert e["ignored"]["unknown_patient"] == facts["unknown_patient_events"]
+    assert e["quarantined"]["no_patient_key"] == facts["null_key_events"]
+    assert e["ignored"]["truncated_max_tokens"] > 0 and e["ignored"]["after_as_of"] > 0
+    assert e["balanced"] and p["balanced"]
+    q = pq.read_table(next((Path(summary["run_dir"]) / "quarantine" / "emr_features").glob("*.parquet")))
+    assert q.schema.names == QUARANTINE.names
+    assert sorted(q.column("reason").to_pylist()) == ["duplicate_patient_key", "no_birth_date", "no_patient_key"]
+
+
+def test_rerun_through_the_cli_replaces_the_partition_with_identical_rows(first_run, emr_lake, monkeypatch,
+                                                                          capsys) -> None:
+    root = emr_lake[0]
+    summary, rows = first_run
+    out = Path(summary["output"])
+    (out / "part-99999.parquet").write_bytes(b"left over from an older run")
+    files_before = sorted(p.name for p in out.glob("*.parquet") if p.name != "part-99999.parquet")
+    # The spark-submit entry point reads the same settings from the environment.
+    for k, v in {"LOOKBACK_DAYS": LOOKBACK_DAYS, "MAX_TOKENS": MAX_TOKENS, "HORIZON_DAYS": HORIZON_DAYS}.items():
+        monkeypatch.setenv(f"MEDSCREEN_FEATURES__{k}", str(v))
+    monkeypatch.setenv("MEDSCREEN_SPARK__SHUFFLE_PARTITIONS", "2")
+    rc = emr_features.main(["--lake", str(root), "--as-of", AS_OF.isoformat(), "--with-labels", "--run-id", "run-2"])
+    assert rc == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["output"] == summary["output"] and again["rows"] == len(rows)
+    assert not (out / "part-99999.parquet").exists()  # replaced whole, not appended to
+    assert sorted(p.name for p in out.glob("*.parquet")) == files_before
+    assert read_partition(out) == rows
+    assert read_manifest(out)["run_id"] == "run-2"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging/trash left
+
+
+def test_nightly_run_without_labels(spark, emr_lake) -> None:
+    root, events, patients, facts = emr_lake
+    as_of = AS_OF.replace(year=2023, month=12, day=31)
+    summary = emr_features.run(features_settings(root, **{"features.max_tokens": 16}), as_of.isoformat(),
+                               run_id="run-nightly")
+    out = Path(summary["output"])
+    assert out.name == "as_of=2023-12-31" and is_committed(LakePaths(root).timelines(AS_OF))
+    rows = read_partition(out)
+    assert rows == timelines_table(events, patients, as_of, LOOKBACK_DAYS, 16).to_pylist()
+    assert set(rows[0]) == set(TIMELINES.names) and summary["labels"] == {}
+
+
+def test_uncommitted_input_is_refused(tmp_path) -> None:
+    paths = LakePaths(tmp_path)
+    write_committed(paths.events, pa.Table.from_pylist([], schema=EVENTS))
+    (paths.patients).mkdir(parents=True)  # written but never committed (ingest crashed)
+    with pytest.raises(emr_features.InputNotCommitted, match="patients partition .* not committed"):
+        emr_features.run(features_settings(tmp_path), AS_OF.isoformat())
+    assert not paths.timelines(AS_OF).exists()
+    assert emr_features.main(["--lake", str(tmp_path), "--as-of", AS_OF.isoformat()]) == 2

@@ -1,0 +1,107 @@
+"""Point-in-time rules of the pure timeline and label functions."""
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from preprocessing.timelines import US_PER_DAY, build_timeline, compute_labels, epoch_day, to_epoch_us
+
+UTC = dt.timezone.utc
+AS_OF = dt.date(2024, 6, 30)
+END_US = (epoch_day(AS_OF) + 1) * US_PER_DAY  # first instant after the as-of day
+AFTER = 10_000  # token ids at or above this mark events after the as-of day
+
+
+@st.composite
+def patient_events(draw):
+    as_of = draw(st.dates(min_value=dt.date(1960, 1, 1), max_value=dt.date(2030, 12, 31)))
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    lookback = draw(st.integers(0, 3000))
+    near = st.integers(end - 4000 * US_PER_DAY, end + 400 * US_PER_DAY)
+    edges = st.sampled_from([end - 1, end, end - (lookback + 1) * US_PER_DAY, end - (lookback + 1) * US_PER_DAY - 1])
+    times = draw(st.lists(st.one_of(near, edges), max_size=60))
+    tokens = [draw(st.integers(-1, 50)) for _ in times]
+    # Tag every after-as-of event with a token id no in-window event can have.
+    tokens = [AFTER + i if t >= end else tok for i, (t, tok) in enumerate(zip(times, tokens))]
+    max_tokens = draw(st.integers(1, 20))
+    return as_of, lookback, max_tokens, np.array(times, dtype=np.int64), np.array(tokens, dtype=np.int64)
+
+
+@settings(max_examples=300, deadline=None)
+@given(patient_events())
+def test_timeline_is_point_in_time(case) -> None:
+    as_of, lookback, max_tokens, times, tokens = case
+    tl = build_timeline(times, tokens, dt.date(1950, 1, 1), "F", as_of, lookback, max_tokens)
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    start = end - (lookback + 1) * US_PER_DAY
+    # Nothing from after the end of the as-of day, nothing dropped, window and budget respected.
+    assert all(0 <= t < AFTER for t in tl.tokens)
+    assert all(0 <= d <= lookback for d in tl.days_before)
+    assert tl.length == len(tl.tokens) == len(tl.days_before) <= max_tokens
+    assert tl.days_before == sorted(tl.days_before, reverse=True)  # oldest → newest
+    # Exactly the most recent max_tokens eligible events (ties broken by token id).
+    eligible = sorted((int(t), int(k)) for t, k in zip(times, tokens) if start <= t < end and k >= 0)
+    kept = eligible[-max_tokens:]
+    assert tl.tokens == [k for _, k in kept]
+    assert tl.days_before == [epoch_day(as_of) - t // US_PER_DAY for t, _ in kept]
+
+
+def test_as_of_day_boundaries() -> None:
+    times = [END_US - 1, END_US, END_US - 366 * US_PER_DAY, END_US - 366 * US_PER_DAY - 1]
+    tl = build_timeline(times, [5, 6, 7, 8], dt.date(1980, 6, 30), "m", AS_OF, 365, 10)
+    assert tl.tokens == [7, 5] and tl.days_before == [365, 0]
+    assert tl.sex == "M" and tl.age_years == pytest.approx(44 * 365.25 / 365.25, abs=0.01)
+
+
+def test_patient_without_events_gets_an_empty_timeline() -> None:
+    tl = build_timeline([], [], dt.date(2000, 1, 1), None, AS_OF, 365, 8)
+    assert (tl.tokens, tl.days_before, tl.length, tl.sex) == ([], [], 0, "U")
+
+
+def test_times_may_be_datetimes_or_datetime64() -> None:
+    t = dt.datetime(2024, 6, 30, 23, 59, 59, 999999, tzinfo=UTC)
+    assert to_epoch_us([t]).tolist() == [END_US - 1]
+    assert to_epoch_us(np.array(["2024-07-01T00:00:00"], dtype="datetime64[us]")).tolist() == [END_US]
+    with pytest.raises(ValueError, match="timezone-aware"):
+        to_epoch_us([dt.datetime(2024, 6, 30)])
+
+
+def _labels(events, horizon=365):
+    times = [END_US + offset for offset, *_ in events]
+    kinds = [e[1] for e in events]
+    codes = [e[2] for e in events]
+    assertions = [e[3] for e in events]
+    return compute_labels(times, kinds, ["icd10cm"] * len(events), codes, assertions, AS_OF, horizon)
+
+
+DAY = US_PER_DAY
+FOLLOW_UP = (400 * DAY, "encounter", None, None)  # seen after the horizon
+
+
+def test_labels_come_only_from_the_horizon() -> None:
+    # First instant after the as-of day and last instant of the horizon are inside; next day is not.
+    assert _labels([(0, "dx", "E11.9", "affirmed"), FOLLOW_UP])["t2d"] == 1
+    assert _labels([(365 * DAY - 1, "dx", "N18.3", "affirmed"), FOLLOW_UP])["ckd"] == 1
+    assert _labels([(365 * DAY, "dx", "I50.9", "affirmed"), FOLLOW_UP])["hf"] == 0
+    assert _labels([(3 * DAY, "dx_text", "E11.9", "affirmed"), FOLLOW_UP])["t2d"] == 1
+    assert _labels([(3 * DAY, "dx_text", "E11.9", "negated"), FOLLOW_UP])["t2d"] == 0
+    assert _labels([(3 * DAY, "dx_text", "E11.9", "history"), FOLLOW_UP])["t2d"] == 0
+
+
+def test_prevalent_cases_are_not_labelled() -> None:
+    # Diagnosed in the last microsecond of the as-of day: prevalent, not incident.
+    assert _labels([(-1, "dx", "E11.9", "affirmed"), (5 * DAY, "dx", "E11.9", "affirmed"), FOLLOW_UP])["t2d"] is None
+    assert _labels([(-900 * DAY, "dx_text", "E11.9", "history"), FOLLOW_UP])["t2d"] is None
+    # Negated or family mentions before as-of are not prevalence.
+    assert _labels([(-9 * DAY, "dx_text", "E11.9", "negated"), (-9 * DAY, "dx_text", "E11.9", "family"),
+                    FOLLOW_UP])["t2d"] == 0
+
+
+def test_negatives_need_follow_up_to_the_horizon() -> None:
+    assert _labels([(10 * DAY, "encounter", None, None)])["hf"] is None  # lost to follow-up
+    assert _labels([(364 * DAY, "encounter", None, None)])["hf"] == 0  # seen on the horizon's last day
+    assert _labels([(363 * DAY, "encounter", None, None)])["hf"] is None
