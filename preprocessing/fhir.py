@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from typing import Any
 
@@ -47,6 +48,7 @@ SUPPORTED = ("Patient", "Encounter", "Condition", "Observation", "DocumentRefere
 _SEX = {"female": "F", "male": "M"}
 
 
+@functools.lru_cache(maxsize=1024)
 def resource_type_from_file(file_name: str) -> str:
     """The resource type a Bulk export file name implies (``Condition.000.ndjson`` → ``Condition``)."""
     base = file_name.rsplit("/", 1)[-1]
