@@ -193,6 +193,10 @@ def _build_lock(plan_path: Path) -> Iterator[None]:
 def calibration_set(settings: Settings, as_of: str | None, seed: int = 0, model: str = "emr_risk"
                     ) -> tuple[dict[str, Any], list[dict]]:
     """Real timelines for int8 calibration: stratified, half 0 of the key split, length-sorted batches."""
+    if load_card(settings, model).get("task") == "segmentation":
+        raise precision_mod.PrecisionError(
+            f"int8 calibration for {model!r} needs CT patches from the lake, which the engines do "
+            "not read yet; build fp16 or fp32 for this model")
     as_of = as_of or samples.latest_as_of(settings.lake.root)
     if as_of is None:
         raise samples.SampleError(
@@ -301,17 +305,22 @@ def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
     meta = read_metadata(plan_path)
     is_reference = meta["backend"] == "onnxruntime" and meta["precision"] == "fp32" \
         and (meta.get("providers") or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider"
+    card = load_card(settings, meta["model"])
+    segmentation = card.get("task") == "segmentation"
     reference = reference_runner(settings, meta["model"])
     candidate = runner_for(plan_path, meta)
     reference.activate()
     try:
-        if is_reference:
+        if is_reference and segmentation:
+            verdict: dict[str, Any] = {"passed": True, "reference": True, "failures": [], "thresholds": {},
+                       "metrics": {}, "checked_at": dt.datetime.now(dt.timezone.utc)
+                       .isoformat(timespec="seconds")}
+        elif is_reference:
             # The fp32 ONNX on ORT's CPU EP *is* the reference; record its own metrics where a
             # labelled sample exists, and pass by definition.
-            verdict: dict[str, Any] = {"passed": True, "reference": True, "failures": [],
-                                       "thresholds": {},
-                                       "checked_at": dt.datetime.now(dt.timezone.utc)
-                                       .isoformat(timespec="seconds"), "metrics": {}}
+            verdict = {"passed": True, "reference": True, "failures": [], "thresholds": {},
+                       "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                       "metrics": {}}
             try:
                 used_as_of, table = gate_mod.holdout_sample(settings, as_of, rows, model=meta["model"])
             except samples.SampleError as exc:
@@ -325,8 +334,11 @@ def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
         else:
             candidate.activate()
             try:
-                verdict = gate_mod.gate(settings, reference, candidate, meta["precision"], as_of, rows,
-                                        model=meta["model"])
+                if segmentation:
+                    verdict = gate_mod.segmentation_gate(card, reference, candidate, meta["precision"])
+                else:
+                    verdict = gate_mod.gate(settings, reference, candidate, meta["precision"], as_of,
+                                            rows, model=meta["model"])
             finally:
                 candidate.deactivate()
     finally:

@@ -129,3 +129,77 @@ def gate(settings: Settings, reference: Runner, candidate: Runner, precision: st
     log.info("gate %s vs %s at %s: %s %s", candidate.name, reference.name, as_of,
              "PASSED" if verdict["passed"] else "FAILED", "; ".join(verdict["failures"]))
     return verdict
+
+
+# ------------------------------------------------------------------ segmentation models (CT)
+
+SEGMENTATION_SAMPLE_VOLUMES = 4
+_SEG_FP32_MAX_DELTA_DICE = 0.002
+
+
+def planted_spheres(shape_zyx: tuple[int, int, int], count: int, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed [0, 1] patches of lung-like background with planted soft-tissue spheres, and their masks.
+
+    Engines do not read DICOM (that is preprocessing's floor), so the segmentation
+    gate judges candidate vs reference on these known-geometry inputs: lung
+    parenchyma at about -850 HU, nodules at about 0 HU, window -1000..400 HU.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
+    images = np.empty((count, 1, *shape_zyx), np.float32)
+    masks = np.zeros((count, 1, *shape_zyx), bool)
+    for i in range(count):
+        img = rng.normal(0.107, 0.02, shape_zyx).astype(np.float32)
+        for _ in range(int(rng.integers(1, 4))):
+            r = float(rng.uniform(3, 10))
+            c = [float(rng.uniform(r + 2, s - r - 2)) for s in shape_zyx]
+            sphere = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
+            img[sphere] = rng.normal(0.714, 0.03, int(sphere.sum()))
+            masks[i, 0] |= sphere
+        images[i, 0] = np.clip(img, 0.0, 1.0)
+    return images, masks
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (1.0 when both are empty)."""
+    inter, total = np.logical_and(a, b).sum(), a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2.0 * inter / total)
+
+
+def segmentation_gate(card: dict[str, Any], reference: Runner, candidate: Runner, precision: str,
+                      count: int = SEGMENTATION_SAMPLE_VOLUMES) -> dict[str, Any]:
+    """Dice of candidate vs reference against planted spheres (ΔDice), their agreement, max |Δp|.
+
+    Thresholds come from the card's ``gate.max_abs_delta_dice`` per precision.
+    """
+    spec = card["inputs"][0]
+    shape = tuple(int(d) for d in spec["shape"][2:])
+    out_name = card["outputs"][0]["name"]
+    thr_p = float((card.get("postprocessing") or {}).get("probability_threshold", 0.5))
+    limits = (card.get("gate") or {}).get("max_abs_delta_dice") or {}
+    max_dd = float(limits.get(precision, _SEG_FP32_MAX_DELTA_DICE))
+    images, truth = planted_spheres(shape, count)
+    ref_d, cand_d, agree, max_dp = [], [], [], 0.0
+    for i in range(count):
+        feed = {spec["name"]: images[i:i + 1]}
+        r = np.asarray(reference.infer(feed)[out_name], np.float32)
+        c = np.asarray(candidate.infer(feed)[out_name], np.float32)
+        max_dp = max(max_dp, float(np.max(np.abs(r - c))) if np.all(np.isfinite(c)) else math.inf)
+        ref_d.append(dice(r > thr_p, truth[i:i + 1]))
+        cand_d.append(dice(c > thr_p, truth[i:i + 1]))
+        agree.append(dice(r > thr_p, c > thr_p))
+    delta = float(np.mean(cand_d) - np.mean(ref_d))
+    failures = []
+    if not abs(delta) <= max_dd:
+        failures.append(f"|ΔDice| {abs(delta):.4g} > {max_dd}")
+    if not 1.0 - min(agree) <= 2 * max_dd:
+        failures.append(f"candidate/reference mask agreement (Dice) {min(agree):.4g} < {1 - 2 * max_dd}")
+    return {"passed": not failures, "failures": failures,
+            "metrics": {"volumes": count, "dice_reference": float(np.mean(ref_d)),
+                        "dice_candidate": float(np.mean(cand_d)), "delta_dice": delta,
+                        "min_mask_agreement_dice": float(min(agree)), "max_abs_delta_p": max_dp,
+                        "sample": "planted spheres in windowed lung background (engines.gate.planted_spheres)"},
+            "thresholds": {"max_abs_delta_dice": max_dd, "min_mask_agreement_dice": 1 - 2 * max_dd},
+            "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision, "reference": reference.name, "candidate": candidate.name}

@@ -99,3 +99,15 @@ def test_fp32_reference_gate_passes_without_lake(engines_settings, tmp_path):
         probs = runner.infer(feed)["probs"]
     assert probs.shape == (1, 3) and np.all((probs > 0) & (probs < 1))
     shutil.rmtree(tmp_path / "cache")
+
+
+def test_segmentation_model_gate_uses_dice(engines_settings, tmp_path):
+    """ct_nodule (task: segmentation): fp16 judged by ΔDice on planted spheres; int8 refused clearly."""
+    settings = engines_settings(tmp_path / "cache")
+    path = cache.ensure(settings, model="ct_nodule", precision="fp16")
+    verdict = cache.read_metadata(path)["gate"]
+    assert verdict["passed"] is True, verdict["failures"]
+    assert verdict["metrics"]["dice_reference"] > 0.5  # the planted spheres are findable
+    assert verdict["thresholds"]["max_abs_delta_dice"] == 0.01
+    with pytest.raises(ValueError, match="int8 calibration for 'ct_nodule'"):
+        cache.ensure(settings, model="ct_nodule", precision="int8")
