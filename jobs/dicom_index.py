@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -90,46 +89,46 @@ def header_rows(paths: Iterator[str], key: bytes) -> Iterator[tuple[Any, ...]]:
         yield tuple(row.get(c) for c in _HEADER_COLUMNS)
 
 
-def _judge_group(min_slices: int, gantry_tilt: str, run_id: str):
-    def judge(pdf: pd.DataFrame) -> pd.DataFrame:
-        records = pdf.to_dict("records")
-        for r in records:
-            for c in ("position_lps_mm", "orientation", "pixel_spacing_mm"):
-                v = r.get(c)
-                r[c] = None if v is None else [float(x) for x in v]
-        s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
-        first = records[0]
-        s.update(series_key=first["series_key"], study_key=first["study_key"],
-                 patient_key=first["patient_key"], eligible=s["verdict"] == ELIGIBLE,
-                 detail=s["detail"] or None, run_id=run_id)
-        return pd.DataFrame([{c: s.get(c) for c in DICOM_SERIES.names}])
-
-    return judge
+def judge_rows(rows: Iterator[tuple[Any, ...]], min_slices: int, gantry_tilt: str,
+               run_id: str) -> tuple[Any, ...]:
+    """The series-table row for one series' header rows (tuples in _HEADER_COLUMNS order)."""
+    records = [dict(zip(_HEADER_COLUMNS, r)) for r in rows]
+    s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
+    first = records[0]
+    s.update(series_key=first["series_key"], study_key=first["study_key"], patient_key=first["patient_key"],
+             eligible=s["verdict"] == ELIGIBLE, detail=s["detail"] or None, run_id=run_id)
+    return tuple(s.get(c) for c in DICOM_SERIES.names)
 
 
 def index_frames(spark: SparkSession, files: list[str], key: bytes, settings: Settings,
-                 run_id: str) -> tuple[DataFrame, DataFrame, DataFrame, DataFrame]:
-    """(instances, series, quarantine, header rows) DataFrames for ``files``; nothing is written.
+                 run_id: str) -> tuple[DataFrame, DataFrame, DataFrame, Any]:
+    """(instances, series, quarantine, header-row RDD) for ``files``; nothing is written.
 
-    The header rows are persisted so headers are read once; unpersist them when done.
+    Header rows are persisted so every file is read once; unpersist the RDD when done.
+    Grouping stays in the RDD API so the same Python workers that read headers
+    judge series (no Arrow/pandas round trip for a handful of rows per series).
     """
-    n_parts = max(2, min(len(files) // 64 + 1, 256))
-    rdd = spark.sparkContext.parallelize(files, n_parts).mapPartitions(lambda it: header_rows(it, key))
-    rows = spark.createDataFrame(rdd, _row_schema()).persist()
-    instances = rows.filter(F.col("quarantine").isNull()).select(*DICOM_INSTANCES.names)
-    quarantine = (rows.filter(F.col("quarantine").isNotNull())
+    n_parts = max(2, min(len(files) // 256 + 1, 512))
+    rows = spark.sparkContext.parallelize(files, n_parts).mapPartitions(lambda it: header_rows(it, key)).persist()
+    frame = spark.createDataFrame(rows, _row_schema())
+    instances = frame.filter(F.col("quarantine").isNull()).select(*DICOM_INSTANCES.names)
+    quarantine = (frame.filter(F.col("quarantine").isNotNull())
                   .select("path", F.col("quarantine").alias("reason"), "detail", "file_size_bytes",
                           F.lit(run_id).alias("run_id")))
-    series = (instances.groupBy("series_key")
-              .applyInPandas(_judge_group(settings.imaging.min_slices, settings.imaging.gantry_tilt, run_id),
-                             schema=from_arrow_schema(DICOM_SERIES)))
+    q_at, k_at = _HEADER_COLUMNS.index("quarantine"), _HEADER_COLUMNS.index("series_key")
+    min_slices, tilt = settings.imaging.min_slices, settings.imaging.gantry_tilt
+    series_rdd = (rows.filter(lambda r: r[q_at] is None).map(lambda r: (r[k_at], r))
+                  .groupByKey(settings.spark.shuffle_partitions)
+                  .map(lambda kv: judge_rows(kv[1], min_slices, tilt, run_id)))
+    series = spark.createDataFrame(series_rdd, from_arrow_schema(DICOM_SERIES))
     return instances, series, quarantine, rows
 
 
 def _write(df: DataFrame, final: Path, n_files: int, sort_cols: list[str]) -> Path:
     staging = staging_dir(final)
-    (df.repartition(n_files).sortWithinPartitions(*sort_cols)
-     .write.mode("overwrite").parquet(str(staging)))
+    # One file: coalesce (no shuffle); several: hash-partition so reruns split rows the same way.
+    shaped = df.coalesce(1) if n_files == 1 else df.repartition(n_files, sort_cols[0])
+    (shaped.sortWithinPartitions(*sort_cols).write.mode("overwrite").parquet(str(staging)))
     # Spark's own markers/checksums would confuse readers that glob the partition.
     for p in list(staging.iterdir()):
         if p.name.endswith(".crc") or p.name == "_SUCCESS":

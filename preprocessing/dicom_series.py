@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from scipy import ndimage
 
 from preprocessing.ct_geometry import TILT_TOL_DEG, SliceGeometry, analyse_positions
 from preprocessing.volume import Volume
@@ -156,6 +155,9 @@ def _shear_onto_normal(hu: np.ndarray, positions: np.ndarray, first: np.ndarray,
     so successive slice origins drift across the image; undoing that drift
     yields an orthogonal (row, column, normal) grid.
     """
+    # Imported here: the DICOM index imports this module in every Spark worker and never shears.
+    from scipy import ndimage
+
     out = np.empty_like(hu)
     for k in range(hu.shape[0]):
         d = positions[k] - first
