@@ -196,10 +196,12 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
                 tab.write_raw(",".join(buf.getvalue().split(",")[: 3 + brnd.randrange(3)]))
                 continue
             cols = tab.cols
-            if kind == "invalid_icd10":
-                b[cols.index("condition_source_value")] = brnd.choice(INVALID_ICD10)
-            elif kind == "malformed_code":
-                b[cols.index("condition_source_value")] = brnd.choice(MALFORMED_CODES)
+            if kind in ("invalid_icd10", "malformed_code"):
+                b[cols.index("condition_source_value")] = brnd.choice(
+                    INVALID_ICD10 if kind == "invalid_icd10" else MALFORMED_CODES)
+                # An ETL maps a code it cannot find in the vocabulary to concept 0.
+                b[cols.index("condition_concept_id")] = "0"
+                b[cols.index("condition_source_concept_id")] = "0"
             elif kind == "unknown_patient":
                 b[1] = str(unknown_person + brnd.randrange(1_000_000))
             elif kind == "missing_date":
