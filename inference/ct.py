@@ -39,7 +39,7 @@ from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
 from lake.schemas import FINDINGS
 from preprocessing.components import find_components
-from preprocessing.patches import extract_patches, patch_grid
+from preprocessing.patches import extract_patches, pad_to_grid, patch_grid
 from preprocessing.stitching import Stitcher
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ COL_STUDY = "study_key"
 COL_PATIENT = "patient_key"
 COL_DATE = "study_date"
 COL_VERDICT = "verdict"
-COL_FILES = "file_paths"
+COL_FILES = "paths"
 ELIGIBLE = "eligible"
 
 # Ledger reasons for series this stage deliberately does not score (counted, never silent).
@@ -137,7 +137,7 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
     files = sorted(p for p in path.rglob("*.parquet")
                    if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     columns = [COL_SERIES, COL_STUDY, COL_PATIENT, COL_DATE, COL_VERDICT, COL_FILES]
-    table = pq.read_table([str(f) for f in files], columns=columns) if files else \
+    table = pq.read_table([str(f) for f in files], columns=columns, partitioning=None) if files else \
         pa.table({c: pa.array([], pa.string()) for c in columns})
     total = table.num_rows
     date = table.column(COL_DATE)
@@ -229,10 +229,13 @@ def segment_volume(runner: Runner, image: np.ndarray, patch_size: tuple[int, int
     t = timings if timings is not None else {}
     grid = patch_grid(image.shape, patch_size, stride)  # type: ignore[arg-type]
     stitcher = Stitcher(grid)
+    t0 = time.perf_counter()
+    padded = pad_to_grid(image, grid)
+    t["patch_s"] = t.get("patch_s", 0.0) + (time.perf_counter() - t0)
     for start in range(0, len(grid), batch_patches):
         idx = range(start, min(start + batch_patches, len(grid)))
         t0 = time.perf_counter()
-        patches = extract_patches(image, grid, 0.0, idx)[:, None]
+        patches = extract_patches(padded, grid, idx)[:, None]
         t1 = time.perf_counter()
         prob = runner.infer({"image": patches})["prob"]
         t2 = time.perf_counter()
@@ -342,7 +345,8 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
     actor_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": settings.ray.actor_num_cpus}
-    ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow", concurrency=num_actors,
+    ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
                                              batch_patches),
                         **actor_resources)

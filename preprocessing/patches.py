@@ -3,8 +3,11 @@
 Every voxel is covered: along each axis the windows start at 0, ``stride``,
 ``2*stride`` … and the last window is pulled back so it ends exactly at the
 volume's edge (no voxel is scored twice as often as it needs to be). An axis
-shorter than the patch is padded at its far end with ``pad_value`` (for a
-window-normalised CT that is 0.0 = air), so small volumes still make one patch.
+shorter than the patch is padded at its far end so small volumes still make
+one patch. The default pad repeats the edge voxels: a constant pad (MONAI's
+default, 0.0 = air after windowing) puts a slab of air against whatever tissue
+the series ends in, and a segmentation network reads tissue bounded by air as
+a blob (seen: a thin series' whole top soft tissue scored as one "nodule").
 
 Pure numpy: the same code runs in a Ray task, a Spark UDF or a unit test.
 """
@@ -75,24 +78,37 @@ def patch_grid(volume_shape: Zyx, patch_size: Zyx, stride: Zyx) -> PatchGrid:
     return PatchGrid(volume_shape, patch_size, stride, padded, starts)  # type: ignore[arg-type]
 
 
-def pad_to_grid(volume: np.ndarray, grid: PatchGrid, pad_value: float = 0.0) -> np.ndarray:
-    """``volume`` padded at the far end of each axis to ``grid.padded_shape`` (a view when no padding is needed)."""
-    if tuple(volume.shape) != grid.volume_shape:
+def pad_to_grid(volume: np.ndarray, grid: PatchGrid, pad_mode: str = "edge",
+                pad_value: float = 0.0) -> np.ndarray:
+    """``volume`` padded at the far end of each axis to ``grid.padded_shape``.
+
+    ``pad_mode`` is ``"edge"`` (repeat the last voxel) or ``"constant"``
+    (``pad_value``). Returns ``volume`` itself when no padding is needed or
+    when it already has the padded shape.
+    """
+    shape = tuple(volume.shape)
+    if shape == grid.padded_shape:
+        return volume
+    if shape != grid.volume_shape:
         raise ValueError(f"volume of shape {volume.shape} does not match its patch grid "
                          f"(built for {grid.volume_shape})")
     pad = [(0, p - n) for n, p in zip(grid.volume_shape, grid.padded_shape)]
-    if not any(after for _, after in pad):
-        return volume
-    return np.pad(volume, pad, mode="constant", constant_values=pad_value)
+    if pad_mode == "edge":
+        return np.pad(volume, pad, mode="edge")
+    if pad_mode == "constant":
+        return np.pad(volume, pad, mode="constant", constant_values=pad_value)
+    raise ValueError(f"pad mode {pad_mode!r} is not one of 'edge', 'constant'")
 
 
-def extract_patches(volume: np.ndarray, grid: PatchGrid, pad_value: float = 0.0,
-                    indices: list[int] | range | None = None) -> np.ndarray:
+def extract_patches(volume: np.ndarray, grid: PatchGrid, indices: list[int] | range | None = None,
+                    pad_mode: str = "edge", pad_value: float = 0.0) -> np.ndarray:
     """Patches of ``volume`` as one array ``[n, pz, py, px]`` (float32), in grid order.
 
     ``indices`` picks a subset of the grid (to bound memory); default all.
+    ``volume`` may already be padded (:func:`pad_to_grid`): callers that cut
+    patches batch by batch pad once.
     """
-    padded = pad_to_grid(volume, grid, pad_value)
+    padded = pad_to_grid(volume, grid, pad_mode, pad_value)
     idx = range(len(grid)) if indices is None else indices
     out = np.empty((len(idx), *grid.patch_size), dtype=np.float32)
     for k, i in enumerate(idx):
@@ -107,11 +123,12 @@ class PatchExtractor:
     the channel axis the segmentation engine expects.
     """
 
-    def __init__(self, patch_size: Zyx, stride: Zyx, pad_value: float = 0.0):
+    def __init__(self, patch_size: Zyx, stride: Zyx, pad_mode: str = "edge", pad_value: float = 0.0):
         self.patch_size = tuple(patch_size)
         self.stride = tuple(stride)
+        self.pad_mode = pad_mode
         self.pad_value = pad_value
 
     def __call__(self, volume: np.ndarray) -> tuple[PatchGrid, np.ndarray]:
         grid = patch_grid(volume.shape, self.patch_size, self.stride)  # type: ignore[arg-type]
-        return grid, extract_patches(volume, grid, self.pad_value)[:, None]
+        return grid, extract_patches(volume, grid, None, self.pad_mode, self.pad_value)[:, None]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from preprocessing.components import find_components, sphere_diameter_mm
-from preprocessing.patches import PatchExtractor, extract_patches, patch_grid
+from preprocessing.patches import PatchExtractor, extract_patches, pad_to_grid, patch_grid
 from preprocessing.stitching import Stitcher, importance_map, stitch
 
 
@@ -124,3 +124,18 @@ def test_components_on_analytic_spheres():
 def test_components_empty_volume():
     s = find_components(np.zeros((8, 8, 8), np.float32), (1, 1, 1), np.eye(4))
     assert s.components == 0 and s.findings == []
+
+
+def test_short_axes_are_padded_with_edge_voxels_by_default():
+    vol = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
+    grid = patch_grid(vol.shape, (8, 6, 4), (4, 3, 2))
+    assert grid.padded_shape == (8, 6, 7)
+    padded = pad_to_grid(vol, grid)
+    # The padded slab repeats the last real slice rather than inventing air.
+    np.testing.assert_array_equal(padded[5:], np.broadcast_to(vol[-1], (3, 6, 7)))
+    np.testing.assert_array_equal(pad_to_grid(vol, grid, "constant", 0.0)[5:], 0.0)
+    # Already padded volumes pass through; patches cut from either agree.
+    assert pad_to_grid(padded, grid) is padded
+    np.testing.assert_array_equal(extract_patches(padded, grid), extract_patches(vol, grid))
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_to_grid(vol, grid, "reflect-ish")

@@ -1,0 +1,110 @@
+"""End to end: DICOM files → Ray Data → ONNX Runtime (committed model) → findings in the lake."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conf.settings import load_settings
+from lake.commit import is_committed, read_manifest
+from lake.keys import pseudonymise
+from lake.paths import LakePaths
+from lake.schemas import FINDINGS
+from preprocessing.dicom_series import REASONS
+
+AS_OF = "2024-06-30"
+
+
+def _findings(lake_root: Path):
+    part = LakePaths(lake_root).findings("ct_nodule", AS_OF)
+    # partitioning=None: the path's model=/as_of= segments are not columns to infer.
+    return pq.read_table([str(p) for p in sorted(part.glob("*.parquet"))], partitioning=None)
+KEY = b"ct-score-test-key-0001"
+
+
+@pytest.fixture(scope="module")
+def scored(tiny_ct, series_index_writer, ray_local, tmp_path_factory):
+    """Score once through the Python API, then again through the CLI (a rerun of the same as-of)."""
+    from inference import ct
+    from medscreen.cli import main
+
+    lake_root = tmp_path_factory.mktemp("ct_lake")
+    series_index_writer(lake_root, KEY, tiny_ct["rows"])
+    settings = load_settings({"lake.root": str(lake_root)})
+    first = ct.score(settings, AS_OF)
+    first_rows = _findings(lake_root).to_pylist()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(["score", "ct", "--lake", str(lake_root), "--as-of", AS_OF])
+    assert rc == 0
+    second = Path(out.getvalue().strip().splitlines()[-1])
+    return {"lake": lake_root, "first": first, "second": second, "first_rows": first_rows}
+
+
+def test_planted_nodule_is_found(scored, tiny_ct):
+    rows = scored["first_rows"]
+    key = pseudonymise(KEY, tiny_ct["with_nodule"]["series_instance_uid"])
+    mine = [r for r in rows if r["series_key"] == key]
+    truth = tiny_ct["with_nodule"]["nodules"][0]
+    dist = [np.linalg.norm(np.subtract([r["centre_x_mm"], r["centre_y_mm"], r["centre_z_mm"]],
+                                       truth["centre_lps_mm"])) for r in mine]
+    assert mine and min(dist) <= 5.0, f"nearest finding {min(dist, default=None)} mm from the planted nodule"
+    best = mine[int(np.argmin(dist))]
+    assert abs(best["diameter_mm"] - truth["diameter_mm"]) <= 3.0
+    assert best["max_prob"] >= 0.5 and 0.5 <= best["mean_prob"] <= best["max_prob"]
+    # The nodule-free series yields no nodule-sized false positive.
+    clean = pseudonymise(KEY, tiny_ct["no_nodule"]["series_instance_uid"])
+    assert not [r for r in rows if r["series_key"] == clean and r["diameter_mm"] >= 6.0]
+
+
+def test_findings_carry_provenance_and_schema(scored):
+    part = LakePaths(scored["lake"]).findings("ct_nodule", AS_OF)
+    assert is_committed(part)
+    table = _findings(scored["lake"])
+    assert table.schema.equals(FINDINGS, check_metadata=False)
+    run_id = scored["second"].name
+    for r in table.to_pylist():
+        assert r["model"] == "ct_nodule" and r["model_version"] and r["run_id"] == run_id
+        assert r["precision"] == "fp32" and r["engine_fingerprint"].startswith("onnxruntime-")
+        assert str(r["as_of"]) == AS_OF
+    manifest = read_manifest(part)
+    assert manifest["run_id"] == run_id and manifest["series_scored"] == 2
+
+
+def test_rerun_gives_identical_rows(scored):
+    part = LakePaths(scored["lake"]).findings("ct_nodule", AS_OF)
+    second = _findings(scored["lake"]).to_pylist()
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "run_id"} for r in rows]  # noqa: E731
+    assert strip(second) == strip(scored["first_rows"])
+    # Replaced, not appended: one data file, and no staging leftovers.
+    assert [p.name for p in part.glob("*.parquet")] == ["part-00000.parquet"]
+    assert not [p for p in part.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_ledger_balances_with_reasons(scored):
+    for run_dir in (scored["first"], scored["second"]):
+        ledger = json.loads((run_dir / "ledger.json").read_text())
+        stage = ledger["stages"]["score_ct"]
+        assert ledger["balanced"] and stage["balanced"]
+        assert stage["records_in"] == 5 and stage["records_out"] == 2
+        # The series of header-truncated files fails with one machine-readable reason.
+        assert sum(stage["quarantined"].values()) == 1 and set(stage["quarantined"]) <= set(REASONS)
+        assert stage["ignored"] == {"not_eligible": 1, "study_after_as_of": 1}
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["series_scored"] == 2 and metrics["volumes_per_min"] > 0
+        assert metrics["patches"] > 0 and metrics["stage_s"]["engine_s"] > 0
+        assert (run_dir / "manifest.json").is_file()
+
+
+def test_no_raw_identifiers_in_outputs(scored, tiny_ct):
+    lake = LakePaths(scored["lake"])
+    blobs = [p.read_bytes() for p in lake.findings("ct_nodule", AS_OF).iterdir() if p.is_file()]
+    blobs += [p.read_bytes() for p in scored["second"].iterdir()]
+    for raw in (tiny_ct["with_nodule"]["patient_id"], tiny_ct["with_nodule"]["series_instance_uid"],
+                "SYNTH^CTSCORE"):
+        assert not any(raw.encode() in b for b in blobs)
