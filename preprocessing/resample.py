@@ -41,12 +41,38 @@ def resample_to_spacing(volume: Volume, target_spacing_mm: float | Sequence[floa
     hu = volume.hu if volume.hu.dtype == np.float32 else volume.hu.astype(np.float32)
     if np.allclose(ratio, 1.0):
         out = hu.copy()
+    elif order == 1:
+        # Trilinear interpolation is separable: three 1-D passes give the same values as
+        # ndimage.affine_transform(order=1) at about half the time on 512×512×300.
+        # Shrinking axes first keeps the intermediate arrays small.
+        out = hu
+        for axis in sorted(range(3), key=lambda a: -ratio[a]):
+            out = _linear_along_axis(out, axis, shape[axis], float(ratio[axis]))
     else:
         # A diagonal matrix makes affine_transform a pure per-axis zoom done in C,
         # without materialising a coordinate array for every output voxel.
         out = ndimage.affine_transform(hu, ratio, offset=0.0, output_shape=shape, order=order,
                                        mode="nearest", prefilter=order > 1, output=np.float32)
     return volume.with_hu(out, spacing_mm=target)
+
+
+def _linear_along_axis(a: np.ndarray, axis: int, n_out: int, ratio: float) -> np.ndarray:
+    """Linear interpolation along one axis: output k samples input position k·ratio."""
+    n = a.shape[axis]
+    if n_out == n and ratio == 1.0:
+        return a
+    pos = np.arange(n_out, dtype=np.float64) * ratio
+    i0 = np.clip(np.floor(pos).astype(np.intp), 0, n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1, 1, 1]
+    shape[axis] = n_out
+    w = np.clip(pos - i0, 0.0, 1.0).astype(np.float32).reshape(shape)
+    lo = np.take(a, i0, axis=axis)
+    hi = np.take(a, i1, axis=axis)
+    lo *= 1.0 - w
+    hi *= w
+    lo += hi
+    return lo
 
 
 def window_to_unit(hu: np.ndarray, window_hu: Sequence[float] = (-1000.0, 400.0)) -> np.ndarray:

@@ -125,3 +125,15 @@ def test_load_volume_names_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(SeriesError, match="not-a-slice"):
         load_volume(rec["paths"] + [broken])
     shutil.rmtree(tmp_path / "bad")
+
+
+def test_separable_resampling_equals_trilinear_affine_transform() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(0, 300, size=(9, 17, 13)).astype(np.float32)
+    vol = Volume(hu=hu, spacing_mm=(2.5, 0.7, 0.9), origin_lps_mm=(0.0, 0.0, 0.0))
+    iso = resample_to_spacing(vol, 1.0)
+    ratio = np.array([1 / 2.5, 1 / 0.7, 1 / 0.9])
+    ref = ndimage.affine_transform(hu, ratio, output_shape=iso.shape, order=1, mode="nearest", output=np.float32)
+    np.testing.assert_allclose(iso.hu, ref, atol=1e-3)
