@@ -388,6 +388,12 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     (series in = scored + failed-with-reason + ignored by rule) and
     ``metrics.json`` (volumes/min, stage times) under ``LAKE/runs/<run_id>/``.
     Raises LedgerImbalance when series were lost.
+
+    The engine: fp32 on ONNX Runtime scores with the card's ONNX itself (the
+    reference; nothing to build or gate); any other backend/precision comes
+    from the engine cache and must have passed its Dice gate unless
+    ``force_ungated`` (``medscreen engines ensure --model ct_nodule``).
+    ``source`` overrides both (benchmarks, tests).
     """
     from engines.model_card import load_card
 

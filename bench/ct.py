@@ -1,0 +1,279 @@
+"""Benchmark: CT nodule scoring end to end, DICOM files in → committed findings out.
+
+Compares, in one run, on the same series and the same model:
+
+- ``volumes_per_min``: medscreen's pipeline (``inference.ct.score``: Ray Data
+  CPU tasks read + resample + window, engine actors score patches in batches of
+  the card's optimal profile batch and blend them, CPU tasks find components),
+  with a per-stage breakdown (read/decode, resample+window, patch, host→device,
+  engine, stitch, components);
+- ``baseline_volumes_per_min``: MONAI-style sliding-window inference of the
+  same model without batching across patches (one patch per call), in the
+  same process: PyTorch eager on the GPU when torch + CUDA are present, else
+  ONNX Runtime (CPU EP) one patch at a time. Same reading, resampling and
+  blending, so the difference is the scoring path.
+
+Series are written with ``medscreen.synth_ct`` (512×512, 120–300 slices) into
+a scratch directory with a series index committed the way the DICOM index
+writes it. Runs unchanged on a GPU machine with onnxruntime-gpu (CUDA EP,
+one ``num_gpus=1`` actor per GPU). Prints one JSON object last.
+
+    python bench/ct.py --quick
+    python bench/ct.py --series 3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from conf.settings import Settings, load_settings  # noqa: E402
+from lake.commit import atomic_partition  # noqa: E402
+from lake.keys import pseudonymise  # noqa: E402
+from lake.paths import LakePaths  # noqa: E402
+
+AS_OF = "2024-06-30"
+BENCH_KEY = b"medscreen-bench-ct-key-0001"
+
+
+def log(msg: str) -> None:
+    print(f"[bench ct] {msg}", file=sys.stderr, flush=True)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def write_series_set(out: Path, slices: list[int], rows: int, pixel_mm: float, slice_mm: float,
+                     seed: int = 7) -> list[dict[str, Any]]:
+    """One axial chest series per entry of ``slices`` (synth_ct's writer and phantom)."""
+    from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodules
+    from medscreen.synth_ct import SeriesSpec, write_series
+
+    recs = []
+    for i, n in enumerate(slices):
+        rng = np.random.default_rng([seed, i])
+        extent = slice_mm * (n - 1)
+        fov = rows * pixel_mm
+        anatomy = ChestAnatomy(centre_lps_mm=(0.0, 0.0, 0.0), fov_mm=(fov, fov, extent + slice_mm))
+        nodules = random_nodules(rng, 3, anatomy, diameter_range_mm=(6.0, 20.0))
+        spec = SeriesSpec("axial_chest", rows=rows, cols=rows, pixel_spacing_mm=pixel_mm,
+                          z_positions_mm=[-extent / 2 + k * slice_mm for k in range(n)])
+        study = {"patient_name": f"BENCH^CT{i}", "patient_id": f"BENCHCT{i:04d}", "birth_date": "19600101",
+                 "sex": "M", "study_uid": f"1.2.826.0.1.3680043.8.498.99.{seed}.{i}.1",
+                 "frame_uid": f"1.2.826.0.1.3680043.8.498.99.{seed}.{i}.2", "study_date": "20240301",
+                 "accession": f"B{i}"}
+        folder = out / f"series_{i:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rec = write_series(folder, ChestPhantom(anatomy, [Nodule.from_dict(d) for d in nodules]), spec,
+                           study, 1, rng, f"bench-ct/{seed}/{i}")
+        rec.update(files=[str(folder / f) for f in rec["files"]], study_uid=study["study_uid"],
+                   patient_id=study["patient_id"], nodules=nodules)
+        recs.append(rec)
+        log(f"wrote series {i}: {rows}x{rows}x{n}")
+    return recs
+
+
+def commit_index(lake_root: Path, recs: list[dict[str, Any]]) -> None:
+    """LAKE/imaging/series for the bench series, with the DICOM index's columns."""
+    table = pa.table({
+        "series_key": [pseudonymise(BENCH_KEY, r["series_instance_uid"]) for r in recs],
+        "study_key": [pseudonymise(BENCH_KEY, r["study_uid"]) for r in recs],
+        "patient_key": [pseudonymise(BENCH_KEY, r["patient_id"]) for r in recs],
+        "verdict": ["eligible"] * len(recs), "eligible": [True] * len(recs),
+        "study_date": pa.array([dt.date(2024, 3, 1)] * len(recs), pa.date32()),
+        "paths": pa.array([r["files"] for r in recs], pa.list_(pa.string())),
+    })
+    with atomic_partition(LakePaths(lake_root).dicom_series, {"stage": "bench_ct_index"}) as staging:
+        pq.write_table(table, staging / "part-00000.parquet")
+
+
+# --- baseline: one patch per call ----------------------------------------------------------------
+
+class _TorchEager:
+    """The reference U-Net in PyTorch eager on CUDA (the MONAI-style baseline on a GPU machine)."""
+
+    name = "torch-eager-cuda"
+
+    def __init__(self) -> None:
+        import torch
+
+        from models.ct_nodule.model import UNet3D
+
+        self.torch = torch
+        self.model = UNet3D(8)
+        self.model.load_state_dict(torch.load(REPO / "models/ct_nodule/ct_nodule.pt", weights_only=True))
+        self.model = self.model.eval().cuda()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self.torch.no_grad():
+            x = self.torch.from_numpy(feed["image"]).cuda()
+            return {"prob": self.model(x).cpu().numpy()}
+
+
+def _baseline_runner(settings: Settings):
+    try:
+        import torch
+
+        if torch.cuda.is_available() and (REPO / "models/ct_nodule/ct_nodule.pt").is_file():
+            return _TorchEager()
+    except ImportError:
+        pass
+    from inference.ct import ReferenceEngine
+
+    runner, _ = ReferenceEngine(settings).load("fp32")
+    runner.activate()
+    runner.name = "onnxruntime-" + runner.active_providers[0].replace("ExecutionProvider", "").lower() + "-batch1"
+    return runner
+
+
+def run_baseline(settings: Settings, recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sequential sliding window, batch 1: read → resample → window → patch-by-patch → blend → components."""
+    from inference.ct import segment_volume
+    from preprocessing.components import find_components
+    from preprocessing.dicom_series import load_volume
+    from preprocessing.resample import resample_to_spacing, window_to_unit
+
+    im = settings.imaging
+    runner = _baseline_runner(settings)
+    stage = {"read_s": 0.0, "resample_s": 0.0, "patch_s": 0.0, "engine_s": 0.0, "stitch_s": 0.0,
+             "components_s": 0.0}
+    findings, patches = 0, 0
+    t_start = time.perf_counter()
+    for r in recs:
+        t0 = time.perf_counter()
+        vol = load_volume(r["files"])
+        t1 = time.perf_counter()
+        vol = resample_to_spacing(vol, im.target_spacing_mm)
+        image = window_to_unit(vol.hu, im.window_hu)
+        t2 = time.perf_counter()
+        t: dict[str, float] = {}
+        prob = segment_volume(runner, image, tuple(im.patch_size), tuple(im.patch_stride), 1, t)  # type: ignore[arg-type]
+        t3 = time.perf_counter()
+        s = find_components(prob, vol.spacing_mm, vol.affine_zyx_to_lps, im.probability_threshold,
+                            im.min_finding_volume_mm3)
+        t4 = time.perf_counter()
+        stage["read_s"] += t1 - t0
+        stage["resample_s"] += t2 - t1
+        for k in ("patch_s", "engine_s", "stitch_s"):
+            stage[k] += t[k]
+        stage["components_s"] += t4 - t3
+        findings += len(s.findings)
+        patches += int(t["patches"])
+    wall = time.perf_counter() - t_start
+    return {"name": runner.name, "wall_s": round(wall, 3), "volumes_per_min": round(len(recs) / (wall / 60), 3),
+            "patches": patches, "findings": findings, "stage_s": {k: round(v, 3) for k, v in stage.items()}}
+
+
+def h2d_seconds(settings: Settings, batch: int) -> float | None:
+    """Host→device time of one engine batch of patches on the CUDA EP (None on CPU: nothing to copy)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    x = np.random.default_rng(0).random((batch, 1, *settings.imaging.patch_size), dtype=np.float32)
+    ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)  # warm the allocator
+    t0 = time.perf_counter()
+    for _ in range(5):
+        ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    return (time.perf_counter() - t0) / 5
+
+
+def nodule_recall(lake_root: Path, recs: list[dict[str, Any]], tol_mm: float = 5.0) -> str:
+    """``found/planted``: planted nodules with a finding centre within ``tol_mm`` (a sanity check, not a metric)."""
+    part = LakePaths(lake_root).findings("ct_nodule", AS_OF)
+    rows = pq.read_table([str(p) for p in sorted(part.glob("*.parquet"))], partitioning=None).to_pylist()
+    found = planted = 0
+    for r in recs:
+        key = pseudonymise(BENCH_KEY, r["series_instance_uid"])
+        centres = np.array([[f["centre_x_mm"], f["centre_y_mm"], f["centre_z_mm"]]
+                            for f in rows if f["series_key"] == key]).reshape(-1, 3)
+        for n in r["nodules"]:
+            planted += 1
+            if len(centres) and np.linalg.norm(centres - np.array(n["centre_lps_mm"]), axis=1).min() <= tol_mm:
+                found += 1
+    return f"{found}/{planted}"
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="one 512x512x120 series over a small (205 mm) field of view: minutes on a CPU")
+    p.add_argument("--series", type=int, default=3, help="series to score (full mode; slices 120..300)")
+    p.add_argument("--ray-address", default=None)
+    p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    p.add_argument("--skip-baseline", action="store_true")
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="medscreen-bench-ct-"))
+    try:
+        if args.quick:
+            slices, rows, pixel_mm, slice_mm = [120], 512, 0.4, 1.0
+        else:
+            slices = [int(v) for v in np.linspace(120, 300, max(args.series, 1)).round()]
+            rows, pixel_mm, slice_mm = 512, 0.7, 1.25
+        t0 = time.perf_counter()
+        recs = write_series_set(work / "dicom", slices, rows, pixel_mm, slice_mm)
+        log(f"generated {len(recs)} series in {time.perf_counter() - t0:.0f}s")
+        lake = work / "lake"
+        commit_index(lake, recs)
+        settings = load_settings({"lake.root": str(lake), "ray.address": args.ray_address})
+
+        from inference import ct
+
+        run_dir = ct.score(settings, AS_OF)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        log(f"pipeline: {metrics['volumes_per_min']} volumes/min, {metrics['findings']} findings")
+        baseline = None if args.skip_baseline else run_baseline(settings, recs)
+        if baseline:
+            log(f"baseline ({baseline['name']}): {baseline['volumes_per_min']} volumes/min")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        recall = nodule_recall(lake, recs)
+        h2d = h2d_seconds(settings, metrics["batch_patches"])
+        stage = dict(metrics["stage_s"])
+        batches = -(-metrics["patches"] // metrics["batch_patches"]) if metrics["patches"] else 0
+        stage["h2d_s"] = round(h2d * batches, 4) if h2d is not None else None
+        result = {
+            "benchmark": "ct_scoring",
+            "device": "gpu" if metrics["use_gpu"] else "cpu",
+            "engine_fingerprints": manifest["engine_fingerprints"],
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+            "series": len(recs), "slices": slices, "rows": rows, "pixel_mm": pixel_mm, "slice_mm": slice_mm,
+            "patches": metrics["patches"], "batch_patches": metrics["batch_patches"],
+            "findings": metrics["findings"],
+            "planted_nodules_found": recall,
+            "volumes_per_min": metrics["volumes_per_min"],
+            "pipeline_s": metrics["pipeline_s"],
+            "stage_s": stage,
+            "stage_note": "stage times are summed over series (tasks overlap); engine_s includes host→device "
+                          "on ORT; h2d_s is measured separately on the CUDA EP (null on CPU)",
+            "baseline": baseline,
+            "baseline_volumes_per_min": baseline["volumes_per_min"] if baseline else None,
+            "speedup_vs_baseline": round(metrics["volumes_per_min"] / baseline["volumes_per_min"], 3)
+            if baseline and baseline["volumes_per_min"] else None,
+        }
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
