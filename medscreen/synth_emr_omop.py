@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import random
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -221,11 +222,12 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         emit("person", p, [p + 1, GENDER_CONCEPT.get(c.sex[p], 0), bd.year, bd.month, bd.day,
                            f"{bd.isoformat()} 00:00:00", 0, 0, "", "", "", c.mrn[p],
                            {"male": "M", "female": "F"}.get(c.sex[p], "U"), 0, "", 0, "", 0])
-    starts_d = [e[1].strftime("%Y-%m-%d") for e in c.encounters]
-    starts_dt = [e[1].strftime("%Y-%m-%d %H:%M:%S") for e in c.encounters]
+    start_pairs = [_day_and_time(e[1]) for e in c.encounters]
+    starts_d = [d for d, _ in start_pairs]
+    starts_dt = [t for _, t in start_pairs]
     for i, (p, start, end, cls) in enumerate(c.encounters):
         emit("visit_occurrence", i, [i + 1, p + 1, VISIT_CONCEPT[cls], starts_d[i], starts_dt[i],
-                                     end.strftime("%Y-%m-%d"), end.strftime("%Y-%m-%d %H:%M:%S"),
+                                     *_day_and_time(end),
                                      EHR_TYPE_CONCEPT, "", "", cls, 0, 0, "", 0, "", ""])
     for i, (p, e, onset, category, code, style) in enumerate(c.conditions):
         src, src_concept = _source(code, style)
@@ -257,8 +259,7 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
                                 SMOKING.code, local_concept_id("LOINC", SMOKING.code), "", "",
                                 disp, "", ""])
     for i, (p, e, text) in enumerate(c.notes):
-        end = c.encounters[e][2]
-        emit("note", i, [i + 1, p + 1, end.strftime("%Y-%m-%d"), end.strftime("%Y-%m-%d %H:%M:%S"),
+        emit("note", i, [i + 1, p + 1, *_day_and_time(c.encounters[e][2]),
                          EHR_TYPE_CONCEPT, 0, "Progress note", text, UTF8_CONCEPT, ENGLISH_CONCEPT,
                          "", e + 1, "", "11506-3", "", ""])
     for t in tables.values():
@@ -289,6 +290,12 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         "bad_records": bad,
         "bad_records_total": sum(bad.values()),
     }
+
+
+def _day_and_time(when: datetime) -> tuple[str, str]:
+    """OMOP's ``YYYY-MM-DD`` and ``YYYY-MM-DD HH:MM:SS`` of a UTC time (isoformat: no strftime cost)."""
+    s = when.isoformat()
+    return s[:10], f"{s[:10]} {s[11:19]}"
 
 
 def _measurement_row(mid: int, p: int, e: int, loinc: LoincCode, value: float, day: str,
