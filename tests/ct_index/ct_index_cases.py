@@ -56,7 +56,7 @@ def index_settings(lake: Path, **extra: Any):
 
 
 def segment_centre_lps(volume, centre_lps_mm, diameter_mm: float, threshold_hu: float = -400.0) -> np.ndarray:
-    """LPS centroid of the above-threshold blob nearest ``centre_lps_mm`` (within a box around it)."""
+    """LPS centroid of the above-threshold blob under ``centre_lps_mm`` (within a box around it)."""
     from scipy import ndimage
 
     idx = volume.lps_to_index(centre_lps_mm)
@@ -66,6 +66,10 @@ def segment_centre_lps(volume, centre_lps_mm, diameter_mm: float, threshold_hu: 
     box = volume.hu[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] > threshold_hu
     labels, n = ndimage.label(box)
     assert n >= 1, "no nodule voxels found near the planted centre"
-    sizes = np.bincount(labels.ravel())[1:]
-    com = np.asarray(ndimage.center_of_mass(box, labels, int(np.argmax(sizes)) + 1))
+    # The blob under the planted centre (body wall or vessels may share the box).
+    at = tuple(int(round(i)) - l for i, l in zip(idx, lo))
+    label = int(labels[at]) if all(0 <= a < b for a, b in zip(at, labels.shape)) else 0
+    if label == 0:
+        label = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    com = np.asarray(ndimage.center_of_mass(box, labels, label))
     return volume.index_to_lps(com + np.asarray(lo))
