@@ -82,3 +82,14 @@ def test_undecodable_pixels_found_by_decoding_one_frame(tmp_path: Path) -> None:
     assert all("quarantine" not in h for h in hs)
     assert decode_problem(str(rec["paths"][0])) is not None
     assert judge_series(hs, 4, "correct")["verdict"] == "undecodable_pixels"
+
+
+def test_deflated_file_is_not_mistaken_for_truncated(tmp_path: Path) -> None:
+    rec = write_case(tmp_path / "d", seed=23, rows=16, z_positions_mm=[0.0, 2.5, 5.0, 7.5])
+    ds = pydicom.dcmread(rec["paths"][0])
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    target = tmp_path / "deflated.dcm"
+    ds.save_as(target, enforce_file_format=True)
+    h = read_instance_header(target)
+    assert "quarantine" not in h, h
+    assert decode_problem(str(target)) is None
