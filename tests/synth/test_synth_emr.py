@@ -226,5 +226,19 @@ def test_planted_signal_is_visible_in_the_export(clean_fhir_export) -> None:
     neg = [v for p, (_, v) in last_a1c.items() if p not in positives["E11"] and p not in prevalent]
     assert len(pos) >= 10
     assert sum(pos) / len(pos) > sum(neg) / len(neg) + 0.3
+    # Learnable: the last HbA1c alone already ranks future T2D cases well (rank AUC).
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    assert wins / (len(pos) * len(neg)) > 0.75
     assert summary["signal"]["incident_share_at_demo_as_of"]["t2d"] == pytest.approx(
         len(positives["E11"]) / n, abs=1e-4)
+
+
+def test_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medscreen.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["synth", "emr", "--patients", "25", "--seed", "2", "--out", str(out),
+                 "--format", "omop", "--bad-share", "0"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((out / "synth_summary.json").read_text())
+    assert printed["records"]["person"] == 25 and printed["bad_records_total"] == 0
