@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
@@ -66,6 +67,8 @@ QUARANTINE_STAGE = "emr_ingest.quarantine"
 _NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
 _OMOP_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".parquet")
 RECORDS_SPARK = from_arrow_schema(rec.RECORDS)
+_CORRUPT = "_corrupt_record"
+MALFORMED = "_malformed"
 
 
 # --- parsing inside the executors ----------------------------------------------------------
@@ -106,8 +109,9 @@ def _parse_omop_batches(cfg: tuple[Any, ...], table: str, columns: tuple[str, ..
     ctx = _context(cfg)
     for batch in batches:
         cols = {c: batch.column(c).to_pylist() for c in columns}
-        n = batch.num_rows
-        records = [parse_omop_row(table, {c: cols[c][i] for c in columns}, ctx) for i in range(n)]
+        bad = batch.column(MALFORMED).to_pylist()
+        records = [parse_omop_row(table, {c: cols[c][i] for c in columns}, ctx, bool(bad[i]))
+                   for i in range(batch.num_rows)]
         yield rec.records_to_arrow(records, batch.column("ord").to_pylist())
 
 
@@ -197,7 +201,10 @@ def _csv_header(path: Path) -> list[str]:
 
 
 def read_omop_table(spark: SparkSession, path: Path, columns: tuple[str, ...] | None) -> DataFrame:
-    """One CDM table as strings: ``columns`` (lower-case; absent ones null) plus ``ord``; all columns if None."""
+    """One CDM table as strings: ``columns`` (lower-case; absent ones null), ``_malformed``, ``ord``.
+
+    With ``columns=None`` the table as read (used only to count rows of tables not ingested).
+    """
     if path.is_dir() or path.name.lower().endswith(".parquet"):
         df = spark.read.parquet(str(path))
     else:
@@ -205,16 +212,21 @@ def read_omop_table(spark: SparkSession, path: Path, columns: tuple[str, ...] | 
         # Every column as a string: typed CSV schemas null or fail on one bad value, and the
         # parser should decide (and quarantine with a reason). Names come from the header
         # because exports differ in column order and extra columns.
-        schema = StructType([StructField(h, StringType(), True) for h in header])
+        # A row with more or fewer fields than the header (a cut-off extract) fills the
+        # corrupt-record column, so the parser can quarantine it as malformed_line.
+        schema = StructType([StructField(h, StringType(), True) for h in header]
+                            + [StructField(_CORRUPT, StringType(), True)])
         df = (spark.read.schema(schema).option("header", True).option("multiLine", True)
               .option("escape", '"').option("sep", delimiter).option("mode", "PERMISSIVE")
+              .option("columnNameOfCorruptRecord", _CORRUPT)
               .option("enforceSchema", True).csv(str(path)))
     if columns is None:
         return df
     by_lower = {c.lower(): c for c in df.columns}
     cols = [(F.col(f"`{by_lower[c]}`").cast("string") if c in by_lower else F.lit(None).cast("string")).alias(c)
             for c in columns]
-    return df.select(*cols, F.monotonically_increasing_id().alias("ord"))
+    bad = F.col(_CORRUPT).isNotNull() if _CORRUPT in df.columns else F.lit(False)
+    return df.select(*cols, bad.alias(MALFORMED), F.monotonically_increasing_id().alias("ord"))
 
 
 # --- transforms --------------------------------------------------------------------------------
@@ -318,9 +330,9 @@ def _write(df: DataFrame, final_path: Path, sort_cols: list[str]) -> Path:
     return staging
 
 
-def read_lake_table(spark: SparkSession, path: Path) -> DataFrame:
-    """A committed lake table's Parquet files (manifest.json and markers are skipped)."""
-    return spark.read.option("pathGlobFilter", "*.parquet").parquet(str(path))
+def parquet_rows(directory: Path) -> int:
+    """Rows in a directory's Parquet files, from their footers (no data is read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(Path(directory).glob("*.parquet")))
 
 
 def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None = None) -> dict[str, Any]:
@@ -396,7 +408,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
                                     ["resource_type", "reason", "source_ref"])
         stagings.append(staging_quarantine)
 
-        written = {name: read_lake_table(spark, p).count() for name, p in
+        # Read back what was staged (footers only): the write lost nothing, or nothing commits.
+        written = {name: parquet_rows(p) for name, p in
                    (("events", staging_events), ("patients", staging_patients),
                     ("quarantine", staging_quarantine))}
         stages = [

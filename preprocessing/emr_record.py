@@ -31,6 +31,7 @@ IGNORED = "ignored"
 
 # Quarantine reason codes (machine-readable; documented in docs and the summary).
 R_MALFORMED_JSON = "malformed_json"
+R_MALFORMED_LINE = "malformed_line"     # a CSV row with more or fewer fields than its header
 R_MISSING_RESOURCE_TYPE = "missing_resource_type"
 R_MISSING_ID = "missing_id"
 R_INVALID_ID = "invalid_id"

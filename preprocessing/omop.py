@@ -30,7 +30,8 @@ from collections.abc import Mapping
 from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
                           SYSTEM_ICD10CM, SYSTEM_LOINC)
 from preprocessing.emr_record import (I_NON_NUMERIC_VALUE, I_UNSUPPORTED_TABLE, OK, R_FUTURE_DATE,
-                                      R_INVALID_DATE, R_INVALID_ID, R_INVALID_SUBJECT, R_INVALID_VALUE,
+                                      R_INVALID_DATE, R_INVALID_ID, R_MALFORMED_LINE,
+                                      R_INVALID_SUBJECT, R_INVALID_VALUE,
                                       R_MALFORMED_CODE, R_MISSING_CODE, R_MISSING_DATE,
                                       R_MISSING_ID, R_MISSING_SUBJECT, R_MISSING_VALUE, Event,
                                       ParseContext, ParsedRecord, dx_event, ignored, parse_date,
@@ -150,13 +151,26 @@ def _number(row: Mapping[str, str | None], col: str, table: str) -> float | None
     return f
 
 
-def parse_omop_row(table: str, row: Mapping[str, str | None], ctx: ParseContext) -> ParsedRecord:
-    """Parse one row of CDM ``table``. Never raises for bad data: bad rows come back quarantined."""
+def parse_omop_row(table: str, row: Mapping[str, str | None], ctx: ParseContext,
+                   malformed: bool = False) -> ParsedRecord:
+    """Parse one row of CDM ``table``. Never raises for bad data: bad rows come back quarantined.
+
+    ``malformed``: the reader saw more or fewer fields than the header (a cut-off extract);
+    such a row is quarantined ``malformed_line`` whatever its surviving fields say.
+    """
     parser = _PARSERS.get(table)
     if parser is None:
         return ignored(table, I_UNSUPPORTED_TABLE, f"table {table} is not ingested")
     id_col = "person_id" if table == "person" else f"{table}_id"
     ref = None
+    if malformed:
+        try:
+            rid = decimal_id(row.get(id_col))
+            ref = ctx.hash(f"{table}/{rid}") if rid is not None else None
+        except (ValueError, OverflowError):
+            pass
+        return quarantine(table, R_MALFORMED_LINE,
+                          f"{table} row has a different number of fields than the header", ref)
     try:
         rid = _id(row, id_col, table, R_MISSING_ID)
         ref = ctx.hash(f"{table}/{rid}")
@@ -220,6 +234,9 @@ def _condition(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid
             _concept(row, "condition_source_concept_id", table)
         system = SYSTEM_OMOP_CONCEPT
     if code is None:
+        if src is not None:
+            raise _Bad(R_MALFORMED_CODE, "condition_occurrence.condition_source_value is not an ICD "
+                       "code and there is no concept id")
         raise _Bad(R_MISSING_CODE, "condition_occurrence has no ICD source value and no concept id")
     t = _time(row, ctx, table, "condition_start_datetime", "condition_start_date")
     return ParsedRecord(OK, table, patient_key=pkey, events=[dx_event(ctx, t, KIND_DX, system, code)])

@@ -234,3 +234,22 @@ def test_cli_entry_point_reports_bad_input(tmp_path: Path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["--input", str(tmp_path / "empty"), "--format", "omop", "--lake", str(tmp_path)]) == 2
     assert "no OMOP CDM tables" in capsys.readouterr().err
+
+
+def test_generated_omop_export_reconciles_with_the_generators_bad_records(spark, tmp_path_factory):
+    from medscreen.synth_emr import generate
+
+    export = tmp_path_factory.mktemp("synth_omop") / "export"
+    synth = generate(export, patients=25, seed=5, bad_share=0.05, fmt="omop")
+    summary = ingest(spark, tmp_path_factory, "omop", export)["summaries"][0]
+    rows = _csv_rows(export)
+    stage = summary["counts"]["emr_ingest"]
+    assert stage["balanced"] and stage["records_in"] == sum(rows.values())
+    assert {t: sum(v.values()) for t, v in summary["by_resource_type"].items()} == dict(rows)
+    bad, q = synth["bad_records"], summary["quarantine_reasons"]
+    for ours, theirs in (("invalid_icd10cm", "invalid_icd10"), ("duplicate_id", "duplicate_id"),
+                         ("unknown_patient", "unknown_patient"), ("future_date", "future_date"),
+                         ("missing_date", "missing_date"), ("malformed_line", "malformed_line")):
+        assert q.get(ours, 0) == bad[theirs], ours
+    assert q.get("malformed_code", 0) <= bad["malformed_code"]
+    assert summary["ignored"]["unsupported_table"] == bad["unused_table"] + rows["cdm_source"]

@@ -285,3 +285,14 @@ def test_omop_measurement_and_note(ctx):
     assert [(e.kind, e.code, e.assertion) for e in n.events] == [("dx_text", "I63.9", "history"),
                                                                  ("dx_text", "E66.9", "affirmed")]
     assert "Rosalyn584" not in repr(n)
+
+
+def test_omop_cut_off_rows_and_unreadable_source_values(ctx):
+    cut = parse_omop_row("measurement", {"measurement_id": "7", "person_id": "1"}, ctx, malformed=True)
+    assert (cut.status, cut.reason) == ("quarantine", "malformed_line")
+    assert cut.source_ref == pseudonymise(INGEST_KEY.encode(), "measurement/7")
+    junk = parse_omop_row("condition_occurrence", {"condition_occurrence_id": "8", "person_id": "1",
+                                                   "condition_start_date": "2019-01-01",
+                                                   "condition_source_value": "N18-3",
+                                                   "condition_concept_id": "0"}, ctx)
+    assert (junk.status, junk.reason) == ("quarantine", "malformed_code")
