@@ -92,15 +92,19 @@ def _loinc_bin() -> Column:
             .otherwise(F.try_element_at(F.col("loinc_bins"), index + 1)))
 
 
+def normalised_code() -> Column:
+    """ICD code without punctuation, upper case — vocabulary.normalise_icd_code in SQL."""
+    return F.upper(F.regexp_replace(F.coalesce(F.col("code"), F.lit("")), "[^A-Za-z0-9]", ""))
+
+
 def token_column() -> Column:
     """The token string of each event (NULL = no token), mirroring vocabulary.token_for.
 
-    Expects the event columns plus the LOINC rule columns of :func:`loinc_rules_frame`
-    (NULL when the event is not an observation with a rule).
+    Expects the event columns, ``code_norm`` (:func:`normalised_code`) and the LOINC rule
+    columns of :func:`loinc_rules_frame` (NULL when the event is not an observation with a rule).
     """
-    kind, system, code, assertion = F.col("kind"), F.col("code_system"), F.col("code"), F.col("assertion")
-    icd10 = F.concat(F.lit("icd10:"),
-                     F.substring(F.upper(F.regexp_replace(F.coalesce(code, F.lit("")), "[^A-Za-z0-9]", "")), 1, 3))
+    kind, system, assertion = F.col("kind"), F.col("code_system"), F.col("assertion")
+    icd10 = F.concat(F.lit("icd10:"), F.substring(F.col("code_norm"), 1, 3))
     dx = (F.when(assertion.isNotNull() & ~assertion.isin(*TOKEN_ASSERTIONS), F.lit(None).cast("string"))
           .when(system == "icd10cm", icd10)
           .when(system == "icd9cm", F.lit(ICD9_BUCKET))
@@ -113,10 +117,12 @@ def token_column() -> Column:
 
 
 def encode_events(events: DataFrame, vocab_frame: DataFrame) -> DataFrame:
-    """Add ``token_id`` (int; NULL for events that yield no token; OOV for unknown strings)."""
+    """Add ``token_id`` (int; NULL for events that yield no token; OOV for unknown strings) and ``code_norm``."""
     rules = F.broadcast(loinc_rules_frame(events.sparkSession))
     is_rule_obs = (F.col("kind") == "obs") & (F.col("code_system") == "loinc")
-    with_rule = events.join(rules, is_rule_obs & (F.col("code") == F.col("loinc_code")), "left")
+    # code_norm once per event: the token and the three label groups all need it.
+    with_rule = (events.withColumn("code_norm", normalised_code())
+                 .join(rules, is_rule_obs & (F.col("code") == F.col("loinc_code")), "left"))
     tokens = with_rule.withColumn("token", token_column()).drop("loinc_code", "loinc_units", "loinc_cuts",
                                                                  "loinc_bins")
     joined = tokens.join(F.broadcast(vocab_frame), "token", "left")
@@ -125,7 +131,7 @@ def encode_events(events: DataFrame, vocab_frame: DataFrame) -> DataFrame:
 
 
 def _group_match(prefixes: tuple[str, ...]) -> Column:
-    norm = F.upper(F.regexp_replace(F.coalesce(F.col("code"), F.lit("")), "[^A-Za-z0-9]", ""))
+    norm = F.col("code_norm")
     starts = None
     for p in prefixes:
         s = norm.startswith(p)
