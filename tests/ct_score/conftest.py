@@ -19,6 +19,7 @@ import pytest
 from lake.commit import atomic_partition
 from lake.keys import pseudonymise
 from lake.paths import LakePaths
+from lake.schemas import DICOM_SERIES
 from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
 from medscreen.synth_ct import SeriesSpec, write_series
 
@@ -76,6 +77,9 @@ def write_series_index(lake_root: Path, key: bytes, rows: list[dict[str, Any]]) 
         "verdict": [r["verdict"] for r in rows],
         "paths": pa.array([r["files"] for r in rows], pa.list_(pa.string())),
     })
+    # Same names and types as the DICOM index's table, so the two cannot drift apart unnoticed.
+    for f in table.schema:
+        assert DICOM_SERIES.field(f.name).type == f.type, f"{f.name}: {f.type} vs {DICOM_SERIES.field(f.name).type}"
     final = LakePaths(lake_root).dicom_series
     with atomic_partition(final, {"stage": "test_index"}) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
