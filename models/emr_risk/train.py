@@ -62,6 +62,9 @@ def load_rows(lake_root: Path, as_of: str, max_tokens: int) -> dict[str, np.ndar
     table = samples.read_timelines(lake_root, as_of, labels=True)
     feed = samples.to_feed(table, max_tokens)
     feed["labels"] = samples.labels(table)
+    # A stable per-patient group, so a validation split never shares a patient with training.
+    feed["group"] = np.array([int(k[:8], 16) for k in table.column("patient_key").to_pylist()],
+                             dtype=np.int64)
     feed["length"] = np.minimum(np.asarray(table.column("length").to_pylist()), max_tokens)
     return feed
 
@@ -108,9 +111,24 @@ def predict(model: EmrRiskModel, data: dict[str, np.ndarray], batch_rows: int = 
     return out
 
 
+def split_by_patient(data: dict[str, np.ndarray], val_share: float
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(train, validation) with every row of a patient on one side."""
+    val = (data["group"] % 1000) < int(round(val_share * 1000))
+    return ({k: v[~val] for k, v in data.items()}, {k: v[val] for k, v in data.items()})
+
+
 def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: float, seed: int,
-          batch_rows: int = 128, time_budget_s: float = 600.0) -> list[float]:
-    """AdamW on masked BCE (labels of -1 = unknown are ignored); returns the loss per epoch."""
+          batch_rows: int = 128, time_budget_s: float = 600.0,
+          val: dict[str, np.ndarray] | None = None) -> tuple[list[float], list[float]]:
+    """AdamW on masked BCE (labels of -1 = unknown are ignored).
+
+    With ``val`` the weights of the epoch with the best mean validation AUC are
+    kept (early stopping; the held-out as-of date is never looked at).
+    Returns (loss per epoch, mean validation AUC per epoch).
+    """
+    from engines.metrics import head_metrics
+
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -122,7 +140,8 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
                                                            device=device))
     steps = epochs * math.ceil(len(y) / batch_rows)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    history, started = [], time.perf_counter()
+    history, val_auc, started = [], [], time.perf_counter()
+    best_state, best_auc = None, -1.0
     for epoch in range(epochs):
         model.train()
         total, n = 0.0, 0
@@ -138,14 +157,23 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
             total += float(loss.detach()) * len(labels)
             n += len(labels)
         history.append(total / max(n, 1))
-        log.info("epoch %d: loss %.4f (%.0fs)", epoch + 1, history[-1], time.perf_counter() - started)
+        if val is not None:
+            m = head_metrics(predict(model, val), val["labels"])
+            val_auc.append(float(np.nanmean([m[h]["auc"] for h in HEADS])))
+            if val_auc[-1] > best_auc:
+                best_auc = val_auc[-1]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log.info("epoch %d: loss %.4f, validation mean AUC %s (%.0fs)", epoch + 1, history[-1],
+                 f"{val_auc[-1]:.4f}" if val_auc else "-", time.perf_counter() - started)
         if time.perf_counter() - started > time_budget_s:
             log.warning("time budget %.0fs spent after %d epochs", time_budget_s, epoch + 1)
             break
-    return history
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history, val_auc
 
 
-ARRAY_KEYS = ("length", "age_years", "sex", "labels")
+ARRAY_KEYS = ("length", "age_years", "sex", "labels", "group")
 
 
 def save_arrays(path: Path, train_data: dict[str, np.ndarray], hold: dict[str, np.ndarray],
@@ -202,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-arrays", type=Path, dest="from_arrays",
                    help="train from --save-arrays output: no lake, Spark or settings needed")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
+    p.add_argument("--val-share", type=float, default=0.15, dest="val_share",
+                   help="share of training patients held back for early stopping (0 disables)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -238,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                          n_heads=4, d_ff=2 * args.d_model)
     model = EmrRiskModel(config).to(args.device)
     t = time.perf_counter()
-    history = train(model, train_data, args.epochs, args.lr, args.seed, time_budget_s=args.time_budget_s)
+    fit, val = split_by_patient(train_data, args.val_share) if args.val_share > 0 else (train_data, None)
+    history, val_auc = train(model, fit, args.epochs, args.lr, args.seed,
+                             time_budget_s=args.time_budget_s, val=val)
     train_s = time.perf_counter() - t
     metrics = head_metrics(predict(model, hold), hold["labels"])
     metrics = {h: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
@@ -260,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                          "patients": meta["patients"], "seed": meta["seed"],
                          "train_as_of": meta["train_as_of"], "device": args.device,
                          "rows": int(len(train_data["length"])), "epochs_run": len(history),
+                         "validation": {"patients_share": args.val_share,
+                                        "rows": int(len(val["length"])) if val is not None else 0,
+                                        "mean_auc_per_epoch": [round(x, 4) for x in val_auc],
+                                        "kept_epoch": (int(np.argmax(val_auc)) + 1) if val_auc else None},
                          "loss_per_epoch": [round(x, 4) for x in history], "train_seconds": round(train_s),
                          "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
                torch_state=state_path)
