@@ -20,6 +20,7 @@ Run as ``medscreen dicom index --input DIR --lake LAKE`` or
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -38,7 +39,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from lake.commit import commit, staging_dir
 from lake.keys import load_key, pseudonymise
-from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id, write_json
 from lake.schemas import DICOM_INSTANCES, DICOM_QUARANTINE, DICOM_SERIES
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 
 STAGE_FILES = "dicom_index_files"
 STAGE_SERIES = "dicom_index_series"
+# Verdict for a series whose headers break the judging code itself (never expected; counted, not fatal).
+REASON_INVALID_HEADERS = "invalid_headers"
 # Instance columns that travel from header reading to the series verdict.
 _HEADER_COLUMNS = [f.name for f in DICOM_INSTANCES] + ["quarantine", "detail"]
 
@@ -93,7 +96,11 @@ def judge_rows(rows: Iterator[tuple[Any, ...]], min_slices: int, gantry_tilt: st
                run_id: str) -> tuple[Any, ...]:
     """The series-table row for one series' header rows (tuples in _HEADER_COLUMNS order)."""
     records = [dict(zip(_HEADER_COLUMNS, r)) for r in rows]
-    s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
+    try:
+        s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
+    except Exception as exc:  # a header combination no rule foresaw: reject the series, keep the run
+        s = {"slice_count": len(records), "paths": sorted(str(r["path"]) for r in records),
+             "verdict": REASON_INVALID_HEADERS, "detail": f"{type(exc).__name__} while judging the series"}
     first = records[0]
     s.update(series_key=first["series_key"], study_key=first["study_key"], patient_key=first["patient_key"],
              eligible=s["verdict"] == ELIGIBLE, detail=s["detail"] or None, run_id=run_id)
@@ -113,8 +120,8 @@ def index_frames(spark: SparkSession, files: list[str], key: bytes, settings: Se
     frame = spark.createDataFrame(rows, _row_schema())
     instances = frame.filter(F.col("quarantine").isNull()).select(*DICOM_INSTANCES.names)
     quarantine = (frame.filter(F.col("quarantine").isNotNull())
-                  .select("path", F.col("quarantine").alias("reason"), "detail", "file_size_bytes",
-                          F.lit(run_id).alias("run_id")))
+                  .withColumn("reason", F.col("quarantine")).withColumn("run_id", F.lit(run_id))
+                  .select(*DICOM_QUARANTINE.names))
     q_at, k_at = _HEADER_COLUMNS.index("quarantine"), _HEADER_COLUMNS.index("series_key")
     min_slices, tilt = settings.imaging.min_slices, settings.imaging.gantry_tilt
     series_rdd = (rows.filter(lambda r: r[q_at] is None).map(lambda r: (r[k_at], r))
@@ -216,8 +223,6 @@ def main(argv: list[str] | None = None) -> int:
     if settings.inputs.dicom_dir is None:
         raise SystemExit("dicom_index: no input; pass --input DIR or set MEDSCREEN_INPUTS__DICOM_DIR")
     summary = run(settings, Path(settings.inputs.dicom_dir), run_id=args.run_id)
-    import json
-
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
 
