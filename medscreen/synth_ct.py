@@ -293,7 +293,6 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
     if rows < 16 or slices < 4:
         raise ValueError(f"rows must be >= 16 and slices >= 4, got rows={rows}, slices={slices}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    root_rng = np.random.default_rng(seed)
     truth: dict[str, Any] = {"seed": seed, "series": [], "broken_files": []}
     n_files = 0
     for s in range(studies):
@@ -320,7 +319,6 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
             truth["broken_files"] += _plant_broken(folder, truth["series"][-len(specs)], rng)
             n_files += 4
     (out_dir / "ground_truth.json").write_text(json.dumps(truth, indent=2, sort_keys=True))
-    del root_rng
     return {"out_dir": str(out_dir), "studies": studies, "series": len(truth["series"]),
             "files": n_files, "broken_files": len(truth["broken_files"]),
             "nodules": sum(len(r["nodules"]) for r in truth["series"] if r["label"] == "axial_chest"),
