@@ -262,7 +262,6 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                        onset: dict[str, np.ndarray], a1c: np.ndarray, bmi: np.ndarray,
                        egfr: np.ndarray, sbp: np.ndarray, bnp: np.ndarray, age0: np.ndarray) -> None:
     onset_l = {k: v.tolist() for k, v in onset.items()}
-    hld_flag = None  # hyperlipidemia is prevalent-only; decided per patient below
     a1c_l, bmi_l, egfr_l, sbp_l = a1c.tolist(), bmi.tolist(), egfr.tolist(), sbp.tolist()
     bnp_l = bnp.tolist()
     first_l, age_l, visits_l = first_month.tolist(), age0.tolist(), visits.tolist()
@@ -275,8 +274,10 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
     month_starts = [month_start(m) for m in range(MONTHS)]
     for p in range(c.patients):
         vrow = visits_l[p]
+        # Hyperlipidemia is prevalent-only (no hazard): on the problem list or not.
         hld_flag = rnd.random() < min(0.9, 0.2 + 0.006 * max(age_l[p] - 35, 0))
         coded: set[str] = set()           # conditions already on this patient's record
+        registered = False                # the first visit writes the problem list
         obesity_coded = prediab_coded = False
         stroke_code_month = NEVER
         # Onsets before registration: a plausible past onset date for the problem list.
@@ -317,7 +318,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                 # -- observations
                 a, b, g = a1c_l[p][m], bmi_l[p][m], egfr_l[p][m]
                 sys_bp = sbp_l[p][m] + 9 * nz()
-                if not coded:
+                if not registered:
                     obs_list.append((p, e, "smoking", float(c.smoking[p]), 0.0))
                 if rr() < 0.6:
                     dia_bp = 0.55 * sys_bp + 8 + 5 * nz()
@@ -345,7 +346,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                     obs_list.append((p, e, "ntprobnp", round(math.exp(bnp_l[p][m] + 0.1 * nz())), 0.0))
                 # -- conditions
                 dx_today: list[str] = []
-                if not coded:
+                if not registered:
                     # Registration: the problem list, including legacy ICD-9 entries.
                     for k in active:
                         if k in new_dx:
@@ -374,7 +375,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                                           "icd10"))
                     if k == "stroke":
                         stroke_code_month = m
-                coded.add("_registered")
+                registered = True
                 # Follow-up visits re-code a share of the active chronic conditions.
                 for k in active:
                     if k in coded and k not in new_dx and rr() < 0.15:
