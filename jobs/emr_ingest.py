@@ -192,12 +192,12 @@ def read_fhir(spark: SparkSession, files: list[Path]) -> DataFrame:
                       F.monotonically_increasing_id().alias("ord"))
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(path: Path) -> tuple[list[str], str]:
     opener = gzip.open if path.name.lower().endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8-sig") as f:  # type: ignore[operator]
         first = f.readline()
     delimiter = "\t" if "\t" in first and "," not in first else ","
-    return next(csv.reader([first], delimiter=delimiter)), delimiter  # type: ignore[return-value]
+    return next(csv.reader([first], delimiter=delimiter)), delimiter
 
 
 def read_omop_table(spark: SparkSession, path: Path, columns: tuple[str, ...] | None) -> DataFrame:
@@ -350,7 +350,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     run_dir = paths.run(run_id)
     started = dt.datetime.now(dt.timezone.utc)
     ex = settings.extraction
-    groups_file = Path(ex.code_groups_file)
+    groups_file = Path(ex.code_groups_file).resolve()
     # Load once on the driver: a bad groups file fails here with its message, not in a task.
     from preprocessing.code_groups import load_code_groups
     load_code_groups(groups_file)

@@ -62,3 +62,15 @@ def test_list_inputs_and_fingerprint(tmp_path: Path):
         list_inputs(tmp_path, "hl7v2")
     with pytest.raises(FileNotFoundError, match="no OMOP CDM tables"):
         list_inputs(tmp_path, "omop")
+
+
+def test_bad_code_groups_file_fails_before_any_work(make_settings, tmp_path: Path):
+    from jobs.emr_ingest import run
+    from preprocessing.code_groups import CodeGroupsError
+
+    bad = tmp_path / "groups.yaml"
+    bad.write_text("groups:\n  stroke:\n    codes: [I64]\n")
+    settings = make_settings(**{"extraction.code_groups_file": str(bad)})
+    with pytest.raises(CodeGroupsError, match="'stroke'.*'I64'"):
+        run(settings, FIXTURES / "fhir", "fhir")
+    assert not (settings.lake.root / "emr").exists()
