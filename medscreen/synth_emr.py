@@ -46,6 +46,9 @@ def generate(out_dir: Path, patients: int, seed: int, bad_share: float = 0.02,
                          "0 disables bad records, the demo uses 0.02")
     if patients < 1:
         raise ValueError(f"patients must be >= 1 (got {patients})")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file; --out must name a directory to write "
+                                 "the export into")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / SUMMARY_FILE).exists():
         raise FileExistsError(f"{out_dir} is not empty and holds no earlier synthetic export "
                               f"({SUMMARY_FILE} missing); choose an empty or new directory")

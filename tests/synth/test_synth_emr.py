@@ -242,3 +242,18 @@ def test_cli_prints_the_summary(tmp_path: Path, capsys: pytest.CaptureFixture[st
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((out / "synth_summary.json").read_text())
     assert printed["records"]["person"] == 25 and printed["bad_records_total"] == 0
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"fmt": "hl7v2"}, ValueError, "unknown format"),
+    ({"bad_share": 0.9}, ValueError, "bad_share must be within"),
+    ({"patients": 0}, ValueError, "patients must be >= 1"),
+])
+def test_bad_arguments_are_refused_with_a_clear_message(tmp_path: Path, kwargs, error, words) -> None:
+    args = {"patients": 5, "seed": 1, "bad_share": 0.02, "fmt": "fhir", **kwargs}
+    with pytest.raises(error, match=words):
+        generate(tmp_path / "out", **args)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        generate(tmp_path / "file", patients=5, seed=1)
