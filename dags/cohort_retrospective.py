@@ -53,6 +53,9 @@ with DAG(
         "step_days": Param(30, type="integer", minimum=1, title="Step (days)"),
         "models": Param(["emr_risk"], type="array", minItems=1, uniqueItems=True,
                         items={"type": "string", "enum": list(orch.MODELS)}, title="Models"),
+        "force_ungated": Param(False, type="boolean", title="Force ungated engines (smoke runs)",
+                               description="Score even with an engine that has not passed its "
+                                           "accuracy gate. Never for results anyone acts on."),
         "replace": Param(False, type="boolean", title="Replace an existing cohort of this name"),
     },
     doc_md=__doc__,

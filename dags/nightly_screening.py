@@ -52,6 +52,9 @@ with DAG(
                         items={"type": "string", "enum": list(orch.MODELS)}, minItems=1,
                         uniqueItems=True, title="Models",
                         description="Which models to build engines for and score with."),
+        "force_ungated": Param(False, type="boolean", title="Force ungated engines (smoke runs)",
+                               description="Score even with an engine that has not passed its "
+                                           "accuracy gate. Never for results anyone acts on."),
         "patient_limit": Param(None, type=["null", "integer"], minimum=1, title="Patient limit",
                                description="Score at most this many patients (smoke runs)."),
     },

@@ -428,6 +428,10 @@ def score(context: Any, model: str, as_of: str | None = None) -> str:
     if kind == "ct" and settings.inputs.dicom_dir is None:
         raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); CT not scored")
     args = score_args(kind, settings.lake.root, as_of or context_as_of(context), ray_address())
+    if params.get("force_ungated"):
+        # Smoke runs on untrained/placeholder exports only; the scoring run records it.
+        log.warning("force_ungated: scoring %s with an engine that has not passed its accuracy gate", model)
+        args.append("--force-ungated")
     limit = params.get("patient_limit")
     if limit:
         args += patient_limit_args(kind, int(limit))
