@@ -407,6 +407,10 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     precision = settings.engines.precision
     source = source or default_source(settings, force_ungated)
 
+    # Resolve the engine here, before any Ray work: a missing or ungated engine is a
+    # clear error from the cache, not an actor that dies in its constructor.
+    _, engine_meta = source.load(precision)
+
     series, ignored, total = select_series(lake, as_of)
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
@@ -471,6 +475,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                      "min_finding_volume_mm3": settings.imaging.min_finding_volume_mm3,
                      "batch_patches": batch_patches},
         "forced_ungated": bool(force_ungated),
+        "engine": {k: engine_meta.get(k) for k in ("fingerprint", "precision", "backend")},
     }
     with atomic_partition(lake.findings(MODEL, as_of), manifest) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
