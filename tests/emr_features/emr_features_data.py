@@ -1,5 +1,6 @@
-"""Tiny EMR inputs for the features tests (imported by the test modules): events + patients written with the lake schemas
-and committed, as the ingest job leaves them. Keys are synthetic pseudonym-shaped hex."""
+"""Tiny EMR inputs for the features tests (imported by the test modules): events + patients
+written with the lake schemas and committed, as the ingest job leaves them. Keys are
+synthetic pseudonym-shaped hex."""
 from __future__ import annotations
 
 import datetime as dt
