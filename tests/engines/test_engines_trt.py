@@ -82,3 +82,20 @@ def test_trt_matches_onnxruntime_on_gpu(engines_settings, tmp_path):
             "age_years": np.array([61.0, 40.0], np.float32), "sex": np.array([2, 1])}
     with runner, reference:
         assert np.max(np.abs(runner.infer(feed)["probs"] - reference.infer(feed)["probs"])) < 0.02
+
+
+@pytest.mark.gpu
+def test_ort_cuda_ep_with_io_binding_matches_cpu(engines_settings, tmp_path):
+    """GPU machine with onnxruntime-gpu: the CUDA EP (I/O binding) agrees with the CPU EP."""
+    from pathlib import Path
+
+    from engines.model_card import load_card
+    from engines.ort_runner import OrtRunner
+
+    card = load_card(engines_settings(tmp_path), "emr_risk")
+    feed = {"tokens": np.array([[3, 4, 0], [5, 0, 0]]), "days_before": np.ones((2, 3), np.float32),
+            "age_years": np.array([61.0, 40.0], np.float32), "sex": np.array([2, 1])}
+    with OrtRunner(Path(card["onnx"]["file"]), providers=["CUDAExecutionProvider"]) as gpu, \
+            OrtRunner(Path(card["onnx"]["file"]), providers=["CPUExecutionProvider"]) as cpu:
+        assert gpu.active_providers[0] == "CUDAExecutionProvider"
+        assert np.max(np.abs(gpu.infer(feed)["probs"] - cpu.infer(feed)["probs"])) < 1e-3
