@@ -113,8 +113,9 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                                      run_id, actor_cls, on_fragment_done))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
-        exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — call "
-                     f"inference.emr.score(..., run_id={run_id!r}) to resume")
+        exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
+                     f"`medscreen score emr --as-of {as_of} --run-id {run_id}` "
+                     f"(inference.emr.score(..., run_id={run_id!r}))")
         raise
     finally:
         if started_ray:

@@ -19,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--precision", choices=["fp32", "fp16", "int8"])
         c.add_argument("--force-ungated", action="store_true",
                        help="score with an engine that has not passed its accuracy gate")
+        if name == "emr":
+            # CT scoring keeps no per-series staging to pick up from, so only EMR can resume.
+            c.add_argument("--run-id", dest="run_id", metavar="RUN_ID",
+                           help="resume the stopped run RUN_ID (named in its error): fragments it "
+                                "finished are kept, only the rest are scored; the same as-of date and "
+                                "engine settings as the stopped run are required")
         c.set_defaults(func=_emr if name == "emr" else _ct)
 
 
@@ -32,7 +38,7 @@ def _emr(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from inference import emr
 
-    run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated)
+    run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id)
     print(run_dir)
     return 0
 
