@@ -56,7 +56,9 @@ with DAG(
                                description="Score even with an engine that has not passed its "
                                            "accuracy gate. Never for results anyone acts on."),
         "patient_limit": Param(None, type=["null", "integer"], minimum=1, title="Patient limit",
-                               description="Score at most this many patients (smoke runs)."),
+                               description="Smoke runs: score only the first N timelines and at "
+                                           "most N CT series. Recorded in the manifests; the "
+                                           "screening list is not published."),
     },
     doc_md=__doc__,
 ) as dag:

@@ -55,7 +55,7 @@ class FragmentSpec:
     fragment: int
     path: str
     row_groups: tuple[int, ...]
-    num_rows: int
+    num_rows: int  # the first num_rows rows of those row groups (fewer than all only under a limit)
 
 
 def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int,
@@ -64,6 +64,8 @@ def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int
     out = []
     for row in specs.to_pylist():
         table = pq.ParquetFile(row["path"]).read_row_groups(list(row["row_groups"]), columns=TIMELINE_COLUMNS)
+        # A fragment cut by a row limit takes only the first num_rows of its row groups.
+        table = table.slice(0, int(row["num_rows"]))
         out.append(batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
                                                   token_budget, vocab_size)))
     return pa.concat_tables(out) if out else batches_to_table([])

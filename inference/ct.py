@@ -60,6 +60,8 @@ ELIGIBLE = "eligible"
 IGNORED_NOT_ELIGIBLE = "not_eligible"
 IGNORED_AFTER_AS_OF = "study_after_as_of"
 IGNORED_NO_DATE = "study_date_missing"
+# Eligible series past a --limit (smoke runs): the first N by series_key are scored.
+IGNORED_BEYOND_LIMIT = "beyond_limit"
 
 STATUS_OK = "ok"
 # Reason codes of series that failed between the index and the findings.
@@ -380,7 +382,7 @@ def _card_patch_check(card: dict[str, Any], settings: Settings) -> int:
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None,
-          source: EngineSource | None = None) -> Path:
+          source: EngineSource | None = None, limit: int | None = None) -> Path:
     """Score every eligible CT series with a study on or before ``as_of``; return the run directory.
 
     Writes findings atomically to ``LAKE/findings/model=ct_nodule/as_of=D/``
@@ -394,9 +396,15 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     from the engine cache and must have passed its Dice gate unless
     ``force_ungated`` (``medscreen engines ensure --model ct_nodule``).
     ``source`` overrides both (benchmarks, tests).
+
+    ``limit`` (smoke runs) scores only the first ``limit`` selected series by
+    series_key; the rest are counted in the ledger as ignored ``beyond_limit``
+    and the manifests record the limit and how many series were available.
     """
     from engines.model_card import load_card
 
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 series, got {limit}")
     t_start = time.perf_counter()
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
@@ -412,6 +420,10 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     _, engine_meta = source.load(precision)
 
     series, ignored, total = select_series(lake, as_of)
+    available = series.num_rows
+    if limit is not None and available > limit:
+        series = series.slice(0, limit)  # select_series sorts by series_key: the same N every time
+        ignored[IGNORED_BEYOND_LIMIT] = available - limit
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
     started_ray = _ensure_ray(settings)
@@ -467,6 +479,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "onnx_sha256": card["onnx"]["sha256"], "engine_fingerprints": sorted(fingerprints),
         "precisions": sorted(precisions), "series_scored": ledger.records_out,
         "series_failed": ledger.quarantined_total, "findings": table.num_rows,
+        # A smoke run says so: the limit and how many series a full run would have scored.
+        "limit": limit, "series_available": available,
         "settings": {"patch_size": list(settings.imaging.patch_size),
                      "patch_stride": list(settings.imaging.patch_stride),
                      "target_spacing_mm": settings.imaging.target_spacing_mm,

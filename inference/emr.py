@@ -69,8 +69,8 @@ class Attempt:
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
-          engine_source: EngineSource | None = None, actor_cls: type = ScoreActor,
-          fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
+          limit: int | None = None, engine_source: EngineSource | None = None,
+          actor_cls: type = ScoreActor, fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
           on_fragment_done: Callable[[int, int], None] | None = None) -> Path:
     """Score the committed timelines of ``as_of`` and commit scores and the screening list.
 
@@ -82,6 +82,11 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     engine and the timelines disagree on the vocabulary. ``on_fragment_done``
     (fragment, fragments done this attempt) is called after each fragment is
     durably staged.
+
+    ``limit`` (smoke runs) scores only the first ``limit`` timelines in plan
+    order (:func:`inference.fragments.plan_fragments`); the rest are counted in
+    the ledger as ignored ``beyond_limit``, and the scores partition, screening
+    list and run manifests record ``limit`` and ``rows_available``.
     """
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
@@ -96,8 +101,12 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     final = lake.scores(MODEL, as_of)
     source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
     specs = plan_fragments(timelines, fragment_rows)
+    available = sum(s.num_rows for s in specs)
+    if limit is not None:
+        specs = plan_fragments(timelines, fragment_rows, limit)
     started = time.time()
-    log.info("score_emr run %s: %d fragments, %d rows", run_id, len(specs), sum(s.num_rows for s in specs))
+    log.info("score_emr run %s: %d fragments, %d of %d rows%s", run_id, len(specs),
+             sum(s.num_rows for s in specs), available, f" (--limit {limit})" if limit is not None else "")
 
     started_ray = _ensure_ray(settings)
     try:
@@ -124,7 +133,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
             ray.shutdown()
 
     chosen = attempts[-1]
-    ledger = _ledger(specs, chosen)
+    ledger = _ledger(specs, chosen, available)
     quarantine = chosen.staging.quarantine()
     summary = run_metrics.summarise(_all_batches(chosen), chosen.wall_s, chosen.rows_this_attempt,
                                     chosen.batches_this_attempt, chosen.started_at)
@@ -166,6 +175,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "engine": run_summary["engine"], "fp32_safe_mode": safe_mode,
         "qc_passed": chosen.qc["passed"], "rows": ledger.records_out,
         "quarantined": ledger.quarantined, "started_at": run_summary["started_at"],
+        # A smoke run says so: the limit and how many timelines a full run would have scored.
+        "limit": limit, "rows_available": available,
     }
     if not chosen.qc["passed"]:
         chosen.staging.discard()
@@ -352,8 +363,11 @@ def _all_batches(attempt: Attempt) -> list[dict[str, Any]]:
     return [b for r in attempt.records for b in r["batches"]]
 
 
-def _ledger(specs: list[FragmentSpec], attempt: Attempt) -> StageLedger:
-    ledger = StageLedger(STAGE, records_in=sum(s.num_rows for s in specs), unit="timelines")
+def _ledger(specs: list[FragmentSpec], attempt: Attempt, available: int) -> StageLedger:
+    # Every timeline of the partition is accounted for; those past a --limit are ignored by that rule.
+    selected = sum(s.num_rows for s in specs)
+    ignored = {"beyond_limit": available - selected} if available > selected else {}
+    ledger = StageLedger(STAGE, records_in=available, ignored=ignored, unit="timelines")
     for r in attempt.records:
         ledger.records_out += r["rows_out"]
         for reason, n in r["quarantined"].items():

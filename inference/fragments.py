@@ -28,25 +28,41 @@ WORK = "_work"
 PLAN = "plan.json"
 
 
-def plan_fragments(partition: Path, fragment_rows: int = DEFAULT_FRAGMENT_ROWS) -> list[FragmentSpec]:
-    """Fragments of a committed partition, from Parquet footers only (no data is read)."""
+def plan_fragments(partition: Path, fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
+                   limit: int | None = None) -> list[FragmentSpec]:
+    """Fragments of a committed partition, from Parquet footers only (no data is read).
+
+    Plan order is files by name, then row groups in file order. ``limit`` keeps
+    only the first ``limit`` rows in that order (smoke runs): fragments after it
+    are left out and the last one kept is truncated (its ``num_rows`` says how
+    many of its row groups' rows it takes).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1 row, got {limit}")
     files = sorted(p for p in Path(partition).glob("*.parquet") if not p.name.startswith((".", "_")))
     if not files:
         raise FileNotFoundError(f"timelines partition {partition} holds no Parquet files; "
                                 "rerun `medscreen emr features` for this as-of date")
     specs: list[FragmentSpec] = []
+    left = limit
     for path in files:
         md = pq.ParquetFile(path).metadata
         groups: list[int] = []
         rows = 0
         for rg in range(md.num_row_groups):
+            if left == 0:
+                break
+            n = md.row_group(rg).num_rows if left is None else min(md.row_group(rg).num_rows, left)
             groups.append(rg)
-            rows += md.row_group(rg).num_rows
+            rows += n
+            left = None if left is None else left - n
             if rows >= fragment_rows:
                 specs.append(FragmentSpec(len(specs), str(path), tuple(groups), rows))
                 groups, rows = [], 0
         if groups:
             specs.append(FragmentSpec(len(specs), str(path), tuple(groups), rows))
+        if left == 0:
+            break
     return specs
 
 

@@ -100,6 +100,8 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     manifest: dict[str, Any] = {
         "as_of": as_of, "run_id": run_id or scores_manifest.get("run_id"), "model": MODEL,
         "scores_run_id": scores_manifest.get("run_id"),
+        # From a --limit smoke run: a list of the first N timelines only, never the outreach list.
+        "limit": scores_manifest.get("limit"),
         "criterion": {"top_k": cfg.screening_top_k} if cfg.screening_top_k is not None
         else {"thresholds": dict(cfg.screening_thresholds)},
         "rows": flagged.num_rows, "patients": n_flagged,

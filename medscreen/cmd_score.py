@@ -19,6 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--precision", choices=["fp32", "fp16", "int8"])
         c.add_argument("--force-ungated", action="store_true",
                        help="score with an engine that has not passed its accuracy gate")
+        c.add_argument("--limit", type=_positive_int, metavar="N",
+                       help="smoke runs: score only the first N timelines in plan order" if name == "emr"
+                       else "smoke runs: score at most N eligible series, the first by series_key")
         if name == "emr":
             # CT scoring keeps no per-series staging to pick up from, so only EMR can resume.
             c.add_argument("--run-id", dest="run_id", metavar="RUN_ID",
@@ -26,6 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "finished are kept, only the rest are scored; the same as-of date and "
                                 "engine settings as the stopped run are required")
         c.set_defaults(func=_emr if name == "emr" else _ct)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _settings(args: argparse.Namespace):
@@ -38,7 +48,8 @@ def _emr(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from inference import emr
 
-    run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id)
+    run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id,
+                        limit=args.limit)
     print(run_dir)
     return 0
 
@@ -47,6 +58,6 @@ def _ct(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from inference import ct
 
-    run_dir = ct.score(settings, args.as_of, force_ungated=args.force_ungated)
+    run_dir = ct.score(settings, args.as_of, force_ungated=args.force_ungated, limit=args.limit)
     print(run_dir)
     return 0

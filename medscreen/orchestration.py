@@ -36,7 +36,7 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk.exceptions import AirflowSkipException
 
 from conf.settings import Settings, load_settings
-from lake.commit import atomic_partition, is_committed
+from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths, as_of_str
 from lake.runs import write_json
 
@@ -369,7 +369,8 @@ def publish_screening(lake_root: Path, as_of: str) -> dict[str, Any]:
 
     The partition ``LAKE/screening/as_of=D/`` itself is written (atomically) by
     scoring; publishing makes it the list consumers read. A backfill of an old
-    date never moves the pointer backwards.
+    date never moves the pointer backwards, and a list from a ``--limit`` smoke
+    run is never published (AirflowSkipException).
     """
     lake = LakePaths(lake_root)
     as_of = as_of_str(as_of)
@@ -377,6 +378,10 @@ def publish_screening(lake_root: Path, as_of: str) -> dict[str, Any]:
     if not is_committed(partition):
         raise OrchestrationError(f"screening list {partition} is not committed; "
                                  "`medscreen score emr` writes it — check that task's log")
+    limit = read_manifest(partition).get("limit")
+    if limit:
+        raise AirflowSkipException(f"screening list {partition} comes from a smoke run limited to {limit} "
+                                   "timelines; not published (LATEST.json unchanged)")
     pointer = partition.parent / "LATEST.json"
     with lake_lock(lake_root, "screening_publish"):
         current = json.loads(pointer.read_text()) if pointer.is_file() else {}
@@ -434,7 +439,9 @@ def score(context: Any, model: str, as_of: str | None = None) -> str:
         args.append("--force-ungated")
     limit = params.get("patient_limit")
     if limit:
-        args += patient_limit_args(kind, int(limit))
+        # A smoke run: its partitions record the limit and its screening list is not published.
+        log.warning("patient_limit: scoring %s with --limit %s (smoke run)", model, limit)
+        args += patient_limit_args(int(limit))
     run_dir = run_cli(args)
     if not Path(run_dir).is_dir():
         raise OrchestrationError(f"`medscreen {' '.join(args)}` printed {run_dir!r} as its last line, "
@@ -442,18 +449,11 @@ def score(context: Any, model: str, as_of: str | None = None) -> str:
     return run_dir
 
 
-def patient_limit_args(kind: str, limit: int) -> list[str]:
-    """``--limit N`` for ``medscreen score KIND`` when the installed CLI has that flag; else a clear error."""
-    from medscreen.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["score"]
-    leaf = next(a for a in sub._actions if a.dest == "score_command").choices[kind]
-    for flag in ("--limit", "--patient-limit"):
-        if flag in leaf._option_string_actions:
-            return [flag, str(limit)]
-    raise OrchestrationError(f"patient_limit={limit} was given but `medscreen score {kind}` has no "
-                             "--limit flag in this installation; trigger without patient_limit")
+def patient_limit_args(limit: int) -> list[str]:
+    """``--limit N`` for ``medscreen score KIND``: the first N timelines (emr) or N series (ct)."""
+    if limit < 1:
+        raise OrchestrationError(f"patient_limit must be at least 1, got {limit}")
+    return ["--limit", str(limit)]
 
 
 def publish(context: Any) -> dict[str, Any]:

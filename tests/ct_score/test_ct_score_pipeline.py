@@ -108,3 +108,29 @@ def test_no_raw_identifiers_in_outputs(scored, tiny_ct):
     for raw in (tiny_ct["with_nodule"]["patient_id"], tiny_ct["with_nodule"]["series_instance_uid"],
                 "SYNTH^CTSCORE"):
         assert not any(raw.encode() in b for b in blobs)
+
+
+def test_limit_scores_the_first_series_by_key_and_says_so(tiny_ct, series_index_writer, ray_local,
+                                                          tmp_path, capsys):
+    from medscreen.cli import main
+
+    series_index_writer(tmp_path, KEY, tiny_ct["rows"])
+    eligible = sorted(pseudonymise(KEY, r["series_uid"]) for r in tiny_ct["rows"]
+                      if r["verdict"] == "eligible" and r["date"] <= AS_OF)
+    assert main(["score", "ct", "--lake", str(tmp_path), "--as-of", AS_OF, "--limit", "2"]) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    stage = json.loads((run_dir / "ledger.json").read_text())["stages"]["score_ct"]
+    assert stage["balanced"] and stage["records_in"] == 5
+    assert stage["records_out"] + sum(stage["quarantined"].values()) == 2
+    assert stage["ignored"] == {"not_eligible": 1, "study_after_as_of": 1, "beyond_limit": 1}
+    failed = {r["series_key"] for r in metrics["failed"]}
+    found = set(_findings(tmp_path).column("series_key").to_pylist())
+    assert metrics["series"] == 2 and not ({eligible[2]} & (failed | found))
+    # Of the first two by key, the broken series fails and the nodule series has findings.
+    broken = pseudonymise(KEY, tiny_ct["rows"][2]["series_uid"])
+    nodule = pseudonymise(KEY, tiny_ct["with_nodule"]["series_instance_uid"])
+    assert failed == {broken} & set(eligible[:2])
+    assert (nodule in found) == (nodule in eligible[:2])
+    manifest = read_manifest(LakePaths(tmp_path).findings("ct_nodule", AS_OF))
+    assert manifest["limit"] == 2 and manifest["series_available"] == 3

@@ -131,14 +131,20 @@ def test_cli_failures_name_the_command_and_the_reason(tmp_path: Path) -> None:
     assert orch.resolve_as_of("2024-01-31", "2024-06-30") == "2024-01-31"
 
 
-def test_patient_limit_needs_a_limit_flag_in_the_cli() -> None:
+def test_patient_limit_becomes_a_limit_the_score_cli_takes(tmp_path: Path) -> None:
+    from airflow.sdk.exceptions import AirflowSkipException
+
     from medscreen.cli import build_parser
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["score"]
-    emr = next(a for a in sub._actions if a.dest == "score_command").choices["emr"]
-    flags = [f for f in ("--limit", "--patient-limit") if f in emr._option_string_actions]
-    if flags:
-        assert orch.patient_limit_args("emr", 5) == [flags[0], "5"]
-    else:
-        with pytest.raises(orch.OrchestrationError, match="no --limit flag"):
-            orch.patient_limit_args("emr", 5)
+    for kind in ("emr", "ct"):
+        args = build_parser().parse_args(orch.score_args(kind, tmp_path, "2024-06-30", None)
+                                         + orch.patient_limit_args(5))
+        assert args.limit == 5 and args.score_command == kind
+    with pytest.raises(orch.OrchestrationError, match="at least 1"):
+        orch.patient_limit_args(0)
+    # A smoke run's screening list is committed with its limit but never published.
+    with atomic_partition(LakePaths(tmp_path).screening("2024-06-30"), {"limit": 5}) as staging:
+        (staging / "part-0.parquet").write_bytes(b"")
+    with pytest.raises(AirflowSkipException, match="limited to 5"):
+        orch.publish_screening(tmp_path, "2024-06-30")
+    assert not (tmp_path / "screening" / "LATEST.json").exists()

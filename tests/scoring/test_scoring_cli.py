@@ -1,4 +1,4 @@
-"""`medscreen score emr` through the CLI entry point: resuming a stopped run by its id.
+"""`medscreen score emr` through the CLI entry point: resuming a stopped run by its id, --limit.
 
 Real local Ray, real ONNX Runtime engines from the engine cache, real Parquet;
 settings reach the CLI the way they reach it in production (environment + flags).
@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from conf.settings import Settings
 from inference import emr
+from inference.fragments import plan_fragments
+from lake.commit import read_manifest
 from lake.paths import LakePaths
 from medscreen import cli
 from scoring_fixtures import commit_timelines, random_timelines
@@ -62,3 +65,42 @@ def test_score_emr_run_id_resumes_a_stopped_run(scoring_settings, monkeypatch, c
     assert {r for t in parts for r in t.column("run_id").to_pylist()} == {"run-stopped"}
     ledger = json.loads((run_dir / "ledger.json").read_text())["stages"]["score_emr"]
     assert ledger["balanced"] and ledger["records_in"] == ledger["records_out"] == N
+
+
+def test_score_emr_limit_scores_the_first_rows_in_plan_order_and_says_so(scoring_settings, monkeypatch,
+                                                                         capsys):
+    settings = scoring_settings()
+    table = random_timelines(N, seed=6)
+    timelines = commit_timelines(settings.lake.root, AS_OF, table, files=3, row_group_rows=64)
+    _cli_env(monkeypatch, settings)
+    # Plan order = files by name, row groups in order: the first 150 rows of the committed table.
+    expected = set(table.column("patient_key").to_pylist()[:150])
+    assert sum(s.num_rows for s in plan_fragments(timelines, 64, limit=150)) == 150
+
+    lake = LakePaths(settings.lake.root)
+    runs, scored = [], []
+    for _ in range(2):
+        assert cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF,
+                         "--limit", "150"]) == 0
+        runs.append(Path(capsys.readouterr().out.strip().splitlines()[-1]))
+        parts = sorted(lake.scores("emr_risk", AS_OF).glob("part-*.parquet"))
+        scored.append(pa.concat_tables([pq.read_table(f) for f in parts]).drop_columns(["run_id"]))
+    keys = scored[0].column("patient_key").to_pylist()
+    assert len(keys) == 150 and set(keys) == expected
+    assert scored[0].equals(scored[1]), "the same limit scores the same rows"
+
+    ledger = json.loads((runs[1] / "ledger.json").read_text())["stages"]["score_emr"]
+    assert ledger["balanced"] and ledger["records_in"] == N and ledger["records_out"] == 150
+    assert ledger["ignored"] == {"beyond_limit": N - 150}
+    for manifest in (read_manifest(lake.scores("emr_risk", AS_OF)),
+                     json.loads((runs[1] / "manifest.json").read_text())):
+        assert manifest["limit"] == 150 and manifest["rows_available"] == N
+    assert read_manifest(lake.screening(AS_OF))["limit"] == 150
+
+    # A full run says it is one.
+    assert cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF]) == 0
+    full = read_manifest(lake.scores("emr_risk", AS_OF))
+    assert full["limit"] is None and full["rows"] == full["rows_available"] == N
+    with pytest.raises(SystemExit):
+        cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF, "--limit", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
