@@ -241,13 +241,20 @@ def _axial_positions(z0: float, n: int, spacing_mm: float) -> list[float]:
 
 
 def plan_study(rng: np.random.Generator, index: int, rows: int, slices: int,
-               rle_series: bool, variable_spacing: bool, gantry_tilt: bool) -> tuple[ChestAnatomy, list[SeriesSpec]]:
-    """The anatomy and series of one study (pure planning: no files)."""
+               rle_series: bool, variable_spacing: bool, gantry_tilt: bool,
+               slice_spacing_mm: float | None = None) -> tuple[ChestAnatomy, list[SeriesSpec]]:
+    """The anatomy and series of one study (pure planning: no files).
+
+    ``slice_spacing_mm`` fixes the axial series' slice spacing; None draws 2 or 2.5 mm.
+    """
     manufacturer = MANUFACTURERS[index % len(MANUFACTURERS)]
     # The in-plane field of view is what a chest protocol would use; the matrix sets the spacing.
     fov_mm = float(rng.uniform(0.6, 0.9)) * 512
     ps = fov_mm / rows
+    # Drawn even when fixed, so the rest of the study (nodules, identity) does not depend on it.
     spacing = float(rng.choice([2.0, 2.5]))
+    if slice_spacing_mm is not None:
+        spacing = float(slice_spacing_mm)
     extent = spacing * (slices - 1)
     z0 = -extent / 2.0
     anatomy = ChestAnatomy(centre_lps_mm=(0.0, 0.0, 0.0), fov_mm=(fov_mm, fov_mm, extent + spacing))
@@ -281,17 +288,22 @@ def plan_study(rng: np.random.Generator, index: int, rows: int, slices: int,
 
 def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: int = 100,
              nodules_per_study: tuple[int, int] = (2, 5), variable_spacing: bool = False,
-             gantry_tilt: bool = False, broken_files: bool = True) -> dict[str, Any]:
+             gantry_tilt: bool = False, broken_files: bool = True,
+             slice_spacing_mm: float | None = None) -> dict[str, Any]:
     """Write ``studies`` synthetic CT studies under ``out_dir`` (one folder each) and ground_truth.json.
 
     ``rows`` is the (square) matrix size; ``slices`` the axial series' slice
-    count at 2–2.5 mm. Returns a summary (counts, paths) for the CLI.
+    count at ``slice_spacing_mm`` (None: 2 or 2.5 mm, drawn per study).
+    Returns a summary (counts, paths) for the CLI.
     """
     out_dir = Path(out_dir)
     if studies < 0:
         raise ValueError(f"studies must be >= 0, got {studies}")
     if rows < 16 or slices < 4:
         raise ValueError(f"rows must be >= 16 and slices >= 4, got rows={rows}, slices={slices}")
+    if slice_spacing_mm is not None and not 0 < slice_spacing_mm <= 10:
+        raise ValueError(f"slice spacing must be in (0, 10] mm (CT protocols use 0.625–5), "
+                         f"got {slice_spacing_mm}")
     out_dir.mkdir(parents=True, exist_ok=True)
     truth: dict[str, Any] = {"seed": seed, "series": [], "broken_files": []}
     n_files = 0
@@ -301,7 +313,8 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
         folder = out_dir / f"study_{s:03d}"
         folder.mkdir(exist_ok=True)
         anatomy, specs = plan_study(rng, s, rows, slices, rle_series=(s == 0),
-                                    variable_spacing=variable_spacing, gantry_tilt=gantry_tilt)
+                                    variable_spacing=variable_spacing, gantry_tilt=gantry_tilt,
+                                    slice_spacing_mm=slice_spacing_mm)
         n_nod = int(rng.integers(nodules_per_study[0], nodules_per_study[1] + 1))
         nodules = random_nodules(rng, n_nod, anatomy, diameter_range_mm=(4.0, 24.0))
         phantom = ChestPhantom(anatomy, [Nodule.from_dict(n) for n in nodules])
