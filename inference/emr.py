@@ -219,8 +219,11 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
         size, resources = settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4)
+    # Each row is already one padded engine batch. Ray Data insists on an explicit
+    # batch_size for GPU stages; one row per call keeps a call = one engine batch
+    # (the calls of a block still run inside one actor task).
     return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision},
-                          batch_size=None, batch_format="pyarrow", zero_copy_batch=True,
+                          batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
                           compute=compute, **resources)
 
 
