@@ -30,10 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from conf.settings import Settings
-from engines import gate as gate_mod
-from engines import hardware, precision as precision_mod, samples
+from engines import hardware
 from engines.model_card import file_sha256, load_card, profiles as card_profiles
-from engines.runner import Runner
+from engines.runner import PRECISIONS, Runner
+
+# Loading a verified engine (what every scoring actor does at start-up) needs none of the
+# gate, calibration or precision modules; they pull scipy, onnx and the sampling code, so
+# they are imported inside the functions that build, calibrate and gate.
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +102,8 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
     precision = precision or settings.engines.precision
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
-    if precision not in precision_mod.PRECISIONS:
-        raise ValueError(f"precision {precision!r} unknown; use one of {precision_mod.PRECISIONS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; use one of {PRECISIONS}")
     card = card or load_card(settings, model)
     module, version = backend_identity(backend)
     components: dict[str, Any] = {
@@ -193,6 +196,8 @@ def _build_lock(plan_path: Path) -> Iterator[None]:
 def calibration_set(settings: Settings, as_of: str | None, seed: int = 0, model: str = "emr_risk"
                     ) -> tuple[dict[str, Any], list[dict]]:
     """Real timelines for int8 calibration: stratified, half 0 of the key split, length-sorted batches."""
+    from engines import precision as precision_mod, samples
+
     if load_card(settings, model).get("task") == "segmentation":
         raise precision_mod.PrecisionError(
             f"int8 calibration for {model!r} needs CT patches from the lake, which the engines do "
@@ -225,6 +230,8 @@ def build(settings: Settings, model: str = "emr_risk", backend: str | None = Non
 
 def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as_of: str | None,
                   providers: list[str] | None) -> Path:
+    from engines import precision as precision_mod
+
     started = time.perf_counter()
     onnx_file = Path(card["onnx"]["file"])
     calibration, batches = None, None
@@ -296,8 +303,14 @@ def reference_runner(settings: Settings, model: str = "emr_risk") -> Runner:
 
 
 def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
-              rows: int = gate_mod.DEFAULT_GATE_ROWS) -> dict[str, Any]:
-    """Run the accuracy gate for a cached plan and record the verdict in its metadata."""
+              rows: int | None = None) -> dict[str, Any]:
+    """Run the accuracy gate for a cached plan and record the verdict in its metadata.
+
+    ``rows``: held-out sample size (default :data:`engines.gate.DEFAULT_GATE_ROWS`).
+    """
+    from engines import gate as gate_mod, samples
+
+    rows = rows or gate_mod.DEFAULT_GATE_ROWS
     plan_path = Path(plan_path)
     problems = verify(plan_path, settings)
     if problems:

@@ -30,9 +30,10 @@ import onnx
 import onnx.inliner
 from onnx import TensorProto, helper, numpy_helper
 
+from engines.runner import PRECISIONS
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
 CALIBRATION_METHODS = ("entropy", "minmax", "percentile")
 
 # Ops that compute in fp16 with no meaningful loss: matrix products, elementwise

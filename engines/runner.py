@@ -6,6 +6,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+# The precisions a plan (and so a runner) can have; engines.precision produces them.
+PRECISIONS = ("fp32", "fp16", "int8")
+
 
 @dataclass(frozen=True)
 class TensorSpec:

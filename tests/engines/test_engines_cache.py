@@ -109,3 +109,26 @@ def test_ort_runner_checks_feeds(engines_settings, tmp_path):
             r.infer({**feed, "tokens": feed["tokens"].astype(np.float32)})
     with pytest.raises(RuntimeError, match="not active"):
         r.infer(feed)
+
+
+def test_loading_an_engine_imports_no_gate_or_calibration_code(engines_settings, tmp_path):
+    """What a scoring actor does at start-up; scipy.stats alone cost ~0.6 s of it before."""
+    import subprocess
+    import sys
+
+    settings = engines_settings(tmp_path)
+    cache.ensure(settings, precision="fp32")
+    probe = (
+        "import sys\n"
+        "from conf.settings import load_settings\n"
+        "from engines import cache\n"
+        f"settings = load_settings({{'lake.root': {str(settings.lake.root)!r}, "
+        f"'engines.cache_dir': {str(tmp_path)!r}}})\n"
+        "runner, meta = cache.load_runner(settings, precision='fp32')\n"
+        "runner.activate()\n"
+        "assert meta['gate']['passed'] is True\n"
+        "print(sorted(m for m in ('scipy', 'onnx', 'engines.gate', 'engines.precision', 'engines.samples')"
+        " if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
