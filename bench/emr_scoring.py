@@ -12,7 +12,7 @@ Compares, in one run and on the same engine and data:
   arrays (the ceiling); ``efficiency`` = records_per_s / engine_only.
 
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
-and on a GPU machine with onnxruntime-gpu (CUDA EP, one num_gpus=1 actor per
+and on a GPU machine with onnxruntime-gpu (CUDA EP, ray.actors_per_gpu actors per
 GPU). It generates its own timelines and uses the committed model
 (models/emr_risk/emr_risk.onnx, via the engine cache) or, when that is
 absent, a small model it builds. Prints one JSON object last.

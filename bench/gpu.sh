@@ -33,6 +33,13 @@ for bench in "$@"; do
     emr_scoring)  run emr_scoring $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp32 ;;
     emr_fp16)     run emr_scoring_fp16 $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp16 --skip-baseline ;;
     ct)           run ct $PY bench/ct.py --series "${SERIES:-3}" ;;
-    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, ct)" >&2; exit 2 ;;
+    scaling)      # EMR scoring on one GPU, then on all of them, per token budget (no naive baseline)
+      for gpus in ${GPU_SETS:-0 0,1}; do
+        for tb in ${TOKEN_BUDGETS:-65536 262144}; do
+          CUDA_VISIBLE_DEVICES=$gpus run "emr_gpus${gpus//,/_}_tb$tb" $PY bench/emr_scoring.py \
+            --rows "${ROWS:-2000000}" --token-budget "$tb" --skip-baseline
+        done
+      done ;;
+    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, ct, scaling)" >&2; exit 2 ;;
   esac
 done

@@ -47,6 +47,9 @@ class RaySettings(_Section):
     # Fractional CPUs per actor so an actor pool cannot starve read tasks on small machines.
     actor_num_cpus: float = Field(0.5, gt=0)
     num_actors: int | None = Field(None, ge=1)
+    # Engine actors sharing one GPU: while one prepares its next feed on the host,
+    # another's kernels run, so a small model's GPU does not idle between batches.
+    actors_per_gpu: int = Field(2, ge=1, le=8)
 
 
 class PseudonymSettings(_Section):

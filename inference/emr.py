@@ -5,7 +5,7 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
     fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
       → pack_fragments    CPU tasks: read, validate, length-sort, pad to buckets,
                           cut by token budget; one row per pre-padded batch
-      → ScoreActor        actor pool, one engine per actor (num_gpus=1 per GPU,
+      → ScoreActor        actor pool, one engine per actor (ray.actors_per_gpu actors share a GPU,
                           else fractional CPUs); __call__ only runs infer
       → driver            per-fragment Parquet + _DONE marker in run staging
       → QC gate           (FP32 safe mode on a low-precision trip)
@@ -36,7 +36,7 @@ from inference import qc, report, screening
 from inference.actors import CachedEngine, EngineSource, FragmentSpec, ScoreActor, pack_fragments
 from inference.batching import validate_buckets
 from inference.fragments import DEFAULT_FRAGMENT_ROWS, RunStaging, plan_fragments, spec_dicts
-from lake.commit import commit, is_committed, read_manifest
+from lake.commit import commit, is_committed, partition_files, read_manifest
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
@@ -214,7 +214,9 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
                                    "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
-        size, resources = settings.ray.num_actors or gpus, {"num_gpus": 1, "num_cpus": settings.ray.actor_num_cpus}
+        per_gpu = settings.ray.actors_per_gpu
+        size = settings.ray.num_actors or gpus * per_gpu
+        resources = {"num_gpus": 1 / per_gpu, "num_cpus": settings.ray.actor_num_cpus}
     else:
         size, resources = settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
@@ -259,7 +261,7 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt.scores = qc.read_scores(staging.part_files())
     reference = qc.previous_partition(final.parent, final.name.split("=", 1)[1])
     attempt.qc = qc.evaluate(attempt.scores, settings.scoring.qc,
-                             qc.read_scores(qc.partition_files(reference)) if reference else None,
+                             qc.read_scores(partition_files(reference)) if reference else None,
                              reference.name if reference else None)
     return attempt
 

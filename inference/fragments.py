@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from inference.actors import FragmentSpec
+from lake.commit import partition_files
 
 DEFAULT_FRAGMENT_ROWS = 65_536
 WORK = "_work"
@@ -39,7 +40,7 @@ def plan_fragments(partition: Path, fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 row, got {limit}")
-    files = sorted(p for p in Path(partition).glob("*.parquet") if not p.name.startswith((".", "_")))
+    files = partition_files(partition)
     if not files:
         raise FileNotFoundError(f"timelines partition {partition} holds no Parquet files; "
                                 "rerun `medscreen emr features` for this as-of date")

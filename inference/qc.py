@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from conf.settings import QCSettings
-from lake.commit import is_committed
+from lake.commit import is_committed, partition_files
 from lake.paths import as_of_str
 from lake.schemas import HEADS
 
@@ -42,11 +42,6 @@ def read_scores(paths: Iterable[Path]) -> dict[str, np.ndarray]:
         for c in SCORE_COLUMNS:
             parts[c].append(t.column(c).to_numpy().astype(np.float32, copy=False))
     return {c: (np.concatenate(v) if v else np.zeros(0, np.float32)) for c, v in parts.items()}
-
-
-def partition_files(partition: Path) -> list[Path]:
-    """Data files of a partition (or staging directory) in name order, hidden/marker files excluded."""
-    return sorted(p for p in Path(partition).glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
 def previous_partition(model_dir: Path, as_of: str) -> Path | None:

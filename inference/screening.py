@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conf.settings import Settings
-from lake.commit import atomic_partition, read_manifest
+from lake.commit import atomic_partition, read_manifest, read_partition
 from lake.ledger import StageLedger
 from lake.paths import LakePaths, as_of_str
 from lake.schemas import HEADS
@@ -86,10 +86,7 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     lake = LakePaths(settings.lake.root)
     scores_dir = lake.scores(MODEL, as_of)
     scores_manifest = read_manifest(scores_dir)
-    files = sorted(p for p in scores_dir.glob("*.parquet") if not p.name.startswith((".", "_")))
-    scores = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-    if scores is None:
-        raise FileNotFoundError(f"scores partition {scores_dir} holds no Parquet files")
+    scores = read_partition(scores_dir)
     cfg = settings.scoring
     flagged = select(scores, cfg.screening_thresholds, cfg.screening_top_k)
     n_flagged = len(pc.unique(flagged.column("patient_key"))) if flagged.num_rows else 0

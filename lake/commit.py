@@ -78,6 +78,27 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return json.loads((path / MANIFEST).read_text())
 
 
+def partition_files(partition: Path) -> list[Path]:
+    """Data files of a partition (or staging directory) in name order, hidden/marker files excluded."""
+    return sorted(p for p in Path(partition).glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def read_partition(path: Path, columns: list[str] | None = None):
+    """A committed partition as one Arrow table (its Parquet files only, never the manifest).
+
+    The partition's own ``as_of=`` directory name is not turned into a column:
+    the files already carry ``as_of`` where the schema has it.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    read_manifest(path)  # refuses an uncommitted partition with a clear message
+    tables = [pq.read_table(f, columns=columns, partitioning=None) for f in partition_files(path)]
+    if not tables:
+        raise FileNotFoundError(f"committed partition {path} holds no Parquet files")
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
 def clean_stale_staging(parent: Path) -> list[Path]:
     """Remove leftover staging/trash directories under ``parent`` (from crashed runs)."""
     removed = []

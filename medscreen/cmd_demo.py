@@ -132,16 +132,15 @@ def _stop_spark() -> None:
 
 def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
     """AUC of the committed scores against the labels, next to the model card's held-out AUC."""
-    import numpy as np
-    import pyarrow.parquet as pq
     import yaml
 
+    from lake.commit import is_committed, read_partition
     from lake.paths import LakePaths
 
     lp = LakePaths(settings.lake.root)
-    scores = pq.read_table(lp.scores("emr_risk", as_of), columns=[
+    scores = read_partition(lp.scores("emr_risk", as_of), columns=[
         "patient_key", "score_t2d", "score_ckd", "score_hf"]).to_pandas()
-    labels = pq.read_table(lp.timelines(as_of), columns=[
+    labels = read_partition(lp.timelines(as_of), columns=[
         "patient_key", "label_t2d", "label_ckd", "label_hf"]).to_pandas()
     merged = scores.merge(labels, on="patient_key")
     card = yaml.safe_load(Path(settings.models["emr_risk"]).read_text())
@@ -150,10 +149,10 @@ def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
         m = merged[merged[f"label_{head}"].notna()]
         y, p = m[f"label_{head}"].to_numpy(dtype=int), m[f"score_{head}"].to_numpy()
         out[f"auc_{head}"] = round(_auc(y, p), 4) if 0 < y.sum() < len(y) else None
-        card_auc = (card.get("metrics", {}).get(head, {}) or {}).get("auc")
+        card_auc = (((card.get("metrics") or {}).get("heads") or {}).get(head) or {}).get("auc")
         out[f"card_auc_{head}"] = card_auc
     screening = lp.screening(as_of)
-    out["screening_rows"] = int(pq.read_table(screening).num_rows) if screening.exists() else 0
+    out["screening_rows"] = read_partition(screening).num_rows if is_committed(screening) else 0
     return out
 
 
@@ -170,14 +169,14 @@ def _auc(y, p) -> float:
 def _check_ct(settings: Settings, as_of: str, dicom_dir: Path) -> dict[str, Any]:
     """Sensitivity for planted nodules ≥ 6 mm (a finding within 5 mm) and false positives per series."""
     import numpy as np
-    import pyarrow.parquet as pq
 
+    from lake.commit import read_partition
     from lake.keys import load_key, pseudonymise
     from lake.paths import LakePaths
 
     truth = json.loads((dicom_dir / "ground_truth.json").read_text())
     key = load_key(settings.pseudonym)
-    findings = pq.read_table(LakePaths(settings.lake.root).findings("ct_nodule", as_of)).to_pandas()
+    findings = read_partition(LakePaths(settings.lake.root).findings("ct_nodule", as_of)).to_pandas()
     hit = total = fp = 0
     series_n = 0
     for s in truth["series"]:
