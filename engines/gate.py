@@ -25,14 +25,6 @@ from lake.schemas import HEADS
 
 log = logging.getLogger(__name__)
 
-# Thresholds settings.engines.gate does not carry (yet): Brier deltas for all
-# precisions, max |Δp| for int8, and everything for fp32-vs-fp32 (another backend).
-_BRIER = {"fp32": 0.001, "fp16": 0.002, "int8": 0.005}
-# int8 moves a few outlier rows a lot while leaving AUC/Brier untouched (seen: max |Δp| 0.3,
-# mean 0.01, ΔAUC < 0.005 on the trained model), so int8 is judged on the 99th percentile of
-# |Δp| rather than its maximum; the maximum is still reported.
-_INT8_P99_DELTA_P = 0.05
-_FP32_MAX_DELTA_AUC, _FP32_MAX_DELTA_P = 0.001, 0.005
 DEFAULT_GATE_ROWS = 2000
 
 
@@ -52,13 +44,13 @@ def thresholds_for(settings: Settings, precision: str) -> GateThresholds:
     """Gate thresholds for a candidate of ``precision`` (from settings.engines.gate)."""
     g = settings.engines.gate
     if precision == "fp16":
-        auc, p = g.fp16_max_abs_delta_auc, g.fp16_max_abs_delta_p
-    elif precision == "int8":
-        return GateThresholds(g.int8_max_abs_delta_auc, _BRIER["int8"], None, g.min_holdout_rows,
-                              _INT8_P99_DELTA_P)
-    else:
-        auc, p = _FP32_MAX_DELTA_AUC, _FP32_MAX_DELTA_P
-    return GateThresholds(auc, _BRIER.get(precision, _BRIER["fp32"]), p, g.min_holdout_rows)
+        return GateThresholds(g.fp16_max_abs_delta_auc, g.fp16_max_abs_delta_brier, g.fp16_max_abs_delta_p,
+                              g.min_holdout_rows)
+    if precision == "int8":
+        return GateThresholds(g.int8_max_abs_delta_auc, g.int8_max_abs_delta_brier, None, g.min_holdout_rows,
+                              g.int8_max_p99_abs_delta_p)
+    return GateThresholds(g.fp32_max_abs_delta_auc, g.fp32_max_abs_delta_brier, g.fp32_max_abs_delta_p,
+                          g.min_holdout_rows)
 
 
 def run_batches(runner: Runner, batches: list[tuple[np.ndarray, dict[str, np.ndarray]]],

@@ -13,7 +13,8 @@ the output sigmoid) are never converted, graph inputs and outputs keep their
 types. The result is checked with ``onnx.checker`` (full) and must load in ORT.
 
 int8: ``onnxruntime.quantization.quantize_static`` in QDQ format with per-channel
-MatMul weights, calibrated (entropy by default) on real timelines from the lake.
+MatMul weights, calibrated (minmax by default, ``engines.calibration_method``;
+entropy and percentile on request) on real timelines from the lake.
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def calibration_sha256(batches: Iterable[dict[str, np.ndarray]]) -> str:
 
 
 def quantize_int8(model_path: Path, out_path: Path, batches: list[dict[str, np.ndarray]],
-                  method: str = "entropy") -> Path:
+                  method: str = "minmax") -> Path:
     """Write an int8 Q/DQ model of ``model_path`` calibrated on ``batches``; return ``out_path``.
 
     Only weight MatMul/Gemm are quantized (weights per channel, see
@@ -297,7 +298,7 @@ def _int8_excluded_nodes(model: onnx.ModelProto) -> list[str]:
 
 def make_plan(onnx_path: Path, out_path: Path, precision: str,
               calibration: list[dict[str, np.ndarray]] | None = None,
-              method: str = "entropy") -> Path:
+              method: str = "minmax") -> Path:
     """Write the ``precision`` variant of ``onnx_path`` to ``out_path`` (fp32 is a verified copy)."""
     onnx_path, out_path = Path(onnx_path), Path(out_path)
     if precision not in PRECISIONS:

@@ -110,7 +110,8 @@ def _gate(args: argparse.Namespace) -> int:
 
 def _verdict_line(verdict: dict) -> str:
     if verdict.get("passed"):
-        return "gate: PASSED" + (" (reference)" if verdict.get("reference") else "")
+        # "reference" is True for the fp32 reference itself; a candidate's verdict names its reference runner.
+        return "gate: PASSED" + (" (reference)" if verdict.get("reference") is True else "")
     return "gate: FAILED: " + "; ".join(verdict.get("failures", []))
 
 

@@ -16,6 +16,7 @@ def test_build_inspect_verify(engines_lake, tmp_path, capsys):
     out, err = capsys.readouterr()
     plan = Path(out.strip().splitlines()[-1])
     assert plan.is_file() and plan.parent.parent == tmp_path / "cache" and "gate: PASSED" in err
+    assert "(reference)" not in err, "an fp16 candidate is gated against the reference, it is not one"
 
     assert main(["engines", "inspect", str(plan), "--json"]) == 0
     meta = json.loads(capsys.readouterr().out)
@@ -42,6 +43,7 @@ def test_gate_command_and_unknown_plan(engines_lake, tmp_path, capsys):
     assert main(["engines", "build", *common]) == 0
     plan = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["engines", "gate", plan, *common, "--as-of", AS_OF]) == 0
-    assert json.loads(capsys.readouterr().out)["passed"] is True
+    out, err = capsys.readouterr()
+    assert json.loads(out)["passed"] is True and "gate: PASSED (reference)" in err
     assert main(["engines", "inspect", str(tmp_path / "nothing.plan")]) == 2
     assert "not a cached engine" in capsys.readouterr().err

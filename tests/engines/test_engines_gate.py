@@ -40,8 +40,28 @@ def test_gate_passes_lower_precision_and_records_verdict(engines_settings, share
         else settings.engines.gate.int8_max_abs_delta_auc)
     if precision == "int8":
         assert meta["calibration"]["rows"] == 200 and len(meta["calibration"]["sha256"]) == 64
+        # The configured default calibration is the one that passed (conf/defaults.yaml says why).
+        assert meta["calibration"]["method"] == settings.engines.calibration_method == "minmax"
     runner, loaded = cache.load_runner(settings, precision=precision)
     assert loaded["fingerprint"] == meta["fingerprint"]
+
+
+def test_gate_thresholds_come_from_settings(engines_settings, tmp_path, monkeypatch):
+    settings = engines_settings(tmp_path)
+    limits = {p: gate.thresholds_for(settings, p) for p in ("fp32", "fp16", "int8")}
+    assert [(t.max_abs_delta_auc, t.max_abs_delta_brier, t.max_abs_delta_p, t.max_p99_abs_delta_p)
+            for t in limits.values()] == [(0.001, 0.001, 0.005, None), (0.005, 0.002, 0.02, None),
+                                          (0.01, 0.005, None, 0.05)]
+    # A calibrated reference and a candidate 0.01 above it everywhere: same ranking, p99 |Δp| = 0.01.
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.05, 0.9, (400, 3)).astype(np.float32)
+    y = (rng.random((400, 3)) < ref).astype(np.int8)
+    assert gate.compare(ref, ref + 0.01, y, limits["int8"])["passed"]
+    monkeypatch.setenv("MEDSCREEN_ENGINES__GATE__INT8_MAX_P99_ABS_DELTA_P", "0.005")
+    strict = gate.thresholds_for(engines_settings(tmp_path), "int8")
+    verdict = gate.compare(ref, ref + 0.01, y, strict)
+    assert not verdict["passed"] and verdict["thresholds"]["max_p99_abs_delta_p"] == 0.005
+    assert [f.split(":")[1].split()[:2] for f in verdict["failures"]] == [["p99", "|Δp|"]] * 3
 
 
 def _broken_copy(src: Path, dst: Path) -> None:
