@@ -59,26 +59,43 @@ def find_components(prob: np.ndarray, spacing_zyx_mm: tuple[float, float, float]
         raise ValueError(f"index→LPS affine must be 4×4; got {affine.shape}")
     voxel_mm3 = float(np.prod(spacing_zyx_mm))
     mask = prob >= threshold
+    # Work inside the bounding box of the above-threshold voxels: a CT volume is
+    # tens of millions of voxels, its findings a few thousand, and every
+    # whole-volume pass (label, per-label statistics) costs about a second.
+    box = _bounding_box(mask)
+    if box is None:
+        return ComponentSummary()
+    mask, prob = mask[box], prob[box]
+    offset = np.array([s.start for s in box], dtype=np.float64)
     # 26-connectivity: a nodule touching itself only at a corner is still one nodule.
     labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
     summary = ComponentSummary(components=int(n))
-    if n == 0:
-        return summary
-    index = np.arange(1, n + 1)
-    counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    centroids = np.asarray(ndimage.center_of_mass(mask, labels, index), dtype=np.float64).reshape(n, 3)
-    maxima = np.asarray(ndimage.maximum(prob, labels, index), dtype=np.float64).reshape(n)
-    means = np.asarray(ndimage.mean(prob, labels, index), dtype=np.float64).reshape(n)
     kept = []
-    for k in range(n):
-        vol = float(counts[k]) * voxel_mm3
+    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
+        own = labels[sl] == k
+        voxels = int(own.sum())
+        vol = voxels * voxel_mm3
         if vol < min_volume_mm3:
             summary.dropped_small += 1
             continue
-        lps = affine @ np.append(centroids[k], 1.0)
-        kept.append((vol, tuple(float(c) for c in lps[:3]), float(maxima[k]), float(means[k]), int(counts[k])))
+        p = prob[sl][own]
+        centroid = np.argwhere(own).mean(axis=0) + offset + [s.start for s in sl]
+        lps = affine @ np.append(centroid, 1.0)
+        kept.append((vol, tuple(float(c) for c in lps[:3]), float(p.max()), float(p.mean(dtype=np.float64)),
+                     voxels))
     # Largest first, ties broken by position, so ids are stable across reruns.
     kept.sort(key=lambda t: (-t[0], t[1]))
     summary.findings = [Finding(i + 1, c, sphere_diameter_mm(v), v, mx, mn, nv)
                         for i, (v, c, mx, mn, nv) in enumerate(kept)]
     return summary
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Slices of the smallest box holding every True voxel of ``mask``; None when there is none."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)

@@ -139,3 +139,28 @@ def test_short_axes_are_padded_with_edge_voxels_by_default():
     np.testing.assert_array_equal(extract_patches(padded, grid), extract_patches(vol, grid))
     with pytest.raises(ValueError, match="pad mode"):
         pad_to_grid(vol, grid, "reflect-ish")
+
+
+def test_components_match_whole_volume_statistics_away_from_the_origin():
+    """The bounding-box shortcut gives what whole-volume scipy statistics give, wherever the blobs are."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    prob = rng.random((40, 50, 60), dtype=np.float32) * 0.4
+    for z, y, x in ((12, 30, 41), (30, 9, 20), (33, 40, 52)):
+        prob[z - 2:z + 3, y - 1:y + 3, x - 3:x + 2] = rng.uniform(0.6, 1.0, (5, 4, 5))
+    affine = np.array([[0, 0, 0.7, -120.0], [0, 0.7, 0, 80.0], [-2.5, 0, 0, 40.0], [0, 0, 0, 1]])
+    s = find_components(prob, (2.5, 0.7, 0.7), affine, threshold=0.5)
+    mask = prob >= 0.5
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    idx = np.arange(1, n + 1)
+    ref = sorted(
+        (-(float((labels == k).sum()) * 2.5 * 0.7 * 0.7),
+         tuple((affine @ np.append(c, 1.0))[:3]), mx, mn)
+        for k, c, mx, mn in zip(idx, ndimage.center_of_mass(mask, labels, idx),
+                                ndimage.maximum(prob, labels, idx), ndimage.mean(prob, labels, idx)))
+    assert s.components == n == 3 and len(s.findings) == 3
+    for f, (neg_vol, centre, mx, mn) in zip(s.findings, ref):
+        assert f.volume_mm3 == pytest.approx(-neg_vol)
+        np.testing.assert_allclose(f.centre_lps_mm, centre, atol=1e-6)
+        assert f.max_prob == pytest.approx(mx) and f.mean_prob == pytest.approx(mn, rel=1e-5)
