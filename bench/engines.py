@@ -187,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     plans: dict[str, Path] = {}
     for prec in precisions:
         try:
-            plans[prec] = precision.make_plan(onnx_file, tmp / f"{prec}.onnx", prec, calib, "entropy")
+            plans[prec] = precision.make_plan(onnx_file, tmp / f"{prec}.onnx", prec, calib,
+                                              settings.engines.calibration_method)
         except Exception as exc:
             errors[f"plan-{prec}"] = f"{type(exc).__name__}: {exc}"[:500]
 

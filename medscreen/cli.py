@@ -41,10 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our packages log at INFO; libraries only warnings (py4j logs a JVM that
+    # has been stopped between stages at INFO on the root logger, with tracebacks).
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("py4j", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("medscreen", "conf", "lake", "jobs", "inference", "engines", "preprocessing"):
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
