@@ -23,6 +23,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class Attempt:
     wall_s: float = 0.0
     started_at: float = 0.0
     rows_this_attempt: int = 0
+    # Driver time: waiting on Ray Data for scored blocks vs. collecting and writing fragments.
+    driver: dict[str, float] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
 
@@ -140,6 +143,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     summary.update({
         "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
         "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,
+        "driver": chosen.driver,
     })
     safe_mode = len(attempts) > 1
     run_summary: dict[str, Any] = {
@@ -250,10 +254,18 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
         ds = build_pipeline(pending, settings, source, precision, actor_cls, _vocab_size(metadata))
         writer = _FragmentWriter(pending, staging, metadata, precision, run_id, final, attempt_id,
                                  on_fragment_done)
-        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(block)
-        writer.finish()
+        wait_s, t = 0.0, time.perf_counter()
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                wait_s += time.perf_counter() - t
+                writer.add(block)
+                t = time.perf_counter()
+            writer.finish()
+        finally:
+            writer.close()
         attempt.rows_this_attempt = writer.rows_written
+        attempt.driver = {"wait_s": round(wait_s, 3), "collect_s": round(writer.collect_s, 3),
+                          "write_s": round(writer.write_s, 3)}
     attempt.wall_s = time.time() - attempt.started_at
     attempt.records = staging.records()
     attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
@@ -267,7 +279,16 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
 
 
 class _FragmentWriter:
-    """Collects scored batches per fragment; writes a fragment once all its batches are in."""
+    """Collects scored batches per fragment; writes a fragment once all its batches are in.
+
+    Fragment files are built and written on a few threads (Parquet encoding and
+    compression release the GIL), so the driver keeps draining scored blocks and
+    the actors' output never waits on the disk. Markers are written on the driver
+    thread, in the order writes finish, each followed by ``on_fragment_done``: a
+    driver that stops leaves exactly the fragments it reported done, as before.
+    """
+
+    WRITE_THREADS = 2
 
     def __init__(self, pending: list[FragmentSpec], staging: RunStaging, metadata: dict[str, Any],
                  precision: str, run_id: str, final: Path, attempt_id: str,
@@ -282,16 +303,21 @@ class _FragmentWriter:
         self.callback = on_fragment_done
         self.open: dict[int, dict[str, Any]] = {}
         self.done: set[int] = set()
+        self.writing: dict[int, Future] = {}
+        self.pool = ThreadPoolExecutor(self.WRITE_THREADS, thread_name_prefix="medscreen-fragment-writer")
         self.rows_written = 0
+        self.collect_s = 0.0  # driver: decoding blocks into per-fragment parts
+        self.write_s = 0.0    # writer threads: building and writing fragment files
 
     def add(self, block: pa.Table) -> None:
+        t0 = time.perf_counter()
         cols = {c: block.column(c).to_pylist() for c in (
             "fragment", "batch_index", "n_batches", "n_rows", "seq_len", "real_tokens", "prep_s",
             "host_s", "device_s", "done_at", "actor_id", "incarnation", "key_width", "qkey_width",
             "qreason_width", "engine_fingerprint")}
         for i in range(block.num_rows):
             frag = cols["fragment"][i]
-            if frag in self.done or frag not in self.specs:
+            if frag in self.done or frag in self.writing or frag not in self.specs:
                 continue  # a late duplicate of an already written fragment: exactly-once by key
             if cols["engine_fingerprint"][i] != str(self.metadata.get("fingerprint")):
                 raise RuntimeError(f"an actor scored with engine {cols['engine_fingerprint'][i]} while the "
@@ -311,14 +337,33 @@ class _FragmentWriter:
             # Copies: the block's buffers are released when the iterator moves on.
             state["parts"][b] = (keys.copy(), probs.copy(), qkeys.copy(), qreasons.copy(), record)
             if len(state["parts"]) == state["n_batches"]:
-                self._write(frag, self.open.pop(frag))
+                self.writing[frag] = self.pool.submit(self._write, frag, self.open.pop(frag))
+        self.collect_s += time.perf_counter() - t0
+        # Bounded: a driver far ahead of the disk waits here rather than holding every fragment.
+        self._harvest(wait=len(self.writing) > 2 * self.WRITE_THREADS)
 
-    def _write(self, frag: int, state: dict[str, Any]) -> None:
+    def _harvest(self, wait: bool) -> None:
+        """Account for finished fragment writes (all of them when ``wait``); re-raise a failed write."""
+        for frag, future in list(self.writing.items()):
+            if not (wait or future.done()):
+                continue
+            rows, seconds, record = future.result()
+            del self.writing[frag]
+            self.staging.mark_done(frag, record)
+            self.done.add(frag)
+            self.rows_written += rows
+            self.write_s += seconds
+            if self.callback is not None:
+                self.callback(frag, len(self.done))
+
+    def _write(self, frag: int, state: dict[str, Any]) -> tuple[int, float, dict[str, Any]]:
+        """Build and write one fragment's files (on a writer thread); returns (rows, seconds, marker record)."""
+        t0 = time.perf_counter()
         parts = [state["parts"][b] for b in sorted(state["parts"])]
         keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, "S1")
         probs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 3), np.float32)
-        keys_str = np.char.decode(keys, "utf-8") if len(keys) else np.zeros(0, dtype=str)
-        order = np.argsort(keys_str, kind="stable")
+        # UTF-8 bytes sort in code-point order, as the decoded strings would: no decode to sort.
+        order = np.argsort(keys, kind="stable")
         n = len(order)
         meta = self.metadata
 
@@ -326,7 +371,7 @@ class _FragmentWriter:
             return pa.repeat(pa.scalar(value, typ), n)
 
         table = pa.table({
-            "patient_key": pa.array(keys_str[order], pa.string()),
+            "patient_key": _utf8(keys[order]),
             "as_of": const(self.as_of, pa.date32()),
             "model": const(str(meta.get("model", MODEL)), pa.string()),
             "model_version": const(str(meta.get("model_version")), pa.string()),
@@ -337,31 +382,38 @@ class _FragmentWriter:
         }, schema=SCORES)
         qkeys = np.concatenate([p[2] for p in parts])
         qreasons = np.concatenate([p[3] for p in parts])
-        quarantine = pa.table({
-            "patient_key": pa.array(np.char.decode(qkeys, "utf-8") if len(qkeys) else [], pa.string()),
-            "reason": pa.array(np.char.decode(qreasons, "utf-8") if len(qreasons) else [], pa.string())})
-        reasons, counts = np.unique(quarantine.column("reason").to_numpy(zero_copy_only=False),
-                                    return_counts=True) if quarantine.num_rows else ([], [])
+        quarantine = pa.table({"patient_key": _utf8(qkeys), "reason": _utf8(qreasons)})
+        reasons, counts = np.unique(qreasons, return_counts=True) if len(qreasons) else ([], [])
         spec = self.specs[frag]
         record = {"fragment": frag, "rows_in": spec.num_rows, "rows_out": n,
-                  "quarantined": {str(r): int(c) for r, c in zip(reasons, counts)},
+                  "quarantined": {r.decode(): int(c) for r, c in zip(reasons, counts)},
                   "attempt_id": self.attempt_id, "batches": [p[4] for p in parts]}
-        self.staging.write_fragment(frag, table, quarantine, record)
-        self.done.add(frag)
-        self.rows_written += n
-        if self.callback is not None:
-            self.callback(frag, len(self.done))
+        self.staging.write_parts(frag, table, quarantine)
+        return n, time.perf_counter() - t0, record
 
     def finish(self) -> None:
+        self._harvest(wait=True)
         missing = sorted(set(self.specs) - self.done)
         if missing:
             raise RuntimeError(f"the scoring pipeline ended with {len(missing)} fragment(s) incomplete "
                                f"(first: {missing[:5]}); rerun with the same run_id to resume")
 
+    def close(self) -> None:
+        """Stop the writer threads; files of fragments never marked done are removed (a resume redoes them)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for frag in list(self.writing):
+            self.staging.drop_parts(frag)
+        self.writing.clear()
+
 
 def _view(block: pa.Table, name: str, i: int, dtype: Any) -> np.ndarray:
     buf = block.column(name)[i].as_buffer()
     return np.frombuffer(buf, dtype=dtype) if buf is not None and buf.size else np.zeros(0, dtype=dtype)
+
+
+def _utf8(values: np.ndarray) -> pa.Array:
+    """Fixed-width UTF-8 bytes (numpy S) as an Arrow string array, without a Python-level decode."""
+    return pa.array(values if len(values) else [], pa.string())
 
 
 def _all_batches(attempt: Attempt) -> list[dict[str, Any]]:

@@ -100,9 +100,8 @@ class RunStaging:
                 part.unlink()
         return done
 
-    def write_fragment(self, fragment: int, scores: pa.Table, quarantine: pa.Table,
-                       record: dict[str, Any]) -> None:
-        """Write one fragment's scores, then its marker (the marker is what makes it count)."""
+    def write_parts(self, fragment: int, scores: pa.Table, quarantine: pa.Table) -> None:
+        """Write one fragment's data files; they count only once :meth:`mark_done` writes its marker."""
         tmp = self.path / f".{fragment_name(fragment)}.tmp"
         # Row groups of a fixed size keep the file layout independent of batch scheduling.
         pq.write_table(scores, tmp, row_group_size=1 << 17, compression="zstd")
@@ -110,8 +109,18 @@ class RunStaging:
         if quarantine.num_rows:
             qtmp = self.work / f".{fragment:05d}.quarantine.tmp"
             pq.write_table(quarantine, qtmp)
-            os.replace(qtmp, self.work / f"{fragment:05d}.quarantine.parquet")
+            os.replace(qtmp, self._quarantine_file(fragment))
+
+    def mark_done(self, fragment: int, record: dict[str, Any]) -> None:
         _atomic_write(self.work / f"{fragment:05d}.done.json", json.dumps(record).encode())
+
+    def drop_parts(self, fragment: int) -> None:
+        """Remove data files of a fragment that was never marked done (a resume redoes it)."""
+        for path in (self.path / fragment_name(fragment), self._quarantine_file(fragment)):
+            path.unlink(missing_ok=True)
+
+    def _quarantine_file(self, fragment: int) -> Path:
+        return self.work / f"{fragment:05d}.quarantine.parquet"
 
     def records(self) -> list[dict[str, Any]]:
         """Every done marker's record, in fragment order."""

@@ -98,6 +98,7 @@ def summarise(batches: Sequence[dict[str, Any]], wall_s: float, rows_this_attemp
         "latency": {"host": percentiles_ms(host), "device": percentiles_ms(device),
                     "total": percentiles_ms(total)},
         "host_s_total": round(float(sum(host)), 3),
+        "prep_s_total": round(float(sum(b["prep_s"] for b in batches)), 3),
         "device_s_total": round(float(sum(device)), 3),
         "actors": len(incarnations),
         "actor_restarts": int(restarts),

@@ -80,3 +80,27 @@ def test_scoring_screening_thresholds_and_top_k():
         ("t2d", "p000"), ("t2d", "p002"), ("ckd", "p001"), ("ckd", "p000"), ("hf", "p000"), ("hf", "p001")]
     with pytest.raises(ValueError, match="unknown heads"):
         select(t, {"stroke": 0.5}, None)
+
+
+def test_scoring_screening_list_is_the_same_whatever_the_row_order_or_file_split():
+    # Scores arrive as one chunk per fragment file, keys sorted only within a file.
+    rng = np.random.default_rng(3)
+    n = 600
+    keys = [f"{k:032x}" for k in rng.permutation(n) * 2654435761 % (1 << 61)] + ["é-key", "e-key"]
+    t2d = np.round(rng.random(len(keys)), 1).astype(np.float32)  # many exact ties
+    t2d[::13] = np.nan
+    table = _score_table({"t2d": t2d.tolist(), "ckd": t2d[::-1].tolist(), "hf": [0.0] * len(keys)})
+    table = table.set_column(0, "patient_key", pa.array(keys, pa.string()))
+    split = pa.concat_tables([table.slice(0, 200).sort_by("patient_key"), table.slice(200).sort_by("patient_key")])
+    for thresholds, top_k in (({"t2d": 0.5, "ckd": 0.7}, None), ({}, 25)):
+        expected = []
+        for head in ("t2d", "ckd", "hf"):
+            if top_k is None and head not in thresholds:
+                continue
+            ranked = sorted(((-s, k) for k, s in zip(table.column("patient_key").to_pylist(),
+                                                      table.column(f"score_{head}").to_pylist()) if s == s))
+            ranked = ranked[:top_k] if top_k else [r for r in ranked if -r[0] >= np.float32(thresholds[head])]
+            expected += [(head, k, i + 1) for i, (_, k) in enumerate(ranked)]
+        for scores in (table, split, table.take(pa.array(rng.permutation(table.num_rows)))):
+            flagged = select(scores, thresholds, top_k)
+            assert [(r["head"], r["patient_key"], r["rank"]) for r in flagged.to_pylist()] == expected
