@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from conf.settings import CONF_DIR, Settings, load_settings  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
-from lake.schemas import TIMELINES  # noqa: E402
+from lake.schemas import PREVALENT_COLUMNS, TIMELINES  # noqa: E402
 
 AS_OF = "2024-06-30"
 NAIVE_BATCH_ROWS = 256
@@ -163,6 +163,7 @@ def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_to
         "days_before": pa.ListArray.from_arrays(pa.array(offsets), pa.array(days)),
         "age_years": pa.array(rng.uniform(18, 95, rows).astype(np.float32)),
         "sex": pa.array(rng.choice(np.array(["F", "M", "U"]), rows, p=[0.5, 0.47, 0.03]).astype(str)),
+        **{c: pa.array(rng.random(rows) < 0.2) for c in PREVALENT_COLUMNS},  # already diagnosed: not screened
     }).cast(TIMELINES)
     final = LakePaths(lake_root).timelines(AS_OF)
     manifest = {"run_id": "bench", "as_of": AS_OF,

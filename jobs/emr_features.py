@@ -7,7 +7,8 @@ computes the same thing with Spark expressions (no Python UDFs, nothing of the
 data collected to the driver) and tests check the two agree row for row.
 
 One output row per patient in the patient table, including patients with no
-events in the window (``length`` 0). Patient rows that cannot be used are
+events in the window (``length`` 0), with ``prevalent_<head>`` flags (already
+diagnosed by the end of the as-of day; computed on every run, labels or not). Patient rows that cannot be used are
 quarantined (``no_patient_key``, ``duplicate_patient_key``, ``no_birth_date``)
 into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
 as-of date are ignored by rule. Two ledger stages account for everything:
@@ -37,7 +38,8 @@ from lake.commit import commit, read_manifest, staging_dir
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
-from lake.schemas import EVENTS, LABEL_COLUMNS, PATIENTS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
+from lake.schemas import (EVENTS, LABEL_COLUMNS, PATIENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES,
+                          TIMELINES_WITH_LABELS)
 from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
 from preprocessing.vocabulary import (DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV, OOV_ID,
                                       TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
@@ -139,9 +141,19 @@ def _group_match(prefixes: tuple[str, ...]) -> Column:
     return F.col("kind").isin(*DX_KINDS) & (F.col("code_system") == "icd10cm") & starts
 
 
+def diagnosed_by(prefixes: tuple[str, ...], end_us: int) -> Column:
+    """The event is a diagnosis of the group before ``end_us`` (affirmed, history or assertion-less):
+    timelines._diagnosed_by in SQL, the one "already diagnosed" rule of labels and prevalence flags.
+    NULL (not true) for an event without a time."""
+    a = F.col("assertion")
+    return (_group_match(prefixes) & (F.unix_micros(F.col("event_time")) < end_us)
+            & (a.isNull() | a.isin(*TOKEN_ASSERTIONS)))
+
+
 def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
                        horizon_days: int | None = None) -> DataFrame:
-    """Per patient_key: the sorted in-window (t, tok) structs, event counts by reason, label flags.
+    """Per patient_key: the sorted in-window (t, tok) structs, event counts by reason, prevalence
+    (``prev_<head>``, 1/0, over all events up to the end of the as-of day: no lookback) and label flags.
 
     Filtering is by integer µs since the epoch, so nothing depends on the session time zone.
     """
@@ -157,17 +169,16 @@ def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
         F.sum(F.when(t >= end, one).otherwise(0)).alias("n_after"),
         F.sum(F.when(t < start, one).otherwise(0)).alias("n_before"),
         F.sum(F.when(in_win & F.col("token_id").isNull(), one).otherwise(0)).alias("n_dropped"),
+        *[F.max(F.when(diagnosed_by(prefixes, end), one).otherwise(0)).alias(f"prev_{head}")
+          for head, prefixes in LABEL_GROUPS.items()],
     ]
     if horizon_days is not None:
         horizon_end = end + horizon_days * US_PER_DAY
         a = F.col("assertion")
-        prevalent_assertion = a.isNull() | a.isin(*TOKEN_ASSERTIONS)
         positive_assertion = a.isNull() | (a == "affirmed")
         for head, prefixes in LABEL_GROUPS.items():
-            g = _group_match(prefixes)
-            aggs.append(F.max(F.when(g & (t < end) & prevalent_assertion, one).otherwise(0)).alias(f"prev_{head}"))
-            aggs.append(F.max(F.when(g & (t >= end) & (t < horizon_end) & positive_assertion, one)
-                              .otherwise(0)).alias(f"pos_{head}"))
+            aggs.append(F.max(F.when(_group_match(prefixes) & (t >= end) & (t < horizon_end) & positive_assertion,
+                                     one).otherwise(0)).alias(f"pos_{head}"))
         aggs.append(F.max(F.when(t >= horizon_end - US_PER_DAY, one).otherwise(0)).alias("followed"))
     return encoded.groupBy("patient_key").agg(*aggs)
 
@@ -208,6 +219,9 @@ def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool) -> list
         F.transform(kept, days_before).cast("array<int>").alias("days_before"),
         ((F.lit(as_of_day) - F.unix_date(F.col("birth_date"))) / F.lit(365.25)).cast("float").alias("age_years"),
         F.when(sex.isin(*SEXES), sex).otherwise(F.lit("U")).alias("sex"),
+        # A patient without events has no aggregate row: not prevalent.
+        *[F.coalesce(F.col(f"prev_{head}") == 1, F.lit(False)).alias(col)
+          for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)],
     ]
     if with_labels:
         for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS):
@@ -268,6 +282,7 @@ def ledger_stats(built: DataFrame) -> dict[str, Any]:
         F.max(F.when(ok, F.col("length"))).alias("length_max"),
         total(ok & (F.col("length") == 0), F.lit(1)).alias("rows_empty"),
     ]
+    aggs += [total(ok & F.col(col), F.lit(1)).alias(f"{col}_n") for col in PREVALENT_COLUMNS]
     for col in LABEL_COLUMNS:
         if col in built.columns:
             aggs += [total(ok & (F.col(col) == 1), F.lit(1)).alias(f"{col}_pos"),
@@ -439,6 +454,8 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         "lookback_days": feats.lookback_days, "max_tokens": feats.max_tokens,
         "with_labels": with_labels, "horizon_days": horizon,
         "rows": stats["rows_out"], "files": files, "length": length, "labels": labels,
+        # Patients already diagnosed (all history up to the end of D, no lookback): left out of screening.
+        "prevalent": {col: stats[f"{col}_n"] for col in PREVALENT_COLUMNS},
         "ledger": {STAGE: patient_ledger.to_dict(), EVENTS_STAGE: event_ledger.to_dict()},
         "inputs": {"events": {"run_id": events_manifest.get("run_id")},
                    "patients": {"run_id": patients_manifest.get("run_id")}},
@@ -450,7 +467,8 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         "patients_quarantined": patient_ledger.quarantined, "patients_ignored": patient_ledger.ignored,
         "events_in": event_ledger.records_in, "events_out": event_ledger.records_out,
         "events_ignored": event_ledger.ignored, "events_quarantined": event_ledger.quarantined,
-        "length": length, "labels": labels, "vocabulary_sha256": vocab.sha256, "files": files,
+        "length": length, "labels": labels, "prevalent": manifest["prevalent"],
+        "vocabulary_sha256": vocab.sha256, "files": files,
     }
     _merge_run_manifest(run_dir, {k: v for k, v in manifest.items() if k != "ledger"} | {"output": str(final)})
     log.info("emr_features %s: %d rows, %d events in", as_of_date, stats["rows_out"], stats["events_in"])

@@ -48,6 +48,12 @@ QUARANTINE = pa.schema([
     ("detail", pa.string()),         # short, identifier-free explanation
 ])
 
+# Risk heads of the EMR model (and of the labels and prevalence flags), in output order.
+HEADS = ("t2d", "ckd", "hf")
+# Already diagnosed with the head's code group at or before the end of the as-of day
+# (preprocessing.timelines.prevalence; never null). Not a model input: screening leaves
+# these patients out of an incident-risk outreach list.
+PREVALENT_COLUMNS = tuple(f"prevalent_{h}" for h in HEADS)
 TIMELINES = pa.schema([
     ("patient_key", pa.string()),
     ("as_of", pa.date32()),
@@ -56,13 +62,13 @@ TIMELINES = pa.schema([
     ("days_before", pa.list_(pa.int32())),
     ("age_years", pa.float32()),
     ("sex", pa.string()),
+    *[(c, pa.bool_()) for c in PREVALENT_COLUMNS],
 ])
 LABEL_COLUMNS = ("label_t2d", "label_ckd", "label_hf")
 TIMELINES_WITH_LABELS = TIMELINES
 for _c in LABEL_COLUMNS:
     TIMELINES_WITH_LABELS = TIMELINES_WITH_LABELS.append(pa.field(_c, pa.int8()))
 
-HEADS = ("t2d", "ckd", "hf")
 SCORES = pa.schema([
     ("patient_key", pa.string()),
     ("as_of", pa.date32()),

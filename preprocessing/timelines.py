@@ -17,12 +17,22 @@ Time rules (all UTC; ``as_of`` is a calendar date):
   ``length`` 0: the screening population is the patient table, and a model can
   still score age and sex.
 
-Label rules, per group (t2d = E11.*, ckd = N18.*, hf = I50.*; ICD-10-CM
-diagnoses, kind ``dx`` or ``dx_text``):
+Prevalence, per group (t2d = E11.*, ckd = N18.*, hf = I50.*; ICD-10-CM
+diagnoses, kind ``dx`` or ``dx_text``; :func:`prevalence`, columns
+``prevalent_<head>``, always computed, never null):
 
-* NULL if *prevalent*: an affirmed or history diagnosis of the group (or a
-  coded one with no assertion) at any time up to the end of the as-of day.
-  A prevalent case is not an incident one.
+* True when an affirmed or history diagnosis of the group (or a coded one with
+  no assertion) was recorded at any time up to the end of the as-of day —
+  negated, family and uncertain mentions do not count. The lookback window
+  does *not* apply: a diagnosis of a chronic disease six years ago is still a
+  diagnosis, and the window only bounds what the model sees. Nothing after the
+  as-of day counts, so the flag is point-in-time like the timeline.
+* Screening uses it to leave already diagnosed patients out of an
+  incident-risk outreach list; the labels use the same rule.
+
+Label rules, per group (same groups):
+
+* NULL if *prevalent* (above). A prevalent case is not an incident one.
 * 1 if an affirmed (or assertion-less coded) diagnosis of the group falls in
   (D, D + horizon_days] — i.e. ``D + 1 day 00:00 <= t < D + horizon_days + 1 day 00:00``.
 * 0 if not, provided the patient was still observed at the end of the horizon:
@@ -132,6 +142,30 @@ def _in_group(kind: str | None, system: str | None, code: str | None, prefixes: 
     return kind in DX_KINDS and system == "icd10cm" and normalise_icd_code(code).startswith(prefixes)
 
 
+def _diagnosed_by(t_us: int, kind: str | None, system: str | None, code: str | None, assertion: str | None,
+                  end_us: int, prefixes: tuple[str, ...]) -> bool:
+    """The event is a diagnosis of the group recorded before ``end_us``: affirmed, history or
+    assertion-less. The one definition of "already diagnosed" (labels and prevalence flags)."""
+    return (t_us != _NAT and t_us < end_us and (assertion is None or assertion in TOKEN_ASSERTIONS)
+            and _in_group(kind, system, code, prefixes))
+
+
+def prevalence(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
+               systems: Sequence[str | None], codes: Sequence[str | None],
+               assertions: Sequence[str | None], as_of: dt.date,
+               groups: dict[str, tuple[str, ...]] | None = None) -> dict[str, bool]:
+    """``{head: already diagnosed}`` at the end of the as-of day (see the module docstring).
+
+    Any time up to the end of the as-of day counts, not only the feature window.
+    """
+    groups = LABEL_GROUPS if groups is None else groups
+    t = to_epoch_us(event_time_us)
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    events = list(zip(t, kinds, systems, codes, assertions))
+    return {head: any(_diagnosed_by(ti, k, s, c, a, end, prefixes) for ti, k, s, c, a in events)
+            for head, prefixes in groups.items()}
+
+
 def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
                    systems: Sequence[str | None], codes: Sequence[str | None],
                    assertions: Sequence[str | None], as_of: dt.date, horizon_days: int,
@@ -142,17 +176,12 @@ def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[st
     end = (epoch_day(as_of) + 1) * US_PER_DAY
     horizon_end = end + horizon_days * US_PER_DAY
     followed = bool(np.any(t >= horizon_end - US_PER_DAY))
+    prevalent = prevalence(t, kinds, systems, codes, assertions, as_of, groups)
     labels: dict[str, int | None] = {}
     for head, prefixes in groups.items():
-        prevalent = positive = False
-        for ti, k, s, c, a in zip(t, kinds, systems, codes, assertions):
-            if ti == _NAT or not _in_group(k, s, c, prefixes):
-                continue
-            if ti < end and (a is None or a in TOKEN_ASSERTIONS):
-                prevalent = True
-            elif end <= ti < horizon_end and (a is None or a == "affirmed"):
-                positive = True
-        labels[head] = None if prevalent else 1 if positive else 0 if followed else None
+        positive = any(end <= ti < horizon_end and (a is None or a == "affirmed") and _in_group(k, s, c, prefixes)
+                       for ti, k, s, c, a in zip(t, kinds, systems, codes, assertions))
+        labels[head] = None if prevalent[head] else 1 if positive else 0 if followed else None
     return labels
 
 
@@ -169,7 +198,7 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
     """
     import pyarrow as pa
 
-    from lake.schemas import LABEL_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS
+    from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS
     from preprocessing.vocabulary import default_vocabulary
 
     vocab = vocab or default_vocabulary()
@@ -197,11 +226,13 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
         tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens)
         row = {"patient_key": k, "as_of": as_of, "length": tl.length, "tokens": tl.tokens,
                "days_before": tl.days_before, "age_years": tl.age_years, "sex": tl.sex}
+        sel = idx.tolist()
+        dx = (times[idx], [ev["kind"][i] for i in sel], [ev["code_system"][i] for i in sel],
+              [ev["code"][i] for i in sel], [ev["assertion"][i] for i in sel], as_of)
+        prevalent = prevalence(*dx)
+        row.update({col: prevalent[head] for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)})
         if horizon_days is not None:
-            sel = idx.tolist()
-            labels = compute_labels(times[idx], [ev["kind"][i] for i in sel], [ev["code_system"][i] for i in sel],
-                                    [ev["code"][i] for i in sel], [ev["assertion"][i] for i in sel],
-                                    as_of, horizon_days)
+            labels = compute_labels(*dx, horizon_days)
             row.update({col: labels[head] for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS)})
         rows.append(row)
     schema = TIMELINES if horizon_days is None else TIMELINES_WITH_LABELS

@@ -120,6 +120,19 @@ def random_inputs(seed: int = 7, n_patients: int = 40) -> tuple[pa.Table, pa.Tab
         events.append({"patient_key": k, "event_time": when, "kind": kind, "code_system": "icd10cm", "code": code,
                        "value": None, "unit": None, "assertion": assertion, "code_groups": [], "source": "fhir",
                        "source_ref": None})
+    # Prevalence stories: T2D coded six years before the as-of date (long before the lookback
+    # window: still prevalent, and its timeline is empty); HF coded in the last microsecond of
+    # the as-of day (prevalent); CKD only as a family mention (not prevalent).
+    for name, when, kind, code, assertion in [
+            ("long_ago", end - dt.timedelta(days=6 * 365), "dx", "E11.9", "affirmed"),
+            ("last_us", end - dt.timedelta(microseconds=1), "dx", "I50.9", None),
+            ("last_us", end - dt.timedelta(days=2), "dx_text", "N18.3", "family")]:
+        k = key(name)
+        if not any(p["patient_key"] == k for p in patients):
+            patients.append({"patient_key": k, "birth_date": dt.date(1950, 2, 2), "sex": "F", "source": "omop"})
+        events.append({"patient_key": k, "event_time": when, "kind": kind, "code_system": "icd10cm", "code": code,
+                       "value": None, "unit": None, "assertion": assertion, "code_groups": [], "source": "omop",
+                       "source_ref": None})
     facts["no_time_events"] = sum(1 for e in events if e["event_time"] is None and e["patient_key"] is not None)
     return pa.Table.from_pylist(events, schema=EVENTS), pa.Table.from_pylist(patients, schema=PATIENTS), facts
 

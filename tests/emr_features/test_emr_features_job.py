@@ -8,13 +8,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, features_settings,
+from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, features_settings, key,
                                write_committed)
 
 from jobs import emr_features
 from lake.commit import is_committed, read_manifest
 from lake.paths import LakePaths
-from lake.schemas import EVENTS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
+from lake.schemas import EVENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
 from preprocessing.timelines import timelines_table
 from preprocessing.vocabulary import default_vocabulary
 
@@ -41,6 +41,23 @@ def test_spark_rows_equal_the_pure_function_on_every_row(first_run, emr_lake) ->
     assert rows == expected
     assert any(r["length"] == MAX_TOKENS for r in rows) and any(r["length"] == 0 for r in rows)
     assert {r["label_t2d"] for r in rows} == {0, 1, None}
+
+
+def test_prevalence_flags_are_computed_by_spark_as_by_the_pure_rules(first_run, emr_lake) -> None:
+    summary, rows = first_run
+    by_key = {r["patient_key"]: r for r in rows}
+    for col in PREVALENT_COLUMNS:
+        assert {r[col] for r in rows} == {True, False}  # never null, both values present
+    # Six years before the as-of date: outside the lookback window, still a diagnosis.
+    long_ago = by_key[key("long_ago")]
+    assert long_ago["prevalent_t2d"] and long_ago["length"] == 0 and long_ago["label_t2d"] is None
+    last_us = by_key[key("last_us")]  # HF coded in the as-of day's last µs; CKD only a family mention
+    assert (last_us["prevalent_hf"], last_us["prevalent_ckd"], last_us["prevalent_t2d"]) == (True, False, False)
+    assert not by_key[key("incident")]["prevalent_t2d"]  # negated before, diagnosed after: incident
+    # The label's "already diagnosed" and the flag are one rule.
+    for head in ("t2d", "ckd", "hf"):
+        assert all(r[f"label_{head}"] is None for r in rows if r[f"prevalent_{head}"])
+        assert summary["prevalent"][f"prevalent_{head}"] == sum(r[f"prevalent_{head}"] for r in rows)
 
 
 def test_output_schema_manifest_and_vocabulary_file(first_run, emr_lake) -> None:
@@ -117,6 +134,11 @@ def test_nightly_run_without_labels(spark, emr_lake) -> None:
     rows = read_partition(out)
     assert rows == timelines_table(events, patients, as_of, LOOKBACK_DAYS, 16).to_pylist()
     assert set(rows[0]) == set(TIMELINES.names) and summary["labels"] == {}
+    # Without labels the prevalence flags are still there, point in time: HF coded on
+    # 2024-06-30 is not prevalent as of 2023-12-31.
+    assert {r["prevalent_t2d"] for r in rows} == {True, False}
+    assert not next(r for r in rows if r["patient_key"] == key("last_us"))["prevalent_hf"]
+    assert read_manifest(out)["prevalent"] == summary["prevalent"]
 
 
 def test_uncommitted_input_is_refused(tmp_path) -> None:

@@ -8,12 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from preprocessing.timelines import US_PER_DAY, build_timeline, compute_labels, epoch_day, to_epoch_us
+from preprocessing.timelines import (LABEL_GROUPS, US_PER_DAY, build_timeline, compute_labels, epoch_day,
+                                    prevalence, to_epoch_us)
 
 UTC = dt.timezone.utc
 AS_OF = dt.date(2024, 6, 30)
 END_US = (epoch_day(AS_OF) + 1) * US_PER_DAY  # first instant after the as-of day
 AFTER = 10_000  # token ids at or above this mark events after the as-of day
+_NAT = np.iinfo(np.int64).min  # a missing event_time
 
 
 @st.composite
@@ -105,3 +107,52 @@ def test_negatives_need_follow_up_to_the_horizon() -> None:
     assert _labels([(10 * DAY, "encounter", None, None)])["hf"] is None  # lost to follow-up
     assert _labels([(364 * DAY, "encounter", None, None)])["hf"] == 0  # seen on the horizon's last day
     assert _labels([(363 * DAY, "encounter", None, None)])["hf"] is None
+
+
+@st.composite
+def diagnosis_events(draw):
+    """Diagnosis-like events around an as-of date: group codes, other codes, every assertion, NaT."""
+    as_of = draw(st.dates(min_value=dt.date(1960, 1, 1), max_value=dt.date(2030, 12, 31)))
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    n = draw(st.integers(0, 25))
+    times = draw(st.lists(st.one_of(st.integers(end - 5000 * US_PER_DAY, end + 800 * US_PER_DAY),
+                                    st.sampled_from([end - 1, end, _NAT])), min_size=n, max_size=n))
+    kinds = draw(st.lists(st.sampled_from(["dx", "dx_text", "obs", "encounter", None]), min_size=n, max_size=n))
+    systems = draw(st.lists(st.sampled_from(["icd10cm", "icd10cm", "icd9cm", None]), min_size=n, max_size=n))
+    codes = draw(st.lists(st.sampled_from(["E11.9", "e11", "N18.3", "I50.21", "I10", "E10.9", "", None]),
+                          min_size=n, max_size=n))
+    assertions = draw(st.lists(st.sampled_from(["affirmed", "history", "negated", "family", "uncertain", None]),
+                               min_size=n, max_size=n))
+    return as_of, np.array(times, dtype=np.int64), kinds, systems, codes, assertions
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(diagnosis_events(), st.integers(1, 800))
+def test_prevalence_is_point_in_time_and_is_the_labels_rule(case, horizon) -> None:
+    as_of, times, kinds, systems, codes, assertions = case
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    flags = prevalence(times, kinds, systems, codes, assertions, as_of)
+    assert set(flags) == set(LABEL_GROUPS) and all(isinstance(v, bool) for v in flags.values())
+    # Only events up to the end of the as-of day matter: dropping every later one changes nothing.
+    before = [i for i, t in enumerate(times) if t != _NAT and t < end]
+    sub = [[x[i] for i in before] for x in (kinds, systems, codes, assertions)]
+    assert prevalence(times[before], *sub, as_of) == flags
+    # Whatever their age (no lookback): the flag is "some affirmed/history/assertion-less group dx before D+1".
+    for head, (prefix,) in LABEL_GROUPS.items():
+        expected = any(kinds[i] in ("dx", "dx_text") and systems[i] == "icd10cm"
+                       and (codes[i] or "").replace(".", "").upper().startswith(prefix)
+                       and assertions[i] in ("affirmed", "history", None) for i in before)
+        assert flags[head] == expected
+    # The labels' "already diagnosed" is the same rule.
+    labels = compute_labels(times, kinds, systems, codes, assertions, as_of, horizon)
+    assert all(labels[h] is None for h, prevalent in flags.items() if prevalent)
+
+
+def test_prevalence_ignores_the_lookback_and_the_future() -> None:
+    six_years = END_US - 6 * 365 * US_PER_DAY
+    assert prevalence([six_years], ["dx"], ["icd10cm"], ["E11.9"], ["affirmed"], AS_OF) == \
+        {"t2d": True, "ckd": False, "hf": False}
+    assert prevalence([END_US - 1, END_US], ["dx", "dx"], ["icd10cm"] * 2, ["I50.9", "N18.3"], [None, "affirmed"],
+                      AS_OF) == {"t2d": False, "ckd": False, "hf": True}
+    assert prevalence([], [], [], [], [], AS_OF) == {"t2d": False, "ckd": False, "hf": False}

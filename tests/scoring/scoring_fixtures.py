@@ -28,7 +28,7 @@ from engines.ort_runner import OrtRunner
 from inference.actors import CachedEngine, ScoreActor
 from lake.commit import atomic_partition
 from lake.paths import LakePaths
-from lake.schemas import TIMELINES
+from lake.schemas import PREVALENT_COLUMNS, TIMELINES
 
 # Ray workers cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -149,6 +149,8 @@ def random_timelines(n: int, seed: int = 0, bad_rows: bool = False, max_len: int
         "days_before": pa.array(days, pa.list_(pa.int32())),
         "age_years": pa.array(age, pa.float32()),
         "sex": pa.array(sex, pa.string()),
+        # Already diagnosed (what screening leaves out): a third of the patients per head.
+        **{col: pa.array(rng.random(n) < 1 / 3, pa.bool_()) for col in PREVALENT_COLUMNS},
     }, schema=TIMELINES)
 
 
