@@ -123,6 +123,8 @@ class ScoringSettings(_Section):
     screening_thresholds: dict[str, float] = Field(
         default_factory=lambda: {"t2d": 0.5, "ckd": 0.5, "hf": 0.5})
     screening_top_k: int | None = None
+    # Per head, leave out patients whose timelines row has prevalent_<head> (already diagnosed).
+    screening_exclude_prevalent: bool = True
     prometheus_port: int | None = None
     qc: QCSettings = Field(default_factory=QCSettings)
 

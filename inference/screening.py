@@ -1,13 +1,19 @@
 """The screening list: patients flagged for follow-up from a committed scores partition.
 
-Per head, a patient is flagged when the score reaches
-``scoring.screening_thresholds[head]``, or, when ``scoring.screening_top_k``
-is set, when the score is among the head's top k (ties broken by
-patient_key so the list is deterministic). One row per (patient, head) with
-the score and full provenance. Written atomically to LAKE/screening/as_of=D/.
+An outreach list for *incident* risk. Per head, patients already diagnosed with
+the head's disease at the as-of date (``prevalent_<head>`` in the timelines
+partition the scores came from: the labels' "already diagnosed" rule, see
+preprocessing.timelines) are left out first, unless
+``scoring.screening_exclude_prevalent`` is false. Of the rest, a patient is
+flagged when the score reaches ``scoring.screening_thresholds[head]``, or, when
+``scoring.screening_top_k`` is set, when the score is among the head's top k
+(ties broken by patient_key so the list is deterministic). One row per
+(patient, head) with the score and full provenance. Written atomically to
+LAKE/screening/as_of=D/, whose manifest records the rule.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +23,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conf.settings import Settings
-from lake.commit import atomic_partition, read_manifest, read_partition
+from lake.commit import atomic_partition, partition_files, read_manifest, read_partition
 from lake.ledger import StageLedger
 from lake.paths import LakePaths, as_of_str
-from lake.schemas import HEADS
+from lake.schemas import HEADS, PREVALENT_COLUMNS
+from preprocessing.timelines import LABEL_GROUPS
 
 MODEL = "emr_risk"
+# Ledger reason: not flagged on any head, but would have been on one where already diagnosed.
+EXCLUDED_PREVALENT = "excluded_prevalent"
+log = logging.getLogger(__name__)
+
+
+class TimelinesNotUsable(ValueError):
+    """The timelines partition the scores came from cannot say who is already diagnosed."""
+
 
 SCREENING = pa.schema([
     ("patient_key", pa.string()),
@@ -39,8 +54,15 @@ SCREENING = pa.schema([
 ])
 
 
-def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None) -> pa.Table:
-    """Flagged (patient, head) rows of a scores table, schema :data:`SCREENING`, sorted by head then rank."""
+def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
+           prevalent: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    """Flagged (patient, head) rows of a scores table, schema :data:`SCREENING`, sorted by head then
+    rank, and per head the row indices of ``scores`` left out as already diagnosed.
+
+    ``prevalent`` maps a head to a boolean per scores row (None: nobody is left out). A prevalent
+    patient is never flagged for that head; with top k the k are taken from the others. The
+    indices returned are those prevalent patients who would otherwise have been flagged.
+    """
     unknown = set(thresholds) - set(HEADS)
     if unknown:
         raise ValueError(f"scoring.screening_thresholds names unknown heads {sorted(unknown)}; "
@@ -49,7 +71,7 @@ def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None) ->
     # Patients in key order once (Arrow sorts strings in C++); a stable sort by score over that
     # order breaks ties by patient_key without comparing strings again for every head.
     by_key = pc.sort_indices(scores.column("patient_key")).to_numpy()
-    parts = []
+    parts, excluded = [], {}
     for head in HEADS:
         if top_k is None and head not in thresholds:
             continue
@@ -58,12 +80,17 @@ def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None) ->
         finite = np.isfinite(s)
         order = by_key[np.argsort(-np.where(finite, s, -np.inf)[by_key], kind="stable")]
         order = order[finite[order]]
+        out = prevalent[head][order] if prevalent is not None else np.zeros(len(order), bool)
         if top_k is not None:
-            chosen = order[:top_k]
+            # Within the top k: fewer than k patients who may be flagged rank ahead.
+            eligible = (~out).astype(np.int64)
+            qualifies = np.cumsum(eligible) - eligible < top_k
             criterion = f"top_k={top_k}"
         else:
-            chosen = order[s[order] >= thresholds[head]]
+            qualifies = s[order] >= thresholds[head]
             criterion = f"threshold>={thresholds[head]:g}"
+        chosen = order[qualifies & ~out]
+        excluded[head] = order[qualifies & out]
         if not len(chosen):
             continue
         take = pa.array(chosen)
@@ -78,14 +105,61 @@ def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None) ->
             **{c: scores.column(c).take(take) for c in
                ("model", "model_version", "engine_fingerprint", "precision", "run_id")},
         }, schema=SCREENING))
-    return pa.concat_tables(parts) if parts else SCREENING.empty_table()
+    return (pa.concat_tables(parts) if parts else SCREENING.empty_table()), excluded
+
+
+def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
+           prevalent: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """The flagged rows of :func:`screen`."""
+    return screen(scores, thresholds, top_k, prevalent)[0]
+
+
+def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
+                   as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """``prevalent_<head>`` of every scored patient, from the timelines partition the scores came
+    from, and that partition's features run id.
+
+    Raises :class:`TimelinesNotUsable` when the partition was rebuilt since scoring, predates
+    the prevalence columns, or lacks a scored patient: the fix is to rebuild and rescore.
+    """
+    rebuild = (f"rebuild the features for that date (`medscreen emr features --as-of {as_of}`) and score "
+               f"again (`medscreen score emr --as-of {as_of}`)")
+    manifest = read_manifest(timelines)
+    if expected_run_id and manifest.get("run_id") != expected_run_id:
+        raise TimelinesNotUsable(
+            f"timelines partition {timelines.name} is from features run {manifest.get('run_id')}, but the "
+            f"scores were computed from run {expected_run_id}: it was rebuilt since; "
+            f"score again (`medscreen score emr --as-of {as_of}`)")
+    for f in partition_files(timelines):
+        missing = [c for c in PREVALENT_COLUMNS if c not in pq.read_schema(f).names]
+        if missing:
+            raise TimelinesNotUsable(
+                f"timelines partition {timelines.name} (features run {manifest.get('run_id')}) predates the "
+                f"columns {missing} that screening needs to leave already-diagnosed patients out of the "
+                f"outreach list; {rebuild} — or set scoring.screening_exclude_prevalent: false to screen "
+                "without leaving them out")
+    table = read_partition(timelines, columns=["patient_key", *PREVALENT_COLUMNS])
+    index = pc.index_in(scores.column("patient_key"), value_set=table.column("patient_key"))
+    if index.null_count:
+        raise TimelinesNotUsable(f"{index.null_count} scored patients have no row in timelines partition "
+                                 f"{timelines.name}; {rebuild}")
+    flags = {}
+    for head, col in zip(HEADS, PREVALENT_COLUMNS):
+        values = table.column(col).take(index)
+        if values.null_count:
+            raise TimelinesNotUsable(f"timelines partition {timelines.name} has {values.null_count} null "
+                                     f"{col} values among the scored patients; {rebuild}")
+        flags[head] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+    return flags, manifest.get("run_id")
 
 
 def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Path, StageLedger]:
     """Write LAKE/screening/as_of=D/ from the committed emr_risk scores; return it and its ledger.
 
     Ledger unit is patients: in = scored patients, out = patients flagged on
-    any head, the rest ignored by rule ``below_threshold`` / ``outside_top_k``.
+    any head; of the rest, those who would have been flagged on a head but
+    for being already diagnosed are ignored as ``excluded_prevalent``, the
+    others by rule ``below_threshold`` / ``outside_top_k``.
     """
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
@@ -93,12 +167,49 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     scores_manifest = read_manifest(scores_dir)
     scores = read_partition(scores_dir)
     cfg = settings.scoring
-    flagged = select(scores, cfg.screening_thresholds, cfg.screening_top_k)
-    n_flagged = len(pc.unique(flagged.column("patient_key"))) if flagged.num_rows else 0
+    source = scores_manifest.get("input") or {}
+    timelines = lake.root / source.get("partition", lake.timelines(as_of).relative_to(lake.root).as_posix())
+    prevalent = timelines_run_id = None
+    if cfg.screening_exclude_prevalent:
+        prevalent, timelines_run_id = prevalence_for(scores, timelines, source.get("run_id"), as_of)
+    else:
+        log.warning("screening %s: scoring.screening_exclude_prevalent is false — patients already "
+                    "diagnosed are NOT left out of the list", as_of)
+    flagged, excluded = screen(scores, cfg.screening_thresholds, cfg.screening_top_k, prevalent)
+
+    is_flagged = np.zeros(scores.num_rows, bool)
+    if flagged.num_rows:
+        is_flagged[pc.index_in(flagged.column("patient_key"), value_set=scores.column("patient_key"))
+                   .to_numpy(zero_copy_only=False).astype(np.int64)] = True
+    is_excluded = np.zeros(scores.num_rows, bool)
+    for rows in excluded.values():
+        is_excluded[rows] = True
+    is_excluded &= ~is_flagged
+    n_flagged, n_excluded = int(is_flagged.sum()), int(is_excluded.sum())
     rule = "outside_top_k" if cfg.screening_top_k is not None else "below_threshold"
+    ignored = {rule: scores.num_rows - n_flagged - n_excluded}
+    if prevalent is not None:
+        ignored[EXCLUDED_PREVALENT] = n_excluded
     ledger = StageLedger("screening", records_in=scores.num_rows, records_out=n_flagged,
-                         ignored={rule: scores.num_rows - n_flagged}, unit="patients")
+                         ignored=ignored, unit="patients")
     ledger.check()
+    if prevalent is not None:
+        exclusion: dict[str, Any] = {
+            "enabled": True,
+            "rule": ("per head, patients with prevalent_<head> in the timelines partition are left out: an "
+                     "affirmed, history or assertion-less ICD-10-CM diagnosis (dx or dx_text) of the head's "
+                     "group at any time up to the end of the as-of day, UTC (no lookback limit)"),
+            "groups": {h: list(p) for h, p in LABEL_GROUPS.items()},
+            "timelines": {"partition": timelines.relative_to(lake.root).as_posix(),
+                          "run_id": timelines_run_id},
+            "prevalent_scored": {h: int(v.sum()) for h, v in prevalent.items()},
+            "excluded_per_head": {h: int(len(excluded.get(h, ()))) for h in HEADS},
+            "patients_excluded": n_excluded,
+        }
+    else:
+        exclusion = {"enabled": False,
+                     "warning": "scoring.screening_exclude_prevalent is false: patients already diagnosed "
+                                "are NOT left out of this list"}
     manifest: dict[str, Any] = {
         "as_of": as_of, "run_id": run_id or scores_manifest.get("run_id"), "model": MODEL,
         "scores_run_id": scores_manifest.get("run_id"),
@@ -106,8 +217,10 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
         "limit": scores_manifest.get("limit"),
         "criterion": {"top_k": cfg.screening_top_k} if cfg.screening_top_k is not None
         else {"thresholds": dict(cfg.screening_thresholds)},
+        "exclude_prevalent": exclusion,
         "rows": flagged.num_rows, "patients": n_flagged,
         "per_head": {h: int(pc.sum(pc.equal(flagged.column("head"), h)).as_py() or 0) for h in HEADS},
+        "ledger": ledger.to_dict(),
     }
     final = lake.screening(as_of)
     with atomic_partition(final, manifest) as staging:

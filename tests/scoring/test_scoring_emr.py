@@ -94,6 +94,12 @@ def test_scoring_scores_commits_reports_and_reruns_identically(timelines, scorin
 
     screening = pq.read_table(lake.screening(AS_OF) / "part-00000.parquet")
     assert screening.num_rows == 30 and set(screening.column("run_id").to_pylist()) == {run_dir.name}
+    # Patients already diagnosed are not on their head's outreach list; the screening ledger balances.
+    prevalent = {(h, r["patient_key"]) for r in table.to_pylist() for h in HEADS if r[f"prevalent_{h}"]}
+    assert prevalent and not prevalent & set(zip(screening.column("head").to_pylist(),
+                                                 screening.column("patient_key").to_pylist()))
+    assert ledger["stages"]["screening"]["balanced"]
+    assert ledger["stages"]["screening"]["ignored"]["excluded_prevalent"] >= 0
     metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.scoring.prometheus_port}/metrics",
                                           timeout=5).read().decode()
     assert "medscreen_emr_records_per_second" in metrics_text
