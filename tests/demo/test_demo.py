@@ -1,0 +1,41 @@
+"""`medscreen demo` end to end on a small population: every stage runs for real and the summary adds up."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medscreen.cli import main
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("MEDSCREEN_PSEUDONYM_KEY", raising=False)  # the demo makes its own 0600 key file
+    workdir = tmp_path / "demo"
+    rc = main(["demo", "--workdir", str(workdir), "--patients", "400", "--ct-studies", "1",
+               "--ct-rows", "256", "--ct-slices", "48"])
+    out = capsys.readouterr().out
+    assert rc == 0, out[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert (workdir / "pseudonym.key").stat().st_mode & 0o777 == 0o600
+
+    # What the generator wrote is what ingest read, and ingest's ledger balances.
+    ingest = summary["ingest"]["counts"]["emr_ingest"]
+    assert sum(summary["synth_emr"]["files"].values()) == ingest["records_in"]
+    assert ingest["balanced"] and ingest["records_in"] == (
+        ingest["records_out"] + ingest["quarantined_total"] + ingest["ignored_total"])
+    assert summary["features"]["rows"] == 400
+    assert summary["emr_check"]["scored"] == 400
+    for head in ("t2d", "ckd", "hf"):
+        assert summary["emr_check"][f"card_auc_{head}"] is not None  # the card's held-out AUC was found
+    assert summary["ct_check"]["nodules_ge_6mm"] > 0
+    assert [c for c in summary["checks"] if c["passed"] is False] == []
+
+    lake = workdir / "lake"
+    for partition in ("emr/timelines/as_of=2024-06-30", "scores/model=emr_risk/as_of=2024-06-30",
+                      "screening/as_of=2024-06-30", "findings/model=ct_nodule/as_of=2024-06-30"):
+        assert (lake / partition / "_SUCCESS").is_file(), partition
+    assert (Path(summary["score_emr_run"]) / "report.html").is_file()
+    assert "=== medscreen demo summary ===" in out and "(balanced)" in out
+    assert "CT findings" in out and "check" in out
