@@ -137,9 +137,9 @@ def random_inputs(seed: int = 7, n_patients: int = 40) -> tuple[pa.Table, pa.Tab
     return pa.Table.from_pylist(events, schema=EVENTS), pa.Table.from_pylist(patients, schema=PATIENTS), facts
 
 
-def write_committed(path: Path, table: pa.Table, n_files: int = 2) -> None:
+def write_committed(path: Path, table: pa.Table, n_files: int = 2, manifest: dict | None = None) -> None:
     """Write ``table`` as a committed lake partition (several files, as Spark would)."""
-    with atomic_partition(path, {"run_id": "test-ingest"}) as staging:
+    with atomic_partition(path, manifest or {"run_id": "test-ingest"}) as staging:
         step = max(1, -(-table.num_rows // n_files))
         for i, off in enumerate(range(0, max(table.num_rows, 1), step)):
             pq.write_table(table.slice(off, step), staging / f"part-{i:05d}.parquet")

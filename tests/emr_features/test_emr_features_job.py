@@ -14,7 +14,7 @@ from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, f
 from jobs import emr_features
 from lake.commit import is_committed, read_manifest
 from lake.paths import LakePaths
-from lake.schemas import EVENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES, TIMELINES_WITH_LABELS
+from lake.schemas import EVENTS, PREVALENT_COLUMNS, QUARANTINE, SCORES, TIMELINES, TIMELINES_WITH_LABELS
 from preprocessing.timelines import timelines_table
 from preprocessing.vocabulary import default_vocabulary
 
@@ -149,3 +149,41 @@ def test_uncommitted_input_is_refused(tmp_path) -> None:
         emr_features.run(features_settings(tmp_path), AS_OF.isoformat())
     assert not paths.timelines(AS_OF).exists()
     assert emr_features.main(["--lake", str(tmp_path), "--as-of", AS_OF.isoformat()]) == 2
+
+
+def test_screening_leaves_out_the_patients_spark_flagged_as_prevalent(first_run, emr_lake) -> None:
+    """Spark-built timelines → a scores partition naming them → the screening list and its ledger."""
+    from inference import screening
+
+    root, events, patients, _ = emr_lake
+    timelines = LakePaths(root).timelines(AS_OF)
+    rows = read_partition(timelines)  # as the partition is now (an earlier test may have rerun it)
+    keys = [r["patient_key"] for r in rows]
+    n = len(keys)
+    scores = pa.table({"patient_key": keys, "as_of": [AS_OF] * n, "model": ["emr_risk"] * n,
+                       "model_version": ["t"] * n, "engine_fingerprint": ["onn-fp32-t"] * n,
+                       "precision": ["fp32"] * n, "run_id": ["score-run"] * n,
+                       **{f"score_{h}": [0.9] * n for h in ("t2d", "ckd", "hf")}}, schema=SCORES)
+    manifest = {"run_id": "score-run", "input": {"partition": f"emr/timelines/as_of={AS_OF}",
+                                                 "run_id": read_manifest(timelines)["run_id"]}}
+    write_committed(LakePaths(root).scores("emr_risk", AS_OF), scores, n_files=1, manifest=manifest)
+    final, ledger = screening.build(features_settings(root), AS_OF.isoformat())
+    flagged = pq.read_table(final / "part-00000.parquet").to_pylist()
+    # Everyone scores above the threshold: the list is exactly the patients not yet diagnosed, per
+    # head, by the pure rules' flags.
+    pure = {r["patient_key"]: r
+            for r in timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS).to_pylist()}
+    for head in ("t2d", "ckd", "hf"):
+        assert {r["patient_key"] for r in flagged if r["head"] == head} == \
+            {k for k in keys if not pure[k][f"prevalent_{head}"]}
+    everywhere = sum(all(pure[k][f"prevalent_{h}"] for h in ("t2d", "ckd", "hf")) for k in keys)
+    assert ledger.balanced and ledger.records_in == n == len(pure) and ledger.records_out == n - everywhere
+    assert ledger.ignored == {"below_threshold": 0, "excluded_prevalent": everywhere}
+    assert read_manifest(final)["exclude_prevalent"]["timelines"]["run_id"] == read_manifest(timelines)["run_id"]
+    # A T2D-only list (no score reaches the other heads' thresholds): every patient already
+    # diagnosed with T2D is accounted for as excluded.
+    t2d_only = features_settings(root, **{"scoring.screening_thresholds": {"t2d": 0.5, "ckd": 2.0, "hf": 2.0}})
+    _, ledger = screening.build(t2d_only, AS_OF.isoformat())
+    t2d = sum(pure[k]["prevalent_t2d"] for k in keys)
+    assert ledger.balanced and t2d >= 1 and ledger.records_out == n - t2d
+    assert ledger.ignored == {"below_threshold": 0, "excluded_prevalent": t2d}
