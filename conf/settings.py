@@ -113,6 +113,9 @@ class EnginesSettings(_Section):
 
 class QCSettings(_Section):
     max_psi: float = 0.25
+    # PSI against the previous as-of's scores: a nightly drift check. Off for runs whose
+    # dates are not consecutive nights (cohort index dates, scored in any order).
+    drift_check: bool = True
     min_std: float = 1e-4
     fallback_to_fp32: bool = True
 

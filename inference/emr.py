@@ -271,7 +271,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
                                     for b in r["batches"]]
     attempt.scores = qc.read_scores(staging.part_files())
-    reference = qc.previous_partition(final.parent, final.name.split("=", 1)[1])
+    reference = (qc.previous_partition(final.parent, final.name.split("=", 1)[1])
+                 if settings.scoring.qc.drift_check else None)
     attempt.qc = qc.evaluate(attempt.scores, settings.scoring.qc,
                              qc.read_scores(partition_files(reference)) if reference else None,
                              reference.name if reference else None)

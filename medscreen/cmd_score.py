@@ -23,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="smoke runs: score only the first N timelines in plan order" if name == "emr"
                        else "smoke runs: score at most N eligible series, the first by series_key")
         if name == "emr":
+            c.add_argument("--no-drift-check", dest="drift_check", action="store_const", const=False,
+                           help="skip the PSI check against the previous as-of's scores "
+                                "(scoring.qc.drift_check; for dates that are not consecutive nights)")
             # CT scoring keeps no per-series staging to pick up from, so only EMR can resume.
             c.add_argument("--run-id", dest="run_id", metavar="RUN_ID",
                            help="resume the stopped run RUN_ID (named in its error): fragments it "
@@ -41,7 +44,8 @@ def _positive_int(text: str) -> int:
 def _settings(args: argparse.Namespace):
     return settings_from_args(args, **{"ray.address": args.ray_address,
                                        "engines.backend": args.backend,
-                                       "engines.precision": args.precision})
+                                       "engines.precision": args.precision,
+                                       "scoring.qc.drift_check": getattr(args, "drift_check", None)})
 
 
 def _emr(args: argparse.Namespace) -> int:

@@ -419,11 +419,13 @@ def ensure_engines(context: Any, as_of: str | None = None) -> list[str]:
     return models
 
 
-def score(context: Any, model: str, as_of: str | None = None) -> str:
+def score(context: Any, model: str, as_of: str | None = None, drift_check: bool = True) -> str:
     """Score one model for ``as_of`` (default: the run's as-of date); return the scoring run directory.
 
     Skips (not fails) when the run's ``models`` param leaves the model out, or
-    when no DICOM input is configured for CT.
+    when no DICOM input is configured for CT. ``drift_check=False`` drops the
+    EMR PSI check against the previous as-of (cohort index dates are
+    ``step_days`` apart and scored in any order, so "previous" means nothing).
     """
     params = context["params"]
     if model not in params["models"]:
@@ -433,6 +435,8 @@ def score(context: Any, model: str, as_of: str | None = None) -> str:
     if kind == "ct" and settings.inputs.dicom_dir is None:
         raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); CT not scored")
     args = score_args(kind, settings.lake.root, as_of or context_as_of(context), ray_address())
+    if kind == "emr" and not drift_check:
+        args.append("--no-drift-check")
     if params.get("force_ungated"):
         # Smoke runs on untrained/placeholder exports only; the scoring run records it.
         log.warning("force_ungated: scoring %s with an engine that has not passed its accuracy gate", model)

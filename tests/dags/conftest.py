@@ -46,3 +46,21 @@ def dagbag():
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS_DIR))
+
+
+# ------------------------------------------------- tiny inputs for end-to-end DAG runs
+
+@pytest.fixture(scope="session")
+def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny synthetic EMR export (40 patients, FHIR, 5% bad records) and one small CT study.
+
+    Read-only for the tests that share it: every run writes to a lake of its own.
+    """
+    from medscreen.synth_ct import generate as synth_ct
+    from medscreen.synth_emr import generate as synth_emr
+
+    root = tmp_path_factory.mktemp("dag-inputs")
+    emr, dicom = root / "emr", root / "dicom"
+    synth_emr(emr, patients=40, seed=11, bad_share=0.05, fmt="fhir")
+    synth_ct(dicom, studies=1, seed=11, rows=64, slices=24)
+    return {"emr": emr, "dicom": dicom}
