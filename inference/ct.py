@@ -346,7 +346,10 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ds.repartition(max(1, series.num_rows))
     ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
-    actor_resources = {"num_gpus": 1} if use_gpu else {"num_cpus": settings.ray.actor_num_cpus}
+    # ray.actors_per_gpu actors share a GPU: one patches and stitches its series on
+    # the host while another's patches run on the device.
+    actor_resources = ({"num_gpus": 1 / settings.ray.actors_per_gpu} if use_gpu
+                       else {"num_cpus": settings.ray.actor_num_cpus})
     ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
@@ -431,7 +434,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         import ray
 
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        num_actors = settings.ray.num_actors or (int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 1)
+        num_actors = settings.ray.num_actors or (
+            int(ray.cluster_resources().get("GPU", 0)) * settings.ray.actors_per_gpu if use_gpu else 1)
         results: list[dict[str, Any]] = []
         t_pipe = time.perf_counter()
         if series.num_rows:
