@@ -97,13 +97,23 @@ def run_script(args: list[str], env: dict[str, str], log_file: Path,
                 time.sleep(1)
         yield base
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
+        # Airflow's components, their task processes and Ray share the session Popen started
+        # (tasks in process groups of their own): stop them all, stragglers by force.
+        _signal_session(server.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             server.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
+        time.sleep(2)
+        _signal_session(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
         log.close()
+
+
+def _signal_session(sid: int, sig: int) -> None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), sig)
 
 
 def api(base: str, path: str, token: str | None = None, body: dict | None = None) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from dag_runs import parse_dag, pipeline_settings
 from lake.commit import is_committed
 from lake.paths import LakePaths
 
@@ -27,7 +28,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 NIGHTLY = "2024-06-30"
 BACKFILL = "2024-05-31"
-KEY = "dags-e2e-pseudonym-key-not-for-production"
 # Provenance differs between any two runs by design; everything else must match.
 PROVENANCE = {"run_id"}
 # The throwaway lake's vocabulary is not the one the exported model was trained
@@ -36,34 +36,14 @@ PROVENANCE = {"run_id"}
 CONF = {"force_ungated": True}
 
 
-def _inputs(root: Path) -> tuple[Path, Path]:
-    from medscreen.synth_ct import generate as synth_ct
-    from medscreen.synth_emr import generate as synth_emr
-
-    emr, dicom = root / "emr", root / "dicom"
-    synth_emr(emr, patients=40, seed=11, bad_share=0.05, fmt="fhir")
-    synth_ct(dicom, studies=1, seed=11, rows=64, slices=24)
-    return emr, dicom
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, airflow_db):
+def runs(tmp_path_factory, airflow_db, tiny_inputs):
     """Run the DAG for two dates on lake_dag and the CLI for the same dates on lake_cli."""
     root = tmp_path_factory.mktemp("e2e")
-    emr, dicom = _inputs(root / "input")
+    emr, dicom = tiny_inputs["emr"], tiny_inputs["dicom"]
     lake_dag, lake_cli = root / "lake_dag", root / "lake_cli"
-    env = {"MEDSCREEN_LAKE__ROOT": str(lake_dag), "MEDSCREEN_INPUTS__EMR_DIR": str(emr),
-           "MEDSCREEN_INPUTS__DICOM_DIR": str(dicom), "MEDSCREEN_PSEUDONYM_KEY": KEY,
-           "MEDSCREEN_SPARK__SHUFFLE_PARTITIONS": "2", "MEDSCREEN_AIRFLOW_RETRIES": "0"}
-    mp = pytest.MonkeyPatch()
-    for k, v in env.items():
-        mp.setenv(k, v)
-    try:
-        from airflow.dag_processing.dagbag import DagBag
-
-        dag = DagBag(dag_folder=str(REPO / "dags")).dags["nightly_screening"]
-        for t in dag.tasks:  # a failure should fail the test now, not after a back-off
-            t.retries = 0
+    with pipeline_settings(lake_dag, emr, dicom):
+        dag = parse_dag("nightly_screening")
         dag_run = dag.test(logical_date=dt.datetime.fromisoformat(NIGHTLY).replace(tzinfo=dt.timezone.utc),
                            run_conf=CONF)
         states = {ti.task_id: ti.state for ti in dag_run.get_task_instances()}
@@ -90,8 +70,6 @@ def runs(tmp_path_factory, airflow_db):
         cli_env = {**os.environ, "MEDSCREEN_LAKE__ROOT": str(lake_cli), "RAY_AUTH_MODE": "disabled"}
         direct = subprocess.run([sys.executable, "-c", script], env=cli_env, cwd=REPO,
                                 capture_output=True, text=True, timeout=1500)
-    finally:
-        mp.undo()
     return {"states": states, "dag_run_state": dag_run.state, "backfill": backfill, "direct": direct,
             "lake_dag": lake_dag, "lake_cli": lake_cli}
 

@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import stat
 import subprocess
 import time
@@ -15,58 +12,19 @@ from pathlib import Path
 import pytest
 
 from chrome_devtools import Browser, find_or_install_chromium
-
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "dags" / "standalone.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _script_env(home: Path, port: int, lake: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("AIRFLOW") and not k.startswith("MEDSCREEN_")}
-    env.update({"AIRFLOW_HOME": str(home), "AIRFLOW_PORT": str(port),
-                "MEDSCREEN_LAKE__ROOT": str(lake)})
-    return env
+from dag_runs import SCRIPT, free_port, run_script, script_env
 
 
 @pytest.fixture(scope="module")
 def airflow_ui(tmp_path_factory):
     """The API server (UI) configured by dags/standalone.sh, with both DAGs serialised."""
     home = tmp_path_factory.mktemp("airflow-ui-home")
-    port = _free_port()
-    env = _script_env(home, port, tmp_path_factory.mktemp("ui-lake"))
-    setup = subprocess.run(["bash", str(SCRIPT), "dags", "reserialize"], env=env, cwd=REPO,
+    env = script_env(home, free_port(), tmp_path_factory.mktemp("ui-lake"))
+    setup = subprocess.run(["bash", str(SCRIPT), "dags", "reserialize"], env=env, cwd=SCRIPT.parents[1],
                            capture_output=True, text=True, timeout=400)
     assert setup.returncode == 0, setup.stderr[-3000:]
-    log = open(home / "api-server.log", "w")
-    server = subprocess.Popen(["bash", str(SCRIPT), "api-server"], env=env, cwd=REPO,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                urllib.request.urlopen(base + "/api/v2/monitor/health", timeout=5)
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("api-server did not come up: "
-                                       + (home / "api-server.log").read_text()[-3000:]) from None
-                time.sleep(1)
+    with run_script(["api-server"], env, home / "api-server.log") as base:
         yield {"base": base, "home": home, "setup_output": setup.stderr}
-    finally:
-        # The server and the workers it forked share the session this Popen started.
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")
