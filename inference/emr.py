@@ -98,6 +98,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         raise FileNotFoundError(f"timelines for as-of {as_of} are not committed ({timelines} has no "
                                 f"_SUCCESS); run `medscreen emr features --as-of {as_of}` first")
     in_manifest = read_manifest(timelines)
+    if settings.scoring.screening_exclude_prevalent:
+        screening.require_prevalence_columns(timelines, as_of)
     validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
     run_id = run_id or new_run_id(STAGE)
     run_dir = lake.run(run_id)

@@ -114,6 +114,24 @@ def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
     return screen(scores, thresholds, top_k, prevalent)[0]
 
 
+def require_prevalence_columns(timelines: Path, as_of: str) -> None:
+    """Raise :class:`TimelinesNotUsable` when a timelines partition predates ``prevalent_<head>``.
+
+    Scoring calls this before it starts, so an old partition fails in seconds
+    rather than after a full scoring run whose list could not be screened.
+    """
+    run_id = read_manifest(timelines).get("run_id")
+    for f in partition_files(timelines):
+        missing = [c for c in PREVALENT_COLUMNS if c not in pq.read_schema(f).names]
+        if missing:
+            raise TimelinesNotUsable(
+                f"timelines partition {timelines.name} (features run {run_id}) predates the "
+                f"columns {missing} that screening needs to leave already-diagnosed patients out of the "
+                f"outreach list; rebuild the features for that date (`medscreen emr features --as-of "
+                f"{as_of}`) and score again (`medscreen score emr --as-of {as_of}`) — or set "
+                "scoring.screening_exclude_prevalent: false to screen without leaving them out")
+
+
 def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
                    as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
     """``prevalent_<head>`` of every scored patient, from the timelines partition the scores came
@@ -130,14 +148,7 @@ def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | Non
             f"timelines partition {timelines.name} is from features run {manifest.get('run_id')}, but the "
             f"scores were computed from run {expected_run_id}: it was rebuilt since; "
             f"score again (`medscreen score emr --as-of {as_of}`)")
-    for f in partition_files(timelines):
-        missing = [c for c in PREVALENT_COLUMNS if c not in pq.read_schema(f).names]
-        if missing:
-            raise TimelinesNotUsable(
-                f"timelines partition {timelines.name} (features run {manifest.get('run_id')}) predates the "
-                f"columns {missing} that screening needs to leave already-diagnosed patients out of the "
-                f"outreach list; {rebuild} — or set scoring.screening_exclude_prevalent: false to screen "
-                "without leaving them out")
+    require_prevalence_columns(timelines, as_of)
     table = read_partition(timelines, columns=["patient_key", *PREVALENT_COLUMNS])
     index = pc.index_in(scores.column("patient_key"), value_set=table.column("patient_key"))
     if index.null_count:

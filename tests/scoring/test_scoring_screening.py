@@ -166,3 +166,17 @@ def test_screen_reports_the_pairs_it_left_out():
     # d (0.1) would not be in a top 2 even with a, b, c left out ahead of it? It would: nobody eligible
     # ranks ahead of it on hf, so it counts as left out for being diagnosed.
     assert {h: v.tolist() for h, v in excluded.items()} == {"t2d": [0], "ckd": [], "hf": [0, 1, 2, 3]}
+
+
+def test_scoring_refuses_timelines_without_prevalence_columns_before_it_starts(make_settings):
+    """The check runs before Ray and the engine: nothing is scored, staged or committed."""
+    from inference import emr
+
+    settings = make_settings()
+    old = random_timelines(30, seed=4).drop_columns(list(PREVALENT_COLUMNS))
+    commit_timelines(settings.lake.root, AS_OF, old, files=1)
+    lake = LakePaths(settings.lake.root)
+    with pytest.raises(screening.TimelinesNotUsable, match=r"predates the columns .*medscreen emr features"):
+        emr.score(settings, AS_OF)
+    model_dir = lake.scores("emr_risk", AS_OF).parent
+    assert not model_dir.exists() or list(model_dir.iterdir()) == []
