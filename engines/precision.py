@@ -43,6 +43,8 @@ FP16_OPS = frozenset({
     "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Gelu", "Erf", "Tanh",
     "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice",
     "Gather", "Expand", "Where", "Identity", "Flatten",
+    # Convolutional models (ct_nodule): the convolutions are nearly all of the work.
+    "Conv", "ConvTranspose", "MaxPool", "AveragePool", "Resize",
 })
 # Kept in fp32 whatever FP16_OPS says: statistics over many values, and the
 # exponentials/logs whose fp16 range is too small.

@@ -92,3 +92,23 @@ def test_to_feed_pads_and_keeps_most_recent():
     assert f["tokens"].tolist() == [[6, 7], [0, 0]]
     assert f["days_before"].tolist() == [[20.0, 1.0], [0.0, 0.0]]
     assert f["sex"].tolist() == [1, 0] and f["age_years"].tolist() == [50.0, 0.0]
+
+
+def test_fp16_plan_of_the_ct_unet_runs_its_convolutions_in_fp16(tmp_path):
+    """The U-Net's work is convolutions: an fp16 plan that left them fp32 would be fp32 in disguise."""
+    src = Path(__file__).resolve().parents[2] / "models" / "ct_nodule" / "ct_nodule.onnx"
+    plan = onnx.load(str(precision.make_plan(src, tmp_path / "ct16.onnx", "fp16")))
+    assert {i.data_type for i in plan.graph.initializer} == {TensorProto.FLOAT16}
+    io = [*plan.graph.input, *plan.graph.output]
+    assert {v.type.tensor_type.elem_type for v in io} == {TensorProto.FLOAT}
+    casts = [n for n in plan.graph.node if n.op_type == "Cast"]
+    assert len(casts) == 2  # in at the input, out before the fp32 sigmoid
+    x = np.random.default_rng(0).random((1, 1, 64, 128, 128), dtype=np.float32)
+    ref = OrtRunner(src, providers=["CPUExecutionProvider"])
+    cand = OrtRunner(tmp_path / "ct16.onnx", providers=["CPUExecutionProvider"], fp16_plan=True)
+    ref.activate()
+    cand.activate()
+    name = ref.input_specs[0].name
+    a, b = ref.infer({name: x}), cand.infer({name: x})
+    out = ref.output_specs[0].name
+    assert np.max(np.abs(a[out] - b[out])) < 0.02
