@@ -132,6 +132,15 @@ class ScoringSettings(_Section):
     qc: QCSettings = Field(default_factory=QCSettings)
 
 
+class CTQCSettings(_Section):
+    """A CT run that looks broken fails before its findings are committed."""
+
+    # Share of the eligible series that could not be scored (decode, geometry, engine errors).
+    max_failed_share: float = Field(0.5, ge=0, le=1)
+    # Mean findings per scored series; an engine that marks everything is broken, not busy.
+    max_findings_per_series: float = Field(10.0, gt=0)
+
+
 class ImagingSettings(_Section):
     target_spacing_mm: float = Field(1.0, gt=0)
     window_hu: tuple[float, float] = (-1000.0, 400.0)
@@ -141,6 +150,7 @@ class ImagingSettings(_Section):
     gantry_tilt: Literal["correct", "reject"] = "correct"
     probability_threshold: float = Field(0.5, gt=0, lt=1)
     min_finding_volume_mm3: float = 15.0
+    qc: CTQCSettings = Field(default_factory=CTQCSettings)
 
 
 class DemoSettings(_Section):

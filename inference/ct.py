@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from conf.settings import Settings
 from engines.runner import Runner
+from inference import qc
 from lake.commit import atomic_partition, is_committed
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
@@ -495,8 +496,11 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "forced_ungated": bool(force_ungated),
         "engine": {k: engine_meta.get(k) for k in ("fingerprint", "precision", "backend")},
     }
-    with atomic_partition(lake.findings(MODEL, as_of), manifest) as staging:
-        pq.write_table(table, staging / "part-00000.parquet")
+    verdict = qc.evaluate_ct(table, ledger.records_out, ledger.quarantined_total, settings.imaging.qc)
+    manifest["qc_passed"] = verdict["passed"]
+    if verdict["passed"]:
+        with atomic_partition(lake.findings(MODEL, as_of), manifest) as staging:
+            pq.write_table(table, staging / "part-00000.parquet")
 
     wall_s = time.perf_counter() - t_start
     stage_s = {k: round(sum(float(r.get(k) or 0.0) for r in results), 4)
@@ -506,9 +510,14 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                "wall_s": round(wall_s, 3), "pipeline_s": round(pipe_s, 3),
                "volumes_per_min": round(ledger.records_out / (pipe_s / 60.0), 3) if pipe_s > 0 else None,
                "stage_s": stage_s, "use_gpu": use_gpu, "num_actors": num_actors,
-               "batch_patches": batch_patches, "failed": failed}
+               "batch_patches": batch_patches, "failed": failed, "qc": verdict}
     write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "manifest.json", {**manifest, "output": str(lake.findings(MODEL, as_of))})
+    if not verdict["passed"]:
+        # Nothing is committed: the previous findings of this as-of (if any) stay as they were.
+        write_json(run_dir / "manifest.json", {**manifest, "status": "failed_qc"})
+        qc.raise_if_failed(verdict, f"{MODEL} as-of {as_of} (run {run_id}; see {run_dir / 'metrics.json'})")
+    write_json(run_dir / "manifest.json", {**manifest, "status": "ok",
+                                           "output": str(lake.findings(MODEL, as_of))})
     log.info("ct scoring %s: %d series scored, %d failed, %d findings in %.1fs", run_id,
              ledger.records_out, ledger.quarantined_total, table.num_rows, wall_s)
     return run_dir

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conf.settings import QCSettings
+from conf.settings import CTQCSettings, QCSettings
 from lake.commit import is_committed, partition_files
 from lake.paths import as_of_str
 from lake.schemas import HEADS
@@ -128,3 +129,34 @@ def raise_if_failed(verdict: dict[str, Any], what: str) -> None:
     """Raise :class:`QCFailed` with a readable message when ``verdict`` did not pass."""
     if not verdict["passed"]:
         raise QCFailed(f"QC gate failed for {what}: " + "; ".join(verdict["reasons"]), verdict)
+
+
+FINDING_VALUE_COLUMNS = ("centre_x_mm", "centre_y_mm", "centre_z_mm", "diameter_mm", "volume_mm3",
+                         "max_prob", "mean_prob")
+
+
+def evaluate_ct(findings: pa.Table, series_scored: int, series_failed: int, cfg: CTQCSettings) -> dict[str, Any]:
+    """QC verdict of a CT scoring run: failed-series share, findings per series, finite values in range."""
+    reasons: list[str] = []
+    total = series_scored + series_failed
+    failed_share = series_failed / total if total else 0.0
+    if failed_share > cfg.max_failed_share:
+        reasons.append(f"{series_failed} of {total} series could not be scored "
+                       f"({failed_share:.0%} > {cfg.max_failed_share:.0%})")
+    per_series = findings.num_rows / series_scored if series_scored else 0.0
+    if per_series > cfg.max_findings_per_series:
+        reasons.append(f"{per_series:.1f} findings per scored series > {cfg.max_findings_per_series:g}: "
+                       "the engine marks far too much as nodule")
+    for col in FINDING_VALUE_COLUMNS:
+        values = np.asarray(findings.column(col).to_numpy(zero_copy_only=False), dtype=np.float64)
+        bad = int((~np.isfinite(values)).sum())
+        if bad:
+            reasons.append(f"{bad} findings with a non-finite {col}")
+    probs = np.asarray(findings.column("max_prob").to_numpy(zero_copy_only=False), dtype=np.float64)
+    out_of_range = int(((probs < 0) | (probs > 1)).sum())
+    if out_of_range:
+        reasons.append(f"{out_of_range} findings with max_prob outside [0, 1]")
+    return {"passed": not reasons, "reasons": reasons,
+            "checks": {"failed_share": round(failed_share, 4), "findings_per_series": round(per_series, 3),
+                       "max_failed_share": cfg.max_failed_share,
+                       "max_findings_per_series": cfg.max_findings_per_series}}

@@ -164,3 +164,26 @@ def test_components_match_whole_volume_statistics_away_from_the_origin():
         assert f.volume_mm3 == pytest.approx(-neg_vol)
         np.testing.assert_allclose(f.centre_lps_mm, centre, atol=1e-6)
         assert f.max_prob == pytest.approx(mx) and f.mean_prob == pytest.approx(mn, rel=1e-5)
+
+
+def test_ct_qc_flags_non_finite_and_out_of_range_findings():
+    import pyarrow as pa
+
+    from conf.settings import CTQCSettings
+    from inference.qc import evaluate_ct
+    from lake.schemas import FINDINGS
+
+    def table(values):
+        cols = {f.name: [None] * len(values) for f in FINDINGS}
+        for col in ("centre_x_mm", "centre_y_mm", "centre_z_mm", "diameter_mm", "volume_mm3", "mean_prob"):
+            cols[col] = [1.0] * len(values)
+        cols["max_prob"] = values
+        return pa.Table.from_pydict(cols, schema=FINDINGS)
+
+    cfg = CTQCSettings()
+    assert evaluate_ct(table([0.9, 0.7]), 2, 0, cfg)["passed"]
+    bad = evaluate_ct(table([float("nan"), 1.5]), 2, 0, cfg)
+    assert not bad["passed"] and bad["reasons"] == ["1 findings with a non-finite max_prob",
+                                                    "1 findings with max_prob outside [0, 1]"]
+    assert evaluate_ct(table([]), 0, 0, cfg)["passed"]  # nothing eligible is not a failure
+    assert not evaluate_ct(table([]), 1, 3, cfg)["passed"]  # 3 of 4 series failed

@@ -134,3 +134,27 @@ def test_limit_scores_the_first_series_by_key_and_says_so(tiny_ct, series_index_
     assert (nodule in found) == (nodule in eligible[:2])
     manifest = read_manifest(LakePaths(tmp_path).findings("ct_nodule", AS_OF))
     assert manifest["limit"] == 2 and manifest["series_available"] == 3
+
+
+def test_qc_failure_commits_nothing_and_names_the_reason(tiny_ct, series_index_writer, ray_local, tmp_path):
+    """A run whose findings look broken fails the QC gate before anything reaches the lake."""
+    from inference import ct
+    from inference.qc import QCFailed
+
+    series_index_writer(tmp_path, KEY, tiny_ct["rows"])
+    settings = load_settings({"lake.root": str(tmp_path), "imaging.qc.max_findings_per_series": 0.01,
+                              "imaging.qc.max_failed_share": 0.2})
+    with pytest.raises(QCFailed) as err:
+        ct.score(settings, AS_OF)
+    assert "findings per scored series" in str(err.value) and "could not be scored" in str(err.value)
+    assert not LakePaths(tmp_path).findings("ct_nodule", AS_OF).exists()
+    run_dir = next(LakePaths(tmp_path).runs.glob("*score*ct*"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["qc"]["passed"] is False and len(metrics["qc"]["reasons"]) == 2
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed_qc"
+
+
+def test_qc_verdict_is_recorded_for_a_passing_run(scored):
+    metrics = json.loads((scored["first"] / "metrics.json").read_text())
+    assert metrics["qc"]["passed"] is True and metrics["qc"]["reasons"] == []
+    assert 0 < metrics["qc"]["checks"]["failed_share"] <= 0.5  # the fixture's broken series
