@@ -166,7 +166,7 @@ DICOM_SERIES = pa.schema([
 # Files the index could not take as instances (not DICOM, unreadable, cut short).
 DICOM_QUARANTINE = pa.schema([
     ("path", pa.string()),
-    ("reason", pa.string()),               # not_dicom | unreadable | incomplete_header | truncated
+    ("reason", pa.string()),               # preprocessing.dicom_header.FILE_REASONS
     ("detail", pa.string()),
     ("file_size_bytes", pa.int64()),
     ("run_id", pa.string()),

@@ -29,7 +29,7 @@ from preprocessing.ct_geometry import TILT_TOL_DEG, analyse_positions
 from preprocessing.dicom_series import (REASON_DUPLICATE_POSITIONS, REASON_GANTRY_TILT,
                                         REASON_INCONSISTENT_ORIENTATION, REASON_INCONSISTENT_SIZE,
                                         REASON_LOCALIZER, REASON_MISSING_GEOMETRY, REASON_MISSING_SLICES,
-                                        REASON_NOT_CT, REASON_TOO_FEW_SLICES, REASON_UNDECODABLE,
+                                        REASON_MULTIFRAME, REASON_NOT_CT, REASON_TOO_FEW_SLICES, REASON_UNDECODABLE,
                                         ORIENTATION_TOL)
 
 # File-level quarantine reasons.
@@ -37,12 +37,29 @@ FILE_NOT_DICOM = "not_dicom"
 FILE_UNREADABLE = "unreadable"
 FILE_INCOMPLETE_HEADER = "incomplete_header"
 FILE_TRUNCATED = "truncated"
-FILE_REASONS = (FILE_NOT_DICOM, FILE_UNREADABLE, FILE_INCOMPLETE_HEADER, FILE_TRUNCATED)
+# A DICOM data set without the Part 10 preamble and file meta (old archives): readable only by guessing
+# its encoding, so it is not indexed; re-export it as Part 10.
+FILE_NO_FILE_META = "no_file_meta"
+FILE_REASONS = (FILE_NOT_DICOM, FILE_UNREADABLE, FILE_INCOMPLETE_HEADER, FILE_TRUNCATED, FILE_NO_FILE_META)
 
 ELIGIBLE = "eligible"
-CT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1")
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+CT_SOP_CLASSES = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
-_SEQ_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_ITEM, _SEQ_DELIMITER_TAG = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+# VRs a pixel data element can carry in explicit VR; anything else means the writer used implicit VR.
+_PIXEL_VRS = {b"OB", b"OW", b"OF", b"OD", b"OV", b"UN"}
+
+
+def _number(value: Any, cast: Callable[[Any], Any] = float) -> Any:
+    """``cast(value)``, or None for a missing, empty or malformed value (e.g. IS "1A")."""
+    if value is None or value == "":
+        return None
+    try:
+        return cast(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _floats(value: Any, n: int) -> list[float] | None:
@@ -79,6 +96,8 @@ def _pixel_problem(path: Path, ds: pydicom.Dataset, offset: int, size: int) -> s
         group, elem = struct.unpack(endian + "HH", head[:4])
         if (group, elem) not in _PIXEL_TAGS:
             return None  # something unusual after the header; decoding will judge it
+        if not implicit and head[4:6] not in _PIXEL_VRS:
+            implicit = True  # written as implicit VR under an explicit transfer syntax (pydicom reads it so too)
         if implicit:
             (length,), header_len = struct.unpack(endian + "I", head[4:8]), 8
         else:
@@ -86,23 +105,50 @@ def _pixel_problem(path: Path, ds: pydicom.Dataset, offset: int, size: int) -> s
                 return "the file ends inside the pixel data element's header"
             (length,), header_len = struct.unpack(endian + "I", head[8:12]), 12
         if length == 0xFFFFFFFF:
-            # Encapsulated (compressed) frames end with a sequence delimiter.
-            f.seek(max(size - 8, 0))
-            if f.read(8) != _SEQ_DELIMITER:
-                return "encapsulated pixel data has no sequence delimiter (file cut short)"
-            return None
+            # Encapsulated (compressed) frames: items up to a sequence delimiter, which need not
+            # end the file (trailing padding or other elements may follow).
+            return _encapsulated_problem(f, offset + header_len, size, endian)
     if offset + header_len + length > size:
         return f"pixel data declares {length} bytes but the file holds {size - offset - header_len}"
     native = (not tsuid.is_compressed) if tsuid.is_transfer_syntax else True
     if native:
-        rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-        bits = int(getattr(ds, "BitsAllocated", 16) or 16)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        spp = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        rows, cols = _number(ds.get("Rows"), int) or 0, _number(ds.get("Columns"), int) or 0
+        bits = _number(ds.get("BitsAllocated"), int) or 16
+        # A malformed NumberOfFrames (seen: IS "1A") counts as one frame: the check is a lower bound.
+        frames = max(_number(ds.get("NumberOfFrames"), int) or 1, 1)
+        spp = _number(ds.get("SamplesPerPixel"), int) or 1
+        if str(getattr(ds, "PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+            spp = 2  # chroma subsampled horizontally: two samples per pixel on average
         expected = rows * cols * frames * spp * bits // 8
         if length < expected:
             return f"pixel data holds {length} bytes; {rows}x{cols}x{frames} at {bits} bits needs {expected}"
     return None
+
+
+def _encapsulated_problem(f: Any, pos: int, size: int, endian: str) -> str | None:
+    """Walk the items of encapsulated pixel data from byte ``pos``; why they are incomplete, or None."""
+    while True:
+        f.seek(pos)
+        head = f.read(8)
+        if len(head) < 8:
+            return "encapsulated pixel data ends before its sequence delimiter (file cut short)"
+        group, elem, length = struct.unpack(endian + "HHI", head)
+        if (group, elem) == _SEQ_DELIMITER_TAG:
+            return None
+        if (group, elem) != _ITEM:
+            return f"encapsulated pixel data holds ({group:04X},{elem:04X}) where an item should be"
+        pos += 8 + length
+        if pos > size:
+            return f"a pixel data fragment declares {length} bytes but the file ends first (file cut short)"
+
+
+def _no_file_meta(path: Path) -> bool:
+    """True when ``path`` parses as a DICOM data set once the missing preamble/file meta is forgiven."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        return "SOPInstanceUID" in ds and "SeriesInstanceUID" in ds
+    except Exception:  # junk makes the forced parser fail in many ways
+        return False
 
 
 def read_instance_header(path: Path | str) -> dict[str, Any]:
@@ -123,6 +169,9 @@ def read_instance_header(path: Path | str) -> dict[str, Any]:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
             offset = f.tell()
     except InvalidDicomError:
+        if _no_file_meta(path):
+            return {**base, "quarantine": FILE_NO_FILE_META,
+                    "detail": "DICOM data set without the Part 10 preamble and file meta; re-export as Part 10"}
         return {**base, "quarantine": FILE_NOT_DICOM, "detail": "no DICM preamble/file meta; not a DICOM file"}
     except Exception as exc:  # pydicom raises many types on damaged headers
         return {**base, "quarantine": FILE_UNREADABLE,
@@ -131,6 +180,16 @@ def read_instance_header(path: Path | str) -> dict[str, Any]:
     if missing:
         return {**base, "quarantine": FILE_INCOMPLETE_HEADER,
                 "detail": f"header lacks {', '.join(missing)} (file cut short or not an image object)"}
+    try:
+        return _instance_values(path, ds, offset, size, base)
+    except Exception as exc:  # a value no rule foresaw must cost one file, never the run
+        return {**base, "quarantine": FILE_UNREADABLE,
+                "detail": f"header values cannot be used ({type(exc).__name__})"}
+
+
+def _instance_values(path: Path, ds: pydicom.Dataset, offset: int, size: int,
+                     base: dict[str, Any]) -> dict[str, Any]:
+    """The instance dict of :func:`read_instance_header` for a parsed header (or a truncation verdict)."""
     has_image = "Rows" in ds and "Columns" in ds
     if has_image:
         problem = _pixel_problem(path, ds, offset, size)
@@ -153,14 +212,14 @@ def read_instance_header(path: Path | str) -> dict[str, Any]:
         "transfer_syntax": str(getattr(meta, "TransferSyntaxUID", "") or "") if meta is not None else "",
         "manufacturer": str(getattr(ds, "Manufacturer", "") or "") or None,
         "study_date": _date(getattr(ds, "StudyDate", "")),
-        "instance_number": int(ds.InstanceNumber) if getattr(ds, "InstanceNumber", None) not in (None, "") else None,
+        "instance_number": _number(ds.get("InstanceNumber"), int),
         "position_lps_mm": _floats(getattr(ds, "ImagePositionPatient", None), 3),
         "orientation": _floats(getattr(ds, "ImageOrientationPatient", None), 6),
         "pixel_spacing_mm": ps,
         "rows": int(ds.Rows) if has_image else None,
         "cols": int(ds.Columns) if has_image else None,
-        "slice_thickness_mm": float(ds.SliceThickness) if getattr(ds, "SliceThickness", None) not in (None, "") else None,
-        "gantry_tilt_deg": float(ds.GantryDetectorTilt) if getattr(ds, "GantryDetectorTilt", None) not in (None, "") else None,
+        "slice_thickness_mm": _number(ds.get("SliceThickness")),
+        "gantry_tilt_deg": _number(ds.get("GantryDetectorTilt")),
         "rescale_slope": float(getattr(ds, "RescaleSlope", 1.0) or 1.0),
         "rescale_intercept": float(getattr(ds, "RescaleIntercept", 0.0) or 0.0),
         "has_pixels": bool(has_image),
@@ -173,7 +232,8 @@ def decode_problem(path: str) -> str | None:
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array
     except Exception as exc:  # any decoder failure makes the series unusable
-        return f"{type(exc).__name__}: {str(exc)[:160]}"
+        # One line, long enough to keep pydicom's list of missing decoder plugins (the actionable part).
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     if arr.shape[-2:] != (int(ds.Rows), int(ds.Columns)):
         return f"decoded shape {arr.shape} is not {int(ds.Rows)}x{int(ds.Columns)}"
     return None
@@ -209,6 +269,9 @@ def judge_series(instances: Sequence[dict[str, Any]], min_slices: int, gantry_ti
     modalities = sorted({str(i.get("modality")) for i in instances})
     if modalities != ["CT"] or any(i.get("sop_class_uid") not in CT_SOP_CLASSES for i in instances):
         return verdict(REASON_NOT_CT, f"modality {'/'.join(modalities)}; only CT image storage is scored")
+    if any(i.get("sop_class_uid") == ENHANCED_CT_IMAGE_STORAGE for i in instances):
+        return verdict(REASON_MULTIFRAME, "Enhanced CT (multi-frame) object: its geometry is per frame in "
+                       "functional groups; only CT Image Storage (one slice per file) is read")
     if any("LOCALIZER" in str(i.get("image_type") or "").upper().split("\\") for i in instances):
         return verdict(REASON_LOCALIZER, "ImageType says LOCALIZER (scout), not a volume")
     if any(not i.get("has_pixels") or i.get("position_lps_mm") is None or i.get("orientation") is None
