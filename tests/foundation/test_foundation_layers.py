@@ -1,0 +1,60 @@
+"""The dependency direction of docs/architecture.md, checked on every import (module level or not)."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+OURS = {"conf", "lake", "preprocessing", "engines", "jobs", "inference", "medscreen", "dags", "models", "bench"}
+# dags → medscreen → jobs, inference → preprocessing, engines → lake → conf; nothing imports models/.
+ALLOWED = {
+    "conf": set(),
+    "lake": {"conf"},
+    "preprocessing": {"conf", "lake"},
+    "engines": {"conf", "lake"},
+    "jobs": {"conf", "lake", "preprocessing"},
+    "inference": {"conf", "lake", "preprocessing", "engines"},
+    "medscreen": {"conf", "lake", "preprocessing", "engines", "jobs", "inference"},
+    "dags": {"conf", "lake", "medscreen"},
+}
+# Frameworks a floor must not import: pure functions run the same in Spark, Ray and tests.
+FORBIDDEN = {
+    "conf": {"pyspark", "ray", "airflow", "torch"},
+    "lake": {"pyspark", "ray", "airflow", "torch"},
+    "preprocessing": {"pyspark", "ray", "airflow", "torch"},
+    "engines": {"pyspark", "ray", "airflow", "torch"},
+    "jobs": {"ray", "airflow", "torch"},
+    "inference": {"pyspark", "airflow", "torch"},
+    "medscreen": {"torch"},
+    "dags": {"torch"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tops = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            tops.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            tops.add(node.module.split(".")[0])
+    return tops
+
+
+def test_no_floor_imports_upwards_or_a_forbidden_framework() -> None:
+    bad = []
+    for floor, allowed in ALLOWED.items():
+        files = sorted((REPO / floor).rglob("*.py"))
+        assert files, f"no modules under {floor}/"
+        for f in files:
+            tops = _imports(f)
+            up = (tops & OURS) - allowed - {floor}
+            frameworks = tops & FORBIDDEN[floor]
+            if up or frameworks:
+                bad.append(f"{f.relative_to(REPO)}: imports {sorted(up | frameworks)}")
+    assert not bad, "dependency direction broken:\n" + "\n".join(bad)
+
+
+def test_the_check_sees_function_level_imports(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import ray.data\n    from jobs.emr_ingest import run\n")
+    assert _imports(module) == {"ray", "jobs"}
