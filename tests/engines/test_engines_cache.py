@@ -29,7 +29,7 @@ def test_cache_key_changes_with_every_component(engines_settings, tmp_path):
 def test_resolve_reflects_settings(engines_settings, tmp_path):
     s = engines_settings(tmp_path)
     a = cache.resolve(s, precision="int8")
-    b = cache.resolve(engines_settings(tmp_path, **{"engines.calibration_method": "minmax"}), precision="int8")
+    b = cache.resolve(engines_settings(tmp_path, **{"engines.calibration_method": "entropy"}), precision="int8")
     assert a.key != b.key and a.plan_path != b.plan_path
     assert a.plan_path.parent == tmp_path / "emr_risk"
     assert cache.resolve(s).components["platform"] == hardware.platform_for("onnxruntime")["id"]
