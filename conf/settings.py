@@ -158,7 +158,7 @@ class DemoSettings(_Section):
     seed: int = 7
     as_of: str = "2024-06-30"
     bad_record_share: float = Field(0.02, ge=0, le=0.5)
-    ct_studies: int = Field(3, ge=0)
+    ct_studies: int = Field(2, ge=0)
     ct_rows: int = Field(512, ge=16)      # matrix size of the synthetic CT slices
     ct_slices: int = Field(100, ge=4)     # slices of each axial series
 
