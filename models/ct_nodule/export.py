@@ -9,6 +9,7 @@ import onnxruntime as ort
 import torch
 
 from models.ct_nodule.model import UNet3D
+from models.emr_risk.export import strip_build_metadata
 
 OPSET = 18
 
@@ -28,7 +29,8 @@ def export_onnx(model: UNet3D, path: Path, patch_zyx: tuple[int, int, int]) -> P
     program = torch.onnx.export(model, (example,), dynamo=True, input_names=["image"],
                                 output_names=["prob"], opset_version=OPSET,
                                 dynamic_shapes={"x": {0: batch}}, external_data=False)
-    program.save(str(path), external_data=False)
+    proto = strip_build_metadata(program.model_proto)
+    onnx.save_model(proto, str(path), save_as_external_data=False)
     onnx.checker.check_model(onnx.load(str(path)))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 3):

@@ -49,11 +49,38 @@ def export_onnx(model: EmrRiskModel, path: Path) -> Path:
         for i, dim in enumerate(dims):
             if dim.dim_param or not dim.HasField("dim_value"):
                 dim.dim_param = "batch" if i == 0 else "seq"
+    strip_build_metadata(proto)
     onnx.checker.check_model(proto, full_check=True)
     tmp = path.with_name(path.name + ".tmp")
     onnx.save_model(proto, tmp, save_as_external_data=False)
     tmp.replace(path)
     return path
+
+
+def strip_build_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop what the exporter records about the machine that built the model.
+
+    The dynamo exporter attaches stack traces (source file paths of the build
+    machine) and module names to every node; a committed artifact carries none.
+    """
+    def clean(nodes) -> None:
+        for node in nodes:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean(attr.g.node)
+                for g in attr.graphs:
+                    clean(g.node)
+
+    clean(proto.graph.node)
+    for function in proto.functions:
+        clean(function.node)
+        del function.metadata_props[:]
+    del proto.graph.metadata_props[:]
+    proto.graph.doc_string = ""
+    proto.doc_string = ""
+    return proto
 
 
 def file_sha256(path: Path) -> str:

@@ -112,3 +112,12 @@ def test_fp16_plan_of_the_ct_unet_runs_its_convolutions_in_fp16(tmp_path):
     a, b = ref.infer({name: x}), cand.infer({name: x})
     out = ref.output_specs[0].name
     assert np.max(np.abs(a[out] - b[out])) < 0.02
+
+
+def test_committed_models_carry_no_build_machine_metadata():
+    """The exporter's stack traces name the build machine's source paths; committed artifacts drop them."""
+    root = Path(__file__).resolve().parents[2] / "models"
+    for path in (root / "emr_risk" / "emr_risk.onnx", root / "ct_nodule" / "ct_nodule.onnx"):
+        model = onnx.load(str(path))
+        assert not any(n.metadata_props or n.doc_string for n in model.graph.node), path
+        assert b'File "/' not in path.read_bytes(), path
