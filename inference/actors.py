@@ -58,6 +58,20 @@ class FragmentSpec:
     num_rows: int  # the first num_rows rows of those row groups (fewer than all only under a limit)
 
 
+def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, float]]:
+    """Size and per-actor resources of an engine actor pool (EMR and CT scoring).
+
+    With GPUs, ``ray.actors_per_gpu`` actors share each one, so one actor's host
+    work overlaps another's kernels; without, actors take fractional CPUs so a
+    pool cannot starve the read tasks. ``ray.num_actors`` overrides the size.
+    """
+    if gpus:
+        per_gpu = settings.ray.actors_per_gpu
+        return (settings.ray.num_actors or gpus * per_gpu,
+                {"num_gpus": 1 / per_gpu, "num_cpus": settings.ray.actor_num_cpus})
+    return settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
+
+
 def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int,
                    vocab_size: int | None = None) -> pa.Table:
     """Ray Data batch fn (CPU task): fragment specs in, one row per padded batch out."""

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from conf.settings import Settings
 from engines.runner import Runner
 from inference import qc
+from inference.actors import engine_actor_pool
 from lake.commit import atomic_partition, is_committed
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
@@ -337,7 +338,7 @@ class FindNodules:
 # ---------------------------------------------------------------- pipeline
 
 def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, precision: str,
-                   batch_patches: int, use_gpu: bool, num_actors: int):
+                   batch_patches: int, num_actors: int, actor_resources: dict[str, float]):
     """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed."""
     import ray.data
 
@@ -347,10 +348,8 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ds.repartition(max(1, series.num_rows))
     ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
-    # ray.actors_per_gpu actors share a GPU: one patches and stitches its series on
-    # the host while another's patches run on the device.
-    actor_resources = ({"num_gpus": 1 / settings.ray.actors_per_gpu} if use_gpu
-                       else {"num_cpus": settings.ray.actor_num_cpus})
+    # Actors sharing a GPU: one patches and stitches its series on the host while
+    # another's patches run on the device (inference.actors.engine_actor_pool).
     ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
@@ -434,13 +433,13 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     try:
         import ray
 
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        num_actors = settings.ray.num_actors or (
-            int(ray.cluster_resources().get("GPU", 0)) * settings.ray.actors_per_gpu if use_gpu else 1)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        use_gpu = gpus >= 1
+        num_actors, actor_resources = engine_actor_pool(settings, gpus)
         results: list[dict[str, Any]] = []
         t_pipe = time.perf_counter()
         if series.num_rows:
-            ds = build_pipeline(series, settings, source, precision, batch_patches, use_gpu, num_actors)
+            ds = build_pipeline(series, settings, source, precision, batch_patches, num_actors, actor_resources)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 results.extend(batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
                                                    if c in batch.column_names]).to_pylist())

@@ -34,7 +34,8 @@ import pyarrow as pa
 from conf.settings import Settings
 from inference import metrics as run_metrics
 from inference import qc, report, screening
-from inference.actors import CachedEngine, EngineSource, FragmentSpec, ScoreActor, pack_fragments
+from inference.actors import (CachedEngine, EngineSource, FragmentSpec, ScoreActor, engine_actor_pool,
+                              pack_fragments)
 from inference.batching import validate_buckets
 from inference.fragments import DEFAULT_FRAGMENT_ROWS, RunStaging, plan_fragments, spec_dicts
 from lake.commit import commit, is_committed, partition_files, read_manifest
@@ -219,12 +220,7 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
                         fn_kwargs={"length_buckets": list(settings.scoring.length_buckets),
                                    "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        per_gpu = settings.ray.actors_per_gpu
-        size = settings.ray.num_actors or gpus * per_gpu
-        resources = {"num_gpus": 1 / per_gpu, "num_cpus": settings.ray.actor_num_cpus}
-    else:
-        size, resources = settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
+    size, resources = engine_actor_pool(settings, gpus)
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4)
     # Each row is already one padded engine batch. Ray Data insists on an explicit

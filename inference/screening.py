@@ -114,6 +114,11 @@ def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
     return screen(scores, thresholds, top_k, prevalent)[0]
 
 
+def _rebuild_hint(as_of: str) -> str:
+    return (f"rebuild the features for that date (`medscreen emr features --as-of {as_of}`) and score "
+            f"again (`medscreen score emr --as-of {as_of}`)")
+
+
 def require_prevalence_columns(timelines: Path, as_of: str) -> None:
     """Raise :class:`TimelinesNotUsable` when a timelines partition predates ``prevalent_<head>``.
 
@@ -127,8 +132,7 @@ def require_prevalence_columns(timelines: Path, as_of: str) -> None:
             raise TimelinesNotUsable(
                 f"timelines partition {timelines.name} (features run {run_id}) predates the "
                 f"columns {missing} that screening needs to leave already-diagnosed patients out of the "
-                f"outreach list; rebuild the features for that date (`medscreen emr features --as-of "
-                f"{as_of}`) and score again (`medscreen score emr --as-of {as_of}`) — or set "
+                f"outreach list; {_rebuild_hint(as_of)} — or set "
                 "scoring.screening_exclude_prevalent: false to screen without leaving them out")
 
 
@@ -140,8 +144,7 @@ def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | Non
     Raises :class:`TimelinesNotUsable` when the partition was rebuilt since scoring, predates
     the prevalence columns, or lacks a scored patient: the fix is to rebuild and rescore.
     """
-    rebuild = (f"rebuild the features for that date (`medscreen emr features --as-of {as_of}`) and score "
-               f"again (`medscreen score emr --as-of {as_of}`)")
+    rebuild = _rebuild_hint(as_of)
     manifest = read_manifest(timelines)
     if expected_run_id and manifest.get("run_id") != expected_run_id:
         raise TimelinesNotUsable(

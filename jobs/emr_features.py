@@ -8,9 +8,9 @@ data collected to the driver) and tests check the two agree row for row.
 
 One output row per patient in the patient table, including patients with no
 events in the window (``length`` 0), with ``prevalent_<head>`` flags (already
-diagnosed by the end of the as-of day; computed on every run, labels or not). Patient rows that cannot be used are
-quarantined (``no_patient_key``, ``duplicate_patient_key``, ``no_birth_date``)
-into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
+diagnosed by the end of the as-of day; computed on every run, labels or not).
+Patient rows that cannot be used are quarantined (``no_patient_key``,
+``duplicate_patient_key``, ``no_birth_date``) into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
 as-of date are ignored by rule. Two ledger stages account for everything:
 ``emr_features`` (patients) and ``emr_features.events`` (every event is in a
 timeline or counted under a reason: after the as-of day, before the lookback,

@@ -172,8 +172,10 @@ def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
     """AUC of the committed scores against the labels, next to the model card's held-out AUC."""
     import yaml
 
+    from engines.metrics import roc_auc
     from lake.commit import is_committed, read_partition
     from lake.paths import LakePaths
+    from lake.schemas import HEADS
 
     lp = LakePaths(settings.lake.root)
     scores = read_partition(lp.scores("emr_risk", as_of), columns=[
@@ -183,26 +185,16 @@ def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
     merged = scores.merge(labels, on="patient_key")
     card = yaml.safe_load(Path(settings.models["emr_risk"]).read_text())
     out: dict[str, Any] = {"scored": int(len(scores))}
-    for head in ("t2d", "ckd", "hf"):
+    for head in HEADS:
         m = merged[merged[f"label_{head}"].notna()]
         y, p = m[f"label_{head}"].to_numpy(dtype=int), m[f"score_{head}"].to_numpy()
-        out[f"auc_{head}"] = round(_auc(y, p), 4) if 0 < y.sum() < len(y) else None
+        out[f"auc_{head}"] = round(roc_auc(y, p), 4) if 0 < y.sum() < len(y) else None
         out[f"positives_{head}"] = int(y.sum())
         card_auc = (((card.get("metrics") or {}).get("heads") or {}).get(head) or {}).get("auc")
         out[f"card_auc_{head}"] = card_auc
     screening = lp.screening(as_of)
     out["screening_rows"] = read_partition(screening).num_rows if is_committed(screening) else 0
     return out
-
-
-def _auc(y, p) -> float:
-    import numpy as np
-    from scipy.stats import rankdata
-
-    r = rankdata(p)
-    n1 = int(y.sum())
-    n0 = len(y) - n1
-    return float((r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
 def _check_ct(settings: Settings, as_of: str, dicom_dir: Path) -> dict[str, Any]:

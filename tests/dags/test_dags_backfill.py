@@ -35,7 +35,7 @@ RUNS_TIMEOUT_S = 900
 def standalone(tmp_path_factory, tiny_inputs):
     home = tmp_path_factory.mktemp("airflow-standalone-home")
     lake = tmp_path_factory.mktemp("backfill") / "lake"
-    # Inputs of our own (else the script falls back to a demo's inputs under ./work/demo).
+    # Inputs of our own (else the script falls back to the demo workdir's inputs).
     env = script_env(home, free_port(), lake, **pipeline_env(lake, tiny_inputs["emr"], tiny_inputs["dicom"]))
     with run_script([], env, home / "standalone.log", timeout_s=300) as base:
         token = admin_token(base, home)
