@@ -5,9 +5,13 @@ slices are ordered by the projection of ImagePositionPatient onto the slice
 normal (never InstanceNumber or file name); slice spacing comes from those
 positions (never SliceThickness, which is the reconstruction thickness);
 HU = stored × RescaleSlope + RescaleIntercept per slice; direction cosines are
-kept. Variable slice spacing is resampled onto a regular grid at the smallest
-step; a gantry-tilted stack is sheared back onto an orthogonal grid (or
-rejected, when configured).
+kept. Gantry tilt is measured from the positions against the normal (the
+GantryDetectorTilt header is never used: its sign differs between vendors);
+a tilted stack is sheared back onto an orthogonal grid (or rejected, when
+configured). Variable slice spacing, and gaps of missing slices up to
+:data:`~preprocessing.ct_geometry.MAX_GAP_MM`, are resampled onto a regular
+grid at the smallest step, as dcm2niix's equalised output is; a longer gap
+makes the series ``missing_slices``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from preprocessing.ct_geometry import TILT_TOL_DEG, SliceGeometry, analyse_positions
+from preprocessing.ct_geometry import MAX_GAP_MM, TILT_TOL_DEG, SliceGeometry, analyse_positions
 from preprocessing.volume import Volume
 
 __all__ = ["Volume", "SeriesError", "load_volume", "volume_from_datasets", "REASONS"]
@@ -111,10 +115,9 @@ def volume_from_datasets(datasets: Sequence[Dataset], gantry_tilt: str = "correc
         raise SeriesError(REASON_DUPLICATE_POSITIONS,
                           f"{sg.duplicate_positions} slices share a position; the folder probably mixes "
                           "two reconstructions of one series")
-    if sg.gaps:
-        raise SeriesError(REASON_MISSING_SLICES,
-                          f"{sg.gaps} gap(s) in slice positions (steps {sg.spacing_min_mm:.3g}–"
-                          f"{sg.spacing_max_mm:.3g} mm); the export is incomplete")
+    gap = sg.gap_problem(MAX_GAP_MM)
+    if gap is not None:
+        raise SeriesError(REASON_MISSING_SLICES, gap)
     tilted = sg.tilt_deg > TILT_TOL_DEG
     if tilted and gantry_tilt == "reject":
         raise SeriesError(REASON_GANTRY_TILT, f"slice stack is sheared by {sg.tilt_deg:.2f}° (gantry tilt); "
@@ -145,6 +148,8 @@ def volume_from_datasets(datasets: Sequence[Dataset], gantry_tilt: str = "correc
         spacing_z = sg.spacing_min_mm
         hu = resample_slices_regular(hu, positions, spacing_z)
         notes.append(f"variable_spacing_resampled:{sg.spacing_min_mm:.3g}-{sg.spacing_max_mm:.3g}mm")
+        if sg.gaps:
+            notes.append(f"missing_slices_interpolated:{sg.gaps}gap(s)<={float(sg.gap_steps_mm.max()):.3g}mm")
     return Volume(hu=hu, spacing_mm=(spacing_z, ps_row_mm, ps_col_mm), origin_lps_mm=tuple(first),
                   direction=direction, notes=tuple(notes))
 
