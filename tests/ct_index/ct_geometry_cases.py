@@ -70,14 +70,18 @@ class StackCase:
         mirrored = "" if self.row > 0 else "-row_right"
         return f"tilt{self.tilt_deg:+g}-hdr_{self.header}-{col}{mirrored}-in_{self.instances}-{self.spacing}"
 
-    def frames(self, rows: int = ROWS, pixel_mm: float = PIXEL_MM) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(ImagePositionPatient, row cosine, column cosine) per slice, in table order."""
+    def frames(self, rows: int = ROWS, pixel_mm: float = PIXEL_MM, centre_xy_mm: tuple[float, float] = (0.0, 0.0),
+               z_positions_mm: list[float] | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(ImagePositionPatient, row cosine, column cosine) per slice, in table order.
+
+        Every slice is centred on the rotation axis at ``centre_xy_mm``.
+        """
         t = math.radians(self.tilt_deg)
         row = self.row * np.array([1.0, 0.0, 0.0])
         col = self.column * np.array([0.0, math.cos(t), math.sin(t)])
         half = (rows - 1) / 2.0 * pixel_mm
-        return [(np.array([0.0, 0.0, z]) - half * row - half * col, row, col)
-                for z in table_positions_mm(self.spacing)]
+        zs = table_positions_mm(self.spacing) if z_positions_mm is None else z_positions_mm
+        return [(np.array([centre_xy_mm[0], centre_xy_mm[1], z]) - half * row - half * col, row, col) for z in zs]
 
     def header_tilt_deg(self) -> float:
         return {"agree": self.tilt_deg, "opposite": -self.tilt_deg, "zero": 0.0,
@@ -86,19 +90,24 @@ class StackCase:
 
 def write_stack(folder: Path, case: StackCase, seed: int = 0,
                 nodules: list[dict[str, Any]] | None = None, rows: int = ROWS,
-                pixel_mm: float = PIXEL_MM) -> list[Path]:
-    """Write ``case`` as a CT Image Storage series in ``folder``; returns the file paths."""
+                pixel_mm: float = PIXEL_MM, anatomy: ChestAnatomy = ANATOMY,
+                centre_xy_mm: tuple[float, float] = (0.0, 0.0),
+                z_positions_mm: list[float] | None = None) -> list[Path]:
+    """Write ``case`` as a CT Image Storage series in ``folder``; returns the file paths.
+
+    By default the small test chest with :data:`NODULES`; ``anatomy`` and
+    ``centre_xy_mm`` image a window of a larger chest instead.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    phantom = ChestPhantom(ANATOMY, [Nodule.from_dict(n) for n in (nodules if nodules is not None else NODULES)])
+    phantom = ChestPhantom(anatomy, [Nodule.from_dict(n) for n in (nodules if nodules is not None else NODULES)])
     rng = np.random.default_rng(seed)
     key = f"geometry/{case.name}/{seed}"
     study = study_identity(np.random.default_rng(seed), key, 0)
     spec = SeriesSpec(label="geometry", rows=rows, cols=rows, pixel_spacing_mm=pixel_mm,
-                      z_positions_mm=table_positions_mm(case.spacing), tilt_deg=case.header_tilt_deg(),
-                      manufacturer="Philips")
+                      tilt_deg=case.header_tilt_deg(), manufacturer="Philips")
     series_uid = _uid(key, "series")
-    frames = case.frames(rows, pixel_mm)
-    zs = table_positions_mm(case.spacing)
+    frames = case.frames(rows, pixel_mm, centre_xy_mm, z_positions_mm)
+    zs = [float(f[0][2]) for f in frames]
     normal = np.cross(frames[0][1], frames[0][2])
     # Rank of each slice along the normal, then numbered with or against it.
     along = np.argsort(np.argsort([float(f[0] @ normal) for f in frames]))
