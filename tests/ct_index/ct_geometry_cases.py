@@ -280,6 +280,13 @@ def nodules_misplaced_mm(img: nib.Nifti1Image, nodules: list[dict[str, Any]]) ->
     return worst
 
 
+def _only_folder(paths: list[Path]) -> Path:
+    """The folder holding exactly ``paths`` (dcm2niix converts folders)."""
+    folder = paths[0].parent
+    assert sorted(folder.iterdir()) == sorted(paths), f"{folder} must hold this series' files only"
+    return folder
+
+
 def dcm2niix_reference(paths: list[Path], work: Path, nodules: list[dict[str, Any]],
                        tolerance_mm: float) -> dict[str, Any]:
     """dcm2niix's corrected output for the series in ``paths``, checked against the planted truth.
@@ -296,7 +303,8 @@ def dcm2niix_reference(paths: list[Path], work: Path, nodules: list[dict[str, An
     tried = []
     for reverse, mirror in ((False, False), (True, False), (False, True), (True, True)):
         label = f"instances_{'reversed' if reverse else 'as_written'}{'_mirrored_y' if mirror else ''}"
-        folder = redescribed_copy(paths, work / f"in_{label}", reverse, mirror)
+        folder = (redescribed_copy(paths, work / f"in_{label}", reverse, mirror) if reverse or mirror
+                  else _only_folder(paths))
         kind, img = corrected_reference(dcm2niix_outputs(folder, work / f"out_{label}"))
         if mirror:
             img = nib.Nifti1Image(np.asarray(img.dataobj), MIRROR_Y @ img.affine)

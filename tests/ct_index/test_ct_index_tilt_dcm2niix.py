@@ -91,3 +91,33 @@ def test_gap_beyond_tolerance_is_quarantined(tilt: float, tmp_path: Path) -> Non
     verdict = judge_series([read_instance_header(p) for p in kept], min_slices=4, gantry_tilt="correct")
     assert verdict["verdict"] == "missing_slices"
     assert f"{hole_mm:.3g} mm" in verdict["detail"], verdict["detail"]
+
+
+@pytest.mark.parametrize("case", [StackCase(16.5, column=1), StackCase(-16.5, column=-1, instances="against_normal")],
+                         ids=lambda c: c.name)
+def test_tilted_grid_keeps_every_acquired_pixel_where_it_was_acquired(case: StackCase, tmp_path: Path) -> None:
+    """Every pixel of every file lies inside the corrected grid, and the grid holds its value there."""
+    import pydicom
+    from scipy import ndimage
+
+    paths = write_stack(tmp_path / "dicom", case)
+    volume = load_volume(paths)
+    assert volume.shape[1] > 40, "the grid must widen by the drift of the slice origins"
+    got, want = [], []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ipp = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        iop = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        j, i = np.meshgrid(np.arange(ds.Rows), np.arange(ds.Columns), indexing="ij")
+        lps = ipp + (i[..., None] * iop[:3] + j[..., None] * iop[3:]) * PIXEL_MM
+        idx = volume.lps_to_index(lps.reshape(-1, 3))
+        # (positions are written to 0.1 µm: a voxel index can exceed an integer by 1e-5)
+        assert np.all(idx > -1e-3) and np.all(idx < np.asarray(volume.shape) - 1 + 1e-3), p.name
+        got.append(ndimage.map_coordinates(volume.hu, idx.T, order=1, mode="nearest"))
+        want.append(ds.pixel_array.astype(np.float64).reshape(-1) + float(ds.RescaleIntercept))
+    got, want = np.concatenate(got), np.concatenate(want)
+    # Read back through two linear interpolations (the shear, then this sampling) of 3 mm pixels across
+    # sharp tissue edges: close, not equal (most pixels exact); a misplaced slice decorrelates far more
+    # (0.27-0.95 for dcm2niix's misplaced outputs).
+    corr, median_hu = float(np.corrcoef(got, want)[0, 1]), float(np.median(np.abs(got - want)))
+    assert corr >= 0.99 and median_hu <= 1.0, (corr, median_hu)

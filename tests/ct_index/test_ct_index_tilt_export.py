@@ -21,7 +21,7 @@ from preprocessing.resample import resample_to_spacing
 
 from ct_geometry_cases import (NODULES, PIXEL_MM, StackCase, dcm2niix_reference, nodule_centre_ras,
                                nodules_misplaced_mm, world_agreement, write_stack)
-from ct_index_cases import SESSION_KEY, index_settings
+from ct_index_cases import SESSION_KEY, index_folder
 
 # The two vendor reports: a Philips stack (header +16.5°, table stepping +z, column cosine with a
 # positive z component) and a GE stack with tilt and a missing slice, numbered against the normal,
@@ -32,16 +32,9 @@ EXPORT_CASES = {"philips": StackCase(16.5, "agree", 1, "with_normal", "variable"
 
 @pytest.fixture(scope="module")
 def tilted_index(spark, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from jobs import dicom_index
-
     src = tmp_path_factory.mktemp("tilted_dicom")
     paths = {name: write_stack(src / name, case, seed=i) for i, (name, case) in enumerate(EXPORT_CASES.items())}
-    lake = tmp_path_factory.mktemp("tilted_lake")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", SESSION_KEY)
-        settings = index_settings(lake)
-        summary = dicom_index.run(settings, src, spark=spark)
-    return {"lake": lake, "paths": paths, "summary": summary}
+    return {**index_folder(spark, src, tmp_path_factory.mktemp("tilted_lake")), "paths": paths}
 
 
 def _series_key(paths: list[Path]) -> str:
