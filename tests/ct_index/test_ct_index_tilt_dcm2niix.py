@@ -121,3 +121,18 @@ def test_tilted_grid_keeps_every_acquired_pixel_where_it_was_acquired(case: Stac
     # (0.27-0.95 for dcm2niix's misplaced outputs).
     corr, median_hu = float(np.corrcoef(got, want)[0, 1]), float(np.median(np.abs(got - want)))
     assert corr >= 0.99 and median_hu <= 1.0, (corr, median_hu)
+
+
+@pytest.mark.parametrize("axis", (0, 1, 2))
+def test_world_comparison_sees_a_shift_of_more_than_half_a_voxel(axis: int, tmp_path: Path) -> None:
+    """The comparison itself can fail: the same image moved by 0.6 voxel is reported as moved."""
+    import nibabel as nib
+
+    case = StackCase(16.5, "agree", 1, "with_normal", "uniform")
+    ours = to_nifti(load_volume(write_stack(tmp_path / "dicom", case)))
+    moved = ours.affine.copy()
+    moved[:3, 3] += 0.6 * ours.affine[:3, axis]
+    r = world_agreement(ours, nib.Nifti1Image(np.asarray(ours.dataobj), moved), case.frames())
+    assert abs(r["shift_vox"][axis]) == pytest.approx(0.6, abs=0.1), r["shift_vox"]
+    same = world_agreement(ours, ours, case.frames())
+    assert same["corr"] == pytest.approx(1.0) and np.all(np.abs(same["shift_vox"]) < 1e-6)
