@@ -10,6 +10,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pyarrow as pa
+import pydicom
 import pytest
 
 from lake.keys import pseudonymise
@@ -34,12 +35,31 @@ EXPORT_CASES = {"philips": StackCase(16.5, "agree", 1, "with_normal", "variable"
 def tilted_index(spark, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     src = tmp_path_factory.mktemp("tilted_dicom")
     paths = {name: write_stack(src / name, case, seed=i) for i, (name, case) in enumerate(EXPORT_CASES.items())}
+    # A tilted series with two adjacent slices gone: a 7.5 mm hole along the table, beyond tolerance.
+    holed = write_stack(src / "holed", StackCase(16.5), seed=9)
+    by_z = sorted(holed, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    for p in by_z[9:11]:
+        p.unlink()
+    paths["holed"] = by_z[:9] + by_z[11:]
     return {**index_folder(spark, src, tmp_path_factory.mktemp("tilted_lake")), "paths": paths}
 
 
-def _series_key(paths: list[Path]) -> str:
-    import pydicom
+def test_index_takes_tilted_and_gapped_series_and_quarantines_a_long_gap(tilted_index: dict[str, Any]) -> None:
+    from preprocessing.imaging_index import read_series_table
 
+    rows = {r["series_key"]: r for r in read_series_table(tilted_index["lake"]).to_pylist()}
+    for name in EXPORT_CASES:
+        row = rows[_series_key(tilted_index["paths"][name])]
+        assert row["verdict"] == "eligible", (name, row["detail"])
+        assert row["tilt_deg"] == pytest.approx(16.5, abs=0.01)
+    holed = rows[_series_key(tilted_index["paths"]["holed"])]
+    assert holed["verdict"] == "missing_slices" and not holed["eligible"]
+    assert f"{7.5 * np.cos(np.radians(16.5)):.3g} mm" in holed["detail"], holed["detail"]
+    counts = tilted_index["summary"]["counts"]
+    assert counts["series"] == 3 and counts["series_verdicts"] == {"eligible": 2, "missing_slices": 1}
+
+
+def _series_key(paths: list[Path]) -> str:
     uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID)
     return pseudonymise(SESSION_KEY.encode(), uid)
 
