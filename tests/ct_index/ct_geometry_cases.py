@@ -58,17 +58,17 @@ class StackCase:
     """How one physical acquisition is described by its files."""
 
     tilt_deg: float                 # plane tilt about the L-R axis: the down vector is (0, cos, sin)
-    header: str = "agree"           # GantryDetectorTilt: "agree" (= tilt), "opposite" (= -tilt), "zero"
+    # GantryDetectorTilt: "agree" (= tilt), "opposite" (= -tilt), "zero", or "spurious"
+    # (16.5 on an untilted stack: a tilt the positions do not show).
+    header: str = "agree"
     column: int = 1                 # +1: column cosine = down vector; -1: it points up (image flipped)
     instances: str = "with_normal"  # InstanceNumber runs "with_normal" or "against_normal"
     spacing: str = "uniform"
-    row: int = 1                    # +1: row cosine = +x (patient left); -1: -x (image mirrored)
 
     @property
     def name(self) -> str:
         col = "col_down" if self.column > 0 else "col_up"
-        mirrored = "" if self.row > 0 else "-row_right"
-        return f"tilt{self.tilt_deg:+g}-hdr_{self.header}-{col}{mirrored}-in_{self.instances}-{self.spacing}"
+        return f"tilt{self.tilt_deg:+g}-hdr_{self.header}-{col}-in_{self.instances}-{self.spacing}"
 
     def frames(self, rows: int = ROWS, pixel_mm: float = PIXEL_MM, centre_xy_mm: tuple[float, float] = (0.0, 0.0),
                z_positions_mm: list[float] | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -77,7 +77,7 @@ class StackCase:
         Every slice is centred on the rotation axis at ``centre_xy_mm``.
         """
         t = math.radians(self.tilt_deg)
-        row = self.row * np.array([1.0, 0.0, 0.0])
+        row = np.array([1.0, 0.0, 0.0])
         col = self.column * np.array([0.0, math.cos(t), math.sin(t)])
         half = (rows - 1) / 2.0 * pixel_mm
         zs = table_positions_mm(self.spacing) if z_positions_mm is None else z_positions_mm
