@@ -24,6 +24,7 @@ from medscreen.synth_emr_notes import NoteContext, write_note
 START_MONTH = date(2018, 1, 1)
 MONTHS = 96  # 2018-01 .. 2025-12
 DATA_END = date(2025, 12, 31)  # last day any good record is dated
+LAST_INSTANT = datetime(2025, 12, 31, 23, 0, tzinfo=timezone.utc)
 # Most patients register (first visit) during the first 18 months; LATE_REGISTRATION_SHARE
 # register later, up to the last month (some after any as-of date one may pick).
 REGISTRATION_MONTHS = 18
@@ -107,8 +108,8 @@ class Cohort:
     # key -> per patient clinical onset as written on the record ("YYYY[-MM[-DD]]"), else None
     truth_onset: dict[str, list[str | None]] = field(default_factory=dict)
 
-    # Last day the hospital follows each patient: death, the last visit of those who left
-    # care, else DATA_END.
+    # Last day the hospital follows each patient: death, the day the last record of those who
+    # left care became known, else DATA_END.
     observation_end: list[date] = field(default_factory=list)
 
 
@@ -145,7 +146,8 @@ def simulate(patients: int, seed: int) -> Cohort:
     # Children: drawn from streams of their own so the adults' draws do not move with them.
     crng = np.random.default_rng([seed, 1])
     child = crng.random(n) < CHILD_SHARE
-    age0 = np.where(child, crng.uniform(0.0, 18.0, n), age0)
+    # Negative: born during the simulation (registered at or after birth).
+    age0 = np.where(child, crng.uniform(-6.0, 18.0, n), age0)
     bmi0 = np.where(child, crng.normal(18.0, 3.0, n).clip(12, 35), bmi0)
     bmi_slope = np.where(child, crng.normal(0.3, 0.2, n), bmi_slope)
     a1c0 = (5.05 + 0.03 * (bmi0 - 26) + 0.008 * (age0 - 45) + rng.normal(0, 0.3, n)).clip(4.3, 9)
@@ -185,6 +187,8 @@ def simulate(patients: int, seed: int) -> Cohort:
     first_month = vrng.integers(0, REGISTRATION_MONTHS, n)
     late = vrng.random(n) < LATE_REGISTRATION_SHARE
     first_month = np.where(late, vrng.integers(REGISTRATION_MONTHS, MONTHS, n), first_month)
+    born_month = np.where(age0 < 0, np.ceil(-age0 * 12).astype(np.int64) + 1, 0)
+    first_month = np.maximum(first_month, born_month)
     leaves = vrng.random(n) < LEAVE_SHARE
     leave_month = np.where(leaves, first_month + 6 + (vrng.random(n) * MONTHS).astype(np.int64),
                            NEVER)
@@ -310,12 +314,17 @@ def simulate(patients: int, seed: int) -> Cohort:
                        child)
     starts: dict[int, date] = {}
     lasts: dict[int, date] = {}
-    for p, st, _en, _c in cohort.encounters:
+    for p, st, en, _c in cohort.encounters:
         starts.setdefault(p, st.date())
-        lasts[p] = st.date()
+        # A lab result is issued up to two days after the visit.
+        lasts[p] = max(lasts.get(p, en.date()), en.date(), (st + timedelta(days=3)).date())
+    for r in cohort.conditions:
+        lasts[r[0]] = max(lasts.get(r[0], DATA_END), date.fromisoformat(r[8][:10]))
     cohort.registration_date = [starts.get(p) for p in range(n)]
-    cohort.observation_end = [cohort.death_date[p] or (lasts.get(p, DATA_END) if leaves[p]
-                                                        else DATA_END) for p in range(n)]
+    # Those who left care are followed until their last record is known.
+    cohort.observation_end = [cohort.death_date[p] or (min(lasts.get(p, DATA_END), DATA_END)
+                                                        if leaves[p] else DATA_END)
+                              for p in range(n)]
     return cohort
 
 
@@ -359,7 +368,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                                          child.tolist())
     onset_date: dict[str, list[date | None]] = {k: [None] * c.patients for k in onset}
     truth_onset: dict[str, list[str | None]] = {k: [None] * c.patients
-                                               for k in (*onset, "hld")}
+                                               for k in (*onset, "hld", "obesity")}
     enc_list, cond_list, obs_list, note_list = c.encounters, c.conditions, c.observations, c.notes
     mentions = c.mentions
     rr = rnd.random
@@ -416,9 +425,11 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
             if not nv:
                 continue
             ms = month_starts[m]
-            for v in range(nv):
-                start = datetime(ms.year, ms.month, 1 + int(rr() * 28), 7 + int(rr() * 11),
-                                 5 * int(rr() * 12), tzinfo=timezone.utc)
+            # The month's visits in time order: the first one registers / diagnoses.
+            month_visits = sorted(datetime(ms.year, ms.month, 1 + int(rr() * 28), 7 + int(rr() * 11),
+                                           5 * int(rr() * 12), tzinfo=timezone.utc)
+                                  for _ in range(nv))
+            for v, start in enumerate(month_visits):
                 new_dx = [k for k in ("t2d", "ckd", "hf", "stroke") if onset_l[k][p] == m
                           and k not in coded] if v == 0 else []
                 cls = "AMB"
@@ -426,8 +437,9 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                     cls = "IMP" if rnd.random() < 0.6 else "EMER"
                 elif rr() < 0.05:
                     cls = "EMER"
-                end = start + (timedelta(days=rnd.randint(2, 6), hours=rnd.randint(0, 6))
-                               if cls == "IMP" else timedelta(minutes=15 + 5 * int(rr() * 15)))
+                end = min(start + (timedelta(days=rnd.randint(2, 6), hours=rnd.randint(0, 6))
+                                   if cls == "IMP" else timedelta(minutes=15 + 5 * int(rr() * 15))),
+                          LAST_INSTANT)
                 e = len(enc_list)
                 enc_list.append((p, start, end, cls))
                 start_z = iso_z(start)
@@ -497,6 +509,8 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                             add(past_onset.get(k), "problem-list-item", code, _style(rnd), k)
                         coded.add(k)
                         dx_today.append((k, code))
+                        if truth_onset[k][p] is None:  # began this month: onset = this visit
+                            truth_onset[k][p] = start.date().isoformat()
                     if onset_l["stroke"][p] < m and "stroke" not in new_dx:
                         add(past_onset.get("stroke"), "problem-list-item",
                             CONDITIONS["stroke_history"][0], _style(rnd), "stroke_history")
@@ -541,6 +555,8 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                             add(past_onset.get(k), "problem-list-item", _pick(rnd, k),
                                 _style(rnd), k)
                         coded.add(k)
+                        if truth_onset[k][p] is None:
+                            truth_onset[k][p] = start.date().isoformat()
                 if 0 <= stroke_code_month < m and rnd.random() < 0.15:
                     add(None, "encounter-diagnosis", CONDITIONS["stroke_history"][0], "icd10",
                         "stroke_history")
@@ -549,6 +565,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                     code = CONDITIONS["obesity"][1 if b >= 40 else 0]
                     add(None, "encounter-diagnosis", code, _style(rnd), "obesity")
                     dx_today.append(("obesity", code))
+                    truth_onset["obesity"][p] = start.date().isoformat()
                 elif obesity_coded and b >= 30 and rnd.random() < 0.2:
                     add(None, "encounter-diagnosis", CONDITIONS["obesity"][1 if b >= 40 else 0],
                         "icd10", "obesity")
@@ -563,6 +580,7 @@ def _visits_to_records(c: Cohort, rnd: random.Random, visits: np.ndarray, first_
                     ab = start + timedelta(days=rnd.randint(7, 30))
                     if death is not None and ab.date() >= death:
                         ab = datetime(death.year, death.month, death.day, tzinfo=timezone.utc)
+                    ab = min(ab, LAST_INSTANT)
                     add(None, "encounter-diagnosis", code, _style(rnd), "acute", clin="resolved",
                         abatement=iso_z(ab))
                     dx_today.append(("acute", code))
