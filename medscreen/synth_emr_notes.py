@@ -43,6 +43,13 @@ _MEDS = {"t2d": "metformin hydrochloride 500 mg oral tablet",
          "htn": "lisinopril 10 mg oral tablet", "hld": "simvastatin 20 mg oral tablet",
          "hf": "furosemide 40 mg oral tablet", "af": "apixaban 5 mg oral tablet",
          "cad": "aspirin 81 mg oral tablet"}
+# Sentence templates per assertion: (words before the mention, words after it).
+POSSIBLE = (("Possible ", "; {test} ordered."), ("Rule out ", "."), ("Suspect early ", "."),
+            ("Differential includes ", "."), ("", " cannot be excluded."))
+NEGATED = (("No evidence of ", "."), ("Denies history of ", "."), ("", " ruled out."),
+           ("Negative for ", " ({code})."), ("Not consistent with ", ", no further work-up."))
+HYPOTHETICAL = (("Discussed risk of developing ", " if weight gain continues."),
+                ("Return if symptoms of ", " develop."), ("Counselled on preventing ", "."))
 _TESTS = {"t2d": "repeat HbA1c", "ckd": "repeat creatinine and urine albumin",
           "hf": "echocardiogram", "af": "ECG", "stroke": "MRI brain", "htn": "home BP log"}
 
@@ -203,70 +210,26 @@ def _clinician_lines(rnd: random.Random, ctx: NoteContext, t: _Text) -> None:
             t.add(".")
     for k in ctx.suspected:
         t.add("\n")
-        form = rnd.randrange(5)
-        words = _term(rnd, k)
-        if form == 0:
-            t.add("Possible ")
-            t.mention(k, words, "possible")
-            t.add(f"; {_TESTS.get(k, 'further work-up')} ordered.")
-        elif form == 1:
-            t.add("Rule out ")
-            t.mention(k, words, "possible")
-            t.add(".")
-        elif form == 2:
-            t.add("Suspect early ")
-            t.mention(k, words, "possible")
-            t.add(".")
-        elif form == 3:
-            t.add("Differential includes ")
-            t.mention(k, words, "possible")
-            t.add(".")
-        else:
-            t.mention(k, words[0].upper() + words[1:], "possible")
-            t.add(" cannot be excluded.")
+        _templated(rnd, t, k, "possible", POSSIBLE)
     negatable = [k for k in ctx.absent if k not in ctx.suspected and k in TERMS]
     if negatable and rnd.random() < 0.35:
-        k = rnd.choice(negatable)
-        words = _term(rnd, k)
         t.add("\n")
-        form = rnd.randrange(5)
-        if form == 0:
-            t.add("No evidence of ")
-            t.mention(k, words, "negated")
-            t.add(".")
-        elif form == 1:
-            t.add("Denies history of ")
-            t.mention(k, words, "negated")
-            t.add(".")
-        elif form == 2:
-            t.mention(k, words, "negated")
-            t.add(" ruled out.")
-        elif form == 3:
-            t.add("Negative for ")
-            t.mention(k, words, "negated")
-            t.add(f" ({_ICD10[k]}).")
-        else:
-            t.add("Not consistent with ")
-            t.mention(k, words, "negated")
-            t.add(", no further work-up.")
+        _templated(rnd, t, rnd.choice(negatable), "negated", NEGATED)
 
 
 def _plan_lines(rnd: random.Random, ctx: NoteContext, t: _Text) -> None:
     """Hypothetical mentions: risks discussed, return precautions (patient does not have it)."""
     risks = [k for k in ctx.absent if k in TERMS and k not in ctx.suspected]
     if risks and rnd.random() < 0.2:
-        k = rnd.choice(risks)
         t.add(" ")
-        form = rnd.randrange(3)
-        if form == 0:
-            t.add("Discussed risk of developing ")
-            t.mention(k, _term(rnd, k), "hypothetical")
-            t.add(" if weight gain continues.")
-        elif form == 1:
-            t.add("Return if symptoms of ")
-            t.mention(k, _term(rnd, k), "hypothetical")
-            t.add(" develop.")
-        else:
-            t.add("Counselled on preventing ")
-            t.mention(k, _term(rnd, k), "hypothetical")
-            t.add(".")
+        _templated(rnd, t, rnd.choice(risks), "hypothetical", HYPOTHETICAL)
+
+
+def _templated(rnd: random.Random, t: _Text, key: str, assertion: str,
+               templates: tuple[tuple[str, str], ...]) -> None:
+    """One mention in one of ``templates`` (words before, words after; {test}, {code})."""
+    before, after = rnd.choice(templates)
+    words = _term(rnd, key)
+    t.add(before)
+    t.mention(key, words if before else words[0].upper() + words[1:], assertion)
+    t.add(after.format(test=_TESTS.get(key, "further work-up"), code=_ICD10[key]))
