@@ -49,6 +49,7 @@ _VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-stat
 _CATEGORY_DISPLAY = {"problem-list-item": "Problem List Item",
                      "encounter-diagnosis": "Encounter Diagnosis"}
 _V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+DECEASED_BOOLEAN_SHARE = 0.2  # of the dead: deceasedBoolean + meta.lastUpdated, no date
 # Patient.identifier as Synthea writes it: its own id, then typed identifiers. The MR entry
 # carries the hospital's medical record number, the key DICOM PatientID shares.
 MRN_SYSTEM = "http://hospital.smarthealthit.org"
@@ -363,8 +364,14 @@ def _patient(c: Cohort, p: int, pid: str, prnd: random.Random) -> dict[str, Any]
         "gender": c.sex[p], "birthDate": c.birth_date[p].isoformat(),
     }
     if c.death_date[p] is not None:
-        res["deceasedDateTime"] = f"{c.death_date[p].isoformat()}T{prnd.randrange(24):02d}:" \
-                                  f"{prnd.randrange(60):02d}:00Z"
+        when = f"{c.death_date[p].isoformat()}T{prnd.randrange(24):02d}:{prnd.randrange(60):02d}:00Z"
+        if prnd.random() < DECEASED_BOOLEAN_SHARE:
+            # Some systems only flag the death: the record's last update is when it was learnt.
+            res = {"resourceType": "Patient", "id": pid, "meta": {"lastUpdated": when},
+                   **{k: v for k, v in res.items() if k not in ("resourceType", "id")},
+                   "deceasedBoolean": True}
+        else:
+            res["deceasedDateTime"] = when
     res["address"] = [{"line": [f"{prnd.randrange(1, 2000)} {_STREETS[prnd.randrange(len(_STREETS))]}"],
                        "city": city, "state": "MA", "postalCode": zip_code, "country": "US"}]
     res["communication"] = [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US",

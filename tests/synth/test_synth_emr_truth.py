@@ -45,6 +45,7 @@ def test_patients_carry_a_typed_mrn_and_deaths_as_synthea_writes_them(clean_fhir
     truth = {r["patient"]: r for r in _truth(out, "patients")}
     patients = _read(out)["Patient"]
     assert len(patients) == len(truth)
+    flagged = 0
     for p in patients:
         t = truth[p["id"]]
         mr = [i for i in p["identifier"]
@@ -55,11 +56,16 @@ def test_patients_carry_a_typed_mrn_and_deaths_as_synthea_writes_them(clean_fhir
         assert p["birthDate"] == t["birth_date"] and p["gender"] == t["sex"]
         if t["death_date"] is None:
             assert "deceasedDateTime" not in p and "deceasedBoolean" not in p
+        elif "deceasedBoolean" in p:  # only flagged: the last update says when it was learnt
+            assert p["deceasedBoolean"] is True and "deceasedDateTime" not in p
+            assert p["meta"]["lastUpdated"][:10] == t["death_date"]
+            flagged += 1
         else:
             assert p["deceasedDateTime"][:10] == t["death_date"]
     mrns = [t["mrn"] for t in truth.values()]
     assert len(set(mrns)) == len(mrns)
     assert 0.02 < sum(t["death_date"] is not None for t in truth.values()) / len(truth) < 0.2
+    assert flagged > 0
 
 
 def test_records_stop_at_death_and_after_leaving_care(clean_fhir_export) -> None:
