@@ -6,6 +6,8 @@ set the project pins; tests check it, so a code-set update that retires one fail
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 
 SYSTEM_ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -207,10 +209,9 @@ SNOMED_PARENT: dict[str, str] = {
 LOCAL_CONCEPT_BASE = 2_000_000_000  # OMOP reserves ids above 2e9 for local concepts
 
 
+@functools.lru_cache(maxsize=4096)  # a handful of codes, looked up once per row
 def local_concept_id(vocabulary: str, code: str) -> int:
     """A stable synthetic concept id for ``code`` of ``vocabulary`` (same in every export)."""
-    import hashlib
-
     h = hashlib.sha1(f"{vocabulary}|{code}".encode()).digest()
     return LOCAL_CONCEPT_BASE + int.from_bytes(h[:4], "big") % 100_000_000
 
