@@ -144,7 +144,7 @@ def write_truth(cohort: Cohort, out_dir: Path, ids: dict[str, list[Any]]) -> dic
     Files are column-oriented JSON objects (``{"column": [values...]}``):
 
     * ``patients.json``: patient (FHIR Patient.id / OMOP person_id), mrn, birth_date, sex,
-      registration_date, observation_end_date, death_date, left_care, and per concept group
+      registration_date, first_record_date, observation_end_date, death_date, left_care, and per concept group
       ``onset_<group>`` (clinical onset as written, partial dates kept; null: none on record)
       and ``known_<group>`` (day the first confirmed diagnosis was recorded).
     * ``conditions.json``: condition (resource / row id; null where the format does not load
@@ -166,10 +166,16 @@ def write_truth(cohort: Cohort, out_dir: Path, ids: dict[str, list[Any]]) -> dic
             if v is not None and (onset[g][p] is None or v < onset[g][p]):
                 onset[g][p] = v
     iso = lambda d: d.isoformat() if d is not None else None  # noqa: E731
+    first_record = [iso(d) for d in cohort.registration_date]
+    for r in cohort.conditions:  # the migrated ICD-9-CM list predates the first visit
+        day = r[8][:10]
+        if first_record[r[0]] is None or day < first_record[r[0]]:
+            first_record[r[0]] = day
     patients: dict[str, list[Any]] = {
         "patient": ids["patient"], "mrn": cohort.mrn,
         "birth_date": [d.isoformat() for d in cohort.birth_date], "sex": cohort.sex,
         "registration_date": [iso(d) for d in cohort.registration_date],
+        "first_record_date": first_record,
         "observation_end_date": [iso(d) for d in cohort.observation_end],
         "death_date": [iso(d) for d in cohort.death_date], "left_care": cohort.left_care,
     }

@@ -128,6 +128,11 @@ def test_conditions_use_standard_snomed_concepts_with_vocabulary_rows(omop_expor
 def test_observation_periods_and_deaths_frame_every_record(omop_export) -> None:
     out, summary = omop_export
     periods = {r["person_id"]: r for r in _dicts(out / "observation_period.csv")}
+    truth = read_truth(out, "patients")
+    for t in truth:  # one period per registered person, from the first record to its end
+        p = periods[str(t["patient"])]
+        assert p["observation_period_start_date"] == t["first_record_date"] <= t["registration_date"]
+        assert p["observation_period_end_date"] == t["observation_end_date"]
     deaths = {r["person_id"]: r["death_date"] for r in _dicts(out / "death.csv")}
     assert deaths and set(deaths) <= set(periods)
     for pid, d in deaths.items():
@@ -207,3 +212,16 @@ def test_omop_is_byte_identical_per_seed_and_clean_without_bad_share(tmp_path: P
     _, clean_rows = _rows(tmp_path / "c" / "person.csv")
     _, bad_rows = _rows(tmp_path / "a" / "person.csv")
     assert clean_rows == bad_rows
+
+
+def test_the_truth_beside_the_export_is_never_read_as_input(omop_export, fhir_export) -> None:
+    """The ingest job lists its input files; the ground truth must not be among them."""
+    from jobs.emr_ingest import list_inputs
+
+    for (out, _), fmt in ((omop_export, "omop"), (fhir_export, "fhir")):
+        assert (out / "synth_truth" / "patients.json").is_file()
+        assert not [p for p in list_inputs(out, fmt) if "synth_truth" in p.parts]
+        names = {p.name for p in list_inputs(out, fmt)}
+        if fmt == "omop":  # the new CDM tables are there for a reader to take
+            assert {"observation_period.csv", "death.csv", "concept.csv",
+                    "concept_relationship.csv", "concept_ancestor.csv"} <= names
