@@ -214,7 +214,7 @@ def write_truth(cohort: Cohort, out_dir: Path, ids: dict[str, list[Any]]) -> dic
             "left_care": sum(cohort.left_care),
             "registered_after_demo_as_of": sum(d is not None and d > DEMO_AS_OF
                                                for d in cohort.registration_date),
-            "children_at_demo_as_of": sum((DEMO_AS_OF - b).days < 18 * 365.25
+            "children_at_demo_as_of": sum(0 <= (DEMO_AS_OF - b).days < 18 * 365.25
                                           for b in cohort.birth_date)}
 
 

@@ -225,3 +225,15 @@ def test_the_truth_beside_the_export_is_never_read_as_input(omop_export, fhir_ex
         if fmt == "omop":  # the new CDM tables are there for a reader to take
             assert {"observation_period.csv", "death.csv", "concept.csv",
                     "concept_relationship.csv", "concept_ancestor.csv"} <= names
+
+
+def test_both_formats_share_one_truth(omop_export, fhir_export) -> None:
+    """Same seed, same people: the truths differ only in the ids each format uses."""
+    omop, fhir = read_truth(omop_export[0], "patients"), read_truth(fhir_export[0], "patients")
+    assert [t["patient"] for t in omop] == list(range(1, len(omop) + 1))
+    for a, b in zip(omop, fhir):
+        assert {k: v for k, v in a.items() if k != "patient"} == \
+            {k: v for k, v in b.items() if k != "patient"}
+    notes = {r["note"] for r in read_truth(omop_export[0], "mentions")}
+    header, rows = _rows(omop_export[0] / "note.csv")
+    assert notes <= {int(r[0]) for r in rows if len(r) == len(header)}
