@@ -106,7 +106,8 @@ def run_demo(args: argparse.Namespace) -> int:
         summary["synth_ct"] = progress.run(f"synthetic CT: {d.ct_studies} studies",
                                            lambda: synth_ct.generate(dicom_dir, studies=d.ct_studies,
                                                                      seed=d.seed, rows=d.ct_rows,
-                                                                     slices=d.ct_slices))
+                                                                     slices=d.ct_slices,
+                                                                     emr_dir=emr_dir))
         from jobs import dicom_index
         summary["dicom_index"] = progress.run("DICOM index (Spark, headers only)",
                                               lambda: dicom_index.run(settings, dicom_dir))
