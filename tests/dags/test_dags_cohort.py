@@ -116,12 +116,12 @@ def test_index_date_partition_joins_scores_and_stores_definition(lake: Path) -> 
     with atomic_partition(lp.scores("emr_risk", "2024-02-01"), {"run_id": "r1"}) as staging:
         pq.write_table(scores, staging / "part-0.parquet")
     counts = cohort.write_index_date(lake, d, "2024-02-01")
-    assert counts == {"index_date": "2024-02-01", "members": 2, "members_scored": 1}
+    assert counts == {"index_date": "2024-02-01", "members": 3, "members_scored": 1}  # a, c, f
     part = lp.cohort(d.name) / "index_date=2024-02-01"
     assert is_committed(part)
     members = pq.read_table(part / "members.parquet").to_pylist()
     assert [(m["patient_key"][0], m["score_t2d"]) for m in members] == [("a", pytest.approx(0.9)),
-                                                                       ("c", None)]
+                                                                       ("c", None), ("f", None)]
     assert json.loads((lp.cohort(d.name) / "definition.json").read_text())["include_groups"] == ["t2d"]
     # Same name, different definition: refused unless replace is asked for.
     other = cohort.define_cohort(_params(age_min_years=50), GROUPS)
