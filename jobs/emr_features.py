@@ -469,7 +469,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         # Patients already diagnosed (all history up to the end of D, no lookback): left out of screening.
         "prevalent": {col: stats[f"{col}_n"] for col in PREVALENT_COLUMNS},
         "ledger": {STAGE: patient_ledger.to_dict(), EVENTS_STAGE: event_ledger.to_dict()},
-        "inputs": {"events": {"run_id": events_manifest.get("run_id")},
+        # The disease definitions the events' code_groups were filled with (flags and labels use them).
+        "inputs": {"events": {"run_id": events_manifest.get("run_id"),
+                              "code_groups_version": events_manifest.get("code_groups_version"),
+                              "code_groups_sha256": events_manifest.get("code_groups_sha256")},
                    "patients": {"run_id": patients_manifest.get("run_id")}},
     }
     commit(staging, final, manifest)
