@@ -125,10 +125,15 @@ def write_card(onnx_path: Path, card_path: Path, calibration: dict[str, dict[str
         "vocab": {"size": VOCAB_SIZE, "version": "test-v1", "sha256": VOCAB_SHA256},
         "profiles": {"batch": {"min": 1, "opt": 256, "max": 2048}, "seq": {"min": 1, "opt": 64, "max": 256}},
     }
+    cal_id = None
     if calibration is not None:
         from engines.calibration import Calibration
 
         card["calibration"] = Calibration("platt", calibration, card["onnx"]["sha256"]).to_card()
+        cal_id = card["calibration"]["id"]
+    # Operating points as training records them (thresholds on this card's calibration's scale).
+    card["operating_points"] = {"calibration_id": cal_id, "rule": {"name": "list_size_per_1000", "target": 100},
+                                "heads": {h: {"threshold": 0.5} for h in ("t2d", "ckd", "hf")}}
     card_path.write_text(yaml.safe_dump(card))
     return card_path
 
