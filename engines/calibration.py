@@ -58,7 +58,7 @@ def fit_platt(p: np.ndarray, y: np.ndarray, iterations: int = 100) -> dict[str, 
     t = np.where(y > 0, (pos + 1) / (pos + 2), 1 / (neg + 2))
     a, b = 1.0, 0.0
     for _ in range(iterations):
-        q = 1 / (1 + np.exp(-(a * x + b)))
+        q = 1 / (1 + np.exp(-np.clip(a * x + b, -50, 50)))
         w = q * (1 - q)
         g = np.array([np.sum((q - t) * x), np.sum(q - t)])
         h = np.array([[np.sum(w * x * x), np.sum(w * x)], [np.sum(w * x), np.sum(w)]]) + 1e-9 * np.eye(2)
@@ -109,7 +109,7 @@ class Calibration:
     def apply_head(self, head: str, p: np.ndarray) -> np.ndarray:
         params = self.heads[head]
         if self.method == "platt":
-            out = 1 / (1 + np.exp(-(params["a"] * logit(p) + params["b"])))
+            out = 1 / (1 + np.exp(-np.clip(params["a"] * logit(p) + params["b"], -50, 50)))
         else:
             out = np.interp(np.asarray(p, dtype=np.float64), params["x"], params["y"])
         # NaN stays NaN (the QC gate must still see a broken engine).

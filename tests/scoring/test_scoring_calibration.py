@@ -104,3 +104,60 @@ def test_thresholds_come_from_the_cards_operating_points():
     card = {"operating_points": {"heads": {"t2d": {"threshold": 0.2}, "ckd": {"threshold": None},
                                            "hf": {"threshold": 0.1}}}}
     assert op.thresholds_from_card(card) == {"t2d": 0.2, "hf": 0.1}
+
+
+def test_training_writes_a_calibration_and_operating_points_the_scoring_path_accepts(tmp_path):
+    """models.emr_risk.train's card sections for a real ONNX, on arrays with a known truth."""
+    import argparse
+
+    from engines.model_card import file_sha256
+    from models.emr_risk.train import calibrate_sections
+    from preprocessing.vocabulary import default_vocabulary
+    from scoring_fixtures import build_model
+
+    onnx_path = build_model(tmp_path / "m.onnx")
+    enc = default_vocabulary().id_of("encounter")
+    rng = np.random.default_rng(4)
+
+    def arrays(n: int) -> dict[str, np.ndarray]:
+        length = rng.integers(0, 12, n)
+        tokens = np.zeros((n, 12), np.int64)
+        for i, k in enumerate(length):
+            tokens[i, :k] = rng.integers(1, 64, k)
+        return {"tokens": tokens, "days_before": rng.uniform(0, 1800, (n, 12)).astype(np.float32) * (tokens > 0),
+                "age_years": rng.uniform(5, 90, n).astype(np.float32), "sex": rng.integers(0, 3, n),
+                "length": length, "prevalent": rng.random((n, 3)) < 0.1}
+
+    def with_labels(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # The truth: the model ranks well but is overconfident (true logit = 0.6 * its logit - 1).
+        from models.emr_risk.train import predict_onnx
+
+        p = predict_onnx(onnx_path, d).astype(np.float64)
+        truth = 1 / (1 + np.exp(-(0.6 * np.log(p / (1 - p)) - 1)))
+        y = (rng.random(truth.shape) < truth).astype(int)
+        d["labels"] = np.where(rng.random(truth.shape) < 0.2, -1, y)
+        return d
+
+    val, hold = with_labels(arrays(3000)), with_labels(arrays(2000))
+    args = argparse.Namespace(calibration="platt", operating_rule="list_size_per_1000", operating_target=100.0)
+    meta = {"train_as_of": ["2023-06-30"], "holdout_as_of": "2024-06-30"}
+    sections = calibrate_sections(onnx_path, val, hold, meta, 0.15, args)
+    card = {"name": "emr_risk", "heads": list(HEADS), "onnx": {"sha256": file_sha256(onnx_path)}, **sections}
+    fitted = cal.from_card(card)
+    assert fitted is not None and sections["operating_points"]["calibration_id"] == fitted.id
+    # The simulated miscalibration is what Platt scaling finds, and what it removes on the held-out rows.
+    for h in HEADS:
+        assert fitted.heads[h]["a"] == pytest.approx(0.6, abs=0.15) and fitted.heads[h]["b"] == pytest.approx(-1, abs=0.3)
+        held = sections["calibration"]["holdout"][h]
+        assert held["ece_calibrated"] < held["ece_raw"]
+    assert sections["calibration"]["reliability"]["validation"]["t2d"]["n"] == int((val["labels"][:, 0] >= 0).sum())
+    for j, h in enumerate(HEADS):
+        rule = {"t2d": (35, 70), "ckd": (18, None), "hf": (40, None)}[h]
+        age = np.floor(val["age_years"])
+        eligible = ((age >= rule[0]) & ((age <= rule[1]) if rule[1] is not None else True)
+                    & ((val["tokens"] == enc).sum(1) >= 1) & ~val["prevalent"][:, j])
+        point = sections["operating_points"]["heads"][h]
+        assert point["validation"]["eligible"] == int(eligible.sum())
+        assert 0 < point["validation"]["flagged"] <= eligible.sum() // 10   # at most 100 per 1000 eligible
+        assert point["holdout"]["eligible"] + point["holdout"]["flagged"] > 0
+    assert sections["operating_points"]["rule"]["name"] == "list_size_per_1000"
