@@ -125,12 +125,57 @@ class QCSettings(_Section):
     fallback_to_fp32: bool = True
 
 
+class HeadEligibilitySettings(_Section):
+    """Who may be on one head's screening list (preprocessing.eligibility applies it)."""
+
+    # Inclusive, in completed years on the as-of day; max None = no upper bound.
+    min_age_years: int = Field(ge=0, le=130)
+    max_age_years: int | None = Field(None, ge=0, le=130)
+    # Encounter tokens the timeline must hold (the lookback's minimum history). At least 1,
+    # so an empty timeline alone can never put a patient on a list.
+    min_encounters: int = Field(1, ge=1)
+    # Where the rule comes from: a guideline citation, or "programme choice: <why>".
+    source: str = Field(min_length=10)
+
+    @field_validator("max_age_years")
+    @classmethod
+    def _range(cls, v: int | None, info: Any) -> int | None:
+        low = info.data.get("min_age_years")
+        if v is not None and low is not None and v < low:
+            raise ValueError(f"max_age_years {v} is below min_age_years {low}")
+        return v
+
+
+# The programme's defaults, mirrored in conf/defaults.yaml (a test keeps the two equal).
+DEFAULT_ELIGIBILITY: dict[str, dict[str, Any]] = {
+    "t2d": {"min_age_years": 35, "max_age_years": 70, "min_encounters": 1,
+            "source": "USPSTF 2021, Screening for Prediabetes and Type 2 Diabetes (JAMA 2021;326(8):736-743): "
+                      "adults aged 35 to 70 years (with overweight or obesity; the model's risk stands in for "
+                      "BMI, which the timelines do not carry)"},
+    "ckd": {"min_age_years": 18, "max_age_years": None, "min_encounters": 1,
+            "source": "programme choice: adults of any age. USPSTF 2012 found insufficient evidence for "
+                      "general CKD screening (I statement); KDIGO 2024 (Kidney Int 2024;105(4S):S117-S314) "
+                      "and its Controversies Conference on early identification (Kidney Int 2021;99:34-47) "
+                      "advise testing adults at risk (hypertension, diabetes, CVD) with no age band, "
+                      "and risk is what the list ranks by"},
+    "hf": {"min_age_years": 40, "max_age_years": None, "min_encounters": 1,
+           "source": "STOP-HF (Ledwidge et al., JAMA 2013;310(1):66-74): natriuretic peptide screening of "
+                     "adults over 40 with cardiovascular risk factors; 2022 AHA/ACC/HFSA heart failure "
+                     "guideline (Circulation 2022;145:e895-e1032) recommends such screening of at-risk "
+                     "patients (class 2a); no upper age bound (programme choice)"},
+}
+
+
 class ScoringSettings(_Section):
     token_budget: int = Field(65536, ge=256)
     length_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
-    screening_thresholds: dict[str, float] = Field(
-        default_factory=lambda: {"t2d": 0.5, "ckd": 0.5, "hf": 0.5})
+    # Per-head thresholds that OVERRIDE the model card's operating points (empty: the card's,
+    # chosen on validation data by a stated rule). An override is recorded in the list's manifest.
+    screening_thresholds: dict[str, float] = Field(default_factory=dict)
     screening_top_k: int | None = None
+    # Per head: age range, minimum history and the cited source (preprocessing.eligibility).
+    eligibility: dict[str, HeadEligibilitySettings] = Field(
+        default_factory=lambda: {h: HeadEligibilitySettings(**r) for h, r in DEFAULT_ELIGIBILITY.items()})
     # Per head, leave out patients whose timelines row has prevalent_<head> (already diagnosed).
     screening_exclude_prevalent: bool = True
     prometheus_port: int | None = None

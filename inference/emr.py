@@ -7,7 +7,9 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
                           cut by token budget; one row per fragment (its padded batches)
       → ScoreActor        actor pool, one engine per actor (ray.actors_per_gpu actors share a GPU,
                           else fractional CPUs); runs infer over a fragment's batches and
-                          writes the fragment's Parquet into run staging itself
+                          writes the fragment's Parquet into run staging itself, after
+                          the model card's calibration (engines.calibration: the one place it
+                          is applied, whatever the backend)
       → driver            receives one small record per fragment, writes its done marker
       → QC gate           (FP32 safe mode on a low-precision trip)
       → commit            LAKE/scores/model=emr_risk/as_of=D, then screening list
@@ -32,8 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from conf.settings import Settings
+from engines.calibration import Calibration, from_card, reliability
+from engines.model_card import load_card
 from inference import metrics as run_metrics
 from inference import qc, report, screening
 from inference.actors import CachedEngine, EngineSource, ScoreActor, engine_actor_pool, pack_fragments
@@ -44,6 +49,7 @@ from lake.commit import commit, is_committed, partition_files, read_manifest
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
+from lake.schemas import HEADS
 
 MODEL = "emr_risk"
 STAGE = "score_emr"
@@ -107,6 +113,10 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     run_dir = lake.run(run_id)
     final = lake.scores(MODEL, as_of)
     source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
+    calibration = from_card(load_card(settings, MODEL, verify=False))
+    if calibration is None:
+        log.warning("model card %s has no calibration: scores are the engine's raw outputs, and the "
+                    "screening list needs configured thresholds", settings.models.get(MODEL))
     specs = plan_fragments(timelines, fragment_rows)
     available = sum(s.num_rows for s in specs)
     if limit is not None:
@@ -118,7 +128,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     started_ray = _ensure_ray(settings)
     try:
         attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
-                             final, run_id, actor_cls, on_fragment_done)]
+                             final, run_id, actor_cls, on_fragment_done, calibration)]
         first = attempts[0]
         if (not first.qc["passed"] and first.precision != "fp32"
                 and settings.scoring.qc.fallback_to_fp32):
@@ -126,7 +136,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                         first.precision, "; ".join(first.qc["reasons"]))
             first.staging.discard()
             attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
-                                     run_id, actor_cls, on_fragment_done))
+                                     run_id, actor_cls, on_fragment_done, calibration))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
         exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
@@ -161,6 +171,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "throughput": summary,
         "throughput_over_time": run_metrics.throughput_series(chosen.batches_this_attempt, chosen.started_at),
         "histograms": run_metrics.score_histograms(chosen.scores),
+        "calibration": _calibration_summary(calibration),
         "ledger": ledger.to_dict(),
         "settings": {"token_budget": settings.scoring.token_budget,
                      "length_buckets": list(settings.scoring.length_buckets),
@@ -181,6 +192,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "input": {"partition": f"emr/timelines/as_of={as_of}", "run_id": in_manifest.get("run_id"),
                   "vocab_sha256": _vocab_sha256(in_manifest)},
         "engine": run_summary["engine"], "fp32_safe_mode": safe_mode,
+        "calibration": _calibration_summary(calibration),
         "qc_passed": chosen.qc["passed"], "rows": ledger.records_out,
         "quarantined": ledger.quarantined, "started_at": run_summary["started_at"],
         # A smoke run says so: the limit and how many timelines a full run would have scored.
@@ -195,6 +207,9 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     ledger.check()
     files = [p.name for p in chosen.staging.part_files()]
     commit(chosen.staging.seal(), final, {**manifest, "files": files})
+    reliability_curves = _reliability_against_labels(final, timelines)
+    if reliability_curves is not None:
+        run_summary["reliability"] = reliability_curves
     screening_dir, screening_ledger = screening.build(settings, as_of, run_id)
     manifest.update({"status": "ok", "outputs": {"scores": f"scores/model={MODEL}/as_of={as_of}",
                                                  "screening": f"screening/as_of={as_of}"},
@@ -235,16 +250,26 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
 
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
              in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
-             on_fragment_done: Callable[[int, int], None] | None) -> Attempt:
+             on_fragment_done: Callable[[int, int], None] | None,
+             calibration: Calibration | None = None) -> Attempt:
     runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
     del runner
     _check_vocabulary(in_manifest, metadata, timelines,
                       allow_unrecorded=bool(getattr(source, "force_ungated", False)))
+    # A fused-graph engine records the reference export it answers for (same weights, same outputs
+    # within its gate); the calibration was fitted on that export's outputs.
+    built_for = metadata.get("reference_onnx_sha256") or metadata.get("onnx_sha256")
+    if calibration is not None and built_for not in (None, calibration.onnx_sha256):
+        raise RuntimeError(f"engine {metadata.get('fingerprint')} was built from ONNX "
+                           f"{str(built_for)[:12]}… but the card's calibration was fitted for "
+                           f"{calibration.onnx_sha256[:12]}…; rebuild the engine (`medscreen engines ensure`)")
     staging = RunStaging(final, run_id, precision)
     plan = {"input": str(timelines), "input_run_id": in_manifest.get("run_id"),
             "fragments": spec_dicts(specs), "engine_fingerprint": metadata.get("fingerprint"),
             "precision": precision, "token_budget": settings.scoring.token_budget,
-            "length_buckets": list(settings.scoring.length_buckets)}
+            "length_buckets": list(settings.scoring.length_buckets),
+            # A resume under another calibration would mix two score scales in one partition.
+            "calibration_id": calibration.id if calibration is not None else None}
     done = staging.open(plan)
     attempt = Attempt(precision=precision, metadata=metadata, staging=staging, resumed_fragments=len(done))
     pending = [s for s in specs if s.fragment not in done]
@@ -254,7 +279,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
         sink = FragmentSink(final=str(final), run_id=run_id, precision=precision, attempt_id=attempt_id,
                             as_of=final.name.split("=", 1)[1], model=str(metadata.get("model", MODEL)),
                             model_version=str(metadata.get("model_version")),
-                            engine_fingerprint=str(metadata.get("fingerprint")))
+                            engine_fingerprint=str(metadata.get("fingerprint")),
+                            calibration=calibration)
         ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
         attempt.rows_this_attempt, attempt.driver = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
@@ -265,6 +291,11 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt.scores = qc.read_scores(staging.part_files())
     reference = (qc.previous_partition(final.parent, final.name.split("=", 1)[1])
                  if settings.scoring.qc.drift_check else None)
+    if reference is not None and _calibration_id(read_manifest(reference)) != (calibration.id if calibration else None):
+        # Scores on another calibration's scale differ by design, not by drift.
+        log.warning("PSI reference %s was scored with calibration %s, this run with %s: no drift check",
+                    reference.name, _calibration_id(read_manifest(reference)), calibration.id if calibration else None)
+        reference = None
     attempt.qc = qc.evaluate(attempt.scores, settings.scoring.qc,
                              qc.read_scores(partition_files(reference)) if reference else None,
                              reference.name if reference else None)
@@ -333,6 +364,37 @@ def _write_run(run_dir: Path, manifest: dict[str, Any], summary: dict[str, Any],
     write_json(run_dir / "metrics.json", summary)
     (run_dir / "report.html").write_text(report.render(summary))
     write_json(run_dir / "manifest.json", manifest)
+
+
+def _calibration_summary(calibration: Calibration | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    return {"id": calibration.id, "method": calibration.method, "onnx_sha256": calibration.onnx_sha256}
+
+
+def _calibration_id(manifest: dict[str, Any]) -> str | None:
+    return (manifest.get("calibration") or {}).get("id")
+
+
+def _reliability_against_labels(scores_dir: Path, timelines: Path) -> dict[str, Any] | None:
+    """Per head, the reliability curve of the committed scores against the timelines' labels;
+    None when the timelines carry no labels (nightly runs)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = partition_files(timelines)
+    label_cols = [f"label_{h}" for h in HEADS]
+    if not files or any(c not in pq.read_schema(files[0]).names for c in label_cols):
+        return None
+    labels = pa.concat_tables([pq.read_table(f, columns=["patient_key", *label_cols]) for f in files])
+    scores = pa.concat_tables([pq.read_table(f, columns=["patient_key", *(f"score_{h}" for h in HEADS)])
+                               for f in partition_files(scores_dir)])
+    index = pc.index_in(scores.column("patient_key"), value_set=labels.column("patient_key"))
+    out = {}
+    for h in HEADS:
+        y = labels.column(f"label_{h}").take(index).fill_null(-1).to_numpy(zero_copy_only=False)
+        out[h] = reliability(scores.column(f"score_{h}").to_numpy(zero_copy_only=False), y)
+    return out
 
 
 def _vocab_sha256(manifest: dict[str, Any]) -> str | None:

@@ -182,6 +182,9 @@ class FragmentSink:
     model: str
     model_version: str
     engine_fingerprint: str
+    # The model card's calibration (engines.calibration.Calibration), applied to the engine's
+    # raw outputs before they are written; None writes raw outputs.
+    calibration: Any = None
 
     def staging(self) -> RunStaging:
         return RunStaging(Path(self.final), self.run_id, self.precision)
@@ -191,6 +194,8 @@ class FragmentSink:
               batches: list[dict[str, Any]]) -> dict[str, Any]:
         """Write one fragment's scores (sorted by key) and quarantine; return its marker record."""
         t0 = time.perf_counter()
+        if self.calibration is not None:
+            probs = self.calibration.apply(probs, HEADS)
         # UTF-8 bytes sort in code-point order, as the decoded strings would: no decode to sort.
         order = np.argsort(keys, kind="stable")
         n = len(order)

@@ -75,6 +75,35 @@ def line_svg(points: list[dict[str, float]], x: str, y: str, title: str, width: 
             f'<polyline fill="none" stroke="#c0392b" stroke-width="2" points="{coords}"/></svg>')
 
 
+def reliability_svg(curve: dict[str, Any], title: str, width: int = 320, height: int = 240) -> str:
+    """A reliability (calibration) curve: mean predicted probability against the observed rate
+    per bin, with the diagonal of perfect calibration; bin sizes in the tooltips."""
+    pad_l, pad_b, pad_t, pad_r = 40, 30, 22, 10
+    w, h = width - pad_l - pad_r, height - pad_b - pad_t
+    bins = curve.get("bins") or []
+
+    def xy(px: float, py: float) -> str:
+        return f"{pad_l + w * px:.1f},{pad_t + h - h * py:.1f}"
+
+    points = " ".join(xy(b["mean_predicted"], b["observed_rate"]) for b in bins)
+    dots = "".join(
+        f'<circle cx="{xy(b["mean_predicted"], b["observed_rate"]).split(",")[0]}" '
+        f'cy="{xy(b["mean_predicted"], b["observed_rate"]).split(",")[1]}" r="3" fill="#3b6ea8">'
+        f'<title>predicted {b["mean_predicted"]:.3f}, observed {b["observed_rate"]:.3f}, n={b["n"]}</title></circle>'
+        for b in bins)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="{_e(title)}">'
+            f'<text x="{pad_l}" y="14" font-size="13" font-weight="600">{_e(title)}</text>'
+            f'<rect x="{pad_l}" y="{pad_t}" width="{w}" height="{h}" fill="none" stroke="#444"/>'
+            f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t}" stroke="#999" stroke-dasharray="4 3"/>'
+            f'<polyline fill="none" stroke="#3b6ea8" stroke-width="2" points="{points}"/>{dots}'
+            f'<text x="{pad_l}" y="{height - 16}" font-size="11">0</text>'
+            f'<text x="{pad_l + w - 8}" y="{height - 16}" font-size="11">1</text>'
+            f'<text x="{pad_l + w / 2 - 40}" y="{height - 4}" font-size="11">mean predicted</text>'
+            f'<text x="4" y="{pad_t + 10}" font-size="11">1</text>'
+            f'<text x="4" y="{pad_t + h / 2}" font-size="11">observed</text></svg>')
+
+
 def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _fmt(c)}</td>" for c in r) + "</tr>"
@@ -140,6 +169,21 @@ def render(summary: dict[str, Any]) -> str:
                          f"<div class='muted'>mean {_fmt(d['mean'])} · std {_fmt(d['std'])} · "
                          f"non-finite {d['non_finite']}</div></div>")
     parts.append("<h2>Score distributions</h2><div class='row'>" + "".join(cards) + "</div>")
+    cal = summary.get("calibration")
+    parts.append("<h2>Calibration</h2><p class='muted'>" + (
+        f"{_e(cal.get('method'))} calibration {_e(cal.get('id'))} from the model card, applied to every "
+        "engine's output" if cal else "none: these scores are the engine's raw outputs") + "</p>")
+    curves = summary.get("reliability")
+    if curves:
+        cells = []
+        for h in HEADS:
+            if h in curves:
+                title = f"{h} (n={curves[h].get('n', 0):,})"
+                cells.append(f"<div class='card'>{reliability_svg(curves[h], title)}<div class='muted'>"
+                             f"expected calibration error {_fmt(curves[h].get('ece'))}</div></div>")
+        parts.append("<div class='row'>" + "".join(cells) + "</div><p class='muted'>Reliability against this "
+                     "as-of's labels (incident diagnosis within the horizon; prevalent and lost-to-follow-up "
+                     "patients have none).</p>")
     checks = qc.get("checks", [])
     parts.append(f"<h2>QC gate {_verdict(qc.get('passed'))}</h2>" + _table(
         [(c["check"], c["head"], c["value"], c["threshold"], _verdict(c["passed"])) for c in checks],

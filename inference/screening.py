@@ -1,15 +1,19 @@
 """The screening list: patients flagged for follow-up from a committed scores partition.
 
-An outreach list for *incident* risk. Per head, patients already diagnosed with
-the head's disease at the as-of date (``prevalent_<head>`` in the timelines
-partition the scores came from: the labels' "already diagnosed" rule, see
-preprocessing.timelines) are left out first, unless
-``scoring.screening_exclude_prevalent`` is false. Of the rest, a patient is
-flagged when the score reaches ``scoring.screening_thresholds[head]``, or, when
-``scoring.screening_top_k`` is set, when the score is among the head's top k
-(ties broken by patient_key so the list is deterministic). One row per
-(patient, head) with the score and full provenance. Written atomically to
-LAKE/screening/as_of=D/, whose manifest records the rule.
+An outreach list for *incident* risk. Per head, a patient may be on the list
+only when ELIGIBLE (preprocessing.eligibility, rules in
+``scoring.eligibility`` with their cited sources): age in the head's range,
+at least one encounter in the lookback (an empty timeline never qualifies),
+and not already diagnosed with the head's disease (``prevalent_<head>`` in the
+timelines partition the scores came from; ``scoring.screening_exclude_prevalent``
+false turns only this last part off). Of the eligible, a patient is flagged
+when the (calibrated) score reaches the head's threshold — the model card's
+operating point, or ``scoring.screening_thresholds[head]`` as a recorded
+override — or, when ``scoring.screening_top_k`` is set, when the score is among
+the head's top k eligible (ties broken by patient_key so the list is
+deterministic). One row per (patient, head) with the score and full
+provenance. Written atomically to LAKE/screening/as_of=D/, whose manifest
+records the rules, the thresholds and where each came from.
 """
 from __future__ import annotations
 
@@ -27,16 +31,25 @@ from lake.commit import atomic_partition, partition_files, read_manifest, read_p
 from lake.ledger import StageLedger
 from lake.paths import LakePaths, as_of_str
 from lake.schemas import HEADS, PREVALENT_COLUMNS
+from preprocessing import eligibility as elig
 from preprocessing.timelines import LABEL_GROUPS
 
 MODEL = "emr_risk"
-# Ledger reason: not flagged on any head, but would have been on one where already diagnosed.
+# Ledger reasons of the patient-level stage, for patients flagged on no head (first that applies):
+# outside every head's age range; in some head's range but without the minimum history there;
+# would have been flagged on a head where eligible but for being already diagnosed.
+OUTSIDE_AGE_RANGE = "outside_age_range"
+NO_ENCOUNTER = "no_encounter_in_lookback"
 EXCLUDED_PREVALENT = "excluded_prevalent"
 log = logging.getLogger(__name__)
 
 
 class TimelinesNotUsable(ValueError):
     """The timelines partition the scores came from cannot say who is already diagnosed."""
+
+
+class ThresholdsNotUsable(ValueError):
+    """No usable threshold for a head: the card has no operating point for these scores."""
 
 
 SCREENING = pa.schema([
@@ -55,13 +68,16 @@ SCREENING = pa.schema([
 
 
 def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
-           prevalent: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict[str, np.ndarray]]:
+           prevalent: dict[str, np.ndarray] | None = None,
+           eligible: dict[str, np.ndarray] | None = None) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """Flagged (patient, head) rows of a scores table, schema :data:`SCREENING`, sorted by head then
     rank, and per head the row indices of ``scores`` left out as already diagnosed.
 
+    ``eligible`` maps a head to a boolean per scores row: age in range and minimum history
+    (None: everyone); a patient not eligible is never flagged and never competes for the top k.
     ``prevalent`` maps a head to a boolean per scores row (None: nobody is left out). A prevalent
     patient is never flagged for that head; with top k the k are taken from the others. The
-    indices returned are those prevalent patients who would otherwise have been flagged.
+    indices returned are those eligible prevalent patients who would otherwise have been flagged.
     """
     unknown = set(thresholds) - set(HEADS)
     if unknown:
@@ -80,11 +96,13 @@ def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
         finite = np.isfinite(s)
         order = by_key[np.argsort(-np.where(finite, s, -np.inf)[by_key], kind="stable")]
         order = order[finite[order]]
+        if eligible is not None:
+            order = order[eligible[head][order]]
         out = prevalent[head][order] if prevalent is not None else np.zeros(len(order), bool)
         if top_k is not None:
             # Within the top k: fewer than k patients who may be flagged rank ahead.
-            eligible = (~out).astype(np.int64)
-            qualifies = np.cumsum(eligible) - eligible < top_k
+            may_flag = (~out).astype(np.int64)
+            qualifies = np.cumsum(may_flag) - may_flag < top_k
             criterion = f"top_k={top_k}"
         else:
             qualifies = s[order] >= thresholds[head]
@@ -109,9 +127,10 @@ def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
 
 
 def select(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
-           prevalent: dict[str, np.ndarray] | None = None) -> pa.Table:
+           prevalent: dict[str, np.ndarray] | None = None,
+           eligible: dict[str, np.ndarray] | None = None) -> pa.Table:
     """The flagged rows of :func:`screen`."""
-    return screen(scores, thresholds, top_k, prevalent)[0]
+    return screen(scores, thresholds, top_k, prevalent, eligible)[0]
 
 
 def _rebuild_hint(as_of: str) -> str:
@@ -136,10 +155,12 @@ def require_prevalence_columns(timelines: Path, as_of: str) -> None:
                 "scoring.screening_exclude_prevalent: false to screen without leaving them out")
 
 
-def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
-                   as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
-    """``prevalent_<head>`` of every scored patient, from the timelines partition the scores came
-    from, and that partition's features run id.
+def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | None, as_of: str,
+                   with_prevalence: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
+    """What eligibility needs of every scored patient, in scores row order, from the timelines
+    partition the scores came from: ``age_years``, ``encounters`` (encounter tokens in the
+    timeline) and, ``with_prevalence``, ``prevalent_<head>`` per head; and that partition's
+    features run id.
 
     Raises :class:`TimelinesNotUsable` when the partition was rebuilt since scoring, predates
     the prevalence columns, or lacks a scored patient: the fix is to rebuild and rescore.
@@ -151,29 +172,109 @@ def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | Non
             f"timelines partition {timelines.name} is from features run {manifest.get('run_id')}, but the "
             f"scores were computed from run {expected_run_id}: it was rebuilt since; "
             f"score again (`medscreen score emr --as-of {as_of}`)")
-    require_prevalence_columns(timelines, as_of)
-    table = read_partition(timelines, columns=["patient_key", *PREVALENT_COLUMNS])
+    if with_prevalence:
+        require_prevalence_columns(timelines, as_of)
+    flag_cols = list(PREVALENT_COLUMNS) if with_prevalence else []
+    parts = []
+    # File by file: the token lists are reduced to a count before the next file is read.
+    for f in partition_files(timelines):
+        t = pq.read_table(f, columns=["patient_key", "age_years", "tokens", *flag_cols])
+        parts.append(t.drop_columns(["tokens"]).append_column(
+            "encounters", pa.array(elig.encounter_counts(t.column("tokens")), pa.int64())))
+    table = pa.concat_tables(parts) if parts else pa.table(
+        {"patient_key": pa.array([], pa.string()), "age_years": pa.array([], pa.float32()),
+         **{c: pa.array([], pa.bool_()) for c in flag_cols}, "encounters": pa.array([], pa.int64())})
     index = pc.index_in(scores.column("patient_key"), value_set=table.column("patient_key"))
     if index.null_count:
         raise TimelinesNotUsable(f"{index.null_count} scored patients have no row in timelines partition "
                                  f"{timelines.name}; {rebuild}")
-    flags = {}
+    facts = {"age_years": table.column("age_years").take(index).to_numpy(zero_copy_only=False).astype(np.float64),
+             "encounters": table.column("encounters").take(index).to_numpy(zero_copy_only=False)}
     for head, col in zip(HEADS, PREVALENT_COLUMNS):
+        if not with_prevalence:
+            break
         values = table.column(col).take(index)
         if values.null_count:
             raise TimelinesNotUsable(f"timelines partition {timelines.name} has {values.null_count} null "
                                      f"{col} values among the scored patients; {rebuild}")
-        flags[head] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
-    return flags, manifest.get("run_id")
+        facts[col] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
+    return facts, manifest.get("run_id")
+
+
+def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
+                   as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
+    """``prevalent_<head>`` of every scored patient (see :func:`timeline_facts`) and the features run id."""
+    facts, run_id = timeline_facts(scores, timelines, expected_run_id, as_of)
+    return {h: facts[c] for h, c in zip(HEADS, PREVALENT_COLUMNS)}, run_id
+
+
+def head_rules(settings: Settings) -> dict[str, elig.HeadRule]:
+    """Each head's eligibility rule from ``scoring.eligibility``; every head needs one."""
+    rules = settings.scoring.eligibility
+    unknown, missing = set(rules) - set(HEADS), [h for h in HEADS if h not in rules]
+    if unknown or missing:
+        raise ValueError(f"scoring.eligibility must name exactly the heads {list(HEADS)}; "
+                         f"unknown {sorted(unknown)}, missing {missing}")
+    return {h: elig.HeadRule(r.min_age_years, r.max_age_years, r.min_encounters) for h, r in rules.items()}
+
+
+def resolve_thresholds(settings: Settings, scores_manifest: dict[str, Any]
+                       ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Each head's threshold and where it came from: the model card's operating point, or a
+    ``scoring.screening_thresholds`` override (recorded with the card's value beside it).
+
+    The card's thresholds are on the scale of its calibration: scores calibrated otherwise
+    (or not at all) cannot use them. Raises :class:`ThresholdsNotUsable` naming the fix.
+    """
+    from engines.model_card import load_card
+    from engines.operating_points import thresholds_from_card
+
+    overrides = dict(settings.scoring.screening_thresholds)
+    unknown = set(overrides) - set(HEADS)
+    if unknown:
+        raise ValueError(f"scoring.screening_thresholds names unknown heads {sorted(unknown)}; "
+                         f"heads are {list(HEADS)}")
+    card = load_card(settings, MODEL, verify=False) if set(overrides) != set(HEADS) else {}
+    card_points = thresholds_from_card(card) if card else {}
+    points = (card.get("operating_points") or {}) if card else {}
+    scored_with = (scores_manifest.get("calibration") or {}).get("id")
+    thresholds, record = {}, {}
+    for head in HEADS:
+        if head in overrides:
+            thresholds[head] = float(overrides[head])
+            record[head] = {"threshold": thresholds[head], "source": "override (scoring.screening_thresholds)",
+                            "card_threshold": card_points.get(head)}
+            log.warning("screening: %s threshold %g is a configuration override (card: %s)", head,
+                        thresholds[head], card_points.get(head))
+            continue
+        fix = (f"recalibrate the model (python -m models.emr_risk.train --calibrate-only) and score again, "
+               f"or set scoring.screening_thresholds.{head}")
+        if head not in card_points:
+            raise ThresholdsNotUsable(f"model card {card.get('card_file')} has no operating point for head "
+                                      f"{head!r}; {fix}")
+        if points.get("calibration_id") != scored_with:
+            raise ThresholdsNotUsable(
+                f"the card's operating points are for calibration {points.get('calibration_id')}, but these "
+                f"scores were calibrated with {scored_with} (scores run {scores_manifest.get('run_id')}); {fix}")
+        thresholds[head] = card_points[head]
+        record[head] = {"threshold": thresholds[head],
+                        "source": f"model card {card.get('name')} {card.get('version')} operating point",
+                        "rule": points.get("rule"), "calibration_id": points.get("calibration_id"),
+                        "holdout": (points.get("heads") or {}).get(head, {}).get("holdout")}
+    return thresholds, record
 
 
 def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Path, StageLedger]:
     """Write LAKE/screening/as_of=D/ from the committed emr_risk scores; return it and its ledger.
 
     Ledger unit is patients: in = scored patients, out = patients flagged on
-    any head; of the rest, those who would have been flagged on a head but
-    for being already diagnosed are ignored as ``excluded_prevalent``, the
-    others by rule ``below_threshold`` / ``outside_top_k``.
+    any head; each of the rest is ignored by the first rule that applies:
+    ``outside_age_range`` (outside every head's range), ``no_encounter_in_lookback``
+    (in some head's range, without the minimum history on every such head),
+    ``excluded_prevalent`` (would have been flagged on a head where eligible but
+    for being already diagnosed), else ``below_threshold`` / ``outside_top_k``.
+    The manifest's ``eligibility`` also counts, per head, every scored patient
+    by the first reason that keeps them off that head's list.
     """
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
@@ -181,32 +282,51 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     scores_manifest = read_manifest(scores_dir)
     scores = read_partition(scores_dir)
     cfg = settings.scoring
+    rules = head_rules(settings)
     source = scores_manifest.get("input") or {}
     timelines = lake.root / source.get("partition", lake.timelines(as_of).relative_to(lake.root).as_posix())
-    prevalent = timelines_run_id = None
+    facts, timelines_run_id = timeline_facts(scores, timelines, source.get("run_id"), as_of,
+                                             with_prevalence=cfg.screening_exclude_prevalent)
+    thresholds, threshold_record = ({}, {}) if cfg.screening_top_k is not None else \
+        resolve_thresholds(settings, scores_manifest)
+    prevalent = None
     if cfg.screening_exclude_prevalent:
-        prevalent, timelines_run_id = prevalence_for(scores, timelines, source.get("run_id"), as_of)
+        prevalent = {h: facts[c] for h, c in zip(HEADS, PREVALENT_COLUMNS)}
     else:
         log.warning("screening %s: scoring.screening_exclude_prevalent is false — patients already "
                     "diagnosed are NOT left out of the list", as_of)
-    flagged, excluded = screen(scores, cfg.screening_thresholds, cfg.screening_top_k, prevalent)
+    codes = {h: elig.reasons(rules[h], facts["age_years"], facts["encounters"],
+                             prevalent[h] if prevalent is not None else None) for h in HEADS}
+    # Age and history only: the prevalence rule stays in screen(), which reports whom it left out.
+    eligible = {h: (codes[h] == elig.ELIGIBLE) | (codes[h] == elig.ALREADY_DIAGNOSED) for h in HEADS}
+    flagged, excluded = screen(scores, thresholds, cfg.screening_top_k, prevalent, eligible)
 
     is_flagged = np.zeros(scores.num_rows, bool)
     if flagged.num_rows:
         is_flagged[pc.index_in(flagged.column("patient_key"), value_set=scores.column("patient_key"))
                    .to_numpy(zero_copy_only=False).astype(np.int64)] = True
+    in_some_range = np.zeros(scores.num_rows, bool)
+    eligible_somewhere = np.zeros(scores.num_rows, bool)
+    for h in HEADS:
+        in_some_range |= codes[h] != elig.OUTSIDE_AGE_RANGE
+        eligible_somewhere |= eligible[h]
     is_excluded = np.zeros(scores.num_rows, bool)
     for rows in excluded.values():
         is_excluded[rows] = True
-    is_excluded &= ~is_flagged
-    n_flagged, n_excluded = int(is_flagged.sum()), int(is_excluded.sum())
+    rest = ~is_flagged
+    outside_age = rest & ~in_some_range
+    no_history = rest & in_some_range & ~eligible_somewhere
+    excluded_prevalent = rest & eligible_somewhere & is_excluded
     rule = "outside_top_k" if cfg.screening_top_k is not None else "below_threshold"
-    ignored = {rule: scores.num_rows - n_flagged - n_excluded}
+    n_flagged = int(is_flagged.sum())
+    ignored = {OUTSIDE_AGE_RANGE: int(outside_age.sum()), NO_ENCOUNTER: int(no_history.sum())}
     if prevalent is not None:
-        ignored[EXCLUDED_PREVALENT] = n_excluded
+        ignored[EXCLUDED_PREVALENT] = int(excluded_prevalent.sum())
+    ignored[rule] = scores.num_rows - n_flagged - sum(ignored.values())
     ledger = StageLedger("screening", records_in=scores.num_rows, records_out=n_flagged,
                          ignored=ignored, unit="patients")
     ledger.check()
+    n_excluded = ignored.get(EXCLUDED_PREVALENT, 0)
     if prevalent is not None:
         exclusion: dict[str, Any] = {
             "enabled": True,
@@ -225,16 +345,29 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
         exclusion = {"enabled": False,
                      "warning": "scoring.screening_exclude_prevalent is false: patients already diagnosed "
                                 "are NOT left out of this list"}
+    per_head = {h: int(pc.sum(pc.equal(flagged.column("head"), h)).as_py() or 0) for h in HEADS}
+    eligibility = {
+        "rule": ("per head: age in completed years on the as-of day within [min_age_years, max_age_years], "
+                 "at least min_encounters encounter tokens in the timeline, and not already diagnosed; "
+                 "each patient counted under the first reason that keeps them off"),
+        "heads": {h: {**cfg.eligibility[h].model_dump(), "counts": elig.counts(codes[h]),
+                      "flagged": per_head[h],
+                      "flagged_per_1000_eligible": (round(1000 * per_head[h] / elig.counts(codes[h])["eligible"], 1)
+                                                    if elig.counts(codes[h])["eligible"] else None)}
+                  for h in HEADS},
+    }
     manifest: dict[str, Any] = {
         "as_of": as_of, "run_id": run_id or scores_manifest.get("run_id"), "model": MODEL,
         "scores_run_id": scores_manifest.get("run_id"),
         # From a --limit smoke run: a list of the first N timelines only, never the outreach list.
         "limit": scores_manifest.get("limit"),
+        "calibration": scores_manifest.get("calibration"),
         "criterion": {"top_k": cfg.screening_top_k} if cfg.screening_top_k is not None
-        else {"thresholds": dict(cfg.screening_thresholds)},
+        else {"thresholds": threshold_record},
+        "eligibility": eligibility,
         "exclude_prevalent": exclusion,
         "rows": flagged.num_rows, "patients": n_flagged,
-        "per_head": {h: int(pc.sum(pc.equal(flagged.column("head"), h)).as_py() or 0) for h in HEADS},
+        "per_head": per_head,
         "ledger": ledger.to_dict(),
     }
     final = lake.screening(as_of)

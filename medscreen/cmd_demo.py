@@ -100,6 +100,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary["score_emr_run"] = str(run_dir)
     summary["emr_check"] = progress.run("checking scores against labels and the model card",
                                         lambda: _check_emr(settings, d.as_of))
+    summary["operating_points"] = _operating_points(settings, d.as_of)
 
     if ct:
         from medscreen import synth_ct
@@ -149,6 +150,13 @@ def _verdicts(s: dict[str, Any]) -> list[dict[str, Any]]:
         else:
             checks.append({"check": name, "passed": abs(auc - card) <= AUC_TOLERANCE,
                            "detail": f"{auc} vs card {card}"})
+    ops = s.get("operating_points") or {}
+    if ops:
+        young = ops.get("listed_below_min_age", {})
+        checks.append({"check": "nobody below a head's minimum age or without an encounter on its list",
+                       "passed": not any(young.values()) and not any(ops.get("listed_without_encounter", {}).values()),
+                       "detail": f"below minimum age per head {young}; without an encounter per head "
+                                 f"{ops.get('listed_without_encounter')}"})
     ct = s.get("ct_check")
     if ct is not None:
         sens = ct.get("sensitivity")
@@ -195,6 +203,43 @@ def _check_emr(settings: Settings, as_of: str) -> dict[str, Any]:
         out[f"card_auc_{head}"] = card_auc
     screening = lp.screening(as_of)
     out["screening_rows"] = read_partition(screening).num_rows if is_committed(screening) else 0
+    return out
+
+
+def _operating_points(settings: Settings, as_of: str) -> dict[str, Any]:
+    """Per head: the list's size against the eligible, the threshold and where it came from (with the
+    card's held-out sensitivity/PPV), and who on the list the eligibility rules should have kept off."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from lake.commit import is_committed, read_manifest, read_partition
+    from lake.paths import LakePaths
+    from preprocessing.vocabulary import default_vocabulary
+
+    lp = LakePaths(settings.lake.root)
+    if not is_committed(lp.screening(as_of)):
+        return {}
+    manifest = read_manifest(lp.screening(as_of))
+    listed = read_partition(lp.screening(as_of), columns=["patient_key", "head"])
+    timelines = read_partition(lp.timelines(as_of), columns=["patient_key", "age_years", "tokens"])
+    index = pc.index_in(listed.column("patient_key"), value_set=timelines.column("patient_key"))
+    ages = timelines.column("age_years").take(index).to_numpy(zero_copy_only=False)
+    encounter = default_vocabulary().id_of("encounter")
+    has_encounter = np.array([encounter in (t or []) for t in timelines.column("tokens").take(index).to_pylist()])
+    heads = np.asarray(listed.column("head").to_pylist())
+    out: dict[str, Any] = {"heads": {}, "listed_below_min_age": {}, "listed_without_encounter": {}}
+    for head, e in ((manifest.get("eligibility") or {}).get("heads") or {}).items():
+        t = ((manifest.get("criterion") or {}).get("thresholds") or {}).get(head) or {}
+        holdout = t.get("holdout") or {}
+        out["heads"][head] = {"listed": e.get("flagged"), "eligible": (e.get("counts") or {}).get("eligible"),
+                              "per_1000_eligible": e.get("flagged_per_1000_eligible"),
+                              "threshold": t.get("threshold"), "source": t.get("source"),
+                              "rule": (t.get("rule") or {}).get("name"), "target": (t.get("rule") or {}).get("target"),
+                              "holdout_sensitivity": holdout.get("sensitivity"), "holdout_ppv": holdout.get("ppv"),
+                              "holdout_per_1000_eligible": holdout.get("per_1000_eligible")}
+        mine = heads == head
+        out["listed_below_min_age"][head] = int((np.floor(ages[mine]) < e["min_age_years"]).sum())
+        out["listed_without_encounter"][head] = int((~has_encounter[mine]).sum())
     return out
 
 
@@ -283,6 +328,13 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
         for head in ("t2d", "ckd", "hf"):
             w(f"    AUC {head:<4} against the labels {chk.get(f'auc_{head}')}  "
               f"(model card, held out: {chk.get(f'card_auc_{head}')})\n")
+    for head, op in ((s.get("operating_points") or {}).get("heads") or {}).items():
+        at = f"threshold {op['threshold']:.4g}" if op.get("threshold") is not None else "top k"
+        w(f"    list {head:<4} {op['listed'] or 0:>6,} of {op['eligible'] or 0:,} eligible ({op['per_1000_eligible']} "
+          f"per 1000) at {at} ({op['source']}"
+          + (f"; rule {op['rule']} {op['target']:g}: held out {op['holdout_per_1000_eligible']} per 1000, "
+             f"sensitivity {op['holdout_sensitivity']}, PPV {op['holdout_ppv']}" if op.get("rule") else "")
+          + ")\n")
     if "ct_check" in s:
         idx = (s.get("dicom_index") or {}).get("counts") or {}
         w(f"DICOM index       {idx.get('files', 0):>10,} files, {idx.get('series', 0)} series: "

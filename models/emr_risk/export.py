@@ -99,7 +99,8 @@ def export_untrained(path: Path, vocab_size: int = 64, seed: int = 0, **config: 
 
 def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: str,
                config: ModelConfig, vocab: dict, profiles: dict, metrics: dict,
-               training: dict, torch_state: Path | None = None) -> Path:
+               training: dict, torch_state: Path | None = None,
+               calibration: dict | None = None, operating_points: dict | None = None) -> Path:
     """Write the model card (YAML) describing ``onnx_path``; the ONNX path is stored repo-relative."""
     import yaml
 
@@ -133,7 +134,25 @@ def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: st
         ts = Path(torch_state).resolve()
         card["torch"] = {"state_dict": (str(ts.relative_to(repo_root)) if ts.is_relative_to(repo_root)
                                         else str(ts)), "sha256": file_sha256(ts)}
-    card_path = Path(card_path)
+    if calibration is not None:
+        card["calibration"] = calibration
+    if operating_points is not None:
+        card["operating_points"] = operating_points
+    return _write_yaml(Path(card_path), card)
+
+
+def update_card(card_path: Path, **sections: dict) -> Path:
+    """Replace whole top-level sections of an existing card (``--calibrate-only``), keeping the rest."""
+    import yaml
+
+    card = yaml.safe_load(Path(card_path).read_text())
+    card.update(sections)
+    return _write_yaml(Path(card_path), card)
+
+
+def _write_yaml(card_path: Path, card: dict) -> Path:
+    import yaml
+
     card_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = card_path.with_name(card_path.name + ".tmp")
     tmp.write_text("# Written by python -m models.emr_risk.train; do not edit by hand.\n"

@@ -1,11 +1,23 @@
 """Train the EMR risk model on synthetic data THROUGH THE LAKE, export ONNX, write the model card.
 
     python -m models.emr_risk.train [--workdir DIR] [--patients N] [--as-of D]
+    python -m models.emr_risk.train --calibrate-only [--skip-data] ...
 
 Steps: synthetic FHIR export (medscreen.synth_emr) → ingest (jobs.emr_ingest)
 → labelled timelines (jobs.emr_features --with-labels) for quarterly training
 as-of dates and one later held-out date → train on CPU → held-out metrics per
-head → ONNX (dynamo exporter, dynamic batch/seq, one file) → conf/models/emr_risk.yaml.
+head → ONNX (dynamo exporter, dynamic batch/seq, one file) → calibration and
+operating points (below) → conf/models/emr_risk.yaml.
+
+Calibration and operating points are fitted on the exported ONNX's outputs
+(what every engine computes) for the validation split — the training
+patients held back for early stopping — never on the held-out date:
+each head gets a calibration (Platt by default, isotonic optional) and a
+threshold chosen by a stated rule (default: at most 100 flagged per 1 000
+patients eligible for the head's list, eligibility as in ``scoring.eligibility``);
+the card records both with reliability curves and the threshold's held-out
+sensitivity/PPV. ``--calibrate-only`` does just this for the card's existing
+ONNX, leaving the model untouched.
 """
 from __future__ import annotations
 
@@ -23,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.emr_risk.export import export_onnx, write_card
+from models.emr_risk.export import export_onnx, update_card, write_card
 from models.emr_risk.model import HEADS, EmrRiskModel, ModelConfig
 
 log = logging.getLogger("models.emr_risk.train")
@@ -66,7 +78,22 @@ def load_rows(lake_root: Path, as_of: str, max_tokens: int) -> dict[str, np.ndar
     feed["group"] = np.array([int(k[:8], 16) for k in table.column("patient_key").to_pylist()],
                              dtype=np.int64)
     feed["length"] = np.minimum(np.asarray(table.column("length").to_pylist()), max_tokens)
+    feed["prevalent"] = _prevalent(lake_root, as_of, table)
     return feed
+
+
+def _prevalent(lake_root: Path, as_of: str, table) -> np.ndarray:
+    """prevalent_<head> per row of ``table`` (bool [n, heads]): who screening would leave out."""
+    import pyarrow.compute as pc
+
+    from lake.commit import read_partition
+    from lake.paths import LakePaths
+    from lake.schemas import PREVALENT_COLUMNS
+
+    flags = read_partition(LakePaths(lake_root).timelines(as_of), columns=["patient_key", *PREVALENT_COLUMNS])
+    index = pc.index_in(table.column("patient_key"), value_set=flags.column("patient_key"))
+    return np.stack([flags.column(c).take(index).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+                     for c in PREVALENT_COLUMNS], axis=1)
 
 
 def concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -173,7 +200,7 @@ def train(model: EmrRiskModel, data: dict[str, np.ndarray], epochs: int, lr: flo
     return history, val_auc
 
 
-ARRAY_KEYS = ("length", "age_years", "sex", "labels", "group")
+ARRAY_KEYS = ("length", "age_years", "sex", "labels", "group", "prevalent")
 
 
 def save_arrays(path: Path, train_data: dict[str, np.ndarray], hold: dict[str, np.ndarray],
@@ -195,6 +222,10 @@ def load_arrays(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray
     z = np.load(path)
     splits = []
     for split in ("train", "hold"):
+        missing = [k for k in ARRAY_KEYS if f"{split}_{k}" not in z]
+        if missing:
+            raise ValueError(f"{path} lacks {missing} (written by an older version); "
+                             "rebuild it with --save-arrays")
         d = {k: z[f"{split}_{k}"] for k in ARRAY_KEYS}
         n, seq = len(d["length"]), max(1, int(d["length"].max()))
         keep = np.arange(seq)[None, :] < d["length"][:, None]
@@ -231,7 +262,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="train from --save-arrays output: no lake, Spark or settings needed")
     p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     p.add_argument("--val-share", type=float, default=0.15, dest="val_share",
-                   help="share of training patients held back for early stopping (0 disables)")
+                   help="share of training patients held back for early stopping, calibration and "
+                        "operating points (0 disables all three)")
+    p.add_argument("--calibration", choices=CALIBRATION_METHODS, default="platt",
+                   help="calibration method fitted on the validation split (default platt: monotone, so "
+                        "rankings and AUC are unchanged, and stable with a few hundred positives per head)")
+    p.add_argument("--operating-rule", choices=OPERATING_RULES, default="list_size_per_1000",
+                   dest="operating_rule", help="how each head's threshold is chosen on validation")
+    p.add_argument("--operating-target", type=float, default=100.0, dest="operating_target",
+                   help="the rule's target: flagged per 1 000 eligible (default 100), or a PPV in (0, 1)")
+    p.add_argument("--calibrate-only", action="store_true", dest="calibrate_only",
+                   help="no training: calibrate the card's existing ONNX on the validation split, choose "
+                        "operating points, and update only those sections of the card")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -261,6 +303,29 @@ def main(argv: list[str] | None = None) -> int:
     vocab, max_tokens = meta["vocab"], meta["max_tokens"]
     log.info("training rows %d, held-out rows %d, vocabulary %d tokens", len(train_data["length"]),
              len(hold["length"]), vocab["size"])
+    if args.calibrate_only:
+        import yaml
+
+        card = yaml.safe_load(args.card.read_text())
+        share = float(((card.get("training") or {}).get("validation") or {}).get("patients_share") or args.val_share)
+        _, val = split_by_patient(train_data, share)
+        onnx_path = REPO_ROOT / card["onnx"]["path"] if not Path(card["onnx"]["path"]).is_absolute() \
+            else Path(card["onnx"]["path"])
+        sections = calibrate_sections(onnx_path, val, hold, meta, share, args)
+        expected_rows = ((card.get("training") or {}).get("validation") or {}).get("rows")
+        if expected_rows is not None and expected_rows != len(val["length"]):
+            # The split follows the patient keys, i.e. the pseudonym key the arrays were built with.
+            note = (f"the model's own validation split ({expected_rows} rows) was not reproduced "
+                    f"({len(val['length'])} rows: the data were keyed with another pseudonym key), so most "
+                    "of these rows' patients were among the model's training rows; the held-out date "
+                    "(never used for fitting) shows how the calibration carries over")
+            log.warning("calibration: %s", note)
+            sections["calibration"]["fitted_on"]["note"] = note
+        update_card(args.card, **sections)
+        print(json.dumps({"card": str(args.card), "calibration": sections["calibration"]["id"],
+                          "operating_points": {h: p["threshold"] for h, p in
+                                               sections["operating_points"]["heads"].items()}}, indent=2))
+        return 0
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -285,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     profiles = {"batch": {"min": 1, "opt": 256, "max": 2048},
                 "seq": {"min": 1, "opt": int(max(1, min(max_tokens, np.percentile(all_lengths, 95)))),
                         "max": max_tokens}}
+    sections = calibrate_sections(args.onnx, val, hold, meta, args.val_share, args) if val is not None else {}
     write_card(args.card, args.onnx, REPO_ROOT, version=MODEL_VERSION, config=config, vocab=vocab,
                profiles=profiles,
                metrics={"holdout_as_of": meta["holdout_as_of"], "heads": metrics},
@@ -298,13 +364,106 @@ def main(argv: list[str] | None = None) -> int:
                                         "kept_epoch": (int(np.argmax(val_auc)) + 1) if val_auc else None},
                          "loss_per_epoch": [round(x, 4) for x in history], "train_seconds": round(train_s),
                          "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
-               torch_state=state_path)
+               torch_state=state_path, **sections)
     # The fused contrib-op graphs GPU engines are built from, from these same weights.
     from models.emr_risk.export_fused import export_and_record
 
     export_and_record(args.card, REPO_ROOT)
     print(json.dumps({"onnx": str(args.onnx), "card": str(args.card), "holdout": metrics}, indent=2))
     return 0
+
+
+CALIBRATION_METHODS = ("platt", "isotonic")
+OPERATING_RULES = ("list_size_per_1000", "target_ppv")
+
+
+def predict_onnx(onnx_path: Path, data: dict[str, np.ndarray], batch_rows: int = 512) -> np.ndarray:
+    """The exported model's raw outputs on ONNX Runtime (CPU): what every engine reproduces."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = np.zeros((len(data["length"]), len(HEADS)), np.float32)
+    order = np.argsort(data["length"], kind="stable")
+    for i in range(0, len(order), batch_rows):
+        idx = order[i:i + batch_rows]
+        seq = max(1, int(data["length"][idx].max()))
+        out[idx] = session.run(["probs"], {
+            "tokens": data["tokens"][idx, :seq].astype(np.int64),
+            "days_before": data["days_before"][idx, :seq].astype(np.float32),
+            "age_years": data["age_years"][idx].astype(np.float32),
+            "sex": data["sex"][idx].astype(np.int64)})[0]
+    return out
+
+
+def eligible_rows(data: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Per head (columns), rows eligible for the head's screening list under the configured
+    ``scoring.eligibility`` (preprocessing.eligibility, as screening applies it); and those rules."""
+    from conf.settings import load_settings
+    from preprocessing import eligibility as elig
+
+    rules = load_settings({}).scoring.eligibility
+    encounters = elig.encounter_counts(data["tokens"])
+    cols = []
+    for j, head in enumerate(HEADS):
+        r = rules[head]
+        codes = elig.reasons(elig.HeadRule(r.min_age_years, r.max_age_years, r.min_encounters),
+                             data["age_years"], encounters, data["prevalent"][:, j])
+        cols.append(codes == elig.ELIGIBLE)
+    return np.stack(cols, axis=1), {h: rules[h].model_dump() for h in HEADS}
+
+
+def calibrate_sections(onnx_path: Path, val: dict[str, np.ndarray], hold: dict[str, np.ndarray],
+                       meta: dict[str, Any], val_share: float, args: argparse.Namespace) -> dict[str, Any]:
+    """The card's ``calibration`` and ``operating_points`` for ``onnx_path``, fitted on ``val``
+    (validation patients) and measured on ``hold`` (the held-out date)."""
+    from engines import calibration as cal
+    from engines import operating_points as op
+    from engines.metrics import brier, roc_auc
+    from models.emr_risk.export import file_sha256
+
+    raw_val, raw_hold = predict_onnx(onnx_path, val), predict_onnx(onnx_path, hold)
+    yv, yh = val["labels"], hold["labels"]
+    fitted = cal.fit(args.calibration, raw_val, yv, HEADS, file_sha256(onnx_path), fitted_on={
+        "split": "validation", "patients_share": val_share, "as_of": meta["train_as_of"],
+        "rows": int(len(yv)), "labelled": {h: int((yv[:, j] >= 0).sum()) for j, h in enumerate(HEADS)}})
+    cv, ch = fitted.apply(raw_val, HEADS), fitted.apply(raw_hold, HEADS)
+    curves = {name: {h: cal.reliability(p[:, j], y[:, j]) for j, h in enumerate(HEADS)}
+              for name, p, y in (("validation_raw", raw_val, yv), ("validation", cv, yv), ("holdout", ch, yh))}
+    holdout = {}
+    for j, h in enumerate(HEADS):
+        ok = yh[:, j] >= 0
+        holdout[h] = {"auc": round(roc_auc(yh[ok, j], ch[ok, j]), 4),
+                      "brier_raw": round(brier(yh[ok, j], raw_hold[ok, j]), 4),
+                      "brier_calibrated": round(brier(yh[ok, j], ch[ok, j]), 4),
+                      "ece_raw": cal.reliability(raw_hold[:, j], yh[:, j])["ece"],
+                      "ece_calibrated": curves["holdout"][h]["ece"]}
+    calibration = fitted.to_card(reliability=curves, holdout_as_of=meta["holdout_as_of"], holdout=holdout)
+    ev, rules = eligible_rows(val)
+    eh, _ = eligible_rows(hold)
+    descriptions = {
+        "list_size_per_1000": f"the lowest threshold at which at most {args.operating_target:g} of every 1 000 "
+                              "validation patients eligible for the head's list are flagged (outreach capacity)",
+        "target_ppv": f"the lowest threshold at which validation PPV among labelled flagged eligible patients "
+                      f"is at least {args.operating_target:g} (at least {op.MIN_FLAGGED} of them)"}
+    heads = {}
+    for j, h in enumerate(HEADS):
+        t = op.choose(cv[:, j], yv[:, j], ev[:, j], args.operating_rule, args.operating_target)
+        # Exact (a float32 score value): rounding could lift it above the score it was chosen at.
+        heads[h] = {"threshold": None if t is None else float(t),
+                    "validation": op.measure(cv[:, j], yv[:, j], ev[:, j], t),
+                    "holdout": op.measure(ch[:, j], yh[:, j], eh[:, j], t)}
+        log.info("operating point %s: threshold %s, held-out %s", h, heads[h]["threshold"],
+                 json.dumps(heads[h]["holdout"]))
+    operating_points = {
+        "calibration_id": fitted.id,
+        "rule": {"name": args.operating_rule, "target": args.operating_target,
+                 "description": descriptions[args.operating_rule]},
+        "chosen_on": "validation split (calibrated scores, patients eligible for each head's list)",
+        "holdout_as_of": meta["holdout_as_of"],
+        "eligibility": rules,
+        "heads": heads,
+    }
+    return {"calibration": calibration, "operating_points": operating_points}
 
 
 def _vocabulary(lake: Path, dates: list[str]) -> dict[str, Any]:

@@ -184,23 +184,38 @@ def test_screening_leaves_out_the_patients_spark_flagged_as_prevalent(first_run,
     manifest = {"run_id": "score-run", "input": {"partition": f"emr/timelines/as_of={AS_OF}",
                                                  "run_id": read_manifest(timelines)["run_id"]}}
     write_committed(LakePaths(root).scores("emr_risk", AS_OF), scores, n_files=1, manifest=manifest)
-    final, ledger = screening.build(features_settings(root), AS_OF.isoformat())
+    everyone_listed = {"scoring.screening_thresholds": {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}}
+    settings = features_settings(root, **everyone_listed)
+    final, ledger = screening.build(settings, AS_OF.isoformat())
     flagged = pq.read_table(final / "part-00000.parquet").to_pylist()
-    # Everyone scores above the threshold: the list is exactly the patients not yet diagnosed, per
-    # head, by the pure rules' flags.
+    # Everyone scores above the threshold: the list is exactly the patients eligible for the head (age
+    # range, an encounter in the timeline) and not yet diagnosed, by the pure rules' rows and flags.
     pure = {r["patient_key"]: r
             for r in timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS).to_pylist()}
-    for head in ("t2d", "ckd", "hf"):
+    encounter = default_vocabulary().id_of("encounter")
+
+    def eligible(k: str, head: str) -> bool:
+        rule, r = settings.scoring.eligibility[head], pure[k]
+        age = int(r["age_years"] // 1)
+        return (rule.min_age_years <= age and (rule.max_age_years is None or age <= rule.max_age_years)
+                and r["tokens"].count(encounter) >= rule.min_encounters)
+
+    heads = ("t2d", "ckd", "hf")
+    for head in heads:
         assert {r["patient_key"] for r in flagged if r["head"] == head} == \
-            {k for k in keys if not pure[k][f"prevalent_{head}"]}
-    everywhere = sum(all(pure[k][f"prevalent_{h}"] for h in ("t2d", "ckd", "hf")) for k in keys)
-    assert ledger.balanced and ledger.records_in == n == len(pure) and ledger.records_out == n - everywhere
-    assert ledger.ignored == {"below_threshold": 0, "excluded_prevalent": everywhere}
+            {k for k in keys if eligible(k, head) and not pure[k][f"prevalent_{head}"]}
+    listed = {k for k in keys if any(eligible(k, h) and not pure[k][f"prevalent_{h}"] for h in heads)}
+    excluded = {k for k in keys if k not in listed and any(eligible(k, h) for h in heads)}
+    assert excluded, "a patient eligible but diagnosed everywhere they are eligible"
+    assert ledger.balanced and ledger.records_in == n == len(pure) and ledger.records_out == len(listed)
+    assert ledger.ignored["below_threshold"] == 0 and ledger.ignored["excluded_prevalent"] == len(excluded)
+    assert sum(ledger.ignored.values()) == n - len(listed)
     assert read_manifest(final)["exclude_prevalent"]["timelines"]["run_id"] == read_manifest(timelines)["run_id"]
-    # A T2D-only list (no score reaches the other heads' thresholds): every patient already
-    # diagnosed with T2D is accounted for as excluded.
+    # A T2D-only list (no score reaches the other heads' thresholds): every patient eligible for T2D but
+    # already diagnosed with it is accounted for as excluded.
     t2d_only = features_settings(root, **{"scoring.screening_thresholds": {"t2d": 0.5, "ckd": 2.0, "hf": 2.0}})
     _, ledger = screening.build(t2d_only, AS_OF.isoformat())
-    t2d = sum(pure[k]["prevalent_t2d"] for k in keys)
-    assert ledger.balanced and t2d >= 1 and ledger.records_out == n - t2d
-    assert ledger.ignored == {"below_threshold": 0, "excluded_prevalent": t2d}
+    t2d_listed = {k for k in keys if eligible(k, "t2d") and not pure[k]["prevalent_t2d"]}
+    t2d_excluded = {k for k in keys if eligible(k, "t2d") and pure[k]["prevalent_t2d"]}
+    assert ledger.balanced and t2d_excluded and ledger.records_out == len(t2d_listed)
+    assert ledger.ignored["excluded_prevalent"] == len(t2d_excluded)

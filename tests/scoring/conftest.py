@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from scoring_fixtures import build_model, write_card
+from scoring_fixtures import PLATT, build_model, write_card
 
 AS_OF = "2024-06-30"
 
@@ -19,6 +19,8 @@ def scoring_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
               ("good", "nan", "shift")}
     models["card"] = write_card(models["good"], root / "emr_risk.yaml")
     models["shift_card"] = write_card(models["shift"], root / "emr_risk_shift.yaml")
+    models["calibrated_card"] = write_card(models["good"], root / "emr_risk_calibrated.yaml",
+                                           calibration=PLATT)
     models["cache"] = root / "engines"
     return models
 

@@ -106,8 +106,13 @@ def build_model(path: Path, mode: str = "good", seed: int = 0) -> Path:
     return path
 
 
-def write_card(onnx_path: Path, card_path: Path) -> Path:
-    """A model card for the test model, in the engines package's format."""
+# A calibration sidecar for the test model: sigmoid(a * logit(p) + b) per head.
+PLATT = {"t2d": {"a": 2.0, "b": -1.0}, "ckd": {"a": 0.5, "b": 0.3}, "hf": {"a": 1.5, "b": -2.0}}
+
+
+def write_card(onnx_path: Path, card_path: Path, calibration: dict[str, dict[str, float]] | None = None) -> Path:
+    """A model card for the test model, in the engines package's format (with a Platt calibration
+    sidecar when ``calibration`` gives its parameters)."""
     card = {
         "name": "emr_risk", "version": "test-1",
         "onnx": {"path": str(onnx_path), "sha256": file_sha256(onnx_path), "opset": 18},
@@ -120,19 +125,30 @@ def write_card(onnx_path: Path, card_path: Path) -> Path:
         "vocab": {"size": VOCAB_SIZE, "version": "test-v1", "sha256": VOCAB_SHA256},
         "profiles": {"batch": {"min": 1, "opt": 256, "max": 2048}, "seq": {"min": 1, "opt": 64, "max": 256}},
     }
+    cal_id = None
+    if calibration is not None:
+        from engines.calibration import Calibration
+
+        card["calibration"] = Calibration("platt", calibration, card["onnx"]["sha256"]).to_card()
+        cal_id = card["calibration"]["id"]
+    # Operating points as training records them (thresholds on this card's calibration's scale).
+    card["operating_points"] = {"calibration_id": cal_id, "rule": {"name": "list_size_per_1000", "target": 100},
+                                "heads": {h: {"threshold": 0.5} for h in ("t2d", "ckd", "hf")}}
     card_path.write_text(yaml.safe_dump(card))
     return card_path
 
 
-def random_timelines(n: int, seed: int = 0, bad_rows: bool = False, max_len: int = 200) -> pa.Table:
-    """Timelines with a long-tailed length distribution (schema lake.schemas.TIMELINES)."""
+def random_timelines(n: int, seed: int = 0, bad_rows: bool = False, max_len: int = 200,
+                     min_age_years: float = 18.0) -> pa.Table:
+    """Timelines with a long-tailed length distribution (schema lake.schemas.TIMELINES), ages
+    uniform from ``min_age_years`` to 95."""
     rng = np.random.default_rng(seed)
     lengths = np.minimum(rng.lognormal(2.8, 1.0, n).astype(np.int64), max_len)
     lengths[rng.random(n) < 0.05] = 0
     tokens = [rng.integers(1, VOCAB_SIZE, int(k)).astype(np.int32) for k in lengths]
     days = [np.sort(rng.integers(0, 1800, int(k)))[::-1].astype(np.int32) for k in lengths]
     keys = [hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()[:32] for i in range(n)]
-    age = rng.uniform(18, 95, n).astype(np.float32)
+    age = rng.uniform(min_age_years, 95, n).astype(np.float32)
     sex = rng.choice(["F", "M", "U"], n, p=[0.5, 0.45, 0.05])
     if bad_rows:
         lengths[1] = lengths[1] + 1           # length disagrees with the token list

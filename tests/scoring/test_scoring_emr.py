@@ -48,6 +48,32 @@ def timelines(scoring_settings):
     return settings, table
 
 
+def _would_be_in_top_k_but_diagnosed(table: pa.Table, scores: pa.Table, settings: Settings, k: int) -> set[str]:
+    from preprocessing.vocabulary import default_vocabulary
+
+    enc = default_vocabulary().id_of("encounter")
+    rows = {r["patient_key"]: r for r in table.to_pylist()}
+    out = set()
+    for h in HEADS:
+        rule = settings.scoring.eligibility[h]
+        ranked = sorted(zip(scores.column(f"score_{h}").to_pylist(), scores.column("patient_key").to_pylist()),
+                        key=lambda x: (-x[0], x[1]))
+        taken = 0
+        for _, key in ranked:
+            r = rows[key]
+            age = int(np.floor(r["age_years"]))
+            if not (rule.min_age_years <= age and (rule.max_age_years is None or age <= rule.max_age_years)
+                    and r["tokens"].count(enc) >= rule.min_encounters):
+                continue
+            if taken == k:
+                break
+            if r[f"prevalent_{h}"]:
+                out.add(key)
+            else:
+                taken += 1
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,7 +125,12 @@ def test_scoring_scores_commits_reports_and_reruns_identically(timelines, scorin
     assert prevalent and not prevalent & set(zip(screening.column("head").to_pylist(),
                                                  screening.column("patient_key").to_pylist()))
     assert ledger["stages"]["screening"]["balanced"]
-    assert ledger["stages"]["screening"]["ignored"]["excluded_prevalent"] >= 0
+    # Exactly the patients on no list who, on a head they are eligible for (age, an encounter), would be
+    # in its top 10 but for being already diagnosed: counted here from the timelines' flags and the scores.
+    would_have_been = _would_be_in_top_k_but_diagnosed(table, first, settings, 10)
+    listed = set(screening.column("patient_key").to_pylist())
+    assert would_have_been - listed, "the data must exercise the rule"
+    assert ledger["stages"]["screening"]["ignored"]["excluded_prevalent"] == len(would_have_been - listed)
     metrics_text = urllib.request.urlopen(f"http://127.0.0.1:{settings.scoring.prometheus_port}/metrics",
                                           timeout=5).read().decode()
     assert "medscreen_emr_records_per_second" in metrics_text
@@ -213,3 +244,38 @@ def test_scoring_psi_drift_fails_the_run_and_commits_nothing(scoring_settings, s
     m = json.loads((lake.run("run-drift") / "metrics.json").read_text())
     assert m["status"] == "failed_qc" and not m["qc"]["passed"] and not m["fp32_safe_mode"]
     assert "FAIL" in (lake.run("run-drift") / "report.html").read_text()
+
+
+def test_scoring_applies_the_cards_calibration_after_the_engine_and_reports_reliability(scoring_settings,
+                                                                                       scoring_models):
+    from scoring_fixtures import PLATT
+    import yaml
+
+    settings = scoring_settings("calibrated_card", **{"scoring.screening_top_k": 5})
+    table = random_timelines(N, seed=5)
+    rng = np.random.default_rng(5)
+    labels = {f"label_{h}": pa.array([None if u < 0.3 else int(u > 0.8) for u in rng.random(N)], pa.int8())
+              for h in HEADS}
+    for name, column in labels.items():
+        table = table.append_column(name, column)
+    commit_timelines(settings.lake.root, AS_OF, table)
+    run_dir = emr.score(settings, AS_OF, fragment_rows=128)
+
+    scores = _scores(settings)
+    keys = scores.column("patient_key").to_pylist()
+    raw = reference_scores(scoring_models["good"], table.filter(pa.compute.is_in(table.column("patient_key"),
+                                                                                   scores.column("patient_key"))))
+    for j, h in enumerate(HEADS):
+        p = np.array([raw[k][j] for k in keys], np.float64)
+        want = 1 / (1 + np.exp(-(PLATT[h]["a"] * np.log(p / (1 - p)) + PLATT[h]["b"])))
+        np.testing.assert_allclose(scores.column(f"score_{h}").to_numpy(), want, rtol=1e-5, atol=1e-6)
+    card = yaml.safe_load(scoring_models["calibrated_card"].read_text())
+    manifest = read_manifest(LakePaths(settings.lake.root).scores("emr_risk", AS_OF))
+    assert manifest["calibration"]["id"] == card["calibration"]["id"]
+    assert manifest["calibration"]["method"] == "platt"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    labelled = {h: sum(1 for k, v in zip(table.column("patient_key").to_pylist(), labels[f"label_{h}"].to_pylist())
+                       if v is not None and k in set(keys)) for h in HEADS}
+    assert {h: m["reliability"][h]["n"] for h in HEADS} == labelled
+    html = (run_dir / "report.html").read_text()
+    assert "Reliability against this as-of" in html and html.count("<circle") >= 3

@@ -37,7 +37,10 @@ def test_scoring_qc_trips_on_nan_constant_zero_and_collapse():
     with_nan[5] = np.nan
     v = qc.evaluate(_scores(with_nan, np.full(1000, 0.3), np.zeros(1000)), QCSettings())
     assert not v["passed"]
-    assert _failed(v) >= {("non_finite", "t2d"), ("constant", "ckd"), ("all_zero", "hf")}
+    # Exactly these: a NaN fails only non_finite; a constant 0.3 is constant and has no spread; all
+    # zeros is its own check (not "constant") and has no spread either.
+    assert _failed(v) == {("non_finite", "t2d"), ("constant", "ckd"), ("collapsed", "ckd"),
+                          ("all_zero", "hf"), ("collapsed", "hf")}
     assert any("NaN" in r for r in v["reasons"])
     collapsed = 0.5 + rng.normal(0, 1e-6, 1000)
     v = qc.evaluate(_scores(good, collapsed, good), QCSettings(min_std=1e-4))
