@@ -40,7 +40,7 @@ from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
 from lake.schemas import (EVENTS, LABEL_COLUMNS, PATIENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES,
                           TIMELINES_WITH_LABELS)
-from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
+from preprocessing.timelines import LABEL_GROUPS, LABEL_TEXT_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
 from preprocessing.vocabulary import (DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV, OOV_ID,
                                       TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
                                       default_vocabulary)
@@ -138,7 +138,11 @@ def _group_match(prefixes: tuple[str, ...]) -> Column:
     for p in prefixes:
         s = norm.startswith(p)
         starts = s if starts is None else (starts | s)
-    return F.col("kind").isin(*DX_KINDS) & (F.col("code_system") == "icd10cm") & starts
+    coded = (F.col("code_system") == "icd10cm") & starts
+    text_group = LABEL_TEXT_GROUPS.get(prefixes)  # note words: code = the group name
+    if text_group is not None:
+        coded = coded | ((F.col("code_system") == "text") & (F.col("code") == text_group))
+    return F.col("kind").isin(*DX_KINDS) & coded
 
 
 def diagnosed_by(prefixes: tuple[str, ...], end_us: int) -> Column:

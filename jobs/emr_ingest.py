@@ -73,8 +73,8 @@ MALFORMED = "_malformed"
 
 # --- parsing inside the executors ----------------------------------------------------------
 
-# One ParseContext per Python worker and configuration: the code set, code groups and cue
-# regexes are built once, not per batch.
+# One ParseContext per Python worker and configuration: the code set, code groups and the
+# notes NLP pipeline (spaCy + rules) are built once per worker process, not per batch.
 _CONTEXTS: dict[tuple[Any, ...], rec.ParseContext] = {}
 
 
@@ -84,9 +84,10 @@ def _context(cfg: tuple[Any, ...]) -> rec.ParseContext:
         from preprocessing.code_groups import load_code_groups
         from preprocessing.notes import NoteExtractor
 
-        key, negation, history, window, groups_file, now = cfg
-        ctx = rec.ParseContext(key=key, extractor=NoteExtractor(list(negation), list(history), window),
-                               groups=load_code_groups(groups_file), now_us=now)
+        key, targets_file, context_file, groups_file, now = cfg
+        groups = load_code_groups(groups_file)
+        ctx = rec.ParseContext(key=key, extractor=NoteExtractor.from_files(targets_file, context_file, groups.names),
+                               groups=groups, now_us=now)
         _CONTEXTS[cfg] = ctx
     return ctx
 
@@ -351,12 +352,13 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     started = dt.datetime.now(dt.timezone.utc)
     ex = settings.extraction
     groups_file = Path(ex.code_groups_file).resolve()
-    # Load once on the driver: a bad groups file fails here with its message, not in a task.
+    # Load once on the driver: a bad groups or notes rules file fails here with its message, not in a task.
     from preprocessing.code_groups import load_code_groups
-    load_code_groups(groups_file)
+    from preprocessing.notes import load_note_rules
+    targets_file, context_file = Path(ex.note_targets_file).resolve(), Path(ex.note_context_file).resolve()
+    load_note_rules(targets_file, context_file, load_code_groups(groups_file).names)
     export_us, export_time_from = export_time_us(input_dir, fmt)
-    cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
-           str(groups_file), export_us)
+    cfg = (key, str(targets_file), str(context_file), str(groups_file), export_us)
     clean_stale_staging(paths.events.parent)
 
     spark = get_spark(settings.spark, "medscreen-emr-ingest")

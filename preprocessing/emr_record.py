@@ -102,7 +102,7 @@ def ignored(resource_type: str, rule: str, detail: str | None = None,
 
 @dataclass
 class ParseContext:
-    """Everything a parser needs besides the record: the key, the cue lists, the code groups, now."""
+    """Everything a parser needs besides the record: the key, the notes pipeline, the code groups, now."""
 
     key: bytes
     extractor: NoteExtractor
@@ -175,8 +175,8 @@ def parse_date(value: object) -> dt.date:
 
 def dx_event(ctx: ParseContext, time_us: int, kind: str, system: str, code: str,
              assertion: str = "affirmed") -> Event:
-    """A diagnosis event; ICD-10-CM codes get their code groups."""
-    groups = ctx.groups.groups_for(code) if system == "icd10cm" else []
+    """A diagnosis event; ICD-10-CM codes get their code groups, a group named in note words is its own."""
+    groups = ctx.groups.groups_for(code) if system == "icd10cm" else [code] if system == "text" else []
     return Event(time_us, kind, system, code, None, None, assertion, groups)
 
 

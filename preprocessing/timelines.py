@@ -62,6 +62,9 @@ _NAT = np.iinfo(np.int64).min  # a missing event_time (NaT) as int64 µs
 
 # Label heads → ICD-10-CM code prefixes (normalised: no dot, upper case).
 LABEL_GROUPS: dict[str, tuple[str, ...]] = {"t2d": ("E11",), "ckd": ("N18",), "hf": ("I50",)}
+# The conf/code_groups.yaml group a head's prefixes stand for: dx_text events from note words
+# (code_system "text") carry that group name as their code.
+LABEL_TEXT_GROUPS: dict[tuple[str, ...], str] = {("E11",): "t2d", ("N18",): "ckd", ("I50",): "heart_failure"}
 SEXES = ("F", "M", "U")
 
 
@@ -139,6 +142,8 @@ def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequenc
 
 
 def _in_group(kind: str | None, system: str | None, code: str | None, prefixes: tuple[str, ...]) -> bool:
+    if kind in DX_KINDS and system == "text":  # a diagnosis recognised in note words: code = group name
+        return code is not None and code == LABEL_TEXT_GROUPS.get(prefixes)
     return kind in DX_KINDS and system == "icd10cm" and normalise_icd_code(code).startswith(prefixes)
 
 
