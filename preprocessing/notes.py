@@ -93,6 +93,7 @@ class NoteRules:
     abbreviations: dict[str, tuple[str, ...]]
     abbreviations_exact: dict[str, tuple[str, ...]]
     implies: dict[str, tuple[str, ...]]
+    combinations: tuple[tuple[str, tuple[str, ...]], ...]   # (phrase, groups it names)
     exclude: tuple[str, ...]
     exclude_code_followers: tuple[str, ...]
     priority: tuple[str, ...]
@@ -118,8 +119,9 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
 def _str_list(value: Any, where: str) -> tuple[str, ...]:
     if value is None:
         return ()
-    if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
-        raise NoteRulesError(f"{where} must be a list of strings")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise NoteRulesError(f"{where} must be a list of strings (quote words YAML reads as "
+                             "booleans or numbers: \"no\", \"yes\", \"on\", \"2\")")
     return tuple(str(v).strip() for v in value if str(v).strip())
 
 
@@ -162,6 +164,15 @@ def _load_rules(targets_s: str, context_s: str, group_names: tuple[str, ...] | N
             if other not in groups:
                 raise NoteRulesError(f"note targets {tpath}: group {name!r} implies {other!r}, "
                                      "which is not a group of the same file")
+    combinations = []
+    for i, combo in enumerate(t.get("combinations") or []):
+        if not isinstance(combo, dict) or not isinstance(combo.get("phrase"), str):
+            raise NoteRulesError(f"note targets {tpath}: combinations[{i}] needs 'phrase:' and 'groups:'")
+        cgroups = _str_list(combo.get("groups"), f"{tpath}: combinations[{i}].groups")
+        if not cgroups or any(g not in groups for g in cgroups):
+            raise NoteRulesError(f"note targets {tpath}: combinations[{i}] groups {list(cgroups)} must be "
+                                 "groups of the same file")
+        combinations.append((combo["phrase"].strip(), cgroups))
     c = _read_yaml(cpath, "note context")
     kinds = c.get("kinds")
     if not isinstance(kinds, dict) or set(kinds) != set(CUE_KINDS):
@@ -193,6 +204,7 @@ def _load_rules(targets_s: str, context_s: str, group_names: tuple[str, ...] | N
                                      f"is not one of {', '.join(ASSERTIONS)}")
             section_assertions[str(sname)] = str(a)
     return NoteRules(terms=terms, abbreviations=abbr, abbreviations_exact=exact, implies=implies,
+                     combinations=tuple(combinations),
                      exclude=_str_list(t.get("exclude"), f"{tpath}: exclude"),
                      exclude_code_followers=_str_list(t.get("exclude_code_followers"),
                                                       f"{tpath}: exclude_code_followers"),
@@ -270,7 +282,8 @@ class NoteExtractor:
                 if code is not None:
                     out.append(Mention(SYSTEM_ICD10CM, code, assertion, *where))
                 continue
-            for group in (ent.label_, *self.rules.implies.get(ent.label_, ())):
+            named = (ent.label_, *(ent.ent_id_.split("+") if ent.ent_id_ else ()))
+            for group in dict.fromkeys(g for n in named for g in (n, *self.rules.implies.get(n, ()))):
                 out.append(Mention(SYSTEM_TEXT, group, assertion, *where))
         return out
 
@@ -413,6 +426,9 @@ def _build_pipeline(rules: NoteRules) -> Any:
             patterns += [{"label": group, "pattern": p} for p in _word_patterns(nlp, phrase, "LOWER")]
         for phrase in rules.abbreviations_exact[group]:
             patterns += [{"label": group, "pattern": p} for p in _word_patterns(nlp, phrase, "ORTH")]
+    for phrase, cgroups in rules.combinations:
+        patterns += [{"label": cgroups[0], "id": "+".join(cgroups[1:]), "pattern": p}
+                     for p in _word_patterns(nlp, phrase, "LOWER")]
     for phrase in rules.exclude:
         patterns += [{"label": _EXCLUDE, "pattern": p} for p in _word_patterns(nlp, phrase, "LOWER")]
     if rules.exclude_code_followers:
