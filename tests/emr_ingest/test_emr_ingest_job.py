@@ -98,7 +98,9 @@ def test_fhir_events_carry_pseudonymised_keys_codes_and_utc_times(fhir_ingest):
     assert ("snomed", "44054006", "affirmed", ()) in dx
     assert ("icd10cm", "I10", "affirmed", ("hypertension",)) in dx
     text = {(e["code"], e["assertion"]) for e in mine if e["kind"] == "dx_text"}
-    assert text == {("E11.9", "affirmed"), ("I50.9", "negated"), ("I21.9", "history"), ("C50.919", "family")}
+    # "type 2 diabetes E11.9": the words (code_system text, group names) and the literal code
+    assert text == {("E11.9", "affirmed"), ("I50.9", "negated"), ("I21.9", "history"), ("C50.919", "family"),
+                    ("t2d", "affirmed"), ("diabetes", "affirmed")}
     enc = sorted(e["event_time"].isoformat() for e in mine if e["kind"] == "encounter")
     assert enc == ["2019-03-04T14:15:00+00:00", "2021-06-10T14:00:00+00:00"]
     # The duplicate Condition id keeps its first occurrence (E11.9), not the later copy (E78.5).
