@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import functools
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -343,24 +344,28 @@ def _sentence_starts(text: str, header_re: re.Pattern[str], headers: dict[str, s
     return sorted(starts)
 
 
-def _word_patterns(nlp: Any, phrase: str, attr: str) -> list[list[dict[str, Any]]]:
-    """Token patterns for ``phrase``: its words, optional punctuation between them.
+def _phrase_variants(phrase: str) -> list[str]:
+    """``phrase`` with the punctuation clinicians put between its words: none, one hyphen or
+    comma at any one gap, hyphens at every gap ("type-2 diabetes", "diabetes mellitus, type 2")."""
+    words = [w for w in re.split(r"[\s\-,]+", phrase) if w]
+    out = {" ".join(words), "-".join(words)}
+    for i in range(1, len(words)):
+        for sep in ("-", ", "):
+            out.add(" ".join(words[:i]) + sep + " ".join(words[i:]))
+    return sorted(out)
 
-    spaCy splits some words differently by case ("T2DM" is one token, "t2dm"
-    two), so a case-insensitive phrase gets one pattern per distinct split of
-    its lower, upper and title case forms.
+
+def _phrase_docs(nlp: Any, phrase: str, exact: bool) -> list[str]:
+    """The phrase strings to match: its variants, in lower, upper and title case unless exact.
+
+    spaCy splits some words differently by case ("T2DM" is one token, "t2dm" two), so each
+    case form is tokenized on its own when the patterns are built.
     """
-    forms = (phrase,) if attr == "ORTH" else (phrase.lower(), phrase.upper(), phrase.title())
-    out: list[list[dict[str, Any]]] = []
-    for form in forms:
-        words = [t.text for t in nlp.tokenizer(form) if not t.is_punct and not t.is_space]
-        pattern: list[dict[str, Any]] = []
-        for i, w in enumerate(words):
-            if i:
-                pattern.append({"IS_PUNCT": True, "OP": "?"})
-            pattern.append({attr: w.lower() if attr == "LOWER" else w})
-        if pattern and pattern not in out:
-            out.append(pattern)
+    out: list[str] = []
+    for v in _phrase_variants(phrase):
+        for form in ((v,) if exact else (v.lower(), v.upper(), v.title())):
+            if form not in out:
+                out.append(form)
     return out
 
 
@@ -395,17 +400,30 @@ def _register_components() -> None:
     def _note_sentences(nlp: Any, name: str, headers: dict[str, str]) -> NoteSentences:
         return NoteSentences(headers)
 
-    @Language.component("note_target_filter")
-    def _note_target_filter(doc: Any) -> Any:
-        # Literal codes are found here rather than by the ruler: a code shape and a term can
-        # be the same word ("T2DM"), and a term must win over a shape that is not a code.
-        ents = list(doc.ents)
-        taken = {i for e in ents for i in range(e.start, e.end)}
-        for tok in doc:
-            if tok.i not in taken and _CODE_RE.match(tok.text) and literal_code(tok.text) is not None:
-                ents.append(Span(doc, tok.i, tok.i + 1, label=_CODE))
-        doc.ents = filter_spans([e for e in ents if e.label_ != _EXCLUDE])
-        return doc
+    class NoteTargetFilter:
+        """Drops exclusions; adds literal codes (not code-shaped words followed by e.g. "mask")."""
+
+        def __init__(self, code_followers: list[str]) -> None:
+            self.followers = {w.lower() for w in code_followers}
+
+        def __call__(self, doc: Any) -> Any:
+            # Codes are found here rather than by the ruler: a code shape and a term can be the
+            # same word ("T2DM"), and a term must win over a shape that is not a code.
+            ents = [e for e in doc.ents if e.label_ != _EXCLUDE]
+            taken = {i for e in doc.ents for i in range(e.start, e.end)}
+            n = len(doc)
+            for tok in doc:
+                t = tok.text
+                if (len(t) >= 3 and t[1].isdigit() and tok.i not in taken and _CODE_RE.match(t)
+                        and not (tok.i + 1 < n and doc[tok.i + 1].lower_ in self.followers)
+                        and literal_code(t) is not None):
+                    ents.append(Span(doc, tok.i, tok.i + 1, label=_CODE))
+            doc.ents = filter_spans(ents)
+            return doc
+
+    @Language.factory("note_target_filter", default_config={"code_followers": []})
+    def _note_target_filter(nlp: Any, name: str, code_followers: list[str]) -> NoteTargetFilter:
+        return NoteTargetFilter(code_followers)
 
     _REGISTERED.append(True)
 
@@ -419,24 +437,36 @@ def _build_pipeline(rules: NoteRules) -> Any:
     infixes = list(nlp.Defaults.infixes) + [r"(?<=[0-9A-Za-z])[-/](?=[0-9A-Za-z])"]
     nlp.tokenizer.infix_finditer = compile_infix_regex(infixes).finditer
     nlp.add_pipe("note_sentences", config={"headers": dict(rules.section_headers)})
-    ruler = nlp.add_pipe("entity_ruler", config={"overwrite_ents": True, "validate": True})
+    # Phrases go to the ruler's PhraseMatchers (one on LOWER, one on ORTH for exact-case
+    # abbreviations): with every punctuation variant listed they match as the token Matcher
+    # with optional punctuation would, at a fraction of its cost.
+    ruler = nlp.add_pipe("entity_ruler", config={"overwrite_ents": True, "phrase_matcher_attr": "LOWER"})
+    exact_ruler = nlp.add_pipe("entity_ruler", name="entity_ruler_exact",
+                               config={"overwrite_ents": False, "phrase_matcher_attr": "ORTH"})
     patterns: list[dict[str, Any]] = []
+    exact_patterns: list[dict[str, Any]] = []
+
+    def add(label: str, phrase: str, exact: bool = False, ent_id: str = "") -> None:
+        for form in _phrase_docs(nlp, phrase, exact):
+            (exact_patterns if exact else patterns).append(
+                {"label": label, "pattern": form, **({"id": ent_id} if ent_id else {})})
+
     for group in rules.terms:
         for phrase in (*rules.terms[group], *rules.abbreviations[group]):
-            patterns += [{"label": group, "pattern": p} for p in _word_patterns(nlp, phrase, "LOWER")]
+            add(group, phrase)
         for phrase in rules.abbreviations_exact[group]:
-            patterns += [{"label": group, "pattern": p} for p in _word_patterns(nlp, phrase, "ORTH")]
+            add(group, phrase, exact=True)
     for phrase, cgroups in rules.combinations:
-        patterns += [{"label": cgroups[0], "id": "+".join(cgroups[1:]), "pattern": p}
-                     for p in _word_patterns(nlp, phrase, "LOWER")]
+        add(cgroups[0], phrase, ent_id="+".join(cgroups[1:]))
     for phrase in rules.exclude:
-        patterns += [{"label": _EXCLUDE, "pattern": p} for p in _word_patterns(nlp, phrase, "LOWER")]
-    if rules.exclude_code_followers:
-        patterns.append({"label": _EXCLUDE, "pattern": [
-            {"TEXT": {"REGEX": _CODE_SHAPE}},
-            {"LOWER": {"IN": [w.lower() for w in rules.exclude_code_followers]}}]})
-    ruler.add_patterns([p for p in patterns if p["pattern"]])
-    nlp.add_pipe("note_target_filter")
+        add(_EXCLUDE, phrase)
+    with warnings.catch_warnings():
+        # Adding patterns runs the phrases through the pipeline, where the other, still
+        # empty ruler warns that it has no patterns (W036): it gets them on the next line.
+        warnings.filterwarnings("ignore", message=r".*\[W036\]")
+        ruler.add_patterns(patterns)
+        exact_ruler.add_patterns(exact_patterns)
+    nlp.add_pipe("note_target_filter", config={"code_followers": list(rules.exclude_code_followers)})
     for kind in CUE_KINDS:
         nlp.add_pipe("negex", name=f"ctx_{kind}",
                      config={"neg_termset": rules.termsets[kind], "extension_name": f"ctx_{kind}"})
