@@ -90,3 +90,18 @@ def test_no_note_text_in_the_lake(notes_lake):
             data = f.read_bytes()
             leaked = [s for s in sentences if s.encode() in data]
             assert not leaked, f"note text in {f.relative_to(lake)}"
+
+
+def test_demo_counts_the_diagnoses_that_came_from_notes(notes_lake):
+    from medscreen.cmd_demo import notes_diagnoses
+
+    out, _ = notes_lake
+    counts = notes_diagnoses(out["settings"])
+    events = [e for e in out["tables"][-1]["events"].to_pylist() if e["kind"] == "dx_text"]
+    counted = [e for e in events if e["assertion"] in ("affirmed", "history")]
+    assert counts["counted"] == len(counted) > 0
+    assert counts["codes"] == 0                    # the only codes (patient 4) are ruled out / possible
+    assert counts["words"] == len(counted)
+    assert counts["negated"] == sum(e["assertion"] == "negated" for e in events) > 0
+    assert sum(counts[a] for a in ("affirmed", "history", "negated", "possible", "family",
+                                   "hypothetical")) == len(events)
