@@ -430,6 +430,9 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             "run_id": run_id, "stage": STAGE, "format": fmt, "source": fmt,
             "input": fingerprint(input_dir, files), "code_set_version": code_set_version(),
             "code_groups_sha256": hashlib.sha256(groups_file.read_bytes()).hexdigest(),
+            # The notes NLP rules: a changed term or cue list changes what the notes yield.
+            "note_targets_sha256": hashlib.sha256(targets_file.read_bytes()).hexdigest(),
+            "note_context_sha256": hashlib.sha256(context_file.read_bytes()).hexdigest(),
             "export_time_utc": (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
                                 + dt.timedelta(microseconds=export_us)).isoformat(),
             "export_time_from": export_time_from,

@@ -16,6 +16,7 @@ is in their DocumentReference notes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 from emr_ingest_support import INGEST_KEY, ingest
 
+from lake.commit import read_manifest
 from lake.keys import pseudonymise
 
 EXPORT = Path(__file__).resolve().parents[1] / "fixtures" / "notes" / "synthea_fhir"
@@ -75,6 +77,10 @@ def test_events_from_note_words(notes_lake):
              if e["kind"] == "dx_text" and e["code_system"] == "icd10cm"}
     assert coded == {(_key(4), "E11.9", "negated"), (_key(4), "N18.3", "possible")}
     assert not any(e["kind"] == "dx" for e in events)
+    manifest = read_manifest(Path(out["lake"]) / "emr" / "events")
+    for name in ("note_targets", "note_context"):
+        rules = Path(__file__).resolve().parents[2] / "conf" / f"{name}.yaml"
+        assert manifest[f"{name}_sha256"] == hashlib.sha256(rules.read_bytes()).hexdigest()
 
 
 def test_no_note_text_in_the_lake(notes_lake):
