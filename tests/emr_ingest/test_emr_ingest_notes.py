@@ -99,3 +99,52 @@ def test_bad_rules_fail_with_the_entry(tmp_path):
         load_note_rules(CONF / "note_targets.yaml", tmp_path / "c.yaml")
     with pytest.raises(NoteRulesError, match="does not exist"):
         load_note_rules(tmp_path / "missing.yaml", CONF / "note_context.yaml")
+
+
+def test_parsers_emit_word_diagnoses_as_text_events_with_their_group(ctx):
+    import base64
+    import json
+
+    from preprocessing.fhir import parse_fhir_line
+    from preprocessing.omop import parse_omop_row
+
+    text = "Carlota12 has a history of CHF. Possible CKD. Assessment: T2DM, E11.65."
+    doc = {"resourceType": "DocumentReference", "id": "d1", "status": "current",
+           "subject": {"reference": "Patient/p1"}, "date": "2021-06-10T14:00:00Z",
+           "content": [{"attachment": {"contentType": "text/plain; charset=utf-8",
+                                       "data": base64.b64encode(text.encode()).decode()}}]}
+    fhir = parse_fhir_line(json.dumps(doc), ctx)
+    omop = parse_omop_row("note", {"note_id": "9", "person_id": "1", "note_date": "2021-06-10",
+                                   "note_text": text}, ctx)
+    expected = [("dx_text", "text", "heart_failure", "history", ["heart_failure"]),
+                ("dx_text", "text", "ckd", "possible", ["ckd"]),
+                ("dx_text", "text", "t2d", "affirmed", ["t2d"]),
+                ("dx_text", "text", "diabetes", "affirmed", ["diabetes"]),
+                ("dx_text", "icd10cm", "E11.65", "affirmed", ["diabetes", "t2d"])]
+    for r in (fhir, omop):
+        assert [(e.kind, e.code_system, e.code, e.assertion, e.code_groups) for e in r.events] == expected
+        assert "Carlota12" not in repr(r)
+
+
+def test_only_affirmed_and_history_count_for_tokens_and_prevalence():
+    import datetime as dt
+
+    from preprocessing.timelines import prevalence
+    from preprocessing.vocabulary import token_for
+
+    for a in ("negated", "possible", "family", "hypothetical"):
+        assert token_for("dx_text", "icd10cm", "E11.9", None, a) is None
+        assert token_for("dx_text", "text", "t2d", None, a) is None
+    assert token_for("dx_text", "icd10cm", "E11.9", None, "history") == "icd10:E11"
+    t = [1_600_000_000_000_000] * 6
+    kinds = ["dx_text"] * 6
+    systems = ["text"] * 6
+    codes = ["t2d", "ckd", "heart_failure", "t2d", "ckd", "heart_failure"]
+    as_of = dt.date(2023, 1, 1)
+    assert prevalence(t, kinds, systems, codes, ["affirmed", "history", "affirmed", "negated", "family",
+                                                 "possible"], as_of) == {"t2d": True, "ckd": True, "hf": True}
+    assert prevalence(t, kinds, systems, codes, ["negated", "possible", "family", "hypothetical",
+                                                 "negated", "family"], as_of) == \
+        {"t2d": False, "ckd": False, "hf": False}
+    # a group name that is not the head's group does not count ("diabetes" is not t2d)
+    assert prevalence(t[:1], kinds[:1], systems[:1], ["diabetes"], ["affirmed"], as_of)["t2d"] is False
