@@ -148,3 +148,17 @@ def test_only_affirmed_and_history_count_for_tokens_and_prevalence():
         {"t2d": False, "ckd": False, "hf": False}
     # a group name that is not the head's group does not count ("diabetes" is not t2d)
     assert prevalence(t[:1], kinds[:1], systems[:1], ["diabetes"], ["affirmed"], as_of)["t2d"] is False
+
+
+def test_bad_notes_rules_fail_the_ingest_before_any_work(make_settings, tmp_path):
+    from emr_ingest_support import FIXTURES
+
+    from jobs.emr_ingest import run
+
+    targets = yaml.safe_load((CONF / "note_targets.yaml").read_text())
+    targets["groups"]["kidney"] = targets["groups"].pop("ckd")
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(targets))
+    settings = make_settings(**{"extraction.note_targets_file": str(tmp_path / "t.yaml")})
+    with pytest.raises(NoteRulesError, match="'kidney' is not a code group"):
+        run(settings, FIXTURES / "fhir", "fhir")
+    assert not (settings.lake.root / "emr").exists()
