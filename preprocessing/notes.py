@@ -32,7 +32,7 @@ import bisect
 import functools
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,7 +243,7 @@ def literal_code(token_text: str) -> str | None:
 
 
 class NoteExtractor:
-    """Diagnosis mentions in note text; build once per process (loading spaCy costs ~0.5 s), call per note."""
+    """Diagnosis mentions in note text; build once per process (building costs seconds), call per note."""
 
     def __init__(self, rules: NoteRules) -> None:
         self.rules = rules
@@ -322,7 +322,8 @@ def _sentence_starts(text: str, header_re: re.Pattern[str], headers: dict[str, s
         starts.add(m.end())
     for m in _LINE_START_RE.finditer(text):
         pos = m.end()
-        before = text[:m.start()].rstrip(" \t")
+        # A bounded look-back: slicing the whole prefix per line is quadratic on long notes.
+        before = text[max(0, m.start() - 256):m.start()].rstrip(" \t")
         line_end = text.find("\n", pos)
         line = text[pos:] if line_end < 0 else text[pos:line_end]
         blank_line = before.endswith("\n")
