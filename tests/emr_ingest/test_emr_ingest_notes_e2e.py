@@ -111,3 +111,18 @@ def test_demo_counts_the_diagnoses_that_came_from_notes(notes_lake):
     assert counts["negated"] == sum(e["assertion"] == "negated" for e in events) > 0
     assert sum(counts[a] for a in ("affirmed", "history", "negated", "possible", "family",
                                    "hypothetical")) == len(events)
+
+
+def test_spark_prevalence_of_text_diagnoses_equals_the_pure_rule(notes_lake):
+    import datetime as dt
+
+    from preprocessing.timelines import prevalence
+
+    out, timelines = notes_lake
+    events = out["tables"][-1]["events"].to_pylist()
+    for key, row in timelines.items():
+        mine = [e for e in events if e["patient_key"] == key]
+        t_us = [int(e["event_time"].timestamp() * 1_000_000) for e in mine]
+        pure = prevalence(t_us, [e["kind"] for e in mine], [e["code_system"] for e in mine],
+                          [e["code"] for e in mine], [e["assertion"] for e in mine], dt.date.fromisoformat(AS_OF))
+        assert {h: row[f"prevalent_{h}"] for h in pure} == pure
