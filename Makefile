@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/engines.py
 	$(PY) bench/emr_scoring.py
 	$(PY) bench/ct.py
+	$(PY) bench/notes.py
 
 airflow: $(STAMP)
 	bash dags/standalone.sh

@@ -65,13 +65,9 @@ class InputsSettings(_Section):
 
 class ExtractionSettings(_Section):
     code_groups_file: Path = CONF_DIR / "code_groups.yaml"
-    negation_cues: list[str] = Field(
-        default_factory=lambda: ["no", "denies", "denied", "negative for", "without", "ruled out",
-                                 "rule out", "free of", "no evidence of", "not"])
-    history_cues: list[str] = Field(
-        default_factory=lambda: ["history of", "h/o", "hx of", "family history of", "past history of"])
-    # Tokens to look back from a code mention for a cue.
-    cue_window_words: int = Field(6, ge=1)
+    # Clinical NLP rules for notes (preprocessing/notes.py): targets per code group, assertion cues.
+    note_targets_file: Path = CONF_DIR / "note_targets.yaml"
+    note_context_file: Path = CONF_DIR / "note_context.yaml"
 
 
 class FeaturesSettings(_Section):

@@ -73,8 +73,8 @@ MALFORMED = "_malformed"
 
 # --- parsing inside the executors ----------------------------------------------------------
 
-# One ParseContext per Python worker and configuration: the code set, code groups and cue
-# regexes are built once, not per batch.
+# One ParseContext per Python worker and configuration: the code set, code groups and the
+# notes NLP pipeline (spaCy + rules) are built once per worker process, not per batch.
 _CONTEXTS: dict[tuple[Any, ...], rec.ParseContext] = {}
 
 
@@ -84,11 +84,11 @@ def _context(cfg: tuple[Any, ...]) -> rec.ParseContext:
         from preprocessing.code_groups import load_code_groups
         from preprocessing.notes import NoteExtractor
 
-        key, negation, history, window, groups_file, now, descendants = cfg
+        key, targets_file, context_file, groups_file, now, descendants = cfg
         groups = load_code_groups(groups_file)
         if descendants:
             groups = groups.with_omop_descendants(descendants)
-        ctx = rec.ParseContext(key=key, extractor=NoteExtractor(list(negation), list(history), window),
+        ctx = rec.ParseContext(key=key, extractor=NoteExtractor.from_files(targets_file, context_file, groups.names),
                                groups=groups, now_us=now)
         _CONTEXTS[cfg] = ctx
     return ctx
@@ -455,9 +455,12 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     started = dt.datetime.now(dt.timezone.utc)
     ex = settings.extraction
     groups_file = Path(ex.code_groups_file).resolve()
-    # Load once on the driver: a bad groups file fails here with its message, not in a task.
+    # Load once on the driver: a bad groups or notes rules file fails here with its message, not in a task.
     from preprocessing.code_groups import load_code_groups
     groups = load_code_groups(groups_file)
+    from preprocessing.notes import load_note_rules
+    targets_file, context_file = Path(ex.note_targets_file).resolve(), Path(ex.note_context_file).resolve()
+    load_note_rules(targets_file, context_file, groups.names)
     export_us, export_time_from = export_time_us(input_dir, fmt)
     clean_stale_staging(paths.events.parent)
 
@@ -472,8 +475,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
         descendants, concept, maps, vocabulary_rows = omop_vocabulary(
             spark, files, sorted(groups.omop_concept_ids()))
         vocabulary = (concept, maps)
-    cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
-           str(groups_file), export_us, descendants)
+    cfg = (key, str(targets_file), str(context_file), str(groups_file), export_us, descendants)
 
     parsed, raw, skipped = _parse(spark, fmt, files, cfg, vocabulary)
     # Parse once: resolve() reads the parsed records twice (records, accepted patient keys).
@@ -548,6 +550,9 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             "code_groups_version": groups.version,
             "omop_vocabulary": {"tables": vocabulary_rows, "descendant_concepts": len(descendants)},
             "diagnoses": diagnoses,
+            # The notes NLP rules: a changed term or cue list changes what the notes yield.
+            "note_targets_sha256": hashlib.sha256(targets_file.read_bytes()).hexdigest(),
+            "note_context_sha256": hashlib.sha256(context_file.read_bytes()).hexdigest(),
             "export_time_utc": (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
                                 + dt.timedelta(microseconds=export_us)).isoformat(),
             "export_time_from": export_time_from,

@@ -87,6 +87,7 @@ def run_demo(args: argparse.Namespace) -> int:
         settings, emr_dir, "fhir"))
     summary["features"] = progress.run(f"point-in-time timelines as of {d.as_of} (Spark)",
                                        lambda: emr_features.run(settings, d.as_of, with_labels=True))
+    summary["notes"] = notes_diagnoses(settings)
     _stop_spark()
 
     from engines import cache
@@ -164,6 +165,26 @@ def _verdicts(s: dict[str, Any]) -> list[dict[str, Any]]:
                        "passed": None if sens is None else sens >= CT_MIN_SENSITIVITY,
                        "detail": f"{ct.get('found_within_5mm')}/{ct.get('nodules_ge_6mm')}"})
     return checks
+
+
+def notes_diagnoses(settings: Settings) -> dict[str, int]:
+    """Diagnosis events the ingest found in notes (kind dx_text), by assertion and by how they were
+    written (words: code_system text; literal ICD-10-CM codes); ``counted`` = affirmed + history."""
+    import pyarrow.parquet as pq
+
+    from lake.paths import LakePaths
+
+    out = {a: 0 for a in ("affirmed", "history", "negated", "possible", "family", "hypothetical",
+                          "counted", "words", "codes")}
+    for f in sorted(LakePaths(settings.lake.root).events.glob("*.parquet")):
+        t = pq.read_table(f, columns=["kind", "code_system", "assertion"], filters=[("kind", "=", "dx_text")])
+        for system, assertion in zip(t.column("code_system").to_pylist(), t.column("assertion").to_pylist()):
+            if assertion in out:
+                out[assertion] += 1
+            if assertion in ("affirmed", "history"):
+                out["counted"] += 1
+                out["words" if system == "text" else "codes"] += 1
+    return out
 
 
 def _stop_spark() -> None:
@@ -321,6 +342,11 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
           f"(length p50 {length.get('p50')}, p95 {length.get('p95')})\n")
         for reason, n in sorted((feat.get("events_ignored") or {}).items(), key=lambda kv: -kv[1]):
             w(f"    {'events ignored':<16} {reason:<24} {n:>8,}\n")
+    notes = s.get("notes") or {}
+    if notes:
+        w(f"from notes        {notes['counted']:>10,} diagnoses counted (affirmed {notes['affirmed']:,}, history "
+          f"{notes['history']:,}; {notes['words']:,} in words, {notes['codes']:,} literal codes); not counted: "
+          + ", ".join(f"{a} {notes[a]:,}" for a in ("negated", "possible", "family", "hypothetical")) + "\n")
     w(f"engine            {Path(str(s.get('engine_emr'))).name}\n")
     chk = s.get("emr_check") or {}
     if chk:

@@ -104,7 +104,7 @@ def ignored(resource_type: str, rule: str, detail: str | None = None,
 
 @dataclass
 class ParseContext:
-    """Everything a parser needs besides the record: the key, the cue lists, the code groups, now."""
+    """Everything a parser needs besides the record: the key, the notes pipeline, the code groups, now."""
 
     key: bytes
     extractor: NoteExtractor

@@ -401,19 +401,18 @@ def _document(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -> P
     inline = [a for a in texts if isinstance(a.get("data"), str)]
     if not inline:
         raise _Bad(R_MISSING_ATTACHMENT, "DocumentReference text attachment has no inline data")
-    pairs: list[tuple[str, str]] = []
+    found: list[tuple[str, str, str]] = []
     for a in inline:
         try:
             text = base64.b64decode(a["data"], validate=True).decode("utf-8")
         except (binascii.Error, ValueError):
             raise _Bad(R_UNDECODABLE_ATTACHMENT,
                        "DocumentReference attachment.data is not base64 UTF-8 text") from None
-        for pair in ctx.extractor(text):
-            if pair not in pairs:
-                pairs.append(pair)
+        for mention in ctx.extractor(text):
+            if mention not in found:
+                found.append(mention)
         del text  # the note text goes no further than this function
-    events = [dx_event(ctx, t, KIND_DX_TEXT, SYSTEM_ICD10CM, code, assertion)
-              for code, assertion in pairs]
+    events = [dx_event(ctx, t, KIND_DX_TEXT, system, code, assertion) for system, code, assertion in found]
     return ParsedRecord(OK, rtype, patient_key=pkey, events=events)
 
 

@@ -331,8 +331,8 @@ def _valued(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid: s
 def _note(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid: str) -> ParsedRecord:
     pkey = _subject(row, ctx, table)
     t = _time(row, ctx, table, "note_datetime", "note_date")
-    pairs = ctx.extractor(row.get("note_text"))
-    events = [dx_event(ctx, t, KIND_DX_TEXT, SYSTEM_ICD10CM, code, assertion) for code, assertion in pairs]
+    events = [dx_event(ctx, t, KIND_DX_TEXT, system, code, assertion)
+              for system, code, assertion in ctx.extractor(row.get("note_text"))]
     return ParsedRecord(OK, table, patient_key=pkey, events=events)
 
 

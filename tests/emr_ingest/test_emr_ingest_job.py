@@ -65,7 +65,8 @@ def test_fhir_ledger_balances_and_matches_a_plain_count(fhir_ingest):
     assert tables["patients"].num_rows == 4 == summary["counts"]["emr_ingest.patients"]["records_out"]
     assert tables["quarantine"].num_rows == sum(FHIR_QUARANTINE.values())
     assert Counter(tables["quarantine"].column("reason").to_pylist()) == Counter(FHIR_QUARANTINE)
-    assert tables["events"].num_rows == summary["counts"]["emr_ingest.events"]["records_out"] == 25
+    # 27: 25 from codes, plus t2d and diabetes from the words "type 2 diabetes" in a note
+    assert tables["events"].num_rows == summary["counts"]["emr_ingest.events"]["records_out"] == 27
     ledger = json.loads((Path(summary["run_dir"]) / "ledger.json").read_text())
     assert ledger["balanced"] and ledger["stages"]["emr_ingest"]["records_in"] == 42
 
@@ -99,7 +100,9 @@ def test_fhir_events_carry_pseudonymised_keys_codes_and_utc_times(fhir_ingest):
     assert ("snomed", "44054006", "affirmed", ("diabetes", "t2d")) in dx
     assert ("icd10cm", "I10", "affirmed", ("hypertension",)) in dx
     text = {(e["code"], e["assertion"]) for e in mine if e["kind"] == "dx_text"}
-    assert text == {("E11.9", "affirmed"), ("I50.9", "negated"), ("I21.9", "history"), ("C50.919", "family")}
+    # "type 2 diabetes E11.9": the words (code_system text, group names) and the literal code
+    assert text == {("E11.9", "affirmed"), ("I50.9", "negated"), ("I21.9", "history"), ("C50.919", "family"),
+                    ("t2d", "affirmed"), ("diabetes", "affirmed")}
     enc = sorted(e["event_time"].isoformat() for e in mine if e["kind"] == "encounter")
     assert enc == ["2019-03-04T14:15:00+00:00", "2021-06-10T14:00:00+00:00"]
     # The duplicate Condition id keeps its first occurrence (E11.9), not the later copy (E78.5).
