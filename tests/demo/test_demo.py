@@ -45,3 +45,9 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     assert (Path(summary["score_emr_run"]) / "report.html").is_file()
     assert "=== medscreen demo summary ===" in out and "(balanced)" in out
     assert "CT findings" in out and "check" in out
+    # The PHI audit ran over the whole lake with both inputs' identifiers and found none.
+    phi = summary["phi_audit"]
+    assert phi["findings"] == [] and phi["files_scanned"] > 20
+    assert {"fhir.name", "fhir.identifier", "fhir.birthDate", "dicom.PatientName", "dicom.PatientID",
+            "dicom.AccessionNumber", "dicom.path"} <= set(phi["kinds"])
+    assert "PHI audit" in out and "0 findings" in out
