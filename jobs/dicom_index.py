@@ -8,9 +8,10 @@ folder names often carry patient names or MRNs. Executors read the key from
 its file (lake.keys.KeyFile), never from the task closure. Header values
 that can name a person or place (names, accession numbers, institution,
 descriptions, free text) are never read into a row. Instances are grouped
-by ``series_key`` and each series gets a geometry summary and a verdict: ``eligible`` or a reason
-code (not_ct, localizer, too_few_slices, inconsistent_orientation,
-inconsistent_size, missing_slices, gantry_tilt, undecodable_pixels, …).
+by ``series_key`` and each series gets a geometry summary and a verdict:
+``eligible`` or a reason code (not_ct, localizer, too_few_slices,
+inconsistent_orientation, inconsistent_size, missing_slices, gantry_tilt,
+undecodable_pixels, …).
 Exactly one pixel frame per series (the middle slice) is decoded to prove the
 series can be read.
 

@@ -277,9 +277,7 @@ def _string_values(column: pa.ChunkedArray) -> pa.Array | None:
         t = column.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         return pc.unique(column)
-    if pa.types.is_struct(t):
-        return None
-    return None
+    return None  # numbers, dates, binary: no text to hold a name
 
 
 def _parquet_columns(path: Path) -> Iterator[tuple[str, pa.ChunkedArray]]:
@@ -288,10 +286,9 @@ def _parquet_columns(path: Path) -> Iterator[tuple[str, pa.ChunkedArray]]:
     while stack:
         name, col = stack.pop()
         if pa.types.is_struct(col.type):
-            flat = pc.struct_field  # nested records: scan every string field
-            for i, f in enumerate(col.type):
-                stack.append((f"{name}.{f.name}", pa.chunked_array([flat(c, [i]) for c in col.chunks],
-                                                                     type=f.type)))
+            for i, f in enumerate(col.type):  # nested records: every field is scanned
+                stack.append((f"{name}.{f.name}",
+                              pa.chunked_array([pc.struct_field(c, [i]) for c in col.chunks], type=f.type)))
         elif pa.types.is_list(col.type) and pa.types.is_struct(col.type.value_type):
             stack.append((name + "[]", pc.list_flatten(col)))
         else:
