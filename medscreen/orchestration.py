@@ -78,7 +78,7 @@ def job_file(name: str) -> Path:
 
 
 def forwarded(name: str, key_env: str = PseudonymSettings().key_env) -> bool:
-    """True for the MEDSCREEN_* settings spark-submit may carry: never the key, nor anything named like a secret.
+    """True for the MEDSCREEN_* settings spark-submit may carry: never the key, nor anything named as a secret.
 
     On YARN and Kubernetes the Spark provider turns these variables into
     ``spark.*Env.*`` confs on the command line (task logs, the Spark UI);
@@ -87,7 +87,9 @@ def forwarded(name: str, key_env: str = PseudonymSettings().key_env) -> bool:
     if not name.startswith("MEDSCREEN_") or name == key_env:
         return False
     upper = name.upper()
-    return upper.endswith("_FILE") or not any(w in upper for w in ("KEY", "SECRET", "PASSWORD", "TOKEN"))
+    # Whole words: MEDSCREEN_FEATURES__MAX_TOKENS is a setting, MEDSCREEN_X__TOKEN a secret.
+    secretish = set(upper.split("_")) & {"KEY", "SECRET", "PASSWORD", "TOKEN", "CREDENTIALS"}
+    return not secretish or upper.endswith(("_FILE", "_KEY_ENV"))
 
 
 def spark_env(settings: Settings | None = None) -> dict[str, str]:

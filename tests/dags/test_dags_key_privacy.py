@@ -128,8 +128,10 @@ def test_spark_submit_env_never_carries_the_key(make_settings, monkeypatch) -> N
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", "k" * 40)
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM__KEY_FILE", "/run/secrets/pseudonym.key")
     monkeypatch.setenv("MEDSCREEN_SOMETHING_SECRET", "s" * 40)
+    monkeypatch.setenv("MEDSCREEN_FEATURES__MAX_TOKENS", "128")
     env = orch.spark_env(make_settings())
     assert "MEDSCREEN_PSEUDONYM_KEY" not in env and "MEDSCREEN_SOMETHING_SECRET" not in env
+    assert env["MEDSCREEN_FEATURES__MAX_TOKENS"] == "128"  # a setting whose name merely contains TOKEN
     assert env["MEDSCREEN_PSEUDONYM__KEY_FILE"] == "/run/secrets/pseudonym.key"
     assert "k" * 40 not in repr(env) and "s" * 40 not in repr(env)
     with pytest.raises(orch.OrchestrationError, match="MEDSCREEN_PSEUDONYM__KEY_FILE"):
