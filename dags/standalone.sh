@@ -6,7 +6,9 @@
 # on: simple auth manager, user `admin` with a generated password written to a
 # 0600 file whose path is printed below. Connection `spark_default` = local[2];
 # one-slot pool for the shared-table stages. The lake and inputs come from the
-# usual MEDSCREEN_* variables (defaults: ./work/lake, ./work/demo/input/*).
+# usual MEDSCREEN_* variables (defaults: ./work/lake, ./work/demo/input/*); the
+# pseudonymisation key from MEDSCREEN_PSEUDONYM__KEY_FILE (default ./work/pseudonym.key,
+# which `medscreen keys init` creates; this script never creates a key).
 #
 # With arguments, runs that airflow sub-command in the same configuration instead
 # of `airflow standalone` (e.g. `bash dags/standalone.sh api-server`,
@@ -49,10 +51,20 @@ fi
 if [[ -z "${MEDSCREEN_INPUTS__DICOM_DIR:-}" && -d "$REPO/work/demo/input/dicom" ]]; then
   export MEDSCREEN_INPUTS__DICOM_DIR="$REPO/work/demo/input/dicom"
 fi
-if [[ -z "${MEDSCREEN_PSEUDONYM_KEY:-}" && -z "${MEDSCREEN_PSEUDONYM__KEY_FILE:-}" ]]; then
-  export MEDSCREEN_PSEUDONYM__KEY_FILE="$AIRFLOW_HOME/pseudonym.key"
-  python -c "import sys; from pathlib import Path; from lake.keys import create_key_file; create_key_file(Path(sys.argv[1]))" \
-    "$MEDSCREEN_PSEUDONYM__KEY_FILE"
+# The pseudonymisation key: an existing 0600 file, never made here (a fresh AIRFLOW_HOME must not
+# re-key the lake) and never in the environment (every task process, spark-submit included,
+# would inherit it).
+if [[ -n "${MEDSCREEN_PSEUDONYM_KEY:-}" ]]; then
+  echo "standalone.sh: MEDSCREEN_PSEUDONYM_KEY is set; unset it and point MEDSCREEN_PSEUDONYM__KEY_FILE" \
+       "at the key's 0600 file" >&2
+  exit 2
+fi
+export MEDSCREEN_PSEUDONYM__KEY_FILE="${MEDSCREEN_PSEUDONYM__KEY_FILE:-$REPO/work/pseudonym.key}"
+if [[ ! -f "$MEDSCREEN_PSEUDONYM__KEY_FILE" ]]; then
+  echo "standalone.sh: no pseudonymisation key at $MEDSCREEN_PSEUDONYM__KEY_FILE; create it once with" \
+       "\`medscreen keys init --key-file $MEDSCREEN_PSEUDONYM__KEY_FILE\` (or set MEDSCREEN_PSEUDONYM__KEY_FILE" \
+       "to the lake's existing key)" >&2
+  exit 2
 fi
 
 # A generated admin password, kept across restarts, readable by this user only.

@@ -37,6 +37,7 @@ from inference import qc
 from inference.actors import engine_actor_pool
 from lake.commit import atomic_partition, is_committed
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.archive import Archive, imaging_archive
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
 from lake.schemas import FINDINGS
@@ -174,7 +175,8 @@ class PrepareSeries:
     """Ray Data batch fn (CPU task): series rows in, one windowed 1 mm volume per row out."""
 
     def __init__(self, target_spacing_mm: float, window_hu: tuple[float, float],
-                 gantry_tilt: str = "correct", min_slices: int = 2):
+                 gantry_tilt: str = "correct", min_slices: int = 2, archive: Archive | None = None):
+        self.archive = archive  # keyed relative paths are resolved here, in the read task
         self.target_spacing_mm = float(target_spacing_mm)
         self.window_hu = tuple(window_hu)
         self.gantry_tilt = gantry_tilt
@@ -192,8 +194,9 @@ class PrepareSeries:
                    "read_s": 0.0, "resample_s": 0.0}
             t0 = time.perf_counter()
             try:
-                vol = load_volume(list(row[COL_FILES] or []), gantry_tilt=self.gantry_tilt,
-                                  min_slices=self.min_slices)
+                files = list(row[COL_FILES] or [])
+                vol = load_volume(self.archive.resolve_all(files) if self.archive else files,
+                                  gantry_tilt=self.gantry_tilt, min_slices=self.min_slices)
                 t1 = time.perf_counter()
                 vol = resample_to_spacing(vol, self.target_spacing_mm)
                 image = window_to_unit(vol.hu, self.window_hu)
@@ -338,7 +341,8 @@ class FindNodules:
 # ---------------------------------------------------------------- pipeline
 
 def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, precision: str,
-                   batch_patches: int, num_actors: int, actor_resources: dict[str, float]):
+                   batch_patches: int, num_actors: int, actor_resources: dict[str, float],
+                   archive: Archive | None = None):
     """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed."""
     import ray.data
 
@@ -346,7 +350,7 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ray.data.from_arrow(series)
     # One series per block: each read task holds one series, and blocks spread over tasks.
     ds = ds.repartition(max(1, series.num_rows))
-    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices),
+    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
     # Actors sharing a GPU: one patches and stitches its series on the host while
     # another's patches run on the device (inference.actors.engine_actor_pool).
@@ -423,6 +427,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     _, engine_meta = source.load(precision)
 
     series, ignored, total = select_series(lake, as_of)
+    archive = imaging_archive(settings)  # before Ray: a wrong key or root fails here, once
     available = series.num_rows
     if limit is not None and available > limit:
         series = series.slice(0, limit)  # select_series sorts by series_key: the same N every time
@@ -439,7 +444,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         results: list[dict[str, Any]] = []
         t_pipe = time.perf_counter()
         if series.num_rows:
-            ds = build_pipeline(series, settings, source, precision, batch_patches, num_actors, actor_resources)
+            ds = build_pipeline(series, settings, source, precision, batch_patches, num_actors, actor_resources,
+                                archive)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 results.extend(batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
                                                    if c in batch.column_names]).to_pylist())

@@ -2,10 +2,16 @@
 
 Spark distributes file paths; each task reads headers only (pixel data is
 skipped, though its byte length is checked) and pseudonymises every UID and
-patient id before a row exists. Instances are grouped by ``series_key`` and
-each series gets a geometry summary and a verdict: ``eligible`` or a reason
-code (not_ct, localizer, too_few_slices, inconsistent_orientation,
-inconsistent_size, missing_slices, gantry_tilt, undecodable_pixels, …).
+patient id before a row exists. File paths are stored relative to the
+archive root (the input folder) with every component keyed (lake.archive):
+folder names often carry patient names or MRNs. Executors read the key from
+its file (lake.keys.KeyFile), never from the task closure. Header values
+that can name a person or place (names, accession numbers, institution,
+descriptions, free text) are never read into a row. Instances are grouped
+by ``series_key`` and each series gets a geometry summary and a verdict:
+``eligible`` or a reason code (not_ct, localizer, too_few_slices,
+inconsistent_orientation, inconsistent_size, missing_slices, gantry_tilt,
+undecodable_pixels, …).
 Exactly one pixel frame per series (the middle slice) is decoded to prove the
 series can be read.
 
@@ -38,7 +44,8 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
 from lake.commit import commit, staging_dir
-from lake.keys import load_key, pseudonymise
+from lake.archive import PATH_SCHEME
+from lake.keys import KeyFile, bind_lake, executor_key_file, key_relative_path, pseudonymise
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id, write_json
@@ -52,7 +59,8 @@ STAGE_SERIES = "dicom_index_series"
 # Verdict for a series whose headers break the judging code itself (never expected; counted, not fatal).
 REASON_INVALID_HEADERS = "invalid_headers"
 # Instance columns that travel from header reading to the series verdict.
-_HEADER_COLUMNS = [f.name for f in DICOM_INSTANCES] + ["quarantine", "detail"]
+# ``source_path`` (the file as found) stays inside the job: the tables get the keyed ``path``.
+_HEADER_COLUMNS = [f.name for f in DICOM_INSTANCES] + ["quarantine", "detail", "source_path"]
 
 
 def list_input_files(input_dir: Path) -> list[str]:
@@ -70,18 +78,33 @@ def list_input_files(input_dir: Path) -> list[str]:
 
 def _row_schema():
     return from_arrow_schema(DICOM_INSTANCES.append(pa.field("quarantine", pa.string()))
-                             .append(pa.field("detail", pa.string())))
+                             .append(pa.field("detail", pa.string()))
+                             .append(pa.field("source_path", pa.string())))
 
 
-def header_rows(paths: Iterator[str], key: bytes) -> Iterator[tuple[Any, ...]]:
+def keyed_path(key: bytes, archive_root: str, path: str) -> str:
+    """``path`` relative to ``archive_root``, every component keyed (what the imaging tables store)."""
+    return key_relative_path(key, os.path.relpath(path, archive_root).replace(os.sep, "/"))
+
+
+def _scrubbed(detail: str | None, raw: str, keyed: str) -> str | None:
+    # A decoder's message may quote the file it failed on.
+    if not detail:
+        return detail
+    return detail.replace(raw, keyed).replace(os.path.basename(raw), keyed.rsplit("/", 1)[-1])
+
+
+def header_rows(paths: Iterator[str], key_file: KeyFile, archive_root: str) -> Iterator[tuple[Any, ...]]:
     """Read each file's header and yield one pseudonymised row (instance or quarantine) per file."""
+    key = key_file.load()
     for p in paths:
         h = read_instance_header(p)
+        keyed = keyed_path(key, archive_root, p)
         if "quarantine" in h:
-            row = {"path": h["path"], "file_size_bytes": h.get("file_size_bytes"),
-                   "quarantine": h["quarantine"], "detail": h["detail"]}
+            row = {"path": keyed, "file_size_bytes": h.get("file_size_bytes"),
+                   "quarantine": h["quarantine"], "detail": _scrubbed(h["detail"], p, keyed)}
         else:
-            row = dict(h)
+            row = dict(h, path=keyed)
             # Raw identifiers end here: only their keyed hashes go on.
             row["series_key"] = pseudonymise(key, row.pop("series_uid"))
             row["study_key"] = pseudonymise(key, row.pop("study_uid"))
@@ -89,6 +112,7 @@ def header_rows(paths: Iterator[str], key: bytes) -> Iterator[tuple[Any, ...]]:
             pid = row.pop("patient_id")
             row["patient_key"] = pseudonymise(key, pid) if pid else None
             row["quarantine"], row["detail"] = None, None
+        row["source_path"] = p
         yield tuple(row.get(c) for c in _HEADER_COLUMNS)
 
 
@@ -96,19 +120,25 @@ def judge_rows(rows: Iterator[tuple[Any, ...]], min_slices: int, gantry_tilt: st
                run_id: str) -> tuple[Any, ...]:
     """The series-table row for one series' header rows (tuples in _HEADER_COLUMNS order)."""
     records = [dict(zip(_HEADER_COLUMNS, r)) for r in rows]
+    # Judging decodes one slice, so it sees the files as found; the row gets the keyed paths.
+    keyed = {r["source_path"]: r["path"] for r in records}
+    found = [dict(r, path=r["source_path"]) for r in records]
     try:
-        s = judge_series(records, min_slices=min_slices, gantry_tilt=gantry_tilt)
+        s = judge_series(found, min_slices=min_slices, gantry_tilt=gantry_tilt)
     except Exception as exc:  # a header combination no rule foresaw: reject the series, keep the run
-        s = {"slice_count": len(records), "paths": sorted(str(r["path"]) for r in records),
+        s = {"slice_count": len(records), "paths": sorted(str(r["path"]) for r in found),
              "verdict": REASON_INVALID_HEADERS, "detail": f"{type(exc).__name__} while judging the series"}
+    for raw in s["paths"]:
+        s["detail"] = _scrubbed(s["detail"], raw, keyed[raw])
+    s["paths"] = [keyed[raw] for raw in s["paths"]]
     first = records[0]
     s.update(series_key=first["series_key"], study_key=first["study_key"], patient_key=first["patient_key"],
              eligible=s["verdict"] == ELIGIBLE, detail=s["detail"] or None, run_id=run_id)
     return tuple(s.get(c) for c in DICOM_SERIES.names)
 
 
-def index_frames(spark: SparkSession, files: list[str], key: bytes, settings: Settings,
-                 run_id: str) -> tuple[DataFrame, DataFrame, DataFrame, Any]:
+def index_frames(spark: SparkSession, files: list[str], key_file: KeyFile, settings: Settings,
+                 run_id: str, archive_root: str) -> tuple[DataFrame, DataFrame, DataFrame, Any]:
     """(instances, series, quarantine, header-row RDD) for ``files``; nothing is written.
 
     Header rows are persisted so every file is read once; unpersist the RDD when done.
@@ -116,7 +146,7 @@ def index_frames(spark: SparkSession, files: list[str], key: bytes, settings: Se
     judge series (no Arrow/pandas round trip for a handful of rows per series).
     """
     n_parts = max(2, min(len(files) // 256 + 1, 512))
-    rows = spark.sparkContext.parallelize(files, n_parts).mapPartitions(lambda it: header_rows(it, key)).persist()
+    rows = spark.sparkContext.parallelize(files, n_parts).mapPartitions(lambda it: header_rows(it, key_file, archive_root)).persist()
     frame = spark.createDataFrame(rows, _row_schema())
     instances = frame.filter(F.col("quarantine").isNull()).select(*DICOM_INSTANCES.names)
     quarantine = (frame.filter(F.col("quarantine").isNotNull())
@@ -161,12 +191,15 @@ def run(settings: Settings, input_dir: Path, run_id: str | None = None,
     """
     from jobs.spark_session import get_spark
 
-    key = load_key(settings.pseudonym)
-    files = list_input_files(Path(input_dir))
+    key_file = executor_key_file(settings.pseudonym)
+    bind_lake(settings.lake.root, key_file.fingerprint)
+    archive_root = str(Path(input_dir).resolve())
+    files = list_input_files(Path(archive_root))
     run_id = run_id or new_run_id("dicom_index")
     paths = LakePaths(settings.lake.root)
     spark = spark or get_spark(settings.spark, "medscreen-dicom-index")
-    instances, series, quarantine, rows = index_frames(spark, files, key, settings, run_id)
+    instances, series, quarantine, rows = index_frames(spark, files, key_file, settings, run_id,
+                                                      archive_root)
     stagings: dict[str, Path] = {}
     try:
         stagings["series"] = _write(series, paths.dicom_series, 1, ["series_key"])
@@ -191,6 +224,8 @@ def run(settings: Settings, input_dir: Path, run_id: str | None = None,
         files_ledger.check()
         series_ledger.check()
         manifest = {"run_id": run_id, "stage": "dicom_index", "input_dir": str(input_dir),
+                    "archive_root": archive_root, "path_scheme": PATH_SCHEME,
+                    "key_fingerprint": key_file.fingerprint,
                     "files": len(files), "instances": int(n_instances),
                     "series": int(n_series_in), "eligible_series": v_counts.get(ELIGIBLE, 0),
                     "gantry_tilt": settings.imaging.gantry_tilt, "min_slices": settings.imaging.min_slices}

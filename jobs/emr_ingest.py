@@ -10,7 +10,8 @@ atomically with a manifest, and a ledger that must balance:
    ingest are counted, not parsed.
 2. parse: the pure parsers (preprocessing.fhir / preprocessing.omop) over
    Arrow batches (``mapInArrow``): one record in, one record out, ids hashed
-   with the pseudonym key inside the executor.
+   with the pseudonym key inside the executor (read there from its 0600 file:
+   the task closure carries a lake.keys.KeyFile, never the key).
 3. de-duplicate: of accepted or ignored records with the same type and id, the
    first in reader order wins; the others are quarantined ``duplicate_id``.
 4. resolve: clinical records whose patient is not an accepted patient are
@@ -48,7 +49,7 @@ from pyspark.sql.types import StringType, StructField, StructType
 from conf.settings import Settings, load_settings
 from jobs.spark_session import get_spark
 from lake.commit import clean_stale_staging, commit, staging_dir
-from lake.keys import load_key
+from lake.keys import bind_lake, executor_key_file
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id, write_json
@@ -84,11 +85,11 @@ def _context(cfg: tuple[Any, ...]) -> rec.ParseContext:
         from preprocessing.code_groups import load_code_groups
         from preprocessing.notes import NoteExtractor
 
-        key, targets_file, context_file, groups_file, now, descendants = cfg
+        key_file, targets_file, context_file, groups_file, now, descendants = cfg
         groups = load_code_groups(groups_file)
         if descendants:
             groups = groups.with_omop_descendants(descendants)
-        ctx = rec.ParseContext(key=key, extractor=NoteExtractor.from_files(targets_file, context_file, groups.names),
+        ctx = rec.ParseContext(key=key_file.load(), extractor=NoteExtractor.from_files(targets_file, context_file, groups.names),
                                groups=groups, now_us=now)
         _CONTEXTS[cfg] = ctx
     return ctx
@@ -448,7 +449,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     """
     input_dir = Path(input_dir)
     files = list_inputs(input_dir, fmt)
-    key = load_key(settings.pseudonym)
+    key_file = executor_key_file(settings.pseudonym)
+    bind_lake(settings.lake.root, key_file.fingerprint)
     run_id = run_id or new_run_id("emr-ingest")
     paths = LakePaths(settings.lake.root)
     run_dir = paths.run(run_id)
@@ -475,7 +477,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
         descendants, concept, maps, vocabulary_rows = omop_vocabulary(
             spark, files, sorted(groups.omop_concept_ids()))
         vocabulary = (concept, maps)
-    cfg = (key, str(targets_file), str(context_file), str(groups_file), export_us, descendants)
+    cfg = (key_file, str(targets_file), str(context_file), str(groups_file), export_us, descendants)
 
     parsed, raw, skipped = _parse(spark, fmt, files, cfg, vocabulary)
     # Parse once: resolve() reads the parsed records twice (records, accepted patient keys).
@@ -559,7 +561,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             "counts": {"records_in": ledger.records_in, "records_out": ledger.records_out,
                        "quarantined": ledger.quarantined_total, "ignored": ledger.ignored_total,
                        **{f"{k}_rows": v for k, v in written.items()}},
-            "started_utc": started.isoformat(),
+            "started_utc": started.isoformat(), "key_fingerprint": key_file.fingerprint,
         }
         outputs = {"events": str(commit(staging_events, paths.events, manifest)),
                    "patients": str(commit(staging_patients, paths.patients, manifest)),

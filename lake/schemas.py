@@ -115,8 +115,8 @@ FINDINGS = pa.schema([
 # ---------------------------------------------------------------- imaging (DICOM index)
 # Written by jobs/dicom_index. No raw UIDs, names or patient ids: keys are
 # pseudonymised (lake.keys.pseudonymise) of SeriesInstanceUID, StudyInstanceUID,
-# SOPInstanceUID and PatientID. File paths are kept so scorers can read eligible
-# series; paths are locations, not identifiers.
+# SOPInstanceUID and PatientID. File paths are relative to the archive root with
+# every component keyed (lake.archive): folder names often carry identifiers.
 
 DICOM_INSTANCES = pa.schema([
     ("series_key", pa.string()),

@@ -11,6 +11,7 @@ import logging
 import sys
 
 from conf.settings import ConfigError
+from lake.keys import PseudonymKeyError
 
 # Command groups, in help order. Each module registers its own sub-commands.
 COMMAND_MODULES = (
@@ -20,6 +21,8 @@ COMMAND_MODULES = (
     "medscreen.cmd_score",
     "medscreen.cmd_dicom",
     "medscreen.cmd_demo",
+    "medscreen.cmd_keys",
+    "medscreen.cmd_audit",
 )
 
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"medscreen: configuration error:\n{exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, PseudonymKeyError) as exc:
         print(f"medscreen: error: {exc}", file=sys.stderr)
         return 2
 

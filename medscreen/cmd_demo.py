@@ -51,7 +51,11 @@ def demo_settings(workdir: Path, args: argparse.Namespace | None = None) -> Sett
     from lake.keys import create_key_file
 
     workdir = workdir.resolve()
-    key_file = create_key_file(workdir / "pseudonym.key")
+    key_file = workdir / "pseudonym.key"
+    if not key_file.exists():
+        # The demo's own throwaway lake gets its own key, said out loud (never made behind a lake's back).
+        create_key_file(key_file)
+        print(f"medscreen demo: new pseudonymisation key for this demo's lake: {key_file} (mode 0600)")
     overrides: dict[str, Any] = {
         "lake.root": str(workdir / "lake"),
         "inputs.emr_dir": str(workdir / "input" / "emr"),
@@ -73,7 +77,7 @@ def run_demo(args: argparse.Namespace) -> int:
     d = settings.demo
     emr_dir, dicom_dir = Path(settings.inputs.emr_dir), Path(settings.inputs.dicom_dir)
     ct = d.ct_studies > 0
-    progress = _Progress(7 + (3 if ct else 0))
+    progress = _Progress(8 + (3 if ct else 0))
     summary: dict[str, Any] = {"workdir": str(args.workdir.resolve()), "as_of": d.as_of}
 
     from medscreen import synth_emr
@@ -120,6 +124,13 @@ def run_demo(args: argparse.Namespace) -> int:
         summary["score_ct_run"] = str(ct_run)
         summary["ct_check"] = _check_ct(settings, d.as_of, dicom_dir)
 
+    from medscreen.phi_audit import audit
+    audit_inputs = [emr_dir, dicom_dir] if ct else [emr_dir]
+    phi = progress.run("PHI audit: the inputs' identifiers in the lake",
+                       lambda: audit(Path(settings.lake.root), audit_inputs))
+    summary["phi_audit"] = {"identifiers": phi.identifiers, "kinds": phi.identifier_kinds,
+                            "files_scanned": phi.files_scanned, "not_scanned": phi.not_scanned,
+                            "findings": [vars(f) for f in phi.findings]}
     progress.run("summary", lambda: None)
     summary["checks"] = _verdicts(summary)
     _print_summary(settings, summary)
@@ -164,6 +175,11 @@ def _verdicts(s: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"check": f"CT sensitivity >= {CT_MIN_SENSITIVITY} for nodules >= 6 mm within 5 mm",
                        "passed": None if sens is None else sens >= CT_MIN_SENSITIVITY,
                        "detail": f"{ct.get('found_within_5mm')}/{ct.get('nodules_ge_6mm')}"})
+    phi = s.get("phi_audit")
+    if phi is not None:
+        checks.append({"check": "PHI audit: no input identifier in the lake", "passed": not phi["findings"],
+                       "detail": f"{len(phi['findings'])} findings; {phi['identifiers']} identifiers, "
+                                 f"{phi['files_scanned']} files scanned"})
     return checks
 
 
@@ -370,6 +386,13 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
         w(f"CT findings       {ct.get('findings', 0):>10,}; planted nodules >= 6 mm found within 5 mm: "
           f"{ct.get('found_within_5mm')}/{ct.get('nodules_ge_6mm')} (sensitivity {ct.get('sensitivity')}), "
           f"false positives per series {ct.get('false_positives_per_series')}\n")
+    phi = s.get("phi_audit")
+    if phi is not None:
+        w(f"PHI audit         {phi['identifiers']:>10,} identifiers from the inputs "
+          f"({', '.join(f'{k} {v}' for k, v in phi['kinds'].items())}); {phi['files_scanned']} lake files "
+          f"scanned: {len(phi['findings'])} findings\n")
+        for f in phi["findings"][:20]:
+            w(f"    {f['kind']:<22} {f['masked']:<28} {f['file']} ({f['where']}) x{f['count']}\n")
     for c in s.get("checks") or []:
         verdict = {True: "ok", False: "FAILED", None: "not judged"}[c["passed"]]
         w(f"check             {verdict:<10} {c['check']}: {c['detail']}\n")

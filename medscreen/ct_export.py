@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from conf.settings import Settings
+from lake.archive import imaging_archive
 from preprocessing.dicom_series import load_volume
 from preprocessing.imaging_index import series_record
 from preprocessing.nifti import ras_affine, write_nifti
@@ -32,7 +33,9 @@ def export_series(settings: Settings, series_key: str, out: Path, stage: str = "
     if not rec["eligible"]:
         raise ValueError(f"series {series_key} was rejected by the index ({rec['verdict']}: "
                          f"{rec['detail']}); only eligible series can be exported")
-    volume = load_volume([Path(p) for p in rec["paths"]], gantry_tilt=settings.imaging.gantry_tilt,
+    archive = imaging_archive(settings)  # keyed relative paths → files under the archive root
+    files = archive.resolve_all(rec["paths"]) if archive else [Path(p) for p in rec["paths"]]
+    volume = load_volume(files, gantry_tilt=settings.imaging.gantry_tilt,
                          min_slices=settings.imaging.min_slices)
     if stage == "resampled":
         volume = resample_to_spacing(volume, settings.imaging.target_spacing_mm)

@@ -35,8 +35,9 @@ from typing import Any
 from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from conf.settings import Settings, load_settings
+from conf.settings import PseudonymSettings, Settings, load_settings
 from lake.commit import atomic_partition, is_committed, read_manifest
+from lake.keys import check_lake_key, key_fingerprint, load_key
 from lake.paths import LakePaths, as_of_str
 from lake.runs import write_json
 
@@ -76,15 +77,32 @@ def job_file(name: str) -> Path:
     return path
 
 
-def spark_env() -> dict[str, str]:
+def forwarded(name: str, key_env: str = PseudonymSettings().key_env) -> bool:
+    """True for the MEDSCREEN_* settings spark-submit may carry: never the key, nor anything named as a secret.
+
+    On YARN and Kubernetes the Spark provider turns these variables into
+    ``spark.*Env.*`` confs on the command line (task logs, the Spark UI);
+    the key's file path travels, the key does not.
+    """
+    if not name.startswith("MEDSCREEN_") or name == key_env:
+        return False
+    upper = name.upper()
+    # Whole words: MEDSCREEN_FEATURES__MAX_TOKENS is a setting, MEDSCREEN_X__TOKEN a secret.
+    secretish = set(upper.split("_")) & {"KEY", "SECRET", "PASSWORD", "TOKEN", "CREDENTIALS"}
+    return not secretish or upper.endswith(("_FILE", "_KEY_ENV"))
+
+
+def spark_env(settings: Settings | None = None) -> dict[str, str]:
     """Environment for spark-submit: this interpreter on both sides, its bin/ first on PATH.
 
     Airflow runs in the project's virtualenv, which also holds the pinned
     PySpark and its ``spark-submit``; the driver and the Python workers must
     run the same interpreter so they import the same medscreen and pyarrow.
+    The MEDSCREEN_* settings go along except the key (:func:`forwarded`).
     """
     bin_dir = str(Path(sys.executable).parent)
-    env = {k: v for k, v in os.environ.items() if k.startswith("MEDSCREEN_")}
+    key_env = (settings.pseudonym if settings else PseudonymSettings()).key_env
+    env = {k: v for k, v in os.environ.items() if forwarded(k, key_env)}
     env.update({
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
         "PYSPARK_PYTHON": sys.executable,
@@ -156,22 +174,26 @@ class SharedTable:
     output: Path
     input_dir: Path
     input_format: str = ""
+    # The pseudonym key's fingerprint: a table keyed with another key is not current.
+    key_fingerprint: str = ""
 
     @classmethod
     def for_job(cls, job: str, settings: Settings) -> "SharedTable":
         lake = LakePaths(settings.lake.root)
         args = job_arguments(job, settings)  # raises when the input is not configured
+        fp = key_fingerprint(load_key(settings.pseudonym))
         if job == "emr_ingest":
-            return cls(job, lake.events, Path(args[1]), settings.inputs.emr_format)
+            return cls(job, lake.events, Path(args[1]), settings.inputs.emr_format, fp)
         if job == "dicom_index":
-            return cls(job, lake.dicom_series, Path(args[1]))
+            return cls(job, lake.dicom_series, Path(args[1]), key_fingerprint=fp)
         raise OrchestrationError(f"{job} does not build a shared table")
 
     def state_file(self, lake_root: Path) -> Path:
         return Path(lake_root) / STATE_DIR / f"{self.job}.json"
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(f"{self.input_format}\0{input_fingerprint(self.input_dir)}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.input_format}\0{input_fingerprint(self.input_dir)}\0{self.key_fingerprint}"
+                              .encode()).hexdigest()
 
     def is_current(self, lake_root: Path) -> bool:
         """True when the table is committed and was built from inputs with today's fingerprint."""
@@ -201,6 +223,15 @@ def lake_lock(lake_root: Path, name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def refuse_key_in_environment(settings: Settings) -> None:
+    """Raise when the key is in this worker's environment: spark-submit (and all it starts) would inherit it."""
+    if os.environ.get(settings.pseudonym.key_env):
+        raise OrchestrationError(
+            f"{settings.pseudonym.key_env} is set in the Airflow worker's environment; every process a task "
+            "starts inherits it, and Spark on YARN/Kubernetes copies such variables into its confs. Unset it "
+            "and point MEDSCREEN_PSEUDONYM__KEY_FILE at the key's 0600 file (or the mounted secret)")
+
+
 class LakeSparkSubmitOperator(SparkSubmitOperator):
     """SparkSubmitOperator for a medscreen job; arguments come from settings at run time.
 
@@ -220,10 +251,11 @@ class LakeSparkSubmitOperator(SparkSubmitOperator):
 
     def _prepare(self) -> Settings:
         settings = load_settings()
+        refuse_key_in_environment(settings)
         self.application_args = job_arguments(self.job, settings, self.as_of, self.with_labels)
         self.conf = {**spark_conf(settings), **(self.conf or {})}
         # Taken when the task runs, so the worker's MEDSCREEN_* settings are the ones passed on.
-        self.env_vars = {**spark_env(), **(self.env_vars or {})}
+        self.env_vars = {**spark_env(settings), **(self.env_vars or {})}
         self._driver_memory = self._driver_memory or settings.spark.driver_memory
         return settings
 
@@ -246,6 +278,8 @@ class SharedTableSparkSubmitOperator(LakeSparkSubmitOperator):
         # The lock spans decide + build + record, so a concurrent run either waits and
         # then sees the table current, or builds it itself — never both at once.
         with lake_lock(settings.lake.root, self.job):
+            # A lake keyed otherwise is refused before "unchanged" could skip past it.
+            check_lake_key(settings.lake.root, table.key_fingerprint)
             if table.is_current(settings.lake.root):
                 raise AirflowSkipException(
                     f"{self.job}: inputs unchanged since the last build of {table.output}; skipped")

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lake.commit import is_committed
-from lake.keys import pseudonymise
+from conf.settings import PseudonymSettings
+from lake.archive import Archive
+from lake.keys import executor_key_file, pseudonymise
 from lake.paths import LakePaths
 from lake.schemas import DICOM_INSTANCES, DICOM_QUARANTINE, DICOM_SERIES
 
@@ -57,13 +59,18 @@ def test_series_table_verdicts_geometry_and_schema(indexed: dict[str, Any], synt
     assert list(_table(lp.dicom_instances).columns) == DICOM_INSTANCES.names
     assert list(_table(lp.imaging_quarantine).columns) == DICOM_QUARANTINE.names
     key = SESSION_KEY.encode()
+    archive = Archive(str(synth_dir.resolve()), executor_key_file(PseudonymSettings()))
     for s in truth["series"]:
         row = series.loc[pseudonymise(key, s["series_instance_uid"])]
         assert row["verdict"] == s["expected"], s["label"]
         assert row["slice_count"] == s["slices"]
         assert row["eligible"] == (s["expected"] == "eligible")
         if row["eligible"]:
-            assert sorted(Path(p).name for p in row["paths"]) == s["files"]
+            # Stored keyed and relative to the archive root; they resolve to the study's files.
+            assert not any(f in p or s["study"] in p for p in row["paths"] for f in s["files"])
+            resolved = archive.resolve_all(list(row["paths"]))
+            assert sorted(p.name for p in resolved) == s["files"]
+            assert {p.parent for p in resolved} == {(synth_dir / s["study"]).resolve()}
             assert row["pixel_spacing_row_mm"] == pytest.approx(s["pixel_spacing_mm"])
         if s["label"] == "axial_chest":
             assert row["spacing_min_mm"] == pytest.approx(row["spacing_max_mm"])

@@ -19,10 +19,22 @@ DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 PSEUDONYM_KEY = "dags-e2e-pseudonym-key-not-for-production"
 
 
+def key_file(directory: Path) -> Path:
+    """A 0600 file holding :data:`PSEUDONYM_KEY` in ``directory`` (DAG tasks refuse a key in the environment)."""
+    path = Path(directory) / "pseudonym.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(PSEUDONYM_KEY)
+    return path
+
+
 def pipeline_env(lake: Path, emr: Path, dicom: Path | None = None) -> dict[str, str]:
     """The MEDSCREEN_* settings a DAG's tasks read: this lake, these inputs, no retries."""
     env = {"MEDSCREEN_LAKE__ROOT": str(lake), "MEDSCREEN_INPUTS__EMR_DIR": str(emr),
-           "MEDSCREEN_PSEUDONYM_KEY": PSEUDONYM_KEY, "MEDSCREEN_SPARK__SHUFFLE_PARTITIONS": "2",
+           "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file(Path(lake).parent)),
+           "MEDSCREEN_SPARK__SHUFFLE_PARTITIONS": "2",
            "MEDSCREEN_AIRFLOW_RETRIES": "0",
            # The fixture's CT is a 64x64x24 phantom, far below the model's training resolution: the
            # U-Net finds ~17 specks per series there, which CT QC (rightly) calls broken at 10.
@@ -38,6 +50,7 @@ def pipeline_settings(lake: Path, emr: Path, dicom: Path | None = None) -> Itera
     mp = pytest.MonkeyPatch()
     try:
         mp.delenv("MEDSCREEN_INPUTS__DICOM_DIR", raising=False)
+        mp.delenv("MEDSCREEN_PSEUDONYM_KEY", raising=False)
         env = pipeline_env(lake, emr, dicom)
         for k, v in env.items():
             mp.setenv(k, v)
@@ -72,7 +85,7 @@ def script_env(home: Path, port: int, lake: Path, **medscreen: str) -> dict[str,
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AIRFLOW") and not k.startswith("MEDSCREEN_")}
     env.update({"AIRFLOW_HOME": str(home), "AIRFLOW_PORT": str(port), "MEDSCREEN_LAKE__ROOT": str(lake),
-                **medscreen})
+                "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file(home)), **medscreen})
     return env
 
 

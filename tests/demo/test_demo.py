@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 AUC_CHECKS = {f"AUC {h} within 0.05 of the model card" for h in ("t2d", "ckd", "hf")}
 ELIGIBILITY_CHECK = "nobody below a head's minimum age or without an encounter on its list"
 CT_CHECK = "CT sensitivity >= 0.8 for nodules >= 6 mm within 5 mm"
+PHI_CHECK = "PHI audit: no input identifier in the lake"
 
 
 def _run_demo(workdir: Path, *args: str) -> tuple[dict[str, Any], str]:
@@ -68,12 +69,12 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     # Which checks were judged at this size, and that those passed: 400 patients give fewer labelled
     # positives than an AUC comparison needs (the large-population test below judges those).
     verdicts = _verdicts(summary)
-    assert set(verdicts) == AUC_CHECKS | {ELIGIBILITY_CHECK, CT_CHECK}
+    assert set(verdicts) == AUC_CHECKS | {ELIGIBILITY_CHECK, CT_CHECK, PHI_CHECK}
     for check in AUC_CHECKS:
         assert verdicts[check] is None
     for head in ("t2d", "ckd", "hf"):
         assert summary["emr_check"][f"positives_{head}"] < 200
-    assert verdicts[ELIGIBILITY_CHECK] is True and verdicts[CT_CHECK] is True
+    assert verdicts[ELIGIBILITY_CHECK] is True and verdicts[CT_CHECK] is True and verdicts[PHI_CHECK] is True
     _operating_points_printed(summary, out)
 
     lake = workdir / "lake"
@@ -84,6 +85,12 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     assert "Reliability against this as-of" in report  # the demo's timelines carry labels
     assert "=== medscreen demo summary ===" in out and "(balanced)" in out
     assert "CT findings" in out and "check" in out
+    # The PHI audit ran over the whole lake with both inputs' identifiers and found none.
+    phi = summary["phi_audit"]
+    assert phi["findings"] == [] and phi["files_scanned"] > 20
+    assert {"fhir.name", "fhir.identifier", "fhir.birthDate", "dicom.PatientName", "dicom.PatientID",
+            "dicom.AccessionNumber", "dicom.path"} <= set(phi["kinds"])
+    assert "PHI audit" in out and "0 findings" in out
 
 
 @pytest.mark.slow
@@ -92,7 +99,7 @@ def test_demo_judges_every_auc_check_on_a_large_enough_population(tmp_path: Path
     # positives at the demo's as-of date; no CT, which the small run covers.
     summary, out = _run_demo(tmp_path / "demo", "--patients", "7000", "--seed", "11", "--ct-studies", "0")
     verdicts = _verdicts(summary)
-    assert set(verdicts) == AUC_CHECKS | {ELIGIBILITY_CHECK}
+    assert set(verdicts) == AUC_CHECKS | {ELIGIBILITY_CHECK, PHI_CHECK}
     assert all(verdicts[c] is True for c in verdicts), summary["checks"]
     for head in ("t2d", "ckd", "hf"):
         assert summary["emr_check"][f"positives_{head}"] >= 200

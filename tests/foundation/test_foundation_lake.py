@@ -87,13 +87,13 @@ def test_key_file_must_be_private(tmp_path, monkeypatch):
     os.chmod(path, 0o644)
     with pytest.raises(PseudonymKeyError, match="chmod 600"):
         load_key(PseudonymSettings(key_file=path))
-    with pytest.raises(PseudonymKeyError, match="MEDSCREEN_PSEUDONYM_KEY"):
+    with pytest.raises(PseudonymKeyError, match="MEDSCREEN_PSEUDONYM__KEY_FILE"):
         load_key(PseudonymSettings())
 
 
 def test_env_key_wins_over_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", "from-env-0123456789")
-    assert load_key(PseudonymSettings(key_file=tmp_path / "missing")) == b"from-env-0123456789"
+    monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", "from-env-0123456789-0123456789-0123456789")
+    assert load_key(PseudonymSettings(key_file=tmp_path / "missing")) == b"from-env-0123456789-0123456789-0123456789"
 
 
 def test_lake_layout(tmp_path):
