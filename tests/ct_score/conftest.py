@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lake.commit import atomic_partition
-from lake.keys import pseudonymise
+from lake.keys import mrn_key, pseudonymise
 from lake.paths import LakePaths
-from lake.schemas import DICOM_SERIES
+from lake.schemas import DICOM_SERIES, IMAGING_LINK
 from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
 from medscreen.synth_ct import SeriesSpec, write_series
 
@@ -72,7 +72,7 @@ def write_series_index(lake_root: Path, key: bytes, rows: list[dict[str, Any]]) 
     table = pa.table({
         "series_key": [pseudonymise(key, r["series_uid"]) for r in rows],
         "study_key": [pseudonymise(key, r["study_uid"]) for r in rows],
-        "patient_key": [pseudonymise(key, r["patient_id"]) for r in rows],
+        "mrn_key": [mrn_key(key, r["patient_id"]) for r in rows],
         "study_date": pa.array([dt.date.fromisoformat(r["date"]) for r in rows], pa.date32()),
         "verdict": [r["verdict"] for r in rows],
         "paths": pa.array([r["files"] for r in rows], pa.list_(pa.string())),
@@ -83,7 +83,20 @@ def write_series_index(lake_root: Path, key: bytes, rows: list[dict[str, Any]]) 
     final = LakePaths(lake_root).dicom_series
     with atomic_partition(final, {"stage": "test_index"}) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
+    write_unlinked(lake_root, table)
     return final
+
+
+def write_unlinked(lake_root: Path, series: pa.Table) -> None:
+    """Commit LAKE/imaging/patient_link as jobs/imaging_link leaves it for a lake without EMR
+    patients (no committed patients table): every series ``mrn_not_in_emr``."""
+    n = series.num_rows
+    link = pa.table({"series_key": series.column("series_key"), "study_key": series.column("study_key"),
+                     "mrn_key": series.column("mrn_key"), "patient_key": pa.nulls(n, pa.string()),
+                     "link_status": pa.array(["mrn_not_in_emr"] * n, pa.string())}, schema=IMAGING_LINK)
+    inputs = {"series": {"run_id": None}, "patients": {"run_id": None}}
+    with atomic_partition(LakePaths(lake_root).imaging_link, {"stage": "test_link", "inputs": inputs}) as staging:
+        pq.write_table(link, staging / "part-00000.parquet")
 
 
 @pytest.fixture(scope="session")
