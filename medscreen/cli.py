@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "medscreen.cmd_engines",
     "medscreen.cmd_score",
     "medscreen.cmd_dicom",
+    "medscreen.cmd_worklist",
     "medscreen.cmd_demo",
 )
 
