@@ -134,7 +134,7 @@ def _sensitive_fhir_strings() -> set[str]:
 
 def _assert_no_leak(lake: Path, run_dir: Path, sensitive: set[str]) -> None:
     values = []
-    for name in ("events", "patients", "quarantine"):
+    for name in ("events", "patients", "quarantine", "observation_periods"):
         values.extend(_strings(read_lake_table(lake / "emr" / name)))
     for p in list(run_dir.glob("*.json")) + list((lake / "emr").glob("*/manifest.json")):
         values.append(p.read_text())
@@ -152,7 +152,7 @@ def test_fhir_lake_holds_no_raw_ids_names_or_note_text(fhir_ingest):
 
 def test_fhir_rerun_gives_identical_rows(fhir_ingest):
     first, second = fhir_ingest["tables"]
-    for name in ("events", "patients", "quarantine"):
+    for name in ("events", "patients", "quarantine", "observation_periods"):
         assert sorted_rows(first[name]) == sorted_rows(second[name]), name
     runs = [s["run_id"] for s in fhir_ingest["summaries"]]
     assert runs[0] != runs[1]
