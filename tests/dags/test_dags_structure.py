@@ -130,4 +130,4 @@ def test_cohort_dag_is_manual_with_mapped_steps(dagbag) -> None:
     assert items["enum"] == groups
     assert set(dag.params) == {"cohort_name", "include_groups", "exclude_groups", "age_min_years",
                                "age_max_years", "index_start", "index_end", "step_days", "models",
-                               "replace", "force_ungated"}
+                               "replace", "force_ungated", "require_ct_findings"}

@@ -12,7 +12,7 @@ from emr_ingest_support import FIXTURES, INGEST_KEY, ingest, read_lake_table, so
 
 from lake.commit import is_committed, read_manifest
 from lake.keys import pseudonymise
-from lake.schemas import EVENTS, PATIENTS, QUARANTINE
+from lake.schemas import EVENTS, OBSERVATION_PERIODS, PATIENTS, QUARANTINE
 
 KEY = INGEST_KEY.encode()
 FHIR_QUARANTINE = {"duplicate_id": 1, "unknown_patient": 2, "invalid_icd10cm": 1, "malformed_code": 1,
@@ -73,7 +73,8 @@ def test_fhir_ledger_balances_and_matches_a_plain_count(fhir_ingest):
 def test_fhir_outputs_are_committed_with_manifests_and_lake_schemas(fhir_ingest):
     lake = fhir_ingest["lake"]
     summary = fhir_ingest["summaries"][-1]
-    for name, schema in (("events", EVENTS), ("patients", PATIENTS), ("quarantine", QUARANTINE)):
+    for name, schema in (("events", EVENTS), ("patients", PATIENTS), ("quarantine", QUARANTINE),
+                         ("observation_periods", OBSERVATION_PERIODS)):
         path = lake / "emr" / name
         assert is_committed(path)
         m = read_manifest(path)
@@ -85,7 +86,8 @@ def test_fhir_outputs_are_committed_with_manifests_and_lake_schemas(fhir_ingest)
     run_manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
     assert run_manifest["counts"]["records_in"] == 42
     # No staging or trash directories are left behind.
-    assert sorted(p.name for p in (lake / "emr").iterdir()) == ["events", "patients", "quarantine"]
+    assert sorted(p.name for p in (lake / "emr").iterdir()) == ["events", "observation_periods", "patients",
+                                                               "quarantine"]
 
 
 def test_fhir_events_carry_pseudonymised_keys_codes_and_utc_times(fhir_ingest):
