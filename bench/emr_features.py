@@ -35,6 +35,7 @@ from conf.settings import load_settings  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
 from lake.schemas import EVENTS, PATIENTS  # noqa: E402
+from preprocessing.code_groups import groups_for  # noqa: E402
 from preprocessing.timelines import US_PER_DAY, epoch_day, timelines_table  # noqa: E402
 
 AS_OF = dt.date(2024, 6, 30)
@@ -86,9 +87,16 @@ def synth_tables(n_events: int, n_patients: int, seed: int) -> tuple[pa.Table, p
         "code": pa.array(code, pa.string()),
         "value": pa.array(values, pa.float64(), mask=~is_obs), "unit": pa.array(unit, pa.string()),
         "assertion": pa.array(assertion, pa.string()),
-        "code_groups": pa.array([[]] * n_events, pa.list_(pa.string())),
+        # The groups ingest would put on each diagnosis (the one evaluator), so flags and labels
+        # do real work; late recording on a tenth of the events.
+        "code_groups": pa.array([groups_for(s, c) if d else [] for s, c, d in zip(system, code, is_dx)],
+                                pa.list_(pa.string())),
+        "concept_id": pa.nulls(n_events, pa.int64()),
         "source": pa.array(np.full(n_events, "fhir", dtype=object), pa.string()),
         "source_ref": pa.nulls(n_events, pa.string()),
+        "known_time": pa.array(t_us + np.where(rng.random(n_events) < 0.1,
+                                               rng.integers(0, 400 * 86_400_000_000, n_events), 0),
+                               pa.int64()).cast(EVENTS.field("known_time").type),
     }, schema=EVENTS)
     birth = dt.date(1930, 1, 1) + np.array([dt.timedelta(days=int(d)) for d in rng.integers(0, 30000, n_patients)])
     patients = pa.table({

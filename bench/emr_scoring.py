@@ -46,9 +46,13 @@ sys.path.insert(0, str(REPO))
 from conf.settings import CONF_DIR, Settings, load_settings  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
-from lake.schemas import PREVALENT_COLUMNS, TIMELINES  # noqa: E402
+from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS  # noqa: E402
 
 AS_OF = "2024-06-30"
+# A small labelled partition the engines are gated on before the scoring run (the scored
+# partition, like a nightly one, has no labels).
+GATE_AS_OF = "2024-03-31"
+GATE_ROWS = 4_000
 NAIVE_BATCH_ROWS = 256
 
 
@@ -143,8 +147,13 @@ def prepare_model(workdir: Path, model: str = "committed") -> tuple[Path, dict[s
 # --- data -------------------------------------------------------------------------------------
 
 def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_tokens: int,
-                       files: int = 8, row_group_rows: int = 16_384, seed: int = 0) -> Path:
-    """Committed timelines with a long-tailed length distribution, built without per-row Python."""
+                       files: int = 8, row_group_rows: int = 16_384, seed: int = 0,
+                       as_of: str = AS_OF, labels_from: Any = None) -> Path:
+    """Committed timelines with a long-tailed length distribution, built without per-row Python.
+
+    ``labels_from`` (an fp32 reference runner): add label columns drawn from its own scores
+    (the top 30 % per head positive, 10 % flipped), so an engine gate has a real AUC to keep.
+    """
     rng = np.random.default_rng(seed)
     # Most patients have a few dozen events, a tail reaches max_tokens; ~4% have none.
     lengths = np.minimum(rng.lognormal(3.3, 1.0, rows), max_tokens).astype(np.int32)
@@ -164,9 +173,18 @@ def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_to
         "age_years": pa.array(rng.uniform(18, 95, rows).astype(np.float32)),
         "sex": pa.array(rng.choice(np.array(["F", "M", "U"]), rows, p=[0.5, 0.47, 0.03]).astype(str)),
         **{c: pa.array(rng.random(rows) < 0.2) for c in PREVALENT_COLUMNS},  # already diagnosed: not screened
-    }).cast(TIMELINES)
-    final = LakePaths(lake_root).timelines(AS_OF)
-    manifest = {"run_id": "bench", "as_of": AS_OF,
+    }).cast(TIMELINES).set_column(1, "as_of", pa.array(np.full(rows, np.datetime64(as_of, "D"))).cast(pa.date32()))
+    if labels_from is not None:
+        from engines import gate as gate_mod, samples
+
+        probs = gate_mod.run_batches(labels_from, samples.feed_batches(table, max_tokens), rows)
+        positive = probs > np.quantile(probs, 0.7, axis=0)
+        positive ^= rng.random(positive.shape) < 0.1
+        for j, c in enumerate(LABEL_COLUMNS):
+            table = table.append_column(c, pa.array(positive[:, j].astype(np.int8)))
+        table = table.cast(TIMELINES_WITH_LABELS)
+    final = LakePaths(lake_root).timelines(as_of)
+    manifest = {"run_id": "bench", "as_of": as_of,
                 "vocabulary": {"sha256": vocab["sha256"], "version": vocab["version"], "size": vocab["size"]}}
     bounds = np.linspace(0, rows, files + 1).astype(int)
     with atomic_partition(final, manifest) as staging:
@@ -292,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="committed: models/emr_risk (a stand-in when absent); standin: the tiny stand-in, "
                         "so pipeline overhead rather than the engine dominates")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Ray Data baseline")
+    p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
+                   help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
     rows = 8_000 if args.quick else args.rows
 
@@ -309,19 +329,23 @@ def main(argv: list[str] | None = None) -> int:
         overrides: dict[str, Any] = {"lake.root": str(workdir / "lake"), "models": {"emr_risk": str(card)},
                                      "engines.cache_dir": str(workdir / "engines"),
                                      "engines.precision": args.precision, "ray.address": args.ray_address,
-                                     "scoring.token_budget": args.token_budget}
+                                     "scoring.token_budget": args.token_budget, "engines.graph": args.graph}
         settings = load_settings(overrides)
         from engines import cache
 
-        log(f"engine: {model_source}; building/gating {args.precision} in the engine cache")
-        cache.ensure(settings, precision=args.precision)
+        log(f"engine: {model_source}; gating lake of {GATE_ROWS} labelled timelines")
+        with cache.reference_runner(settings) as reference:
+            generate_timelines(settings.lake.root, GATE_ROWS, vocab, settings.features.max_tokens, files=1,
+                               seed=1, as_of=GATE_AS_OF, labels_from=reference)
+        log(f"building/gating {args.precision} ({settings.engines.graph} graph) in the engine cache")
+        cache.ensure(settings, precision=args.precision, as_of=GATE_AS_OF)
         log(f"generating {rows} timelines")
         timelines = generate_timelines(settings.lake.root, rows, vocab, settings.features.max_tokens,
                                        row_group_rows=min(args.fragment_rows, 65_536))
 
         eng = engine_only(settings, timelines, args.precision)
         meta = eng.pop("metadata")
-        result["engine"] = {"model": model_source, "backend": meta.get("backend"),
+        result["engine"] = {"model": model_source, "backend": meta.get("backend"), "graph": meta.get("graph"),
                             "precision": meta.get("precision"), "fingerprint": meta.get("fingerprint"),
                             "providers": eng.pop("providers"), "platform": (meta.get("platform") or {}).get("id")}
         result["engine_only_records_per_s"] = round(eng["records_per_s"], 1)

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, help="whole-run bound (default 900, quick 180)")
     p.add_argument("--model", default="emr_risk")
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the ORT CUDA-graph variants (GPU only)")
+    p.add_argument("--no-fused", action="store_true", help="skip the card's fused contrib-op graphs")
+    p.add_argument("--eps", default="cuda,cpu", help="ONNX Runtime execution providers to time (cuda, cpu)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     budget = args.budget_s or (0.3 if args.quick else 2.0)
@@ -192,8 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             errors[f"plan-{prec}"] = f"{type(exc).__name__}: {exc}"[:500]
 
-    eps = [("cpu", ["CPUExecutionProvider"])]
-    if cuda_ep:
+    # The card's fused graphs (models/emr_risk/export_fused.py: ORT contrib attention,
+    # SkipLayerNorm, BiasGelu), exported from the same trained weights.
+    if not args.no_fused:
+        for prec, entry in ((card.get("fused_onnx") or {}).get("graphs") or {}).items():
+            if prec in precisions:
+                plans[f"fused-{prec}"] = Path(entry["file"])
+
+    eps = [("cpu", ["CPUExecutionProvider"])] if "cpu" in args.eps.split(",") else []
+    if cuda_ep and "cuda" in args.eps.split(","):
         eps.insert(0, ("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
     for ep_name, ep in eps:
         for prec, plan in plans.items():

@@ -108,6 +108,11 @@ class EnginesSettings(_Section):
     calibration_rows: int = Field(1000, ge=16)
     # minmax: see the measurements in conf/defaults.yaml.
     calibration_method: Literal["entropy", "minmax", "percentile"] = "minmax"
+    # Which exported graph ONNX Runtime plans are built from: the card's fused graph
+    # (ORT contrib attention/SkipLayerNorm/BiasGelu, models/emr_risk/export_fused.py) or the
+    # reference export. auto: fused on a GPU execution provider, where it is measured
+    # faster (docs/benchmarks.md), reference elsewhere.
+    graph: Literal["auto", "fused", "reference"] = "auto"
     gate: GateSettings = Field(default_factory=GateSettings)
 
 

@@ -1,7 +1,8 @@
 """Cohort retrospective: score a research cohort at a series of past index dates.
 
-Manual only. The trigger form asks for the cohort's name, the ICD code groups
-to include and exclude (conf/code_groups.yaml), the age range, the index-date
+Manual only. The trigger form asks for the cohort's name, the code groups
+(concept sets over ICD-10-CM, ICD-9-CM, SNOMED CT and OMOP concepts,
+conf/code_groups.yaml) to include and exclude, the age range, the index-date
 range and step, and the models. Features and scoring run once per index date
 as mapped tasks; members and their scores land under LAKE/cohorts/<name>/
 beside the stored definition. Selection logic: medscreen.cohort.
@@ -41,10 +42,11 @@ with DAG(
         "cohort_name": Param("my-cohort", type="string", pattern=cohort_lib.NAME_PATTERN.pattern,
                              title="Cohort name", description="Results go to LAKE/cohorts/<name>/"),
         "include_groups": Param(GROUPS[:1], type="array", items=_group_items, minItems=1,
-                                uniqueItems=True, title="Include ICD groups",
-                                description="Patients with an affirmed diagnosis in any of these."),
+                                uniqueItems=True, title="Include code groups",
+                                description="Patients with an affirmed or history diagnosis in any of these "
+                                            "(any vocabulary), known by the index date."),
         "exclude_groups": Param([], type="array", items=_group_items, uniqueItems=True,
-                                title="Exclude ICD groups",
+                                title="Exclude code groups",
                                 description="Patients with any of these are left out."),
         "age_min_years": Param(18, type="number", minimum=0, maximum=120, title="Minimum age (years)"),
         "age_max_years": Param(90, type="number", minimum=0, maximum=120, title="Maximum age (years)"),

@@ -1,9 +1,11 @@
 """The engine cache: precision plans and TensorRT plans keyed by everything that makes them valid.
 
-Key = sha256 over (model, ONNX sha256, backend, backend module + version,
-platform id (GPU model + compute capability, or "cpu"/"cpu-aot"), precision,
-optimisation profiles, and for int8 the calibration method and size). For
-``onnxruntime`` the plan is the precision-converted ``.onnx``; for
+Key = sha256 over (model, source graph and its ONNX sha256, backend, backend
+module + version, platform id (GPU model + compute capability, or
+"cpu"/"cpu-aot"), precision, optimisation profiles, and for int8 the
+calibration method and size). For ``onnxruntime`` the plan is the
+precision-converted ``.onnx`` — or, for the ``fused`` graph, the card's fused
+graph of that precision, whose precision was decided at export — and for
 ``tensorrt`` the serialized ``.plan``. Beside each plan a JSON sidecar
 (``<plan>.json``) records versions, platform, build time, calibration hash,
 vocabulary, the gate verdict and the short ``fingerprint`` that score rows
@@ -94,10 +96,45 @@ def metadata_path(plan_path: Path) -> Path:
     return Path(str(plan_path) + ".json")
 
 
+GRAPHS = ("reference", "fused")
+
+
+def graph_for(settings: Settings, card: dict[str, Any], backend: str, precision: str,
+              platform_id: str, graph: str | None = None) -> str:
+    """Which exported graph a plan is built from: ``fused`` or ``reference``.
+
+    Fused graphs are ONNX Runtime contrib-op graphs of a fixed precision (the card's
+    ``fused_onnx.graphs``): only ONNX Runtime runs them (TensorRT's parser has no
+    com.microsoft ops), and int8 is quantized from the reference. ``auto`` takes the
+    fused graph on a GPU execution provider, the reference elsewhere.
+    """
+    wanted = graph or settings.engines.graph
+    available = backend == "onnxruntime" and precision in ((card.get("fused_onnx") or {}).get("graphs") or {})
+    if wanted == "reference" or (wanted == "auto" and (not available or platform_id in ("cpu", "cpu-aot"))):
+        return "reference"
+    if not available:
+        raise EngineCacheError(
+            f"no fused {precision} graph for {backend} in model card {card.get('card_file')}: fused graphs "
+            "exist for ONNX Runtime fp32/fp16 only (re-export with python -m models.emr_risk.export_fused), "
+            "or set engines.graph: reference")
+    return "fused"
+
+
+def source_onnx(card: dict[str, Any], graph: str, precision: str) -> tuple[Path, str]:
+    """(file, sha256) of the ONNX a plan of ``graph``/``precision`` is built from."""
+    if graph == "fused":
+        entry = card["fused_onnx"]["graphs"][precision]
+        return Path(entry["file"]), entry["sha256"]
+    return Path(card["onnx"]["file"]), card["onnx"]["sha256"]
+
+
 def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = None,
             precision: str | None = None, providers: list[str] | None = None,
-            card: dict[str, Any] | None = None) -> EngineSpec:
-    """The cache entry the current settings, model card and machine call for."""
+            card: dict[str, Any] | None = None, graph: str | None = None) -> EngineSpec:
+    """The cache entry the current settings, model card and machine call for.
+
+    ``graph`` (``fused``/``reference``) overrides ``engines.graph`` for this call.
+    """
     backend = backend or settings.engines.backend
     precision = precision or settings.engines.precision
     if backend not in BACKENDS:
@@ -106,17 +143,22 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
         raise ValueError(f"precision {precision!r} unknown; use one of {PRECISIONS}")
     card = card or load_card(settings, model)
     module, version = backend_identity(backend)
+    platform_id = hardware.platform_for(backend, providers)["id"]
+    chosen = graph_for(settings, card, backend, precision, platform_id, graph)
     components: dict[str, Any] = {
-        "model": model, "onnx_sha256": card["onnx"]["sha256"], "backend": backend,
+        "model": model, "onnx_sha256": source_onnx(card, chosen, precision)[1], "backend": backend,
         "backend_module": module, "backend_version": version,
-        "platform": hardware.platform_for(backend, providers)["id"], "precision": precision,
+        "platform": platform_id, "precision": precision,
         "profiles": card_profiles(card)}
+    if chosen != "reference":  # reference keys stay what they were: existing caches remain valid
+        components["graph"] = chosen
     if precision == "int8":
         components["calibration"] = {"method": settings.engines.calibration_method,
                                      "rows": settings.engines.calibration_rows}
     key = cache_key(components)
     ext = ".onnx" if backend == "onnxruntime" else ".plan"
-    path = settings.engine_cache_dir / model / f"{backend}-{precision}-{key[:16]}{ext}"
+    label = precision if chosen == "reference" else f"{chosen}-{precision}"
+    path = settings.engine_cache_dir / model / f"{backend}-{label}-{key[:16]}{ext}"
     return EngineSpec(model, backend, precision, components, key, path)
 
 
@@ -175,9 +217,14 @@ def verify(plan_path: Path, settings: Settings | None = None) -> list[str]:
         except Exception as exc:
             problems.append(f"model card unusable: {exc}")
         else:
-            if card["onnx"]["sha256"] != meta.get("onnx_sha256"):
-                problems.append(f"stale: built from ONNX {str(meta.get('onnx_sha256'))[:12]}…, the "
-                                f"model card now names {card['onnx']['sha256'][:12]}…")
+            graph = meta.get("graph", "reference")
+            try:
+                expected = source_onnx(card, graph, meta.get("precision", "fp32"))[1]
+            except KeyError:
+                expected = None
+            if expected != meta.get("onnx_sha256"):
+                problems.append(f"stale: built from {graph} ONNX {str(meta.get('onnx_sha256'))[:12]}…, the "
+                                f"model card now names {str(expected)[:12]}…")
     return problems
 
 
@@ -220,10 +267,10 @@ def calibration_set(settings: Settings, as_of: str | None, seed: int = 0, model:
 
 def build(settings: Settings, model: str = "emr_risk", backend: str | None = None,
           precision: str | None = None, as_of: str | None = None,
-          providers: list[str] | None = None) -> Path:
+          providers: list[str] | None = None, graph: str | None = None) -> Path:
     """Build (or rebuild) the plan for this platform and write its metadata, ungated."""
     card = load_card(settings, model)
-    spec = resolve(settings, model, backend, precision, providers, card)
+    spec = resolve(settings, model, backend, precision, providers, card, graph)
     with _build_lock(spec.plan_path):
         return _build_locked(settings, spec, card, as_of, providers)
 
@@ -233,7 +280,8 @@ def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as
     from engines import precision as precision_mod
 
     started = time.perf_counter()
-    onnx_file = Path(card["onnx"]["file"])
+    graph = spec.components.get("graph", "reference")
+    onnx_file, onnx_sha = source_onnx(card, graph, spec.precision)
     calibration, batches = None, None
     if spec.precision == "int8":
         calibration, batches = calibration_set(settings, as_of, model=spec.model)
@@ -242,8 +290,12 @@ def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as
     tmp_plan = spec.plan_path.with_name(f".{spec.plan_path.name}.{tag}.tmp")
     extra: dict[str, Any] = {}
     try:
-        precision_mod.make_plan(onnx_file, tmp_onnx, spec.precision, batches,
-                                settings.engines.calibration_method)
+        if graph == "fused":
+            # Precision was decided when the fused graph was exported; check it loads here.
+            precision_mod.check_loads(onnx_file, tmp_onnx)
+        else:
+            precision_mod.make_plan(onnx_file, tmp_onnx, spec.precision, batches,
+                                    settings.engines.calibration_method)
         if spec.backend == "onnxruntime":
             os.replace(tmp_onnx, tmp_plan)
         else:
@@ -261,7 +313,8 @@ def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as
         "format": METADATA_FORMAT, "model": spec.model, "model_version": card["version"],
         "backend": spec.backend, "backend_module": spec.components["backend_module"],
         "backend_version": spec.components["backend_version"], "precision": spec.precision,
-        "onnx_sha256": card["onnx"]["sha256"], "plan_sha256": plan_sha,
+        "graph": graph, "onnx_sha256": onnx_sha, "reference_onnx_sha256": card["onnx"]["sha256"],
+        "plan_sha256": plan_sha,
         "plan_file": spec.plan_path.name, "plan_bytes": spec.plan_path.stat().st_size,
         "profiles": spec.components["profiles"],
         "platform": hardware.platform_for(spec.backend, providers), "providers": providers,
@@ -284,8 +337,9 @@ def runner_for(plan_path: Path, meta: dict[str, Any], providers: list[str] | Non
     if meta["backend"] == "onnxruntime":
         from engines.ort_runner import OrtRunner
 
+        graph = "" if meta.get("graph", "reference") == "reference" else f"{meta['graph']}-"
         return OrtRunner(plan_path, providers=providers or meta.get("providers"),
-                         name=f"onnxruntime-{meta['precision']}:{meta['fingerprint']}",
+                         name=f"onnxruntime-{graph}{meta['precision']}:{meta['fingerprint']}",
                          fp16_plan=meta["precision"] == "fp16")
     from engines.trt_runner import TrtRunner
 
@@ -317,6 +371,7 @@ def gate_plan(settings: Settings, plan_path: Path, as_of: str | None = None,
         raise EngineCacheError(f"refusing to gate {plan_path}: " + "; ".join(problems))
     meta = read_metadata(plan_path)
     is_reference = meta["backend"] == "onnxruntime" and meta["precision"] == "fp32" \
+        and meta.get("graph", "reference") == "reference" \
         and (meta.get("providers") or ["CPUExecutionProvider"])[0] == "CPUExecutionProvider"
     card = load_card(settings, meta["model"])
     segmentation = card.get("task") == "segmentation"
@@ -373,14 +428,26 @@ def ensure(settings: Settings, model: str = "emr_risk", backend: str | None = No
     where it can execute).
     """
     spec = resolve(settings, model, backend, precision)
+    if spec.components.get("graph") == "fused" and settings.engines.graph == "auto":
+        try:
+            return _ensure(settings, spec, model, as_of, rebuild)
+        except Exception as exc:  # noqa: BLE001 - any failure of the faster graph falls back, said why
+            log.warning("fused %s engine for %s unavailable here (%s); falling back to the reference graph",
+                        spec.precision, model, f"{type(exc).__name__}: {exc}"[:300])
+            spec = resolve(settings, model, backend, precision, graph="reference")
+    return _ensure(settings, spec, model, as_of, rebuild)
+
+
+def _ensure(settings: Settings, spec: EngineSpec, model: str, as_of: str | None, rebuild: bool) -> Path:
     path = spec.plan_path
+    graph = spec.components.get("graph", "reference")
     if path.exists() and not rebuild:
         problems = verify(path, settings)
         if problems:
             raise EngineCacheError(f"cached engine {path} must not be loaded: " + "; ".join(problems)
                                    + "; rerun with --rebuild (ensure(..., rebuild=True)) to replace it")
     if rebuild or not path.exists() or not metadata_path(path).exists():
-        build(settings, model, spec.backend, spec.precision, as_of)
+        build(settings, model, spec.backend, spec.precision, as_of, graph=graph)
     meta = read_metadata(path)
     if meta["gate"].get("passed") is None:
         if spec.backend == "tensorrt":
@@ -393,7 +460,12 @@ def ensure(settings: Settings, model: str = "emr_risk", backend: str | None = No
                 with _build_lock(path):
                     _write_json_atomic(metadata_path(path), meta)
                 return path
-        gate_plan(settings, path, as_of)
+        verdict = gate_plan(settings, path, as_of)
+        if graph == "fused" and not verdict.get("passed"):
+            raise EngineCacheError(f"fused engine {path.name} failed its gate: "
+                                   + "; ".join(verdict.get("failures", [])))
+    elif graph == "fused" and meta["gate"].get("passed") is False:
+        raise EngineCacheError(f"fused engine {path.name} failed its gate")
     return path
 
 

@@ -52,6 +52,12 @@ def load_card(settings: Settings, model: str = "emr_risk", verify: bool = True) 
         onnx_file = REPO_ROOT / onnx_file
     card["onnx"]["file"] = str(onnx_file)
     card["card_file"] = str(path)
+    for precision, entry in ((card.get("fused_onnx") or {}).get("graphs") or {}).items():
+        fused = Path(entry["path"])
+        entry["file"] = str(fused if fused.is_absolute() else REPO_ROOT / fused)
+        if verify and (not Path(entry["file"]).is_file() or file_sha256(Path(entry["file"])) != entry["sha256"]):
+            raise ModelCardError(f"fused {precision} graph {entry['file']} named by card {path} is missing or "
+                                 "does not match its sha256; re-export it (python -m models.emr_risk.export_fused)")
     if verify:
         if not onnx_file.is_file():
             raise ModelCardError(f"ONNX file {onnx_file} named by card {path} does not exist")

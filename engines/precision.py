@@ -314,3 +314,19 @@ def make_plan(onnx_path: Path, out_path: Path, precision: str,
     else:
         quantize_int8(onnx_path, out_path, calibration or [], method)
     return out_path
+
+
+def check_loads(onnx_path: Path, out_path: Path) -> Path:
+    """Copy a graph whose precision was fixed at export (a fused graph) to ``out_path``,
+    after checking it and that ONNX Runtime builds a session for it (CPU EP: every
+    contrib op it uses must exist in this onnxruntime)."""
+    import onnxruntime as ort
+
+    onnx_path, out_path = Path(onnx_path), Path(out_path)
+    onnx.checker.check_model(str(onnx_path))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_bytes(onnx_path.read_bytes())
+    return out_path

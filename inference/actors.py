@@ -1,14 +1,18 @@
 """The two callables of the EMR scoring pipeline: a CPU packer and the engine actor.
 
 ``pack_fragments`` runs as plain Ray tasks (CPU): read one fragment of the
-timelines partition, validate, length-sort, pad into token-budget batches.
-``ScoreActor`` holds one engine for its whole life: ``__init__`` loads and
-activates it once, ``__call__`` only feeds pre-padded arrays to ``infer``.
-Both are plain Python (Ray is consulted only to name the actor); the pipeline
-builder in :mod:`inference.emr` wires them into Ray Data.
+timelines partition, validate, length-sort, pad into token-budget batches,
+and ship them as one row per fragment. ``ScoreActor`` holds one engine for its
+whole life: ``__init__`` loads and activates it once, ``__call__`` feeds a
+fragment's pre-padded arrays to ``infer`` and writes the fragment's scores
+itself (:class:`inference.fragments.FragmentSink`), returning only a small
+marker record: the scored rows never pass through the driver. Both are plain
+Python (Ray is consulted only to name the actor); the pipeline builder in
+:mod:`inference.emr` wires them into Ray Data.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
@@ -22,6 +26,7 @@ import pyarrow.parquet as pq
 from conf.settings import Settings
 from engines.runner import Runner
 from inference.batching import batch_from_table, batches_to_table, pack_fragment
+from inference.fragments import FragmentSink
 
 TIMELINE_COLUMNS = ["patient_key", "length", "tokens", "days_before", "age_years", "sex"]
 
@@ -48,16 +53,6 @@ class CachedEngine:
                                  precision=precision, force_ungated=self.force_ungated)
 
 
-@dataclass(frozen=True)
-class FragmentSpec:
-    """A unit of work and of resume: row groups of one Parquet file of the timelines partition."""
-
-    fragment: int
-    path: str
-    row_groups: tuple[int, ...]
-    num_rows: int  # the first num_rows rows of those row groups (fewer than all only under a limit)
-
-
 def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, float]]:
     """Size and per-actor resources of an engine actor pool (EMR and CT scoring).
 
@@ -72,30 +67,51 @@ def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, flo
     return settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
 
 
+PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("n_batches", pa.int32()),
+                           ("batches", pa.large_binary())])
+
+
 def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int,
                    vocab_size: int | None = None) -> pa.Table:
-    """Ray Data batch fn (CPU task): fragment specs in, one row per padded batch out."""
-    out = []
+    """Ray Data batch fn (CPU task): fragment specs in, one row per fragment out.
+
+    ``batches`` holds the fragment's padded batches (:func:`inference.batching.batches_to_table`)
+    as one Arrow IPC stream, so a fragment reaches one actor whole and that actor can write it.
+    """
+    rows: dict[str, list] = {name: [] for name in PACKED_SCHEMA.names}
     for row in specs.to_pylist():
         table = pq.ParquetFile(row["path"]).read_row_groups(list(row["row_groups"]), columns=TIMELINE_COLUMNS)
         # A fragment cut by a row limit takes only the first num_rows of its row groups.
         table = table.slice(0, int(row["num_rows"]))
-        out.append(batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
-                                                  token_budget, vocab_size)))
-    return pa.concat_tables(out) if out else batches_to_table([])
+        batches = batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
+                                                 token_budget, vocab_size))
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batches.schema) as writer:
+            writer.write_table(batches)
+        rows["fragment"].append(int(row["fragment"]))
+        rows["rows_in"].append(int(row["num_rows"]))
+        rows["n_batches"].append(batches.num_rows)
+        rows["batches"].append(sink.getvalue().to_pybytes())
+    return pa.table(rows, schema=PACKED_SCHEMA)
+
+
+MARKER_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_out", pa.int64()),
+                           ("engine_fingerprint", pa.string()), ("record", pa.string())])
 
 
 class ScoreActor:
-    """Holds one activated engine; ``__call__`` scores every padded batch of a block.
+    """Holds one activated engine; ``__call__`` scores whole fragments and writes them.
 
-    Output rows carry the batch identity, the keys (passed through untouched),
-    the probabilities as a float32 buffer, and timings split into host (decode)
-    and device (``infer``) time.
+    Each input row is one fragment (:func:`pack_fragments`); each output row is
+    that fragment's marker record (rows, quarantine counts, per-batch timings
+    split into host decode and device ``infer`` time), as JSON, beside the
+    engine fingerprint the driver checks.
     """
 
-    def __init__(self, source: EngineSource, precision: str):
+    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink):
         self.runner, self.metadata = source.load(precision)
         self.fingerprint = str(self.metadata.get("fingerprint"))
+        self.sink = sink
         self.runner.activate()
         # A restarted actor runs __init__ again: a fresh incarnation id under the same actor id.
         self.incarnation = uuid.uuid4().hex[:12]
@@ -104,10 +120,23 @@ class ScoreActor:
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.calls += 1
-        probs, host_s, device_s, done_at = [], [], [], []
+        out: dict[str, list] = {name: [] for name in MARKER_SCHEMA.names}
         for i in range(block.num_rows):
+            frag = int(block.column("fragment")[i].as_py())
+            record = self._score_fragment(frag, int(block.column("rows_in")[i].as_py()),
+                                          block.column("batches")[i].as_buffer())
+            out["fragment"].append(frag)
+            out["rows_out"].append(record["rows_out"])
+            out["engine_fingerprint"].append(self.fingerprint)
+            out["record"].append(json.dumps(record))
+        return pa.table(out, schema=MARKER_SCHEMA)
+
+    def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> dict[str, Any]:
+        table = pa.ipc.open_stream(packed).read_all()
+        keys, probs, qkeys, qreasons, records = [], [], [], [], []
+        for i in range(table.num_rows):
             t0 = time.perf_counter()
-            batch = batch_from_table(block, i)
+            batch = batch_from_table(table, i)
             feed = batch.feed()
             t1 = time.perf_counter()
             if batch.n_rows:
@@ -118,20 +147,23 @@ class ScoreActor:
             else:
                 p = np.zeros((0, 3), np.float32)
             t2 = time.perf_counter()
-            probs.append(np.ascontiguousarray(p).tobytes())
-            host_s.append(t1 - t0)
-            device_s.append(t2 - t1)
-            done_at.append(time.time())
-        keep = ["fragment", "batch_index", "n_batches", "n_rows", "seq_len", "real_tokens", "prep_s",
-                "key_width", "keys", "qkey_width", "quarantine_keys", "qreason_width", "quarantine_reasons"]
-        n = block.num_rows
-        return block.select(keep).append_column("probs", pa.array(probs, pa.large_binary())) \
-            .append_column("host_s", pa.array(host_s, pa.float64())) \
-            .append_column("device_s", pa.array(device_s, pa.float64())) \
-            .append_column("done_at", pa.array(done_at, pa.float64())) \
-            .append_column("actor_id", pa.array([self.actor_id] * n, pa.string())) \
-            .append_column("engine_fingerprint", pa.array([self.fingerprint] * n, pa.string())) \
-            .append_column("incarnation", pa.array([self.incarnation] * n, pa.string()))
+            keys.append(batch.keys)
+            probs.append(p)
+            qkeys.append(batch.quarantine_keys)
+            qreasons.append(batch.quarantine_reasons)
+            records.append({"batch_index": batch.batch_index, "n_rows": batch.n_rows,
+                            "seq_len": int(table.column("seq_len")[i].as_py()),
+                            "real_tokens": batch.real_tokens, "prep_s": batch.prep_s,
+                            "host_s": t1 - t0, "device_s": t2 - t1, "done_at": time.time(),
+                            "actor_id": self.actor_id, "incarnation": self.incarnation})
+
+        def cat(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
+            parts = [a for a in parts if len(a)]
+            return np.concatenate(parts) if parts else empty
+
+        return self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
+                               cat(probs, np.zeros((0, 3), np.float32)),
+                               cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records)
 
     def __del__(self) -> None:
         runner = getattr(self, "runner", None)

@@ -4,45 +4,46 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
 
     fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
       → pack_fragments    CPU tasks: read, validate, length-sort, pad to buckets,
-                          cut by token budget; one row per pre-padded batch
+                          cut by token budget; one row per fragment (its padded batches)
       → ScoreActor        actor pool, one engine per actor (ray.actors_per_gpu actors share a GPU,
-                          else fractional CPUs); __call__ only runs infer
-      → driver            per-fragment Parquet + _DONE marker in run staging
+                          else fractional CPUs); runs infer over a fragment's batches and
+                          writes the fragment's Parquet into run staging itself
+      → driver            receives one small record per fragment, writes its done marker
       → QC gate           (FP32 safe mode on a low-precision trip)
       → commit            LAKE/scores/model=emr_risk/as_of=D, then screening list
 
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
 no pandas; it gets big numpy views of batches CPU tasks already padded, and
-Ray prefetches its next blocks while it computes.
+Ray prefetches its next blocks while it computes. The driver stays off the
+data path: scored rows go from the actor straight to the staging directory,
+so adding GPUs adds writers instead of queueing every score on one process.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from conf.settings import Settings
 from inference import metrics as run_metrics
 from inference import qc, report, screening
-from inference.actors import (CachedEngine, EngineSource, FragmentSpec, ScoreActor, engine_actor_pool,
-                              pack_fragments)
+from inference.actors import CachedEngine, EngineSource, ScoreActor, engine_actor_pool, pack_fragments
 from inference.batching import validate_buckets
-from inference.fragments import DEFAULT_FRAGMENT_ROWS, RunStaging, plan_fragments, spec_dicts
+from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, plan_fragments,
+                                 spec_dicts)
 from lake.commit import commit, is_committed, partition_files, read_manifest
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
-from lake.schemas import HEADS, SCORES
 
 MODEL = "emr_risk"
 STAGE = "score_emr"
@@ -66,7 +67,7 @@ class Attempt:
     wall_s: float = 0.0
     started_at: float = 0.0
     rows_this_attempt: int = 0
-    # Driver time: waiting on Ray Data for scored blocks vs. collecting and writing fragments.
+    # Driver time: waiting on Ray Data for fragment records vs. writing done markers.
     driver: dict[str, float] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
@@ -206,10 +207,11 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
 
 
 def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
-                   actor_cls: type = ScoreActor, vocab_size: int | None = None):
-    """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors.
+                   sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None):
+    """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors → staging.
 
-    Returns a ``ray.data.Dataset`` whose rows are scored batches (see ScoreActor).
+    Returns a ``ray.data.Dataset`` whose rows are the marker records of fragments
+    the actors scored and wrote through ``sink`` (see ScoreActor).
     """
     import ray
 
@@ -223,10 +225,10 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     size, resources = engine_actor_pool(settings, gpus)
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4)
-    # Each row is already one padded engine batch. Ray Data insists on an explicit
-    # batch_size for GPU stages; one row per call keeps a call = one engine batch
-    # (the calls of a block still run inside one actor task).
-    return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision},
+    # Each row is one whole fragment. Ray Data insists on an explicit batch_size for
+    # GPU stages; one row per call keeps a call = one fragment.
+    return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
+                                                            "sink": sink},
                           batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
                           compute=compute, **resources)
 
@@ -249,21 +251,13 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt.started_at = time.time()
     attempt_id = uuid.uuid4().hex[:8]
     if pending:
-        ds = build_pipeline(pending, settings, source, precision, actor_cls, _vocab_size(metadata))
-        writer = _FragmentWriter(pending, staging, metadata, precision, run_id, final, attempt_id,
-                                 on_fragment_done)
-        wait_s, t = 0.0, time.perf_counter()
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                wait_s += time.perf_counter() - t
-                writer.add(block)
-                t = time.perf_counter()
-            writer.finish()
-        finally:
-            writer.close()
-        attempt.rows_this_attempt = writer.rows_written
-        attempt.driver = {"wait_s": round(wait_s, 3), "collect_s": round(writer.collect_s, 3),
-                          "write_s": round(writer.write_s, 3)}
+        sink = FragmentSink(final=str(final), run_id=run_id, precision=precision, attempt_id=attempt_id,
+                            as_of=final.name.split("=", 1)[1], model=str(metadata.get("model", MODEL)),
+                            model_version=str(metadata.get("model_version")),
+                            engine_fingerprint=str(metadata.get("fingerprint")))
+        ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
+        attempt.rows_this_attempt, attempt.driver = _mark_fragments(
+            ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
     attempt.wall_s = time.time() - attempt.started_at
     attempt.records = staging.records()
     attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
@@ -277,142 +271,44 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     return attempt
 
 
-class _FragmentWriter:
-    """Collects scored batches per fragment; writes a fragment once all its batches are in.
+def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint: str,
+                    on_fragment_done: Callable[[int, int], None] | None) -> tuple[int, dict[str, float]]:
+    """Drain the pipeline's fragment records; mark each fragment done once, in arrival order.
 
-    Fragment files are built and written on a few threads (Parquet encoding and
-    compression release the GIL), so the driver keeps draining scored blocks and
-    the actors' output never waits on the disk. Markers are written on the driver
-    thread, in the order writes finish, each followed by ``on_fragment_done``: a
-    driver that stops leaves exactly the fragments it reported done, as before.
+    The actors already wrote the fragments' files; a marker makes one count. A
+    late duplicate (a retried actor task) is ignored: exactly-once by fragment.
+    Returns (rows marked, driver timings).
     """
-
-    WRITE_THREADS = 2
-
-    def __init__(self, pending: list[FragmentSpec], staging: RunStaging, metadata: dict[str, Any],
-                 precision: str, run_id: str, final: Path, attempt_id: str,
-                 on_fragment_done: Callable[[int, int], None] | None):
-        self.specs = {s.fragment: s for s in pending}
-        self.staging = staging
-        self.metadata = metadata
-        self.precision = precision
-        self.run_id = run_id
-        self.as_of = dt.date.fromisoformat(final.name.split("=", 1)[1])
-        self.attempt_id = attempt_id
-        self.callback = on_fragment_done
-        self.open: dict[int, dict[str, Any]] = {}
-        self.done: set[int] = set()
-        self.writing: dict[int, Future] = {}
-        self.pool = ThreadPoolExecutor(self.WRITE_THREADS, thread_name_prefix="medscreen-fragment-writer")
-        self.rows_written = 0
-        self.collect_s = 0.0  # driver: decoding blocks into per-fragment parts
-        self.write_s = 0.0    # writer threads: building and writing fragment files
-
-    def add(self, block: pa.Table) -> None:
-        t0 = time.perf_counter()
-        cols = {c: block.column(c).to_pylist() for c in (
-            "fragment", "batch_index", "n_batches", "n_rows", "seq_len", "real_tokens", "prep_s",
-            "host_s", "device_s", "done_at", "actor_id", "incarnation", "key_width", "qkey_width",
-            "qreason_width", "engine_fingerprint")}
-        for i in range(block.num_rows):
-            frag = cols["fragment"][i]
-            if frag in self.done or frag in self.writing or frag not in self.specs:
-                continue  # a late duplicate of an already written fragment: exactly-once by key
-            if cols["engine_fingerprint"][i] != str(self.metadata.get("fingerprint")):
-                raise RuntimeError(f"an actor scored with engine {cols['engine_fingerprint'][i]} while the "
-                                   f"run planned {self.metadata.get('fingerprint')}; the engine cache "
-                                   "changed during the run — rerun")
-            state = self.open.setdefault(frag, {"n_batches": cols["n_batches"][i], "parts": {}})
-            b = cols["batch_index"][i]
-            if b in state["parts"]:
+    done: set[int] = set()
+    rows = 0
+    wait_s = mark_s = actor_write_s = 0.0
+    t = time.perf_counter()
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        wait_s += time.perf_counter() - t
+        t = time.perf_counter()
+        for frag, engine, record in zip(block.column("fragment").to_pylist(),
+                                        block.column("engine_fingerprint").to_pylist(),
+                                        block.column("record").to_pylist()):
+            if frag in done or frag not in pending:
                 continue
-            n = cols["n_rows"][i]
-            keys = _view(block, "keys", i, f"S{cols['key_width'][i]}")
-            probs = _view(block, "probs", i, np.float32).reshape(n, 3) if n else np.zeros((0, 3), np.float32)
-            qkeys = _view(block, "quarantine_keys", i, f"S{cols['qkey_width'][i]}")
-            qreasons = _view(block, "quarantine_reasons", i, f"S{cols['qreason_width'][i]}")
-            record = {k: cols[k][i] for k in ("batch_index", "n_rows", "seq_len", "real_tokens", "prep_s",
-                                               "host_s", "device_s", "done_at", "actor_id", "incarnation")}
-            # Copies: the block's buffers are released when the iterator moves on.
-            state["parts"][b] = (keys.copy(), probs.copy(), qkeys.copy(), qreasons.copy(), record)
-            if len(state["parts"]) == state["n_batches"]:
-                self.writing[frag] = self.pool.submit(self._write, frag, self.open.pop(frag))
-        self.collect_s += time.perf_counter() - t0
-        # Bounded: a driver far ahead of the disk waits here rather than holding every fragment.
-        self._harvest(wait=len(self.writing) > 2 * self.WRITE_THREADS)
-
-    def _harvest(self, wait: bool) -> None:
-        """Account for finished fragment writes (all of them when ``wait``); re-raise a failed write."""
-        for frag, future in list(self.writing.items()):
-            if not (wait or future.done()):
-                continue
-            rows, seconds, record = future.result()
-            del self.writing[frag]
-            self.staging.mark_done(frag, record)
-            self.done.add(frag)
-            self.rows_written += rows
-            self.write_s += seconds
-            if self.callback is not None:
-                self.callback(frag, len(self.done))
-
-    def _write(self, frag: int, state: dict[str, Any]) -> tuple[int, float, dict[str, Any]]:
-        """Build and write one fragment's files (on a writer thread); returns (rows, seconds, marker record)."""
-        t0 = time.perf_counter()
-        parts = [state["parts"][b] for b in sorted(state["parts"])]
-        keys = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, "S1")
-        probs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, 3), np.float32)
-        # UTF-8 bytes sort in code-point order, as the decoded strings would: no decode to sort.
-        order = np.argsort(keys, kind="stable")
-        n = len(order)
-        meta = self.metadata
-
-        def const(value: Any, typ: pa.DataType) -> pa.Array:
-            return pa.repeat(pa.scalar(value, typ), n)
-
-        table = pa.table({
-            "patient_key": _utf8(keys[order]),
-            "as_of": const(self.as_of, pa.date32()),
-            "model": const(str(meta.get("model", MODEL)), pa.string()),
-            "model_version": const(str(meta.get("model_version")), pa.string()),
-            "engine_fingerprint": const(str(meta.get("fingerprint")), pa.string()),
-            "precision": const(self.precision, pa.string()),
-            "run_id": const(self.run_id, pa.string()),
-            **{f"score_{h}": pa.array(probs[order, j], pa.float32()) for j, h in enumerate(HEADS)},
-        }, schema=SCORES)
-        qkeys = np.concatenate([p[2] for p in parts])
-        qreasons = np.concatenate([p[3] for p in parts])
-        quarantine = pa.table({"patient_key": _utf8(qkeys), "reason": _utf8(qreasons)})
-        reasons, counts = np.unique(qreasons, return_counts=True) if len(qreasons) else ([], [])
-        spec = self.specs[frag]
-        record = {"fragment": frag, "rows_in": spec.num_rows, "rows_out": n,
-                  "quarantined": {r.decode(): int(c) for r, c in zip(reasons, counts)},
-                  "attempt_id": self.attempt_id, "batches": [p[4] for p in parts]}
-        self.staging.write_parts(frag, table, quarantine)
-        return n, time.perf_counter() - t0, record
-
-    def finish(self) -> None:
-        self._harvest(wait=True)
-        missing = sorted(set(self.specs) - self.done)
-        if missing:
-            raise RuntimeError(f"the scoring pipeline ended with {len(missing)} fragment(s) incomplete "
-                               f"(first: {missing[:5]}); rerun with the same run_id to resume")
-
-    def close(self) -> None:
-        """Stop the writer threads; files of fragments never marked done are removed (a resume redoes them)."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        for frag in list(self.writing):
-            self.staging.drop_parts(frag)
-        self.writing.clear()
-
-
-def _view(block: pa.Table, name: str, i: int, dtype: Any) -> np.ndarray:
-    buf = block.column(name)[i].as_buffer()
-    return np.frombuffer(buf, dtype=dtype) if buf is not None and buf.size else np.zeros(0, dtype=dtype)
-
-
-def _utf8(values: np.ndarray) -> pa.Array:
-    """Fixed-width UTF-8 bytes (numpy S) as an Arrow string array, without a Python-level decode."""
-    return pa.array(values if len(values) else [], pa.string())
+            if engine != fingerprint:
+                raise RuntimeError(f"an actor scored with engine {engine} while the run planned "
+                                   f"{fingerprint}; the engine cache changed during the run — rerun")
+            rec = json.loads(record)
+            staging.mark_done(frag, rec)
+            done.add(frag)
+            rows += rec["rows_out"]
+            actor_write_s += rec.get("write_s", 0.0)
+            if on_fragment_done is not None:
+                on_fragment_done(frag, len(done))
+        mark_s += time.perf_counter() - t
+        t = time.perf_counter()
+    missing = sorted(pending - done)
+    if missing:
+        raise RuntimeError(f"the scoring pipeline ended with {len(missing)} fragment(s) incomplete "
+                           f"(first: {missing[:5]}); rerun with the same run_id to resume")
+    return rows, {"wait_s": round(wait_s, 3), "mark_s": round(mark_s, 3),
+                  "actor_write_s": round(actor_write_s, 3)}
 
 
 def _all_batches(attempt: Attempt) -> list[dict[str, Any]]:

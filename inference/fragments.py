@@ -3,30 +3,46 @@
 A fragment is a run of consecutive row groups of one Parquet file of the
 timelines partition, so the plan depends only on the committed input (same
 input → same fragments → same output files). Each finished fragment is
-written to a run-scoped staging directory beside the final partition as
-``part-NNNNN.parquet`` followed by a ``_work/NNNNN.done.json`` marker; a
-driver that crashed is resumed with the same ``run_id`` and re-scores only
-fragments without a marker. The final commit (lake.commit.commit) swaps the
-whole directory in at once.
+written by the engine actor that scored it (:class:`FragmentSink`) to a
+run-scoped staging directory beside the final partition as
+``part-NNNNN.parquet``; the driver, told by a small manifest row, then writes
+its ``_work/NNNNN.done.json`` marker. Only marked fragments count: a driver
+that crashed is resumed with the same ``run_id`` and re-scores only fragments
+without a marker (their stray files are dropped). The final commit
+(lake.commit.commit) swaps the whole directory in at once.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
-from dataclasses import asdict
+import time
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inference.actors import FragmentSpec
 from lake.commit import partition_files
+from lake.schemas import HEADS, SCORES
 
 DEFAULT_FRAGMENT_ROWS = 65_536
 WORK = "_work"
 PLAN = "plan.json"
+
+
+@dataclass(frozen=True)
+class FragmentSpec:
+    """A unit of work and of resume: row groups of one Parquet file of the timelines partition."""
+
+    fragment: int
+    path: str
+    row_groups: tuple[int, ...]
+    num_rows: int  # the first num_rows rows of those row groups (fewer than all only under a limit)
 
 
 def plan_fragments(partition: Path, fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
@@ -101,13 +117,18 @@ class RunStaging:
         return done
 
     def write_parts(self, fragment: int, scores: pa.Table, quarantine: pa.Table) -> None:
-        """Write one fragment's data files; they count only once :meth:`mark_done` writes its marker."""
-        tmp = self.path / f".{fragment_name(fragment)}.tmp"
+        """Write one fragment's data files; they count only once :meth:`mark_done` writes its marker.
+
+        Safe to repeat (a retried actor task rewrites the same content): each
+        file is written under a unique temporary name and renamed into place.
+        """
+        unique = uuid.uuid4().hex[:8]
+        tmp = self.path / f".{fragment_name(fragment)}.{unique}.tmp"
         # Row groups of a fixed size keep the file layout independent of batch scheduling.
         pq.write_table(scores, tmp, row_group_size=1 << 17, compression="zstd")
         os.replace(tmp, self.path / fragment_name(fragment))
         if quarantine.num_rows:
-            qtmp = self.work / f".{fragment:05d}.quarantine.tmp"
+            qtmp = self.work / f".{fragment:05d}.quarantine.{unique}.tmp"
             pq.write_table(quarantine, qtmp)
             os.replace(qtmp, self._quarantine_file(fragment))
 
@@ -143,6 +164,63 @@ class RunStaging:
 
     def exists(self) -> bool:
         return self.path.is_dir()
+
+
+@dataclass(frozen=True)
+class FragmentSink:
+    """Where an engine actor writes the fragments it scored: one attempt's run staging.
+
+    Built by the driver, shipped to every actor: the scored rows never travel
+    back through the driver, only the marker record :meth:`write` returns.
+    """
+
+    final: str
+    run_id: str
+    precision: str
+    attempt_id: str
+    as_of: str
+    model: str
+    model_version: str
+    engine_fingerprint: str
+
+    def staging(self) -> RunStaging:
+        return RunStaging(Path(self.final), self.run_id, self.precision)
+
+    def write(self, fragment: int, rows_in: int, keys: np.ndarray, probs: np.ndarray,
+              quarantine_keys: np.ndarray, quarantine_reasons: np.ndarray,
+              batches: list[dict[str, Any]]) -> dict[str, Any]:
+        """Write one fragment's scores (sorted by key) and quarantine; return its marker record."""
+        t0 = time.perf_counter()
+        # UTF-8 bytes sort in code-point order, as the decoded strings would: no decode to sort.
+        order = np.argsort(keys, kind="stable")
+        n = len(order)
+
+        def const(value: Any, typ: pa.DataType) -> pa.Array:
+            return pa.repeat(pa.scalar(value, typ), n)
+
+        table = pa.table({
+            "patient_key": _utf8(keys[order]),
+            "as_of": const(dt.date.fromisoformat(self.as_of), pa.date32()),
+            "model": const(self.model, pa.string()),
+            "model_version": const(self.model_version, pa.string()),
+            "engine_fingerprint": const(self.engine_fingerprint, pa.string()),
+            "precision": const(self.precision, pa.string()),
+            "run_id": const(self.run_id, pa.string()),
+            **{f"score_{h}": pa.array(probs[order, j], pa.float32()) for j, h in enumerate(HEADS)},
+        }, schema=SCORES)
+        quarantine = pa.table({"patient_key": _utf8(quarantine_keys), "reason": _utf8(quarantine_reasons)})
+        reasons, counts = (np.unique(quarantine_reasons, return_counts=True) if len(quarantine_reasons)
+                           else ([], []))
+        self.staging().write_parts(fragment, table, quarantine)
+        return {"fragment": fragment, "rows_in": rows_in, "rows_out": n,
+                "quarantined": {r.decode(): int(c) for r, c in zip(reasons, counts)},
+                "attempt_id": self.attempt_id, "batches": batches,
+                "write_s": round(time.perf_counter() - t0, 6)}
+
+
+def _utf8(values: np.ndarray) -> pa.Array:
+    """Fixed-width UTF-8 bytes (numpy S) as an Arrow string array, without a Python-level decode."""
+    return pa.array(values if len(values) else [], pa.string())
 
 
 def spec_dicts(specs: list[FragmentSpec]) -> list[dict[str, Any]]:

@@ -211,8 +211,9 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
         exclusion: dict[str, Any] = {
             "enabled": True,
             "rule": ("per head, patients with prevalent_<head> in the timelines partition are left out: an "
-                     "affirmed, history or assertion-less ICD-10-CM diagnosis (dx or dx_text) of the head's "
-                     "group at any time up to the end of the as-of day, UTC (no lookback limit)"),
+                     "affirmed, history or assertion-less diagnosis (dx or dx_text, any vocabulary) of the head's "
+                     "code group, clinically dated and recorded up to the end of the as-of day, UTC (no lookback "
+                     "limit)"),
             "groups": {h: list(p) for h, p in LABEL_GROUPS.items()},
             "timelines": {"partition": timelines.relative_to(lake.root).as_posix(),
                           "run_id": timelines_run_id},

@@ -18,7 +18,8 @@ Patient rows that cannot be used are quarantined (``no_patient_key``,
 ``duplicate_patient_key``, ``no_birth_date``) into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
 as-of date are ignored by rule. Two ledger stages account for everything:
 ``emr_features`` (patients) and ``emr_features.events`` (every event is in a
-timeline or counted under a reason: after the as-of day, before the lookback,
+timeline or counted under a reason: after the as-of day, known only after the
+as-of day (known_after_as_of), before the lookback,
 dropped assertion, truncated to max_tokens, unknown patient, …).
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ from lake.schemas import (EVENTS, LABEL_COLUMNS, PATIENTS, PREVALENT_COLUMNS, QU
                           TIMELINES_WITH_LABELS)
 from lake.schemas import NOT_IN_POPULATION, OBSERVATION_PERIODS
 from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
-from preprocessing.vocabulary import (DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV, OOV_ID,
-                                      TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
+from preprocessing.vocabulary import (DX_GROUP_TOKENS, DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV,
+                                      OOV_ID, TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
                                       default_vocabulary)
 
 STAGE = "emr_features"
@@ -113,10 +114,12 @@ def token_column() -> Column:
     """
     kind, system, assertion = F.col("kind"), F.col("code_system"), F.col("assertion")
     icd10 = F.concat(F.lit("icd10:"), F.substring(F.col("code_norm"), 1, 3))
+    groups = F.coalesce(F.col("code_groups"), F.array().cast("array<string>"))
     dx = (F.when(assertion.isNotNull() & ~assertion.isin(*TOKEN_ASSERTIONS), F.lit(None).cast("string"))
-          .when(system == "icd10cm", icd10)
-          .when(system == "icd9cm", F.lit(ICD9_BUCKET))
-          .otherwise(F.lit(OOV)))
+          .when(system == "icd10cm", icd10))
+    for g in DX_GROUP_TOKENS:  # vocabulary.group_token: most specific group first
+        dx = dx.when(F.array_contains(groups, g), F.lit("dx:" + g))
+    dx = dx.when(system == "icd9cm", F.lit(ICD9_BUCKET)).otherwise(F.lit(OOV))
     obs = F.concat(F.lit("loinc:"), F.col("loinc_code"), F.lit(":"), _loinc_bin())
     return (F.when(kind == "encounter", F.lit(ENCOUNTER))
             .when(kind.isin(*DX_KINDS), dx)
@@ -138,34 +141,41 @@ def encode_events(events: DataFrame, vocab_frame: DataFrame) -> DataFrame:
                              .otherwise(F.coalesce(F.col("token_id"), F.lit(OOV_ID)))).drop("token")
 
 
-def _group_match(prefixes: tuple[str, ...]) -> Column:
-    norm = F.col("code_norm")
-    starts = None
-    for p in prefixes:
-        s = norm.startswith(p)
-        starts = s if starts is None else (starts | s)
-    return F.col("kind").isin(*DX_KINDS) & (F.col("code_system") == "icd10cm") & starts
+def _group_match(names: tuple[str, ...]) -> Column:
+    """A diagnosis whose code_groups (set at ingest by code_groups.groups_for) meet ``names``."""
+    groups = F.coalesce(F.col("code_groups"), F.array().cast("array<string>"))
+    return F.col("kind").isin(*DX_KINDS) & F.arrays_overlap(groups, F.array(*[F.lit(n) for n in names]))
 
 
-def diagnosed_by(prefixes: tuple[str, ...], end_us: int) -> Column:
-    """The event is a diagnosis of the group before ``end_us`` (affirmed, history or assertion-less):
-    timelines._diagnosed_by in SQL, the one "already diagnosed" rule of labels and prevalence flags.
-    NULL (not true) for an event without a time."""
+def available_us() -> Column:
+    """When the event was available: the later of its clinical and known times
+    (timelines._available_us); a missing known time is the clinical time."""
+    t = F.unix_micros(F.col("event_time"))
+    return F.greatest(t, F.coalesce(F.unix_micros(F.col("known_time")), t))
+
+
+def diagnosed_by(names: tuple[str, ...], end_us: int) -> Column:
+    """The event is a diagnosis of the group available before ``end_us`` (affirmed, history or
+    assertion-less): timelines._diagnosed_by in SQL, the one "already diagnosed" rule of labels
+    and prevalence flags. NULL (not true) for an event without a time."""
     a = F.col("assertion")
-    return (_group_match(prefixes) & (F.unix_micros(F.col("event_time")) < end_us)
+    return (_group_match(names) & (available_us() < end_us)
             & (a.isNull() | a.isin(*TOKEN_ASSERTIONS)))
 
 
 def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
                        horizon_days: int | None = None) -> DataFrame:
     """Per patient_key: the sorted in-window (t, tok) structs, event counts by reason, prevalence
-    (``prev_<head>``, 1/0, over all events up to the end of the as-of day: no lookback) and label flags.
+    (``prev_<head>``, 1/0, over all events available by the end of the as-of day: no lookback)
+    and label flags.
 
     Filtering is by integer µs since the epoch, so nothing depends on the session time zone.
+    An event counts only when its clinical and known times are both before the end of the day.
     """
     t = F.unix_micros(F.col("event_time"))
+    avail = available_us()
     start, end = window_us(as_of, lookback_days)
-    in_win = (t >= start) & (t < end)
+    in_win = (t >= start) & (avail < end)
     one = F.lit(1)
     aggs = [
         F.sort_array(F.collect_list(F.when(in_win & F.col("token_id").isNotNull(),
@@ -173,20 +183,21 @@ def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
         F.count(one).alias("n_events"),
         F.sum(F.when(t.isNull(), one).otherwise(0)).alias("n_no_time"),
         F.sum(F.when(t >= end, one).otherwise(0)).alias("n_after"),
-        F.sum(F.when(t < start, one).otherwise(0)).alias("n_before"),
+        F.sum(F.when((t < end) & (avail >= end), one).otherwise(0)).alias("n_known_after"),
+        F.sum(F.when((t < start) & (avail < end), one).otherwise(0)).alias("n_before"),
         F.sum(F.when(in_win & F.col("token_id").isNull(), one).otherwise(0)).alias("n_dropped"),
-        *[F.max(F.when(diagnosed_by(prefixes, end), one).otherwise(0)).alias(f"prev_{head}")
-          for head, prefixes in LABEL_GROUPS.items()],
+        *[F.max(F.when(diagnosed_by(names, end), one).otherwise(0)).alias(f"prev_{head}")
+          for head, names in LABEL_GROUPS.items()],
     ]
     if horizon_days is not None:
         horizon_end = end + horizon_days * US_PER_DAY
-        a = F.col("assertion")
-        positive_assertion = a.isNull() | (a == "affirmed")
-        # The first incident diagnosis, not a flag: censoring (death, end of observation) is
-        # known only after the patient join, and compares against this time.
-        for head, prefixes in LABEL_GROUPS.items():
-            aggs.append(F.min(F.when(_group_match(prefixes) & (t >= end) & (t < horizon_end) & positive_assertion,
-                                     t)).alias(f"pos_{head}"))
+        a, kind = F.col("assertion"), F.col("kind")
+        incident = a.isNull() | (a == "affirmed") | ((kind == "dx") & (a == "history"))
+        # The first incident diagnosis's availability time, not a flag: censoring (death, end of
+        # observation) is known only after the patient join, and compares against this time.
+        for head, names in LABEL_GROUPS.items():
+            aggs.append(F.min(F.when(_group_match(names) & (avail >= end) & (avail < horizon_end) & incident,
+                                     avail)).alias(f"pos_{head}"))
         aggs.append(F.max(F.when(t >= horizon_end - US_PER_DAY, one).otherwise(0)).alias("followed"))
     return encoded.groupBy("patient_key").agg(*aggs)
 
@@ -269,7 +280,7 @@ def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool,
     return cols
 
 
-_COUNTERS = ("n_patient_rows", "n_events", "n_no_time", "n_after", "n_before", "n_dropped")
+_COUNTERS = ("n_patient_rows", "n_events", "n_no_time", "n_after", "n_known_after", "n_before", "n_dropped")
 
 
 def build_timelines(events: DataFrame, patients: DataFrame, vocab_frame: DataFrame, as_of: dt.date,
@@ -312,6 +323,7 @@ def ledger_stats(built: DataFrame) -> dict[str, Any]:
         total(ok, "n_no_time").alias("eq_no_event_time"),
         total(F.col("status") == "events_no_patient_key", "n_events").alias("eq_no_patient_key"),
         total(ok, "n_after").alias("ei_after_as_of"),
+        total(ok, "n_known_after").alias("ei_known_after_as_of"),
         total(ok, "n_before").alias("ei_before_lookback"),
         total(ok, "n_dropped").alias("ei_dropped_assertion"),
         total(ok, F.col("n_in_window") - F.col("length")).alias("ei_truncated_max_tokens"),
@@ -499,7 +511,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         # Patients already diagnosed (all history up to the end of D, no lookback): left out of screening.
         "prevalent": {col: stats[f"{col}_n"] for col in PREVALENT_COLUMNS},
         "ledger": {STAGE: patient_ledger.to_dict(), EVENTS_STAGE: event_ledger.to_dict()},
-        "inputs": {"events": {"run_id": events_manifest.get("run_id")},
+        # The disease definitions the events' code_groups were filled with (flags and labels use them).
+        "inputs": {"events": {"run_id": events_manifest.get("run_id"),
+                              "code_groups_version": events_manifest.get("code_groups_version"),
+                              "code_groups_sha256": events_manifest.get("code_groups_sha256")},
                    "patients": {"run_id": patients_manifest.get("run_id")},
                    "observation_periods": {"run_id": periods_manifest.get("run_id")}},
         # Left out of the as-of population, by reason (also in the ledger's "ignored").

@@ -86,9 +86,12 @@ def _context(cfg: tuple[Any, ...]) -> rec.ParseContext:
         from preprocessing.code_groups import load_code_groups
         from preprocessing.notes import NoteExtractor
 
-        key, negation, history, window, groups_file, now = cfg
+        key, negation, history, window, groups_file, now, descendants = cfg
+        groups = load_code_groups(groups_file)
+        if descendants:
+            groups = groups.with_omop_descendants(descendants)
         ctx = rec.ParseContext(key=key, extractor=NoteExtractor(list(negation), list(history), window),
-                               groups=load_code_groups(groups_file), now_us=now)
+                               groups=groups, now_us=now)
         _CONTEXTS[cfg] = ctx
     return ctx
 
@@ -278,7 +281,41 @@ def events_frame(final: DataFrame, source: str) -> DataFrame:
         F.col("e.code_system").alias("code_system"), F.col("e.code").alias("code"),
         F.col("e.value").alias("value"), F.col("e.unit").alias("unit"),
         F.col("e.assertion").alias("assertion"), F.col("e.code_groups").alias("code_groups"),
-        F.lit(source).alias("source"), "source_ref")
+        F.col("e.concept_id").alias("concept_id"), F.lit(source).alias("source"), "source_ref",
+        # Known no earlier than the parser says; without a recorded time, at the clinical time.
+        F.coalesce(F.col("e.known_time"), F.col("e.event_time")).alias("known_time")
+    ).select(*EVENTS.names)
+
+
+I_VOCABULARY_TABLE = "vocabulary_table"
+
+
+def diagnosis_counts(final: DataFrame) -> dict[str, Any]:
+    """Accepted diagnoses per code system, in a code group or not, and (OMOP) with a standard
+    concept or not: ``{"by_vocabulary": {system: {"in_group": n, "no_group": m}},
+    "standard_concept": {"mapped": a, "not_mapped": b}}`` (the second only where conditions
+    carry concept ids, i.e. OMOP)."""
+    e = (final.filter((F.col("status") == rec.OK) & ~F.col("is_patient"))
+         .select("resource_type", F.explode("events").alias("e"))
+         .filter(F.col("e.kind") == "dx"))
+    rows = (e.groupBy(F.coalesce(F.col("e.code_system"), F.lit("none")).alias("system"),
+                      (F.size(F.col("e.code_groups")) > 0).alias("grouped"),
+                      (F.col("resource_type") == "condition_occurrence").alias("omop"),
+                      F.col("e.concept_id").isNotNull().alias("standard"))
+            .count().collect())
+    by_vocab: dict[str, dict[str, int]] = {}
+    standard = {"mapped": 0, "not_mapped": 0}
+    any_omop = False
+    for r in rows:
+        counts = by_vocab.setdefault(r["system"], {"in_group": 0, "no_group": 0})
+        counts["in_group" if r["grouped"] else "no_group"] += int(r["count"])
+        if r["omop"]:
+            any_omop = True
+            standard["mapped" if r["standard"] else "not_mapped"] += int(r["count"])
+    out: dict[str, Any] = {"by_vocabulary": {k: by_vocab[k] for k in sorted(by_vocab)}}
+    if any_omop:
+        out["standard_concept"] = standard
+    return out
 
 
 def patients_frame(final: DataFrame, source: str) -> DataFrame:
@@ -334,13 +371,76 @@ def quarantine_frame(final: DataFrame, source: str) -> DataFrame:
 
 # --- the job ----------------------------------------------------------------------------------------
 
-def _parse(spark: SparkSession, fmt: str, files: list[Path], cfg: tuple[Any, ...]
+def _valid_vocabulary(df: DataFrame) -> DataFrame:
+    reason = F.col("invalid_reason")
+    return df.filter(reason.isNull() | (F.trim(reason) == ""))
+
+
+def omop_vocabulary(spark: SparkSession, files: list[Path], listed_ids: list[str]
+                    ) -> tuple[tuple[tuple[str, str], ...], DataFrame | None, DataFrame | None, dict[str, int]]:
+    """The CDM's own vocabulary, where it ships one: (concept_ancestor pairs under the concept
+    sets' listed ids, concept columns for condition rows, 'Maps to' per source concept, rows read).
+
+    The ancestor pairs are vocabulary, not patient data, and bounded by the concept sets: they
+    travel to the executors with the parse configuration. The other two are joined to the
+    condition rows (one row out per row in).
+    """
+    from preprocessing.omop import VOCABULARY_TABLES, table_name
+
+    found = {table_name(p.name): p for p in files if table_name(p.name) in VOCABULARY_TABLES}
+    counts: dict[str, int] = {}
+    pairs: tuple[tuple[str, str], ...] = ()
+    concept = maps = None
+    if "concept_ancestor" in found:
+        anc = read_omop_table(spark, found["concept_ancestor"], VOCABULARY_TABLES["concept_ancestor"])
+        counts["concept_ancestor"] = anc.count()
+        rows = (anc.filter(F.col("ancestor_concept_id").isin(listed_ids))
+                .select("ancestor_concept_id", "descendant_concept_id").distinct().collect())
+        pairs = tuple(sorted((str(int(r[0])), str(int(r[1]))) for r in rows
+                             if r[0] and r[1] and r[1].strip().isdigit()))
+    if "concept" in found:
+        c = read_omop_table(spark, found["concept"], VOCABULARY_TABLES["concept"])
+        counts["concept"] = c.count()
+        concept = F.broadcast(_valid_vocabulary(c).select(
+            F.col("concept_id").cast("long").alias("_cid"),
+            F.trim(F.col("vocabulary_id")).alias("_concept_vocabulary"),
+            F.trim(F.col("concept_code")).alias("_concept_code"),
+            F.trim(F.col("standard_concept")).alias("_concept_standard")).dropDuplicates(["_cid"]))
+    if "concept_relationship" in found:
+        r = read_omop_table(spark, found["concept_relationship"], VOCABULARY_TABLES["concept_relationship"])
+        counts["concept_relationship"] = r.count()
+        maps = (_valid_vocabulary(r).filter(F.trim(F.col("relationship_id")) == "Maps to")
+                .groupBy(F.col("concept_id_1").cast("long").alias("_sid"))
+                .agg(F.array_join(F.array_sort(F.collect_set(F.col("concept_id_2").cast("long")
+                                                             .cast("string"))), " ").alias("_maps_to")))
+    return pairs, concept, maps, counts
+
+
+def _with_vocabulary(raw: DataFrame, concept: DataFrame | None, maps: DataFrame | None) -> DataFrame:
+    """Condition rows with the VOCABULARY_COLUMNS filled from the CDM's tables (null without them)."""
+    from preprocessing.omop import VOCABULARY_COLUMNS
+
+    out = raw.drop(*VOCABULARY_COLUMNS)
+    cid = F.expr("try_cast(condition_concept_id as bigint)")
+    sid = F.expr("try_cast(condition_source_concept_id as bigint)")
+    if concept is not None:
+        out = out.join(concept, cid == F.col("_cid"), "left").drop("_cid")
+    if maps is not None:
+        out = out.join(maps, sid == F.col("_sid"), "left").drop("_sid")
+    for c in VOCABULARY_COLUMNS:
+        if c not in out.columns:
+            out = out.withColumn(c, F.lit(None).cast("string"))
+    return out
+
+
+def _parse(spark: SparkSession, fmt: str, files: list[Path], cfg: tuple[Any, ...],
+           vocabulary: tuple[DataFrame | None, DataFrame | None] = (None, None),
            ) -> tuple[DataFrame, DataFrame | None, dict[str, int]]:
     """(parsed records, raw rows for an independent count or None, rows of tables not ingested)."""
     if fmt == "fhir":
         raw = read_fhir(spark, files)
         return raw.mapInArrow(partial(_parse_fhir_batches, cfg), RECORDS_SPARK), raw, {}
-    from preprocessing.omop import TABLE_COLUMNS, table_name
+    from preprocessing.omop import TABLE_COLUMNS, VOCABULARY_TABLES, table_name
 
     parsed: DataFrame | None = None
     raw_all: DataFrame | None = None
@@ -348,11 +448,15 @@ def _parse(spark: SparkSession, fmt: str, files: list[Path], cfg: tuple[Any, ...
     for path in files:
         table = table_name(path.name)
         columns = TABLE_COLUMNS.get(table)
+        if table in VOCABULARY_TABLES:
+            continue  # read and counted by omop_vocabulary
         if columns is None:
             # Not parsed, but every row is counted: the ledger must account for them.
             skipped[table] = skipped.get(table, 0) + read_omop_table(spark, path, None).count()
             continue
         raw = read_omop_table(spark, path, columns)
+        if table == "condition_occurrence":
+            raw = _with_vocabulary(raw, *vocabulary)
         part = raw.mapInArrow(partial(_parse_omop_batches, cfg, table, columns), RECORDS_SPARK)
         parsed = part if parsed is None else parsed.unionByName(part)
         one = raw.select(F.lit(1).alias("one"))
@@ -396,18 +500,25 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     groups_file = Path(ex.code_groups_file).resolve()
     # Load once on the driver: a bad groups file fails here with its message, not in a task.
     from preprocessing.code_groups import load_code_groups
-    load_code_groups(groups_file)
+    groups = load_code_groups(groups_file)
     export_us, export_time_from = export_time_us(input_dir, fmt)
-    cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
-           str(groups_file), export_us)
     clean_stale_staging(paths.events.parent)
 
     spark = get_spark(settings.spark, "medscreen-emr-ingest")
     # Parquet timestamps as UTC microseconds (Arrow reads them as timestamp[us, tz=UTC]).
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     log.info("emr ingest %s: %d %s input files", run_id, len(files), fmt)
+    descendants: tuple[tuple[str, str], ...] = ()
+    vocabulary: tuple[DataFrame | None, DataFrame | None] = (None, None)
+    vocabulary_rows: dict[str, int] = {}
+    if fmt == "omop":
+        descendants, concept, maps, vocabulary_rows = omop_vocabulary(
+            spark, files, sorted(groups.omop_concept_ids()))
+        vocabulary = (concept, maps)
+    cfg = (key, tuple(ex.negation_cues), tuple(ex.history_cues), ex.cue_window_words,
+           str(groups_file), export_us, descendants)
 
-    parsed, raw, skipped = _parse(spark, fmt, files, cfg)
+    parsed, raw, skipped = _parse(spark, fmt, files, cfg, vocabulary)
     # Parse once: resolve() reads the parsed records twice (records, accepted patient keys).
     parsed = parsed.persist()
     final = resolve(parsed).persist()
@@ -420,9 +531,13 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
                        .alias("n_events"))
                   .collect())
         ledger = StageLedger(STAGE, unit="records")
-        ledger.records_in = rows_read + sum(skipped.values())
+        ledger.records_in = rows_read + sum(skipped.values()) + sum(vocabulary_rows.values())
         if skipped:
             ledger.ignored[rec.I_UNSUPPORTED_TABLE] = sum(skipped.values())
+        if vocabulary_rows:
+            # Reference rows, not patient records: used to map conditions, counted here.
+            ledger.ignored[I_VOCABULARY_TABLE] = sum(vocabulary_rows.values())
+        diagnoses = diagnosis_counts(final)
         by_type: dict[str, dict[str, int]] = {}
         n_events = n_patients = 0
         for row in counts:
@@ -439,6 +554,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             else:
                 ledger.ignored[reason] = ledger.ignored.get(reason, 0) + n
         for table, n in skipped.items():
+            by_type.setdefault(table, {})[rec.IGNORED] = n
+        for table, n in vocabulary_rows.items():
             by_type.setdefault(table, {})[rec.IGNORED] = n
 
         staging_events = _write(
@@ -477,6 +594,9 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
             "run_id": run_id, "stage": STAGE, "format": fmt, "source": fmt,
             "input": fingerprint(input_dir, files), "code_set_version": code_set_version(),
             "code_groups_sha256": hashlib.sha256(groups_file.read_bytes()).hexdigest(),
+            "code_groups_version": groups.version,
+            "omop_vocabulary": {"tables": vocabulary_rows, "descendant_concepts": len(descendants)},
+            "diagnoses": diagnoses,
             "export_time_utc": (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
                                 + dt.timedelta(microseconds=export_us)).isoformat(),
             "export_time_from": export_time_from,
@@ -508,6 +628,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
         "by_resource_type": {k: by_type[k] for k in sorted(by_type)},
         "outputs": outputs,
         "code_set_version": manifest["code_set_version"],
+        "code_groups_version": groups.version,
+        "diagnoses": diagnoses,
         "seconds": round((finished - started).total_seconds(), 3),
     }
     log.info("emr ingest %s: %d records in, %d out, %d quarantined, %d ignored; %d events, %d patients",

@@ -17,18 +17,28 @@ SYSTEM_ICD10CM = "icd10cm"
 SYSTEM_ICD9CM = "icd9cm"
 SYSTEM_SNOMED = "snomed"
 SYSTEM_LOINC = "loinc"
+SYSTEM_OMOP = "omop"      # an OMOP concept id with no better code (code = the id in decimal)
+SYSTEM_TEXT = "text"      # a diagnosis recognised in note words (code = the code group name)
 
 EVENTS = pa.schema([
     ("patient_key", pa.string()),
-    ("event_time", UTC_TS),
+    ("event_time", UTC_TS),        # clinical time: onset, effective, visit start
+    # When the record became known (FHIR recordedDate / issued / DocumentReference.date, else
+    # the clinical time; a partial date is known at the END of its period). Timelines, flags
+    # and labels use an event only when both times are on or before the as-of day.
+    ("known_time", UTC_TS),
     ("kind", pa.string()),
     ("code_system", pa.string()),
     ("code", pa.string()),
     ("value", pa.float64()),
     ("unit", pa.string()),
-    # affirmed | negated | history | family (dx_text); affirmed for coded data
+    # affirmed | history | negated | possible | family | hypothetical. Coded diagnoses follow
+    # FHIR verificationStatus / clinicalStatus (docs/disease_definitions.md). Only affirmed
+    # and history count towards prevalence, labels, cohorts and tokens.
     ("assertion", pa.string()),
+    # Groups of conf/code_groups.yaml (preprocessing.code_groups.groups_for at ingest).
     ("code_groups", pa.list_(pa.string())),
+    ("concept_id", pa.int64()),    # OMOP standard concept id where there is one, else null
     ("source", pa.string()),       # fhir | omop
     ("source_ref", pa.string()),   # keyed hash of the source record id, never the raw id
 ])

@@ -106,7 +106,8 @@ def run_demo(args: argparse.Namespace) -> int:
         summary["synth_ct"] = progress.run(f"synthetic CT: {d.ct_studies} studies",
                                            lambda: synth_ct.generate(dicom_dir, studies=d.ct_studies,
                                                                      seed=d.seed, rows=d.ct_rows,
-                                                                     slices=d.ct_slices))
+                                                                     slices=d.ct_slices,
+                                                                     emr_dir=emr_dir))
         from jobs import dicom_index
         summary["dicom_index"] = progress.run("DICOM index (Spark, headers only)",
                                               lambda: dicom_index.run(settings, dicom_dir))
@@ -262,6 +263,15 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
     for stage, led in ing.items():
         if stage != "emr_ingest" and isinstance(led, dict) and "records_out" in led:
             w(f"    {stage:<41} {led['records_out']:>8,} {led.get('unit', 'rows')}\n")
+    # Coded diagnoses per vocabulary: in a disease group (conf/code_groups.yaml) or in none.
+    dx_counts = (s.get("ingest") or {}).get("diagnoses") or {}
+    for system, c in sorted((dx_counts.get("by_vocabulary") or {}).items()):
+        w(f"    diagnoses {system:<10} {c.get('in_group', 0):>10,} in a code group, "
+          f"{c.get('no_group', 0):,} in none\n")
+    if dx_counts.get("standard_concept"):
+        std = dx_counts["standard_concept"]
+        w(f"    OMOP conditions  {std.get('mapped', 0):>10,} with a standard concept, "
+          f"{std.get('not_mapped', 0):,} without\n")
     feat = s.get("features") or {}
     if feat:
         length = feat.get("length") or {}

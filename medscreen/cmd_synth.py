@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--variable-spacing", action="store_true",
                    help="add a series with a fine middle third and 4x coarser slices above and below")
     c.add_argument("--gantry-tilt", action="store_true", help="add a series tilted 15 degrees")
+    c.add_argument("--emr", type=Path, dest="emr_dir", metavar="DIR",
+                   help="a synthetic EMR export (medscreen synth emr): each study images one of its "
+                        "patients, DICOM PatientID = the patient's MRN, so EMR and CT link")
     c.add_argument("--no-broken-files", dest="broken_files", action="store_false",
                    help="leave out the truncated and non-DICOM files planted beside each study")
     c.set_defaults(func=_ct)
@@ -52,6 +55,7 @@ def _ct(args: argparse.Namespace) -> int:
 
     summary = generate(args.out, studies=args.studies, seed=args.seed, rows=args.rows, slices=args.slices,
                        slice_spacing_mm=args.slice_spacing_mm, variable_spacing=args.variable_spacing,
-                       gantry_tilt=args.gantry_tilt, broken_files=args.broken_files)
+                       gantry_tilt=args.gantry_tilt, broken_files=args.broken_files,
+                       emr_dir=args.emr_dir)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return 0

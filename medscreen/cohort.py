@@ -1,10 +1,14 @@
 """Research cohorts: the definition, its index dates, and member selection at each index date.
 
-A cohort is defined by ICD code groups (conf/code_groups.yaml) a patient must
-have (any of ``include_groups``) and must not have (none of
-``exclude_groups``) — affirmed diagnoses recorded on or before the index date
-(end of day, UTC), so selection is point-in-time like the timelines — and an
-age range at the index date. Index dates run from ``index_start`` to
+A cohort is defined by code groups (the concept sets of conf/code_groups.yaml:
+ICD-10-CM, ICD-9-CM, SNOMED CT, OMOP concepts) a patient must have (any of
+``include_groups``) and must not have (none of ``exclude_groups``) — affirmed
+or history diagnoses whose clinical and known times are both on or before the
+index date (end of day, UTC), so selection is point-in-time like the
+timelines — and an age range at the index date. Membership is the events'
+``code_groups`` column, which ingest filled with
+``preprocessing.code_groups.groups_for``: the one definition the timelines'
+flags and labels use too. Index dates run from ``index_start`` to
 ``index_end`` every ``step_days``. With ``require_ct_findings`` the members at a
 date are further restricted to patients with CT findings in that date's
 findings partition (joined to the EMR patient through LAKE/imaging/patient_link
@@ -27,7 +31,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import yaml
 
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths, as_of_str
@@ -36,7 +39,8 @@ from lake.runs import write_json
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Longest range one cohort run may expand into (each date is a Spark job + a scoring run).
 MAX_INDEX_DATES = 366
-AFFIRMED = "affirmed"
+# Assertions that count a diagnosis (preprocessing.vocabulary.TOKEN_ASSERTIONS, the timelines' rule).
+COUNTED_ASSERTIONS = ("affirmed", "history")
 DX_KINDS = ("dx", "dx_text")
 
 
@@ -45,14 +49,12 @@ class CohortDefinitionError(ValueError):
 
 
 def code_group_names(code_groups_file: Path) -> list[str]:
-    """The ICD group names defined in ``conf/code_groups.yaml`` (top-level keys, or under ``groups:``)."""
-    path = Path(code_groups_file)
-    if not path.is_file():
+    """The group names of ``conf/code_groups.yaml``, validated by the one loader; [] if it is absent."""
+    from preprocessing.code_groups import load_code_groups
+
+    if not Path(code_groups_file).is_file():
         return []
-    data = yaml.safe_load(path.read_text()) or {}
-    if isinstance(data, dict) and isinstance(data.get("groups"), dict):
-        data = data["groups"]
-    return sorted(str(k) for k in data) if isinstance(data, dict) else []
+    return sorted(load_code_groups(code_groups_file).names)
 
 
 @dataclass(frozen=True)
@@ -162,12 +164,15 @@ def _end_of_day_utc(as_of: str) -> pa.Scalar:
 
 
 def _patients_with_groups(events: ds.Dataset, as_of: str, groups: list[str]) -> set[str]:
-    """Patients with an affirmed diagnosis in any of ``groups`` on or before as-of (end of day UTC)."""
+    """Patients with an affirmed or history diagnosis in any of ``groups`` whose clinical and known
+    times are both on or before as-of (end of day UTC)."""
     if not groups:
         return set()
-    flt = ((ds.field("event_time") <= _end_of_day_utc(as_of))
+    eod = _end_of_day_utc(as_of)
+    flt = ((ds.field("event_time") <= eod)
+           & (ds.field("known_time").is_null() | (ds.field("known_time") <= eod))
            & ds.field("kind").isin(list(DX_KINDS))
-           & (ds.field("assertion") == AFFIRMED))
+           & ds.field("assertion").isin(list(COUNTED_ASSERTIONS)))
     table = events.to_table(columns=["patient_key", "code_groups"], filter=flt)
     if table.num_rows == 0:
         return set()

@@ -19,8 +19,12 @@ def export_series(settings: Settings, series_key: str, out: Path, stage: str = "
     """Write series ``series_key`` of the lake's DICOM index to ``out`` (.nii/.nii.gz).
 
     ``raw``: HU (int16) on the scanner grid (after the same tilt / spacing
-    corrections the scorer applies). ``resampled``: the float32 HU volume at
-    ``imaging.target_spacing_mm`` the model is given (before windowing).
+    corrections the scorer applies: a tilted stack on an orthogonal grid
+    widened to hold every acquired pixel, uneven spacing and short gaps
+    interpolated at the smallest step). ``resampled``: the float32 HU volume at
+    ``imaging.target_spacing_mm`` the model is given (before windowing). Either
+    file's affine places each voxel at its patient position, the geometry CT
+    findings' ``centre_*_mm`` are computed with.
     """
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r} is not one of {STAGES}")

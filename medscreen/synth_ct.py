@@ -32,6 +32,10 @@ from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodu
 # Our own UID root for synthetic data (pydicom's documented example root).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 
+# Study dates are drawn in [STUDY_FIRST_DAY, STUDY_FIRST_DAY + 540 days) (study_identity).
+STUDY_FIRST_DAY = dt.date(2023, 1, 1)
+STUDY_LAST_DAY = STUDY_FIRST_DAY + dt.timedelta(days=539)
+
 MANUFACTURERS = ("SIEMENS", "GE MEDICAL SYSTEMS", "Philips", "TOSHIBA", "Canon Medical Systems")
 
 
@@ -229,7 +233,7 @@ def _set_rle_pixels(ds: Dataset, stored: np.ndarray) -> None:
 def study_identity(rng: np.random.Generator, seed_key: str, index: int) -> dict[str, Any]:
     # Fake, obviously synthetic identifiers: the index must never let these reach the lake.
     born = dt.date(1940, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365 * 45)))
-    when = dt.date(2023, 1, 1) + dt.timedelta(days=int(rng.integers(0, 540)))
+    when = STUDY_FIRST_DAY + dt.timedelta(days=int(rng.integers(0, 540)))
     return {"patient_name": f"SYNTH^PATIENT{index:04d}", "patient_id": f"SYN{int(rng.integers(10**7, 10**8))}",
             "birth_date": born.strftime("%Y%m%d"), "sex": "F" if rng.uniform() < 0.5 else "M",
             "study_uid": _uid(seed_key, "study"), "frame_uid": _uid(seed_key, "frame"),
@@ -286,14 +290,45 @@ def plan_study(rng: np.random.Generator, index: int, rows: int, slices: int,
     return anatomy, specs
 
 
+def emr_patients_for_ct(emr_dir: Path, studies: int, seed: int) -> list[dict[str, Any]]:
+    """Patients of a synthetic EMR export (``medscreen synth emr``) to image, one per study.
+
+    Chosen among adults (40 or older when the study window opens) registered before it and
+    alive and under observation through it, so every study falls inside the patient's record.
+    Each has ``patient_id`` (the EMR's MRN: FHIR ``Patient.identifier`` of type MR, OMOP
+    ``person_source_value``), ``birth_date`` (YYYYMMDD), ``sex`` (F/M/O) and ``emr_patient``.
+    """
+    from medscreen.synth_emr import read_truth
+
+    rows = read_truth(emr_dir, "patients")
+    first, last = STUDY_FIRST_DAY.isoformat(), STUDY_LAST_DAY.isoformat()
+    candidates = [r for r in rows
+                  if r["registration_date"] is not None and r["registration_date"] < first
+                  and r["observation_end_date"] > last
+                  and (r["death_date"] is None or r["death_date"] > last)
+                  and (STUDY_FIRST_DAY - dt.date.fromisoformat(r["birth_date"])).days >= 40 * 365.25]
+    if len(candidates) < studies:
+        raise ValueError(f"{emr_dir} has {len(candidates)} adults under observation through "
+                         f"{first}..{last}, fewer than the {studies} CT studies asked for; "
+                         "generate more EMR patients or fewer studies")
+    pick = np.random.default_rng([seed, 99]).choice(len(candidates), size=studies, replace=False)
+    return [{"patient_id": candidates[i]["mrn"], "emr_patient": candidates[i]["patient"],
+             "birth_date": candidates[i]["birth_date"].replace("-", ""),
+             "sex": {"female": "F", "male": "M"}.get(candidates[i]["sex"], "O")}
+            for i in pick.tolist()]
+
+
 def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: int = 100,
              nodules_per_study: tuple[int, int] = (2, 5), variable_spacing: bool = False,
              gantry_tilt: bool = False, broken_files: bool = True,
-             slice_spacing_mm: float | None = None) -> dict[str, Any]:
+             slice_spacing_mm: float | None = None, emr_dir: Path | None = None) -> dict[str, Any]:
     """Write ``studies`` synthetic CT studies under ``out_dir`` (one folder each) and ground_truth.json.
 
     ``rows`` is the (square) matrix size; ``slices`` the axial series' slice
     count at ``slice_spacing_mm`` (None: 2 or 2.5 mm, drawn per study).
+    ``emr_dir``: a synthetic EMR export; each study then images one of its patients
+    (DICOM PatientID = the patient's MRN, birth date and sex from the EMR), so EMR and CT
+    link. Without it, PatientIDs are synthetic and link to nothing.
     Returns a summary (counts, paths) for the CLI.
     """
     out_dir = Path(out_dir)
@@ -304,8 +339,9 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
     if slice_spacing_mm is not None and not 0 < slice_spacing_mm <= 10:
         raise ValueError(f"slice spacing must be in (0, 10] mm (CT protocols use 0.625–5), "
                          f"got {slice_spacing_mm}")
+    linked = emr_patients_for_ct(Path(emr_dir), studies, seed) if emr_dir is not None else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    truth: dict[str, Any] = {"seed": seed, "series": [], "broken_files": []}
+    truth: dict[str, Any] = {"seed": seed, "series": [], "broken_files": [], "studies": []}
     n_files = 0
     for s in range(studies):
         rng = np.random.default_rng([seed, s])
@@ -319,6 +355,12 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
         nodules = random_nodules(rng, n_nod, anatomy, diameter_range_mm=(4.0, 24.0))
         phantom = ChestPhantom(anatomy, [Nodule.from_dict(n) for n in nodules])
         study = study_identity(rng, seed_key, s)
+        if linked is not None:
+            # Same draws as an unlinked study; only who is imaged changes.
+            study.update({k: linked[s][k] for k in ("patient_id", "birth_date", "sex")})
+        truth["studies"].append({"study": folder.name, "patient_id": study["patient_id"],
+                                 "emr_patient": linked[s]["emr_patient"] if linked else None,
+                                 "study_date": study["study_date"]})
         for number, spec in enumerate(specs, start=1):
             rec = write_series(folder, phantom, spec, study, number, rng, seed_key)
             rec["study"] = folder.name
@@ -335,6 +377,7 @@ def generate(out_dir: Path, studies: int, seed: int, rows: int = 512, slices: in
     return {"out_dir": str(out_dir), "studies": studies, "series": len(truth["series"]),
             "files": n_files, "broken_files": len(truth["broken_files"]),
             "nodules": sum(len(r["nodules"]) for r in truth["series"] if r["label"] == "axial_chest"),
+            "linked_to_emr": sum(st["emr_patient"] is not None for st in truth["studies"]),
             "ground_truth": str(out_dir / "ground_truth.json")}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import random
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,7 @@ from medscreen.synth_emr_codes import (BMI, BP_PANEL, DBP, EGFR_CKDEPI, EGFR_MDR
                                        INVALID_ICD10, MALFORMED_CODES, NTPROBNP, SBP, SMOKING,
                                        SMOKING_VALUES, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC,
                                        SYSTEM_SNOMED, SYSTEM_UCUM, ConditionCode, LoincCode)
-from medscreen.synth_emr_sim import Cohort
+from medscreen.synth_emr_sim import START_MONTH, Cohort
 
 TRANSACTION_TIME = "2026-01-02T04:00:00Z"
 BASE_URL = "https://ehr.example.org/fhir"
@@ -43,10 +44,20 @@ _ENC_CLASS = {"AMB": ("ambulatory", "185349003", "Encounter for check up"),
               "IMP": ("inpatient encounter", "32485007", "Hospital admission")}
 _OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 _COND_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
-_CLINICAL = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
-                         "code": "active"}]}
-_VERIFIED = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
-                         "code": "confirmed"}]}
+_CLINICAL_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+_VERIFICATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+_CATEGORY_DISPLAY = {"problem-list-item": "Problem List Item",
+                     "encounter-diagnosis": "Encounter Diagnosis"}
+_V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+DECEASED_BOOLEAN_SHARE = 0.2  # of the dead: deceasedBoolean + meta.lastUpdated, no date
+# Patient.identifier as Synthea writes it: its own id, then typed identifiers. The MR entry
+# carries the hospital's medical record number, the key DICOM PatientID shares.
+MRN_SYSTEM = "http://hospital.smarthealthit.org"
+_ID_TYPES = {"MR": "Medical Record Number", "SS": "Social Security Number",
+             "DL": "Driver's license number"}
+_CITIES = (("Boston", "02108"), ("Worcester", "01601"), ("Springfield", "01103"),
+           ("Lowell", "01850"), ("Cambridge", "02139"), ("Quincy", "02169"))
+_STREETS = ("Rath Wynd", "Kuhn Mill", "Schulist Highlands", "Conn Well", "Bogan Park", "Lind Lane")
 
 
 class IdStream:
@@ -190,13 +201,9 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
 
     sinks = {t: _Sink(out_dir, t, n_good[t] + bad_lines[t]) for t in CORE_TYPES}
     s = sinks["Patient"]
+    prnd = random.Random(c.seed * 131 + 7)  # addresses, phones: their own stream
     for p in range(c.patients):
-        res: dict[str, Any] = {
-            "resourceType": "Patient", "id": pids[p],
-            "identifier": [{"system": "http://hospital.example.org/mrn", "value": c.mrn[p]}],
-            "name": [{"use": "official", "family": c.family[p], "given": [c.given[p]]}],
-            "gender": c.sex[p], "birthDate": c.birth_date[p].isoformat(),
-        }
+        res = _patient(c, p, pids[p], prnd)
         if p in ext_patients:
             # Fields a Synthea-style export carries that medscreen does not use.
             res["extension"] = [
@@ -224,21 +231,34 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
              f'"period":{{"start":"{starts[i]}","end":"{_z(end)}"}}}}')
 
     s = sinks["Condition"]
-    status_j = f'"clinicalStatus":{dumps(_CLINICAL)},"verificationStatus":{dumps(_VERIFIED)}'
-    cat_j = {cat: dumps([{"coding": [{"system": _COND_CATEGORY, "code": cat}]}])
-             for cat in ("problem-list-item", "encounter-diagnosis")}
+    cat_j = {cat: dumps([{"coding": [{"system": _COND_CATEGORY, "code": cat,
+                                      "display": disp}]}])
+             for cat, disp in _CATEGORY_DISPLAY.items()}
+    clin_j = {k: dumps({"coding": [{"system": _CLINICAL_SYSTEM, "code": k}]})
+              for k in ("active", "resolved", "inactive")}
+    ver_j = {k: dumps({"coding": [{"system": _VERIFICATION_SYSTEM, "code": k}]})
+             for k in ("confirmed", "provisional", "differential", "unconfirmed", "refuted",
+                       "entered-in-error")}
     code_j: dict[tuple[ConditionCode, str], str] = {}
-    for i, (p, e, onset, category, code, style) in enumerate(c.conditions):
+    condition_ids: list[str] = []
+    for i, (p, e, onset, category, code, style, ver, clin, recorded, abatement,
+            _key) in enumerate(c.conditions):
         cj = code_j.get((code, style))
         if cj is None:
-            cj = code_j[(code, style)] = dumps({"coding": _coding(code, style), "text": code.display})
+            codings = _coding(code, style)
+            cj = code_j[(code, style)] = dumps({"coding": codings, "text": codings[0]["display"]})
+        cid = new_id()
+        condition_ids.append(cid)
+        status = (f'"clinicalStatus":{clin_j[clin]},' if clin else "") + \
+            f'"verificationStatus":{ver_j[ver]},'
+        enc = f'"encounter":{{"reference":"Encounter/{eids[e]}"}},' if e >= 0 else ""
+        when = onset if onset is not None else starts[e]
+        abate = f',"abatementDateTime":"{abatement}"' if abatement else ""
         emit(s, "Condition", i,
-             f'{{"resourceType":"Condition","id":"{new_id()}",{status_j},'
+             f'{{"resourceType":"Condition","id":"{cid}",{status}'
              f'"category":{cat_j[category]},"code":{cj},'
-             f'"subject":{{"reference":"Patient/{pids[p]}"}},'
-             f'"encounter":{{"reference":"Encounter/{eids[e]}"}},'
-             f'"onsetDateTime":"{onset if onset is not None else starts[e]}",'
-             f'"recordedDate":"{starts[e]}"}}')
+             f'"subject":{{"reference":"Patient/{pids[p]}"}},{enc}'
+             f'"onsetDateTime":"{when}"{abate},"recordedDate":"{recorded}"}}')
 
     s = sinks["Observation"]
     head_j = {kind: f'"category":{dumps(_category(l))},"code":{dumps(_loinc(l))}'
@@ -247,7 +267,11 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
     sbp_j, dbp_j = dumps(_loinc(SBP)), dumps(_loinc(DBP))
     smoking_j = [dumps({"coding": [{"system": SYSTEM_SNOMED, "code": sct, "display": disp}],
                         "text": disp}) for sct, disp in SMOKING_VALUES]
+    ornd = random.Random(c.seed * 173 + 3)  # lab turnaround: its own stream
     for i, (p, e, kind, v1, v2) in enumerate(c.observations):
+        # Vital signs are known when taken; a lab result when the lab issues it, hours later.
+        issued = starts[e] if kind in _VITALS else _z(c.encounters[e][1] + timedelta(
+            minutes=30 + int(ornd.random() * 2880)))
         if kind == "bp_panel":
             value = (f'"component":[{{"code":{sbp_j},"valueQuantity":{{"value":{v1!r},'
                      f'{unit_j["sbp"]}}}}},{{"code":{dbp_j},"valueQuantity":{{"value":{v2!r},'
@@ -260,20 +284,31 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
              f'{{"resourceType":"Observation","id":"{new_id()}","status":"final",{head_j[kind]},'
              f'"subject":{{"reference":"Patient/{pids[p]}"}},'
              f'"encounter":{{"reference":"Encounter/{eids[e]}"}},'
-             f'"effectiveDateTime":"{starts[e]}",{value}}}')
+             f'"effectiveDateTime":"{starts[e]}","issued":"{issued}",{value}}}')
 
     s = sinks["DocumentReference"]
-    note_type_j = dumps({"coding": [{"system": SYSTEM_LOINC, "code": "11506-3",
-                                     "display": "Progress note"}]})
+    # As Synthea writes its notes: two LOINC note types, the US Core clinical-note category,
+    # the text base64-encoded in one text/plain attachment.
+    note_type_j = dumps({"coding": [
+        {"system": SYSTEM_LOINC, "code": "34117-2", "display": "History and physical note"},
+        {"system": SYSTEM_LOINC, "code": "51847-2", "display": "Evaluation + Plan note"}]})
+    note_cat_j = dumps([{"coding": [{
+        "system": "http://hl7.org/fhir/us/core/CodeSystem/us-core-documentreference-category",
+        "code": "clinical-note", "display": "Clinical Note"}]}])
+    note_ids: list[str] = []
     for i, (p, e, text) in enumerate(c.notes):
         data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        nid = new_id()
+        note_ids.append(nid)
         emit(s, "DocumentReference", i,
-             f'{{"resourceType":"DocumentReference","id":"{new_id()}","status":"current",'
-             f'"type":{note_type_j},"subject":{{"reference":"Patient/{pids[p]}"}},'
+             f'{{"resourceType":"DocumentReference","id":"{nid}","status":"current",'
+             f'"type":{note_type_j},"category":{note_cat_j},'
+             f'"subject":{{"reference":"Patient/{pids[p]}"}},'
              f'"date":"{_z(c.encounters[e][2])}",'
-             f'"context":{{"encounter":[{{"reference":"Encounter/{eids[e]}"}}]}},'
              f'"content":[{{"attachment":{{"contentType":"text/plain; charset=utf-8",'
-             f'"data":"{data}"}}}}]}}')
+             f'"data":"{data}"}}}}],'
+             f'"context":{{"encounter":[{{"reference":"Encounter/{eids[e]}"}}],'
+             f'"period":{{"start":"{starts[e]}","end":"{_z(c.encounters[e][2])}"}}}}}}')
     for sink in sinks.values():
         sink.close()
 
@@ -295,7 +330,58 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         "files": {name: n for _t, name, n in files},
         "bad_records": bad,
         "bad_records_total": sum(bad.values()),
+        "_ids": {"patient": pids, "condition": condition_ids, "note": note_ids},
     }
+
+
+_VITALS = frozenset({"bmi", "sbp", "dbp", "bp_panel", "smoking"})
+
+
+def _patient(c: Cohort, p: int, pid: str, prnd: random.Random) -> dict[str, Any]:
+    """A Patient as Synthea writes it: typed identifiers (MR among them), name, telecom,
+    address, and ``deceasedDateTime`` for the dead."""
+    ident: list[dict[str, Any]] = [{"system": "https://github.com/synthetichealth/synthea",
+                                    "value": pid}]
+    ssn = f"999-{prnd.randrange(10, 100)}-{prnd.randrange(1000, 10000)}"
+    for code, value, system in (("MR", c.mrn[p], MRN_SYSTEM),
+                                ("SS", ssn, "http://hl7.org/fhir/sid/us-ssn"),
+                                ("DL", f"S{prnd.randrange(10**7, 10**8)}",
+                                 "urn:oid:2.16.840.1.113883.4.3.25")):
+        if code == "DL" and _age_at_start(c, p) < 16:  # no driver's licence for children
+            continue
+        ident.append({"type": {"coding": [{"system": _V2_0203, "code": code,
+                                           "display": _ID_TYPES[code]}],
+                               "text": _ID_TYPES[code]},
+                      "system": system, "value": value})
+    name: dict[str, Any] = {"use": "official", "family": c.family[p], "given": [c.given[p]]}
+    if _age_at_start(c, p) >= 18:
+        name["prefix"] = [{"female": "Ms.", "male": "Mr."}.get(c.sex[p], "Mx.")]
+    city, zip_code = _CITIES[prnd.randrange(len(_CITIES))]
+    res: dict[str, Any] = {
+        "resourceType": "Patient", "id": pid, "identifier": ident, "name": [name],
+        "telecom": [{"system": "phone", "value": f"555-{prnd.randrange(100, 1000)}-"
+                                                  f"{prnd.randrange(1000, 10000)}", "use": "home"}],
+        "gender": c.sex[p], "birthDate": c.birth_date[p].isoformat(),
+    }
+    if c.death_date[p] is not None:
+        when = f"{c.death_date[p].isoformat()}T{prnd.randrange(24):02d}:{prnd.randrange(60):02d}:00Z"
+        if prnd.random() < DECEASED_BOOLEAN_SHARE:
+            # Some systems only flag the death: the record's last update is when it was learnt.
+            res = {"resourceType": "Patient", "id": pid, "meta": {"lastUpdated": when},
+                   **{k: v for k, v in res.items() if k not in ("resourceType", "id")},
+                   "deceasedBoolean": True}
+        else:
+            res["deceasedDateTime"] = when
+    res["address"] = [{"line": [f"{prnd.randrange(1, 2000)} {_STREETS[prnd.randrange(len(_STREETS))]}"],
+                       "city": city, "state": "MA", "postalCode": zip_code, "country": "US"}]
+    res["communication"] = [{"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en-US",
+                                                      "display": "English (United States)"}],
+                                          "text": "English (United States)"}}]
+    return res
+
+
+def _age_at_start(c: Cohort, p: int) -> float:
+    return (START_MONTH - c.birth_date[p]).days / 365.25
 
 
 def _future(brnd: random.Random) -> str:
@@ -337,8 +423,8 @@ def _bad_line(kind: str, rtype: str, line: str, new_id: Callable[[], str],
 # the export's transactionTime (future_date).
 DATE_FIELDS: dict[str, tuple[str, ...]] = {
     "Encounter": ("period.start", "period.end"),
-    "Condition": ("onsetDateTime", "recordedDate"),
-    "Observation": ("effectiveDateTime",),
+    "Condition": ("onsetDateTime", "abatementDateTime", "recordedDate"),
+    "Observation": ("effectiveDateTime", "issued"),
     "DocumentReference": ("date",),
 }
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import random
 from datetime import datetime
@@ -11,11 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from medscreen.synth_emr_codes import (BMI, DBP, EGFR_CKDEPI, EGFR_MDRD, GLUCOSE, HBA1C,
-                                       INVALID_ICD10, MALFORMED_CODES, NTPROBNP, SBP, SMOKING,
-                                       SMOKING_VALUES, ConditionCode, LoincCode)
+from medscreen.synth_emr_codes import (ACUTE, BMI, CONDITIONS, DBP, EGFR_CKDEPI, EGFR_MDRD,
+                                       GLUCOSE, HBA1C, INVALID_ICD10, LOCAL_CONCEPT_BASE,
+                                       MALFORMED_CODES, NTPROBNP, SBP, SMOKING, SMOKING_VALUES,
+                                       SNOMED_PARENT, Z_ORAL_HYPOGLYCEMIC,
+                                       ConditionCode, LoincCode, local_concept_id,
+                                       snomed_concept_id)
 from medscreen.synth_emr_fhir import TRANSACTION_TIME, allocate
 from medscreen.synth_emr_sim import Cohort
+
+__all__ = ["COLUMNS", "CORE_TABLES", "LOCAL_CONCEPT_BASE", "local_concept_id", "write_omop"]
 
 # CDM 5.4 column lists, in the order of the OHDSI DDL.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -56,6 +60,18 @@ COLUMNS: dict[str, tuple[str, ...]] = {
              "note_class_concept_id", "note_title", "note_text", "encoding_concept_id",
              "language_concept_id", "provider_id", "visit_occurrence_id", "visit_detail_id",
              "note_source_value", "note_event_id", "note_event_field_concept_id"),
+    "observation_period": ("observation_period_id", "person_id", "observation_period_start_date",
+                           "observation_period_end_date", "period_type_concept_id"),
+    "death": ("person_id", "death_date", "death_datetime", "death_type_concept_id",
+              "cause_concept_id", "cause_source_value", "cause_source_concept_id"),
+    # The vocabulary subset, in the CDM's own vocabulary tables.
+    "concept": ("concept_id", "concept_name", "domain_id", "vocabulary_id", "concept_class_id",
+                "standard_concept", "concept_code", "valid_start_date", "valid_end_date",
+                "invalid_reason"),
+    "concept_relationship": ("concept_id_1", "concept_id_2", "relationship_id", "valid_start_date",
+                             "valid_end_date", "invalid_reason"),
+    "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id", "min_levels_of_separation",
+                         "max_levels_of_separation"),
     "cdm_source": ("cdm_source_name", "cdm_source_abbreviation", "cdm_holder",
                    "source_description", "source_documentation_reference", "cdm_etl_reference",
                    "source_release_date", "cdm_release_date", "cdm_version",
@@ -90,18 +106,15 @@ DATE_COLUMNS: dict[str, tuple[str, ...]] = {
     "condition_occurrence": ("condition_start_date", "condition_start_datetime"),
     "measurement": ("measurement_date", "measurement_datetime", "measurement_time"),
 }
-# Real standard concepts for the few fixed vocabularies; everything else is synthetic.
+# Real standard concepts for the fixed vocabularies (gender, visit, type, encoding, language).
+# Condition concepts: OHDSI's ids where known (synth_emr_codes.SNOMED_CONCEPT_ID), local
+# ids above 2e9 otherwise; measurements and observations use local LOINC/SNOMED ids.
 GENDER_CONCEPT = {"male": 8507, "female": 8532}
 VISIT_CONCEPT = {"AMB": 9202, "EMER": 9203, "IMP": 9201}
 EHR_TYPE_CONCEPT = 32817
 UTF8_CONCEPT, ENGLISH_CONCEPT = 32678, 4180186
-LOCAL_CONCEPT_BASE = 2_000_000_000  # OMOP reserves ids above 2e9 for local concepts
-
-
-def local_concept_id(vocabulary: str, code: str) -> int:
-    """A stable synthetic concept id for ``code`` of ``vocabulary`` (same in every export)."""
-    h = hashlib.sha1(f"{vocabulary}|{code}".encode()).digest()
-    return LOCAL_CONCEPT_BASE + int.from_bytes(h[:4], "big") % 100_000_000
+# FHIR statuses an OMOP ETL does not load as condition occurrences.
+NOT_LOADED = frozenset({"refuted", "entered-in-error"})
 
 
 _OBS = {"hba1c": HBA1C, "glucose": GLUCOSE, "bmi": BMI, "sbp": SBP, "dbp": DBP,
@@ -109,11 +122,12 @@ _OBS = {"hba1c": HBA1C, "glucose": GLUCOSE, "bmi": BMI, "sbp": SBP, "dbp": DBP,
 
 
 def _source(code: ConditionCode, style: str) -> tuple[str, int]:
+    """The source value and source concept of a condition as its source system coded it."""
     if "icd10" in style:
         return code.icd10, local_concept_id("ICD10CM", code.icd10)
     if style == "icd9":
         return code.icd9, local_concept_id("ICD9CM", code.icd9)
-    return code.snomed, local_concept_id("SNOMED", code.snomed)
+    return code.snomed, snomed_concept_id(code.snomed)
 
 
 class _Table:
@@ -151,15 +165,17 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
     obs_rows = [o for o in c.observations if o[2] != "smoking"]
     measurement_count = sum(2 if o[2] == "bp_panel" else 1 for o in obs_rows)
     smoking_rows = [o for o in c.observations if o[2] == "smoking"]
+    # (index into c.conditions, record) of the conditions an ETL loads.
+    cond_rows = [(i, r) for i, r in enumerate(c.conditions) if r[6] not in NOT_LOADED]
     n_good = {"person": c.patients, "visit_occurrence": len(c.encounters),
-              "condition_occurrence": len(c.conditions), "measurement": measurement_count,
+              "condition_occurrence": len(cond_rows), "measurement": measurement_count,
               "observation": len(smoking_rows), "note": len(c.notes)}
     n_bad = int(round(bad_share * sum(n_good.values())))
     bad = allocate(n_bad, BAD_KINDS) if n_bad else {k: 0 for k in BAD_KINDS}
 
     prng = np.random.default_rng(c.seed * 37 + 9)
     plan: dict[str, dict[int, list[str]]] = {t: {} for t in CORE_TABLES}
-    icd10_rows = np.array([i for i, row in enumerate(c.conditions) if "icd10" in row[5]],
+    icd10_rows = np.array([i for i, (_, row) in enumerate(cond_rows) if "icd10" in row[5]],
                           dtype=np.int64)
     for kind, tables in _BAD_SOURCES.items():
         k = bad[kind]
@@ -229,7 +245,10 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         emit("visit_occurrence", i, [i + 1, p + 1, VISIT_CONCEPT[cls], starts_d[i], starts_dt[i],
                                      *_day_and_time(end),
                                      EHR_TYPE_CONCEPT, "", "", cls, 0, 0, "", 0, "", ""])
-    for i, (p, e, onset, category, code, style) in enumerate(c.conditions):
+    condition_ids: list[int | None] = [None] * len(c.conditions)
+    for i, (ci, (p, e, onset, category, code, style, ver, _clin, recorded, abatement,
+                 _key)) in enumerate(cond_rows):
+        condition_ids[ci] = i + 1
         src, src_concept = _source(code, style)
         # OMOP dates a problem-list entry by its onset where known (recorded date otherwise).
         if onset and len(onset) >= 10:
@@ -240,10 +259,15 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
             dtm = d + " 00:00:00"
         else:
             d, dtm = starts_d[e], starts_dt[e]
+        end_d, end_dt = (abatement[:10], abatement[:10] + " " + abatement[11:19]) if abatement \
+            else ("", "")
+        # The FHIR verification status survives only as the status source value: OMOP has
+        # no standard concept for "provisional" or "differential".
+        status = category if ver == "confirmed" else ver
         emit("condition_occurrence", i, [
-            i + 1, p + 1, local_concept_id("SNOMED", code.snomed), d, dtm, "", "",
-            EHR_TYPE_CONCEPT, 0, "", "", e + 1,
-            "", src, src_concept, category])
+            i + 1, p + 1, snomed_concept_id(code.snomed), d, dtm, end_d, end_dt,
+            EHR_TYPE_CONCEPT, 0, "", "", e + 1 if e >= 0 else "",
+            "", src, src_concept, status])
     mi = 0
     for p, e, kind, v1, v2 in obs_rows:
         parts = [(SBP, v1), (DBP, v2)] if kind == "bp_panel" else [(_OBS[kind], v1)]
@@ -266,6 +290,13 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         t.close()
 
     files = {f"{t}.csv": tables[t].rows for t in CORE_TABLES}
+    for name, rows in (("observation_period", _observation_periods(c)), ("death", _deaths(c)),
+                       *_vocabulary(c)):
+        tab = _Table(out_dir, name)
+        for row in rows:
+            tab.write(row)
+        tab.close()
+        files[f"{name}.csv"] = tab.rows
     src = _Table(out_dir, "cdm_source")
     src.write(["medscreen synthetic EMR", "MEDSCREEN_SYNTH", "medscreen",
                f"synthetic cohort, seed {c.seed}", "", "", TRANSACTION_TIME[:10],
@@ -289,7 +320,104 @@ def write_omop(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         "files": files,
         "bad_records": bad,
         "bad_records_total": sum(bad.values()),
+        "_ids": {"patient": list(range(1, c.patients + 1)), "condition": condition_ids,
+                 "note": list(range(1, len(c.notes) + 1))},
     }
+
+
+def _observation_periods(c: Cohort) -> list[list[Any]]:
+    """One period per registered person: from the first record known (the migrated ICD-9-CM
+    list or the registration visit) to death, leaving care, or the data's end."""
+    first: dict[int, str] = {}
+    for r in c.conditions:
+        if r[1] < 0:
+            day = r[8][:10]
+            if r[0] not in first or day < first[r[0]]:
+                first[r[0]] = day
+    rows = []
+    for p in range(c.patients):
+        reg = c.registration_date[p]
+        if reg is None:
+            continue
+        start = min(first.get(p, reg.isoformat()), reg.isoformat())
+        rows.append([len(rows) + 1, p + 1, start, c.observation_end[p].isoformat(),
+                     EHR_TYPE_CONCEPT])
+    return rows
+
+
+def _deaths(c: Cohort) -> list[list[Any]]:
+    return [[p + 1, d.isoformat(), f"{d.isoformat()} 00:00:00", EHR_TYPE_CONCEPT, 0, "", 0]
+            for p, d in enumerate(c.death_date) if d is not None]
+
+
+_VALID = ("1970-01-01", "2099-12-31", "")
+
+
+def _vocabulary(c: Cohort) -> list[tuple[str, list[list[Any]]]]:
+    """The subset of the OMOP vocabulary the export's concepts need: condition concepts
+    (standard SNOMED CT, non-standard ICD-10-CM / ICD-9-CM source concepts with 'Maps to'),
+    their SNOMED hierarchy in concept_ancestor, and the fixed type/visit/gender concepts."""
+    codes: list[ConditionCode] = [cd for v in CONDITIONS.values() for cd in v]
+    codes += [*ACUTE, Z_ORAL_HYPOGLYCEMIC]
+    concept: dict[int, list[Any]] = {}
+    rel: set[tuple[int, int, str]] = set()
+    mapped: set[int] = set()  # a source concept maps to one standard concept
+
+    def add(cid: int, name: str, domain: str, vocab: str, cls: str, std: str, code: str) -> None:
+        concept.setdefault(cid, [cid, name[:255], domain, vocab, cls, std, code, *_VALID])
+
+    # The most general SNOMED name first, so a source code shared by several stages
+    # (ICD-9-CM 585.3) maps to the general concept (CKD stage 3), not one sub-stage.
+    for cd in sorted(codes, key=lambda cd: (len(cd.snomed_display), cd.snomed, cd.icd10)):
+        sid = snomed_concept_id(cd.snomed)
+        add(sid, cd.snomed_display.rsplit(" (", 1)[0], "Condition", "SNOMED", "Clinical Finding",
+            "S", cd.snomed)
+        rel.add((sid, sid, "Maps to"))
+        rel.add((sid, sid, "Mapped from"))
+        for vocab, code, name in (("ICD10CM", cd.icd10, cd.display), ("ICD9CM", cd.icd9,
+                                                                        cd.icd9_display)):
+            src = local_concept_id(vocab, code)
+            # Every code here is billable (a leaf), named as OHDSI's concept classes are.
+            digits = len(code.replace(".", ""))
+            add(src, name, "Condition", vocab, f"{digits}-char billing code" if vocab == "ICD10CM"
+                else f"{digits}-dig billing code", "", code)
+            if src not in mapped:
+                mapped.add(src)
+                rel.add((src, sid, "Maps to"))
+                rel.add((sid, src, "Mapped from"))
+    # Parents named in SNOMED_PARENT that no condition code uses directly.
+    for child, parent in SNOMED_PARENT.items():
+        pid = snomed_concept_id(parent)
+        if pid not in concept:
+            add(pid, {"433144002": "Chronic kidney disease stage 3"}.get(parent, parent),
+                "Condition", "SNOMED", "Clinical Finding", "S", parent)
+        cid = snomed_concept_id(child)
+        rel.add((cid, pid, "Is a"))
+        rel.add((pid, cid, "Subsumes"))
+    for cid, name, domain, vocab, cls in (
+            (8507, "MALE", "Gender", "Gender", "Gender"), (8532, "FEMALE", "Gender", "Gender", "Gender"),
+            (9201, "Inpatient Visit", "Visit", "Visit", "Visit"),
+            (9202, "Outpatient Visit", "Visit", "Visit", "Visit"),
+            (9203, "Emergency Room Visit", "Visit", "Visit", "Visit"),
+            (EHR_TYPE_CONCEPT, "EHR", "Type Concept", "Type Concept", "Type Concept")):
+        add(cid, name, domain, vocab, cls, "S", str(cid))
+    for loinc in _OBS.values():
+        add(local_concept_id("LOINC", loinc.code), loinc.display, "Measurement", "LOINC",
+            "Lab Test", "S", loinc.code)
+    # concept_ancestor: every standard concept is its own ancestor at level 0; is-a chains
+    # give the rest (the levels are the path lengths).
+    ancestors: list[list[Any]] = []
+    for cid, row in sorted(concept.items()):
+        if row[5] != "S" or row[2] != "Condition":
+            continue
+        ancestors.append([cid, cid, 0, 0])
+        code, level = row[6], 0
+        while code in SNOMED_PARENT:
+            code, level = SNOMED_PARENT[code], level + 1
+            ancestors.append([snomed_concept_id(code), cid, level, level])
+    rels = [[a, b, r, *_VALID] for a, b, r in sorted(rel)]
+    return [("concept", [concept[k] for k in sorted(concept)]), ("concept_relationship", rels),
+            ("concept_ancestor", ancestors)]
 
 
 def _day_and_time(when: datetime) -> tuple[str, str]:

@@ -4,7 +4,9 @@ Shared by the DICOM index (which judges a series from headers) and the volume
 loader (which builds the grid), so both agree on order, spacing, tilt and gaps.
 Slices are ordered by the projection of ImagePositionPatient onto the slice
 normal — never by InstanceNumber or file name, which scanners and PACS
-exports do not keep consistent.
+exports do not keep consistent — and the gantry tilt is measured from the
+positions and orientation, never read from GantryDetectorTilt: vendors do not
+agree on its sign, and tools that reslice a series often leave it unchanged.
 """
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ SPACING_REL_TOL = 0.01
 TILT_TOL_DEG = 0.2
 # A step this much larger than both neighbours is a gap (missing slices), not a spacing change.
 GAP_FACTOR = 1.5
+# Longest gap (mm along the normal, from the slice before to the slice after the missing ones)
+# that is bridged by interpolation; a longer one makes the series incomplete. 5 mm is one missing
+# slice of a 2.5 mm series: the coarse ends of a variable-spacing protocol are interpolated over as
+# much, while a nodule of screening size (6 mm) could sit wholly inside a longer hole.
+MAX_GAP_MM = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,12 +66,12 @@ class SliceGeometry:
         return bool(np.all(np.abs(self.steps_mm - med) <= SPACING_REL_TOL * med))
 
     @property
-    def gaps(self) -> int:
-        """Isolated oversized steps: slices missing from an otherwise regular run."""
+    def gap_steps_mm(self) -> np.ndarray:
+        """Isolated oversized steps (mm): where slices are missing from an otherwise regular run."""
         s = self.steps_mm
         if s.size < 3:
-            return 0
-        n = 0
+            return np.zeros(0)
+        found = []
         for k in range(s.size):
             left = s[k - 1] if k > 0 else None
             right = s[k + 1] if k + 1 < s.size else None
@@ -72,8 +79,22 @@ class SliceGeometry:
             # A spacing change (protocol with a fine middle section) repeats the new step;
             # a dropped slice is one step about twice its neighbours.
             if all(s[k] > GAP_FACTOR * v for v in neighbours):
-                n += 1
-        return n
+                found.append(float(s[k]))
+        return np.asarray(found)
+
+    @property
+    def gaps(self) -> int:
+        """Number of gaps (see :attr:`gap_steps_mm`)."""
+        return int(self.gap_steps_mm.size)
+
+    def gap_problem(self, max_gap_mm: float = MAX_GAP_MM) -> str | None:
+        """Why the gaps make the series incomplete (one longer than ``max_gap_mm``), or None."""
+        gaps = self.gap_steps_mm
+        if gaps.size == 0 or float(gaps.max()) <= max_gap_mm + 1e-3:
+            return None
+        return (f"{gaps.size} gap(s) in slice positions, the longest {float(gaps.max()):.3g} mm "
+                f"(tolerance {max_gap_mm:g} mm) where the neighbouring steps are "
+                f"{self.spacing_min_mm:.3g}–{float(np.median(self.steps_mm)):.3g} mm; the export is incomplete")
 
 
 def orientation_cosines(iop: np.ndarray | list[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

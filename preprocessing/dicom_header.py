@@ -25,7 +25,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from preprocessing.ct_geometry import TILT_TOL_DEG, analyse_positions
+from preprocessing.ct_geometry import MAX_GAP_MM, TILT_TOL_DEG, analyse_positions
 from preprocessing.dicom_series import (REASON_DUPLICATE_POSITIONS, REASON_GANTRY_TILT,
                                         REASON_INCONSISTENT_ORIENTATION, REASON_INCONSISTENT_SIZE,
                                         REASON_LOCALIZER, REASON_MISSING_GEOMETRY, REASON_MISSING_SLICES,
@@ -296,8 +296,9 @@ def judge_series(instances: Sequence[dict[str, Any]], min_slices: int, gantry_ti
         return verdict(REASON_TOO_FEW_SLICES, f"{n} slices; imaging.min_slices is {min_slices}")
     if sg.duplicate_positions:
         return verdict(REASON_DUPLICATE_POSITIONS, f"{sg.duplicate_positions} slices share a position")
-    if sg.gaps:
-        return verdict(REASON_MISSING_SLICES, f"{sg.gaps} gap(s) between slice positions")
+    gap = sg.gap_problem(MAX_GAP_MM)
+    if gap is not None:
+        return verdict(REASON_MISSING_SLICES, gap)
     if gantry_tilt == "reject" and sg.tilt_deg > TILT_TOL_DEG:
         return verdict(REASON_GANTRY_TILT, f"stack sheared by {sg.tilt_deg:.2f} degrees; imaging.gantry_tilt=reject")
     problem = decode(out["paths"][n // 2])

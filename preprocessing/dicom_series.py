@@ -5,9 +5,13 @@ slices are ordered by the projection of ImagePositionPatient onto the slice
 normal (never InstanceNumber or file name); slice spacing comes from those
 positions (never SliceThickness, which is the reconstruction thickness);
 HU = stored × RescaleSlope + RescaleIntercept per slice; direction cosines are
-kept. Variable slice spacing is resampled onto a regular grid at the smallest
-step; a gantry-tilted stack is sheared back onto an orthogonal grid (or
-rejected, when configured).
+kept. Gantry tilt is measured from the positions against the normal (the
+GantryDetectorTilt header is never used: its sign differs between vendors);
+a tilted stack is sheared back onto an orthogonal grid (or rejected, when
+configured). Variable slice spacing, and gaps of missing slices up to
+:data:`~preprocessing.ct_geometry.MAX_GAP_MM`, are resampled onto a regular
+grid at the smallest step, as dcm2niix's equalised output is; a longer gap
+makes the series ``missing_slices``.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from preprocessing.ct_geometry import TILT_TOL_DEG, SliceGeometry, analyse_positions
+from preprocessing.ct_geometry import MAX_GAP_MM, TILT_TOL_DEG, SliceGeometry, analyse_positions
 from preprocessing.volume import Volume
 
 __all__ = ["Volume", "SeriesError", "load_volume", "volume_from_datasets", "REASONS"]
@@ -111,10 +115,9 @@ def volume_from_datasets(datasets: Sequence[Dataset], gantry_tilt: str = "correc
         raise SeriesError(REASON_DUPLICATE_POSITIONS,
                           f"{sg.duplicate_positions} slices share a position; the folder probably mixes "
                           "two reconstructions of one series")
-    if sg.gaps:
-        raise SeriesError(REASON_MISSING_SLICES,
-                          f"{sg.gaps} gap(s) in slice positions (steps {sg.spacing_min_mm:.3g}–"
-                          f"{sg.spacing_max_mm:.3g} mm); the export is incomplete")
+    gap = sg.gap_problem(MAX_GAP_MM)
+    if gap is not None:
+        raise SeriesError(REASON_MISSING_SLICES, gap)
     tilted = sg.tilt_deg > TILT_TOL_DEG
     if tilted and gantry_tilt == "reject":
         raise SeriesError(REASON_GANTRY_TILT, f"slice stack is sheared by {sg.tilt_deg:.2f}° (gantry tilt); "
@@ -133,10 +136,12 @@ def volume_from_datasets(datasets: Sequence[Dataset], gantry_tilt: str = "correc
     hu = np.stack(slices)
     ps_row_mm, ps_col_mm = ps0  # PixelSpacing = [between rows (y), between columns (x)]
     first = geo[sg.order[0]][0]
+    origin = first
     direction = np.stack([sg.row_cosine, sg.col_cosine, sg.normal], axis=1)
     notes: list[str] = []
     if tilted:
-        hu = _shear_onto_normal(hu, np.stack([geo[k][0] for k in sg.order]), first, sg, ps_row_mm, ps_col_mm)
+        hu, origin = _shear_onto_normal(hu, np.stack([geo[k][0] for k in sg.order]), first, sg,
+                                        ps_row_mm, ps_col_mm)
         notes.append(f"gantry_tilt_corrected:{sg.tilt_deg:.2f}deg")
     positions = sg.positions_mm - sg.positions_mm[0]
     if sg.regular:
@@ -145,30 +150,43 @@ def volume_from_datasets(datasets: Sequence[Dataset], gantry_tilt: str = "correc
         spacing_z = sg.spacing_min_mm
         hu = resample_slices_regular(hu, positions, spacing_z)
         notes.append(f"variable_spacing_resampled:{sg.spacing_min_mm:.3g}-{sg.spacing_max_mm:.3g}mm")
-    return Volume(hu=hu, spacing_mm=(spacing_z, ps_row_mm, ps_col_mm), origin_lps_mm=tuple(first),
+        if sg.gaps:
+            notes.append(f"missing_slices_interpolated:{sg.gaps}gap(s)<={float(sg.gap_steps_mm.max()):.3g}mm")
+    return Volume(hu=hu, spacing_mm=(spacing_z, ps_row_mm, ps_col_mm), origin_lps_mm=tuple(origin),
                   direction=direction, notes=tuple(notes))
 
 
 def _shear_onto_normal(hu: np.ndarray, positions: np.ndarray, first: np.ndarray, sg: SliceGeometry,
-                       ps_row_mm: float, ps_col_mm: float) -> np.ndarray:
-    """Shift each slice in-plane so every slice's origin lies on the normal through the first one.
+                       ps_row_mm: float, ps_col_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Shift each slice in-plane so every slice's origin lies on the normal through one grid origin.
 
-    Tilted acquisitions step the table along z while the image plane is tilted,
-    so successive slice origins drift across the image; undoing that drift
-    yields an orthogonal (row, column, normal) grid.
+    Tilted acquisitions step the table along z while the image plane is
+    tilted, so successive slice origins drift across the image; undoing that
+    drift yields an orthogonal (row, column, normal) grid. The grid is widened
+    by the drift, as dcm2niix's ``_Tilt_`` output is, so no acquired pixel
+    falls off it (over a 300 mm chest at 16.5° the drift is ~90 mm: cropping
+    would cut anatomy from the end slices). Returns the voxels and the LPS
+    position of the grid's voxel (0, 0, 0).
     """
     # Imported here: the DICOM index imports this module in every Spark worker and never shears.
     from scipy import ndimage
 
-    out = np.empty_like(hu)
+    d = positions - first
+    along_col = d @ sg.col_cosine / ps_row_mm    # drift down the rows (y of the image), in rows
+    along_row = d @ sg.row_cosine / ps_col_mm    # drift along the columns (x of the image), in columns
+    # Rows/columns added before (where the drift is negative) and after (where it is positive).
+    before = (int(np.ceil(max(0.0, -along_col.min()) - 1e-6)), int(np.ceil(max(0.0, -along_row.min()) - 1e-6)))
+    after = (int(np.ceil(max(0.0, along_col.max()) - 1e-6)), int(np.ceil(max(0.0, along_row.max()) - 1e-6)))
+    rows, cols = hu.shape[1] + before[0] + after[0], hu.shape[2] + before[1] + after[1]
+    out = np.empty((hu.shape[0], rows, cols), dtype=np.float32)
+    canvas = np.full((rows, cols), HU_AIR_FILL, dtype=np.float32)
     for k in range(hu.shape[0]):
-        d = positions[k] - first
-        along_col_mm = float(d @ sg.col_cosine)   # drift down the rows (y of the image)
-        along_row_mm = float(d @ sg.row_cosine)   # drift along the columns (x of the image)
-        # ndimage.shift: out[j] = in[j - shift]; our voxel j sits at source row j - drift/spacing.
-        ndimage.shift(hu[k], (along_col_mm / ps_row_mm, along_row_mm / ps_col_mm), output=out[k],
-                      order=1, mode="constant", cval=HU_AIR_FILL)
-    return out
+        canvas[before[0]:before[0] + hu.shape[1], before[1]:before[1] + hu.shape[2]] = hu[k]
+        # ndimage.shift: out[j] = in[j - shift]; grid row j sits at canvas row j - drift.
+        ndimage.shift(canvas, (along_col[k], along_row[k]), output=out[k], order=1, mode="constant",
+                      cval=HU_AIR_FILL)
+    origin = first - before[0] * ps_row_mm * sg.col_cosine - before[1] * ps_col_mm * sg.row_cosine
+    return out, origin
 
 
 def resample_slices_regular(hu: np.ndarray, positions_mm: np.ndarray, spacing_mm: float) -> np.ndarray:

@@ -63,7 +63,7 @@ I_UNSUPPORTED_ATTACHMENT = "unsupported_attachment"
 class Event(NamedTuple):
     """One row of LAKE/emr/events, minus the record-level columns (patient_key, source, source_ref)."""
 
-    event_time_us: int          # microseconds since the epoch, UTC
+    event_time_us: int          # microseconds since the epoch, UTC (clinical time)
     kind: str
     code_system: str | None
     code: str | None
@@ -71,6 +71,8 @@ class Event(NamedTuple):
     unit: str | None
     assertion: str
     code_groups: list[str]
+    known_time_us: int | None = None   # when the record became known; None: the clinical time
+    concept_id: int | None = None      # OMOP standard concept id
 
 
 @dataclass
@@ -175,6 +177,30 @@ def parse_datetime_us(value: object) -> int:
     return (d - _EPOCH) // _ONE_US
 
 
+def parse_known_time_us(value: object) -> int:
+    """When a FHIR/OMOP date(time) became known: the END of its period, µs since the epoch, UTC.
+
+    ``2019`` → 2019-12-31T23:59:59.999999Z, ``2019-03`` → the last instant of
+    March 2019, a date → the last instant of that day; a full dateTime is
+    itself. A record dated only "2019" may have been written in December: on an
+    as-of day inside 2019 it is not yet known. Raise ValueError like
+    :func:`parse_datetime_us`.
+    """
+    start = parse_datetime_us(value)
+    s = str(value).strip()
+    n = len(s)
+    d = _EPOCH + dt.timedelta(microseconds=start)
+    if n == 4:
+        end = d.replace(year=d.year + 1)
+    elif n == 7:
+        end = d.replace(year=d.year + 1, month=1) if d.month == 12 else d.replace(month=d.month + 1)
+    elif n in (8, 10):
+        end = d + dt.timedelta(days=1)
+    else:
+        return start
+    return (end - _EPOCH) // _ONE_US - 1
+
+
 def parse_date(value: object) -> dt.date:
     """A date (or the date part of a datetime) as a ``datetime.date``; ValueError otherwise."""
     us = parse_datetime_us(value)
@@ -182,10 +208,12 @@ def parse_date(value: object) -> dt.date:
 
 
 def dx_event(ctx: ParseContext, time_us: int, kind: str, system: str, code: str,
-             assertion: str = "affirmed") -> Event:
-    """A diagnosis event; ICD-10-CM codes get their code groups."""
-    groups = ctx.groups.groups_for(code) if system == "icd10cm" else []
-    return Event(time_us, kind, system, code, None, None, assertion, groups)
+             assertion: str = "affirmed", known_time_us: int | None = None,
+             concept_id: int | None = None, groups: list[str] | None = None) -> Event:
+    """A diagnosis event with its code groups (``ctx.groups.groups_for(system, code)`` unless given)."""
+    if groups is None:
+        groups = ctx.groups.groups_for(system, code)
+    return Event(time_us, kind, system, code, None, None, assertion, groups, known_time_us, concept_id)
 
 
 # --- Arrow form of a batch of records (what the Spark job moves between Python and the JVM) ---
@@ -199,6 +227,8 @@ EVENT_STRUCT = pa.struct([
     ("unit", pa.string()),
     ("assertion", pa.string()),
     ("code_groups", pa.list_(pa.string())),
+    ("known_time", UTC_TS),
+    ("concept_id", pa.int64()),
 ])
 
 RECORDS = pa.schema([
@@ -225,7 +255,7 @@ def records_to_arrow(records: list[ParsedRecord], ords: list[int]) -> pa.RecordB
     # Built column by column (flat event columns + list offsets): building nested Python
     # dicts for pyarrow costs more than the parsing itself.
     offsets = [0]
-    ev_cols: list[list[Any]] = [[] for _ in range(8)]
+    ev_cols: list[list[Any]] = [[] for _ in range(10)]
     groups_offsets = [0]
     groups_flat: list[str] = []
     n = 0
@@ -237,14 +267,15 @@ def records_to_arrow(records: list[ParsedRecord], ords: list[int]) -> pa.RecordB
             groups_offsets.append(len(groups_flat))
             n += 1
         offsets.append(n)
-    t_us, kind, system, code, value, unit, assertion, _ = ev_cols
+    t_us, kind, system, code, value, unit, assertion, _, known_us, concept = ev_cols
     groups = pa.ListArray.from_arrays(pa.array(groups_offsets, pa.int32()),
                                       pa.array(groups_flat, pa.string()))
     structs = pa.StructArray.from_arrays(
         [pa.array(t_us, pa.int64()).cast(UTC_TS), pa.array(kind, pa.string()),
          pa.array(system, pa.string()), pa.array(code, pa.string()),
          pa.array(value, pa.float64()), pa.array(unit, pa.string()),
-         pa.array(assertion, pa.string()), groups],
+         pa.array(assertion, pa.string()), groups,
+         pa.array(known_us, pa.int64()).cast(UTC_TS), pa.array(concept, pa.int64())],
         fields=list(EVENT_STRUCT))
     events = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
                                       type=pa.list_(EVENT_STRUCT))

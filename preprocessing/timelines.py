@@ -4,11 +4,15 @@ These pure functions define the features; the Spark job (jobs/emr_features)
 computes the same thing with DataFrame expressions and the tests and the
 benchmark's pandas baseline check the two agree row for row.
 
-Time rules (all UTC; ``as_of`` is a calendar date):
+Time rules (all UTC; ``as_of`` is a calendar date). Every event has a
+clinical time (``event_time``) and a known time (``known_time``: when the
+record said it; the clinical time where the source has nothing better). An
+event is *available* on D when both are before ``D + 1 day 00:00``: a
+condition recorded in 2018 with an onset in 2005 is not known in 2010.
 
-* The timeline for ``as_of`` = D holds events with
-  ``D - lookback_days 00:00 <= event_time < D + 1 day 00:00`` — everything up
-  to the end of the as-of day, nothing after it.
+* The timeline for ``as_of`` = D holds available events with
+  ``D - lookback_days 00:00 <= event_time`` — everything known by the end of
+  the as-of day, nothing after it.
 * Events are ordered oldest → newest by (event_time, token id) so ties are
   deterministic; only the most recent ``max_tokens`` are kept.
 * ``days_before`` = D − the UTC calendar date of the event (0 … lookback_days).
@@ -17,13 +21,16 @@ Time rules (all UTC; ``as_of`` is a calendar date):
   ``length`` 0: the screening population is the patient table, and a model can
   still score age and sex.
 
-Prevalence, per group (t2d = E11.*, ckd = N18.*, hf = I50.*; ICD-10-CM
-diagnoses, kind ``dx`` or ``dx_text``; :func:`prevalence`, columns
-``prevalent_<head>``, always computed, never null):
+Prevalence, per head (:data:`LABEL_GROUPS`: t2d → group ``t2d``, ckd →
+``ckd``, hf → ``heart_failure`` of conf/code_groups.yaml, whatever the
+vocabulary: a diagnosis is in a group when its ``code_groups`` says so, as
+``preprocessing.code_groups.groups_for`` decided at ingest; kind ``dx`` or
+``dx_text``; :func:`prevalence`, columns ``prevalent_<head>``, always
+computed, never null):
 
 * True when an affirmed or history diagnosis of the group (or a coded one with
-  no assertion) was recorded at any time up to the end of the as-of day —
-  negated, family and uncertain mentions do not count. The lookback window
+  no assertion) was available at any time up to the end of the as-of day —
+  negated, family, possible and hypothetical ones do not count. The lookback window
   does *not* apply: a diagnosis of a chronic disease six years ago is still a
   diagnosis, and the window only bounds what the model sees. Nothing after the
   as-of day counts, so the flag is point-in-time like the timeline.
@@ -33,8 +40,12 @@ diagnoses, kind ``dx`` or ``dx_text``; :func:`prevalence`, columns
 Label rules, per group (same groups):
 
 * NULL if *prevalent* (above). A prevalent case is not an incident one.
-* 1 if an affirmed (or assertion-less coded) diagnosis of the group falls in
-  (D, D + horizon_days] — i.e. ``D + 1 day 00:00 <= t < D + horizon_days + 1 day 00:00``.
+* 1 if an affirmed (or assertion-less coded, or a coded ``dx`` with history
+  status: a resolved chronic disease was diagnosed all the same) diagnosis of
+  the group became available in (D, D + horizon_days] — i.e.
+  ``D + 1 day 00:00 <= max(event_time, known_time) < D + horizon_days + 1 day 00:00``:
+  not known on D, known by the end of the horizon. A note's "history of"
+  mention says the onset was earlier and is no incident case.
 * 0 if not, provided the patient was still observed at the end of the horizon:
   any event at or after ``D + horizon_days 00:00``.
 * NULL otherwise (lost to follow-up: we cannot tell a negative from a gap).
@@ -69,7 +80,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from preprocessing.vocabulary import DX_KINDS, TOKEN_ASSERTIONS, normalise_icd_code
+from preprocessing.vocabulary import DX_KINDS, TOKEN_ASSERTIONS
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -81,8 +92,8 @@ _EPOCH = dt.date(1970, 1, 1)
 DAYS_PER_YEAR = 365.25
 _NAT = np.iinfo(np.int64).min  # a missing event_time (NaT) as int64 µs
 
-# Label heads → ICD-10-CM code prefixes (normalised: no dot, upper case).
-LABEL_GROUPS: dict[str, tuple[str, ...]] = {"t2d": ("E11",), "ckd": ("N18",), "hf": ("I50",)}
+# Label heads → the code groups (conf/code_groups.yaml) that define them.
+LABEL_GROUPS: dict[str, tuple[str, ...]] = {"t2d": ("t2d",), "ckd": ("ckd",), "hf": ("heart_failure",)}
 SEXES = ("F", "M", "U")
 
 
@@ -162,11 +173,13 @@ def censor_date(death_date: dt.date | None, periods: Sequence[Period], as_of: dt
 
 def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequence[int] | np.ndarray,
                    birth_date: dt.date, sex: str | None, as_of: dt.date, lookback_days: int,
-                   max_tokens: int) -> Timeline:
+                   max_tokens: int, known_time_us: Sequence[int] | np.ndarray | None = None) -> Timeline:
     """One patient's timeline as of ``as_of`` (see the module docstring for the rules).
 
     ``token_ids`` are vocabulary ids, negative for events that yield no token
-    (:data:`preprocessing.vocabulary.DROPPED`); they are left out.
+    (:data:`preprocessing.vocabulary.DROPPED`); they are left out. An event
+    whose ``known_time_us`` (default: its clinical time) is after the as-of
+    day is left out too.
     """
     if max_tokens < 1 or lookback_days < 0:
         raise ValueError(f"max_tokens must be ≥ 1 and lookback_days ≥ 0 (got {max_tokens}, {lookback_days})")
@@ -174,8 +187,11 @@ def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequenc
     tok = np.asarray(token_ids, dtype=np.int64)
     if t.shape != tok.shape:
         raise ValueError(f"event_time_us ({t.shape}) and token_ids ({tok.shape}) differ in length")
+    known = t if known_time_us is None else to_epoch_us(known_time_us)
+    if known.shape != t.shape:
+        raise ValueError(f"known_time_us ({known.shape}) and event_time_us ({t.shape}) differ in length")
     start, end = window_us(as_of, lookback_days)
-    keep = (t >= start) & (t < end) & (tok >= 0)
+    keep = (t >= start) & (t < end) & (known < end) & (tok >= 0)
     t, tok = t[keep], tok[keep]
     order = np.lexsort((tok, t))[-max_tokens:]
     t, tok = t[order], tok[order]
@@ -184,38 +200,53 @@ def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequenc
                     age_years=age_years(birth_date, as_of), sex=normalise_sex(sex))
 
 
-def _in_group(kind: str | None, system: str | None, code: str | None, prefixes: tuple[str, ...]) -> bool:
-    return kind in DX_KINDS and system == "icd10cm" and normalise_icd_code(code).startswith(prefixes)
+def _available_us(t: np.ndarray, known: np.ndarray | None) -> np.ndarray:
+    """When each event was available: the later of its clinical and known times (NaT stays NaT)."""
+    if known is None:
+        return t
+    k = np.where(known == _NAT, t, known)
+    return np.where(t == _NAT, _NAT, np.maximum(t, k))
 
 
-def _diagnosed_by(t_us: int, kind: str | None, system: str | None, code: str | None, assertion: str | None,
-                  end_us: int, prefixes: tuple[str, ...]) -> bool:
-    """The event is a diagnosis of the group recorded before ``end_us``: affirmed, history or
+def _in_group(kind: str | None, groups: Sequence[str] | None, names: tuple[str, ...]) -> bool:
+    return kind in DX_KINDS and bool(groups) and any(g in names for g in groups or ())
+
+
+def _diagnosed_by(avail_us: int, kind: str | None, groups: Sequence[str] | None, assertion: str | None,
+                  end_us: int, names: tuple[str, ...]) -> bool:
+    """The event is a diagnosis of the group available before ``end_us``: affirmed, history or
     assertion-less. The one definition of "already diagnosed" (labels and prevalence flags)."""
-    return (t_us != _NAT and t_us < end_us and (assertion is None or assertion in TOKEN_ASSERTIONS)
-            and _in_group(kind, system, code, prefixes))
+    return (avail_us != _NAT and avail_us < end_us and (assertion is None or assertion in TOKEN_ASSERTIONS)
+            and _in_group(kind, groups, names))
+
+
+def _incident_assertion(kind: str | None, assertion: str | None) -> bool:
+    """Assertions that make a diagnosis in the horizon a positive label (module docstring)."""
+    return assertion is None or assertion == "affirmed" or (kind == "dx" and assertion == "history")
 
 
 def prevalence(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
-               systems: Sequence[str | None], codes: Sequence[str | None],
-               assertions: Sequence[str | None], as_of: dt.date,
-               groups: dict[str, tuple[str, ...]] | None = None) -> dict[str, bool]:
+               code_groups: Sequence[Sequence[str] | None], assertions: Sequence[str | None],
+               as_of: dt.date, groups: dict[str, tuple[str, ...]] | None = None,
+               known_time_us: Sequence[int] | np.ndarray | None = None) -> dict[str, bool]:
     """``{head: already diagnosed}`` at the end of the as-of day (see the module docstring).
 
-    Any time up to the end of the as-of day counts, not only the feature window.
+    ``code_groups`` are the events' groups (the events table's column). Any time
+    up to the end of the as-of day counts, not only the feature window; an event
+    known (``known_time_us``) only after the as-of day does not.
     """
     groups = LABEL_GROUPS if groups is None else groups
-    t = to_epoch_us(event_time_us)
+    t = _available_us(to_epoch_us(event_time_us), None if known_time_us is None else to_epoch_us(known_time_us))
     end = (epoch_day(as_of) + 1) * US_PER_DAY
-    events = list(zip(t, kinds, systems, codes, assertions))
-    return {head: any(_diagnosed_by(ti, k, s, c, a, end, prefixes) for ti, k, s, c, a in events)
-            for head, prefixes in groups.items()}
+    events = list(zip(t, kinds, code_groups, assertions))
+    return {head: any(_diagnosed_by(ti, k, g, a, end, names) for ti, k, g, a in events)
+            for head, names in groups.items()}
 
 
 def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
-                   systems: Sequence[str | None], codes: Sequence[str | None],
-                   assertions: Sequence[str | None], as_of: dt.date, horizon_days: int,
-                   groups: dict[str, tuple[str, ...]] | None = None,
+                   code_groups: Sequence[Sequence[str] | None], assertions: Sequence[str | None],
+                   as_of: dt.date, horizon_days: int, groups: dict[str, tuple[str, ...]] | None = None,
+                   known_time_us: Sequence[int] | np.ndarray | None = None,
                    censor: dt.date | None = None) -> dict[str, int | None]:
     """``{head: 1 | 0 | None}`` for each label group (see the module docstring for the rules).
 
@@ -223,16 +254,19 @@ def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[st
     """
     groups = LABEL_GROUPS if groups is None else groups
     t = to_epoch_us(event_time_us)
+    known = None if known_time_us is None else to_epoch_us(known_time_us)
+    avail = _available_us(t, known)
     end = (epoch_day(as_of) + 1) * US_PER_DAY
     horizon_end = end + horizon_days * US_PER_DAY
     censor_end = None if censor is None else (epoch_day(censor) + 1) * US_PER_DAY
     positive_end = horizon_end if censor_end is None else min(horizon_end, censor_end)
     followed = bool(np.any(t >= horizon_end - US_PER_DAY)) and (censor_end is None or censor_end >= horizon_end)
-    prevalent = prevalence(t, kinds, systems, codes, assertions, as_of, groups)
+    prevalent = prevalence(t, kinds, code_groups, assertions, as_of, groups, known)
     labels: dict[str, int | None] = {}
-    for head, prefixes in groups.items():
-        positive = any(end <= ti < positive_end and (a is None or a == "affirmed") and _in_group(k, s, c, prefixes)
-                       for ti, k, s, c, a in zip(t, kinds, systems, codes, assertions))
+    for head, names in groups.items():
+        positive = any(ai != _NAT and end <= ai < positive_end and _incident_assertion(k, a)
+                       and _in_group(k, g, names)
+                       for ai, k, g, a in zip(avail, kinds, code_groups, assertions))
         labels[head] = None if prevalent[head] else 1 if positive else 0 if followed else None
     return labels
 
@@ -256,11 +290,17 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
     from preprocessing.vocabulary import default_vocabulary
 
     vocab = vocab or default_vocabulary()
-    ev = {c: events.column(c).to_pylist() for c in ("kind", "code_system", "code", "value", "unit", "assertion")}
-    tokens = np.fromiter((vocab.encode(k, s, c, v, a, u) for k, s, c, v, u, a in
-                          zip(ev["kind"], ev["code_system"], ev["code"], ev["value"], ev["unit"], ev["assertion"])),
+    ev = {c: events.column(c).to_pylist()
+          for c in ("kind", "code_system", "code", "value", "unit", "assertion", "code_groups")}
+    tokens = np.fromiter((vocab.encode(k, s, c, v, a, u, g) for k, s, c, v, u, a, g in
+                          zip(ev["kind"], ev["code_system"], ev["code"], ev["value"], ev["unit"], ev["assertion"],
+                              ev["code_groups"])),
                          dtype=np.int64, count=events.num_rows)
     times = events.column("event_time").cast(pa.int64()).fill_null(_NAT).to_numpy()
+    # A missing known time is the clinical time (the events contract's default).
+    known = (events.column("known_time").cast(pa.int64()).fill_null(_NAT).to_numpy()
+             if "known_time" in events.column_names else times.copy())
+    known = np.where(known == _NAT, times, known)
     keys = events.column("patient_key").combine_chunks().dictionary_encode()
     key_index = keys.indices.fill_null(-1).to_numpy(zero_copy_only=False)
     order = np.argsort(key_index, kind="stable")
@@ -285,16 +325,16 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
         if population_status(deaths[k], spans.get(k, []), as_of) is not None:
             continue
         idx = order[bounds[slot[k]]:bounds[slot[k] + 1]] if k in slot else np.empty(0, dtype=np.int64)
-        tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens)
+        tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens, known[idx])
         row = {"patient_key": k, "as_of": as_of, "length": tl.length, "tokens": tl.tokens,
                "days_before": tl.days_before, "age_years": tl.age_years, "sex": tl.sex}
         sel = idx.tolist()
-        dx = (times[idx], [ev["kind"][i] for i in sel], [ev["code_system"][i] for i in sel],
-              [ev["code"][i] for i in sel], [ev["assertion"][i] for i in sel], as_of)
-        prevalent = prevalence(*dx)
+        dx = (times[idx], [ev["kind"][i] for i in sel], [ev["code_groups"][i] for i in sel],
+              [ev["assertion"][i] for i in sel], as_of)
+        prevalent = prevalence(*dx, known_time_us=known[idx])
         row.update({col: prevalent[head] for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)})
         if horizon_days is not None:
-            labels = compute_labels(*dx, horizon_days,
+            labels = compute_labels(*dx, horizon_days, known_time_us=known[idx],
                                     censor=censor_date(deaths[k], spans.get(k, []), as_of))
             row.update({col: labels[head] for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS)})
         rows.append(row)

@@ -12,8 +12,15 @@ Ids:
 * 0 ``[PAD]``, 1 ``[OOV]``, 2 ``[CLS]`` (reserved for models that prepend a
   summary/age-sex position; timelines never emit it).
 * ``encounter`` — any encounter event, whatever its code.
-* ``icd9:bucket`` — any ICD-9-CM diagnosis (one bucket: legacy codes are
-  kept as "a diagnosis happened" without mapping them to ICD-10-CM).
+* ``icd9:bucket`` — an ICD-9-CM diagnosis in none of the groups below (one
+  bucket: "a diagnosis happened").
+* ``dx:<group>`` for each group of :data:`DX_GROUP_TOKENS` — a diagnosis coded
+  in SNOMED CT, an OMOP concept, ICD-9-CM or note words (anything but
+  ICD-10-CM) that belongs to that code group (the event's ``code_groups``,
+  set at ingest by ``preprocessing.code_groups.groups_for``). A model blind to
+  SNOMED-coded diagnoses would see nothing of a Synthea patient's diabetes.
+  When a diagnosis is in several groups the first in :data:`DX_GROUP_TOKENS`
+  (most specific first) names the token.
 * ``icd10:<category>`` for every 3-character ICD-10-CM category, sorted.
 * ``loinc:<code>:<bin>`` for each LOINC code in :data:`LOINC_RULES` and each
   clinically meaningful bin, plus ``loinc:<code>:unknown`` (no value, NaN, a
@@ -25,11 +32,13 @@ Diagnosis assertions (dx coded, dx_text found in note text):
   coded data) → the category token.
 * ``history`` → the *same* category token: "history of diabetes" in a note is
   evidence the patient has had the condition, as a coded dx would be.
-* ``negated`` and ``family`` → dropped (:data:`DROPPED`): neither says the
-  patient has the condition. Any other assertion value is dropped too.
+* ``negated``, ``family``, ``possible`` (unconfirmed, provisional or
+  differential) and ``hypothetical`` → dropped (:data:`DROPPED`): none says
+  the patient has the condition. Any other assertion value is dropped too.
 
-Everything else (SNOMED diagnoses, observations without a rule, unknown kinds,
-ICD-10-CM codes that are not in the release) maps to ``[OOV]``.
+Everything else (diagnoses in no group and not ICD-coded, observations
+without a rule, unknown kinds, ICD-10-CM codes that are not in the release)
+maps to ``[OOV]``.
 
 The Spark job mirrors :meth:`Vocabulary.token_for` with column expressions
 built from the same tables; tests check the two agree row for row.
@@ -56,7 +65,11 @@ SPECIAL_TOKENS = (PAD, OOV, CLS, ENCOUNTER, ICD9_BUCKET)
 DROPPED = -1
 
 # Bump when the token rules below change meaning (the sha256 changes anyway).
-RULES_VERSION = "emr-vocab-1"
+RULES_VERSION = "emr-vocab-2"  # 2: dx:<group> tokens for grouped non-ICD-10-CM diagnoses
+
+# Code groups that give non-ICD-10-CM diagnoses a token, most specific first.
+DX_GROUP_TOKENS = ("t2d", "diabetes", "ckd", "heart_failure", "hypertension", "cad", "atrial_fibrillation",
+                   "stroke", "copd", "hyperlipidaemia", "obesity")
 
 # Assertions that put a diagnosis token on the timeline (None: coded data).
 TOKEN_ASSERTIONS = ("affirmed", "history")
@@ -169,8 +182,18 @@ def loinc_bin(rule: LoincRule, value: float | None, unit: str | None) -> str:
     return rule.bins[-1]
 
 
+def group_token(groups: list[str] | tuple[str, ...] | None) -> str | None:
+    """``dx:<group>`` of the first of :data:`DX_GROUP_TOKENS` in ``groups``; None if none is."""
+    if groups:
+        for g in DX_GROUP_TOKENS:
+            if g in groups:
+                return "dx:" + g
+    return None
+
+
 def token_for(kind: str | None, system: str | None, code: str | None, value: float | None,
-              assertion: str | None, unit: str | None = None) -> str | None:
+              assertion: str | None, unit: str | None = None,
+              groups: list[str] | tuple[str, ...] | None = None) -> str | None:
     """The token string for one event, ``None`` when the event yields no token.
 
     Strings not in the vocabulary (an unknown ICD-10-CM category) are encoded
@@ -183,6 +206,9 @@ def token_for(kind: str | None, system: str | None, code: str | None, value: flo
             return None
         if system == "icd10cm":
             return "icd10:" + normalise_icd_code(code)[:3]
+        by_group = group_token(groups)
+        if by_group is not None:
+            return by_group
         if system == "icd9cm":
             return ICD9_BUCKET
         return OOV
@@ -224,9 +250,10 @@ class Vocabulary:
         return self._ids.get(token, OOV_ID)  # type: ignore[attr-defined]
 
     def encode(self, kind: str | None, system: str | None, code: str | None, value: float | None,
-               assertion: str | None, unit: str | None = None) -> int:
+               assertion: str | None, unit: str | None = None,
+               groups: list[str] | tuple[str, ...] | None = None) -> int:
         """The token id of one event; :data:`DROPPED` (-1) when the event yields no token."""
-        token = token_for(kind, system, code, value, assertion, unit)
+        token = token_for(kind, system, code, value, assertion, unit, groups)
         return DROPPED if token is None else self.id_of(token)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,5 +298,7 @@ def default_vocabulary() -> Vocabulary:
     tokens += [f"icd10:{c}" for c in icd10cm_categories()]
     for rule in LOINC_RULES:
         tokens += rule.tokens()
+    # Appended last (rules version 2): the ids of every earlier token stay what they were.
+    tokens += [f"dx:{g}" for g in DX_GROUP_TOKENS]
     return Vocabulary(tuple(tokens), f"{RULES_VERSION}+icd10cm-{icd_release}",
                       tuple(r.to_dict() for r in LOINC_RULES))

@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
                          "loss_per_epoch": [round(x, 4) for x in history], "train_seconds": round(train_s),
                          "trained_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
                torch_state=state_path)
+    # The fused contrib-op graphs GPU engines are built from, from these same weights.
+    from models.emr_risk.export_fused import export_and_record
+
+    export_and_record(args.card, REPO_ROOT)
     print(json.dumps({"onnx": str(args.onnx), "card": str(args.card), "holdout": metrics}, indent=2))
     return 0
 

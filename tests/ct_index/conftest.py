@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ct_index_cases import SESSION_KEY, index_settings
+from ct_index_cases import index_folder
 
 
 @pytest.fixture(scope="session")
@@ -28,11 +28,4 @@ def truth(synth_dir: Path) -> dict[str, Any]:
 @pytest.fixture(scope="session")
 def indexed(spark, synth_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The synthetic studies indexed once on the shared local Spark session."""
-    from jobs import dicom_index
-
-    lake = tmp_path_factory.mktemp("ct_lake")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", SESSION_KEY)
-        settings = index_settings(lake)
-        summary = dicom_index.run(settings, synth_dir, spark=spark)
-    return {"lake": lake, "settings": settings, "summary": summary}
+    return index_folder(spark, synth_dir, tmp_path_factory.mktemp("ct_lake"))

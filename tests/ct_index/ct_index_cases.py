@@ -46,6 +46,19 @@ def write_case(folder: Path, seed: int = 0, nodules: list[dict[str, Any]] | None
     return rec
 
 
+def index_folder(spark: Any, folder: Path, lake: Path) -> dict[str, Any]:
+    """Index ``folder`` into ``lake`` with the real DICOM index job on the shared Spark session."""
+    import pytest
+
+    from jobs import dicom_index
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", SESSION_KEY)
+        settings = index_settings(lake)
+        summary = dicom_index.run(settings, folder, spark=spark)
+    return {"lake": lake, "settings": settings, "summary": summary}
+
+
 def index_settings(lake: Path, **extra: Any):
     from conf.settings import load_settings
 

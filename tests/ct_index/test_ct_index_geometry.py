@@ -86,9 +86,10 @@ def test_hu_from_rescale_and_rle_lossless_roundtrip(tmp_path: Path) -> None:
 def test_missing_slice_and_inconsistent_series_raise_reasons(tmp_path: Path) -> None:
     rec = write_case(tmp_path / "gap", seed=6, rows=32)
     by_z = sorted(rec["paths"], key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    # Two adjacent slices of a 2.5 mm run missing: a 7.5 mm hole, beyond the 5 mm tolerance.
     with pytest.raises(SeriesError) as err:
-        load_volume(by_z[:10] + by_z[11:])
-    assert err.value.reason == "missing_slices"
+        load_volume(by_z[:10] + by_z[12:])
+    assert err.value.reason == "missing_slices" and "7.5 mm" in str(err.value)
     ds = pydicom.dcmread(by_z[3])
     ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
     ds.save_as(by_z[3])

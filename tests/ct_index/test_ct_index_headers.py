@@ -57,7 +57,12 @@ def test_missing_slice_not_ct_and_orientation_verdicts(tmp_path: Path) -> None:
     assert v["verdict"] == "eligible"
     # Paths come out ordered along the slice normal (foot to head here).
     assert v["paths"] == [h["path"] for h in hs]
-    assert judge_series(hs[:7] + hs[8:], 4, "correct")["verdict"] == "missing_slices"
+    # One slice missing from a 2.5 mm run leaves a 5 mm gap: within tolerance, interpolated.
+    one = judge_series(hs[:7] + hs[8:], 4, "correct")
+    assert one["verdict"] == "eligible" and one["spacing_max_mm"] == pytest.approx(5.0, abs=1e-3)
+    # Two adjacent slices missing leave 7.5 mm: beyond it, quarantined with the gap in the detail.
+    two = judge_series(hs[:7] + hs[9:], 4, "correct")
+    assert two["verdict"] == "missing_slices" and "7.5 mm" in two["detail"], two["detail"]
     assert judge_series([dict(h, modality="MR") for h in hs], 4, "correct")["verdict"] == "not_ct"
     twisted = [dict(h) for h in hs]
     twisted[5]["orientation"] = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +16,8 @@ from preprocessing.dicom_series import load_volume
 from preprocessing.nifti import ras_affine, write_nifti
 from preprocessing.resample import resample_to_spacing
 
+from ct_geometry_cases import dcm2niix_exe
 from ct_index_cases import SESSION_KEY, write_case
-
-
-def _dcm2niix() -> str:
-    exe = shutil.which("dcm2niix") or str(Path(sys.executable).with_name("dcm2niix"))
-    assert Path(exe).exists(), "dcm2niix (PyPI package dcm2niix) must be installed in the venv"
-    return exe
 
 
 def _reference(files: list[Path], work: Path) -> nib.Nifti1Image:
@@ -31,7 +25,7 @@ def _reference(files: list[Path], work: Path) -> nib.Nifti1Image:
     src.mkdir(parents=True)
     for f in files:
         shutil.copy(f, src / f.name)
-    subprocess.run([_dcm2niix(), "-z", "n", "-f", "ref", "-o", str(work), str(src)],
+    subprocess.run([dcm2niix_exe(), "-z", "n", "-f", "ref", "-o", str(work), str(src)],
                    check=True, capture_output=True, timeout=120)
     return nib.load(str(next(work.glob("ref*.nii"))))
 

@@ -27,9 +27,9 @@ def _params(**over):
 
 
 def _event(key: str, when: dt.datetime, groups: list[str], assertion: str = "affirmed",
-           kind: str = "dx") -> dict:
-    return {"patient_key": key, "event_time": when, "kind": kind, "code_system": "icd10cm",
-            "code": "E11.9", "value": None, "unit": None, "assertion": assertion,
+           kind: str = "dx", known: dt.datetime | None = None) -> dict:
+    return {"patient_key": key, "event_time": when, "known_time": known or when, "kind": kind,
+            "code_system": "icd10cm", "code": "E11.9", "value": None, "unit": None, "assertion": assertion,
             "code_groups": groups, "source": "fhir", "source_ref": "r"}
 
 
@@ -47,13 +47,20 @@ def lake(tmp_path: Path) -> Path:
         _event("d" * 32, t(2020, 1, 1), ["t2d"], assertion="negated"),  # never affirmed
         _event("e" * 32, t(2020, 1, 1), ["t2d"], kind="dx_text"),      # in, but too young
         _event("a" * 32, t(2024, 2, 1, 23), ["hypertension"]),
+        # f: a SNOMED-coded T2D resolved long ago (history) counts; g: T2D with an onset in 2019
+        # only recorded in March 2024 is not known on Feb 1; h: a provisional T2D never counts.
+        {**_event("f" * 32, t(2019, 6, 1), ["diabetes", "t2d"], assertion="history"),
+         "code_system": "snomed", "code": "44054006"},
+        _event("g" * 32, t(2019, 6, 1), ["t2d"], known=t(2024, 3, 2)),
+        _event("h" * 32, t(2019, 6, 1), ["t2d"], assertion="possible"),
     ]
     with atomic_partition(lp.events) as staging:
         pq.write_table(pa.Table.from_pylist(events, schema=schemas.EVENTS), staging / "part-0.parquet")
     patients = [{"patient_key": k * 32, "birth_date": b, "sex": s, "source": "fhir"}
                 for k, b, s in (("a", dt.date(1960, 1, 1), "F"), ("b", dt.date(1950, 6, 1), "M"),
                                 ("c", dt.date(1970, 1, 1), "F"), ("d", dt.date(1960, 1, 1), "M"),
-                                ("e", dt.date(1990, 1, 1), "U"))]
+                                ("e", dt.date(1990, 1, 1), "U"), ("f", dt.date(1955, 1, 1), "F"),
+                                ("g", dt.date(1955, 1, 1), "M"), ("h", dt.date(1955, 1, 1), "F"))]
     with atomic_partition(lp.patients) as staging:
         pq.write_table(pa.Table.from_pylist(patients, schema=schemas.PATIENTS), staging / "part-0.parquet")
     return root
@@ -86,10 +93,11 @@ def test_code_group_names_come_from_conf() -> None:
 def test_selection_is_point_in_time(lake: Path) -> None:
     d = cohort.define_cohort(_params(), GROUPS)
     feb = cohort.select_members(lake, d, "2024-02-01").column("patient_key").to_pylist()
-    # b's diagnosis is in March; c's exclusion is after Feb 1; d negated; e aged 34.
-    assert feb == ["a" * 32, "c" * 32]
+    # b's diagnosis is in March; c's exclusion is after Feb 1; d negated; e aged 34; g's recorded
+    # only in March; h's only possible.
+    assert feb == ["a" * 32, "c" * 32, "f" * 32]
     mar = cohort.select_members(lake, d, "2024-03-31").column("patient_key").to_pylist()
-    assert mar == ["a" * 32, "b" * 32]
+    assert mar == ["a" * 32, "b" * 32, "f" * 32, "g" * 32]
     # An event late on the index day (23:00 UTC) counts for that day.
     htn = cohort.define_cohort(_params(include_groups=["hypertension"], exclude_groups=[]), GROUPS)
     assert cohort.select_members(lake, htn, "2024-02-01").num_rows == 1
@@ -108,12 +116,12 @@ def test_index_date_partition_joins_scores_and_stores_definition(lake: Path) -> 
     with atomic_partition(lp.scores("emr_risk", "2024-02-01"), {"run_id": "r1"}) as staging:
         pq.write_table(scores, staging / "part-0.parquet")
     counts = cohort.write_index_date(lake, d, "2024-02-01")
-    assert counts == {"index_date": "2024-02-01", "members": 2, "members_scored": 1}
+    assert counts == {"index_date": "2024-02-01", "members": 3, "members_scored": 1}  # a, c, f
     part = lp.cohort(d.name) / "index_date=2024-02-01"
     assert is_committed(part)
     members = pq.read_table(part / "members.parquet").to_pylist()
     assert [(m["patient_key"][0], m["score_t2d"]) for m in members] == [("a", pytest.approx(0.9)),
-                                                                       ("c", None)]
+                                                                       ("c", None), ("f", None)]
     assert json.loads((lp.cohort(d.name) / "definition.json").read_text())["include_groups"] == ["t2d"]
     # Same name, different definition: refused unless replace is asked for.
     other = cohort.define_cohort(_params(age_min_years=50), GROUPS)

@@ -86,6 +86,6 @@ def test_login_find_dags_and_open_trigger_form(airflow_ui, browser) -> None:
         "(() => { const d = [...document.querySelectorAll('[role=dialog]')]"
         ".find(x => x.innerText.includes('Trigger Dag') && x.innerText.includes('Cohort name'));"
         " return d ? d.innerText : ''; })()", what="the cohort trigger form")
-    for label in ("Include ICD groups", "Exclude ICD groups", "Minimum age (years)", "First index date",
+    for label in ("Include code groups", "Exclude code groups", "Minimum age (years)", "First index date",
                   "Step (days)"):
         assert label in form, f"{label!r} missing from the cohort form: {form!r}"

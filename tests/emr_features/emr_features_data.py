@@ -22,7 +22,11 @@ HORIZON_DAYS = 365
 
 DX_CODES = ["E11.9", "E11", "e11.65", " E11.65", "N18.3", "N18", "I50.9", "i50.21", "Z99", "I10", "ZZZ.9",
             "", None, "U07.1", "C7A.0"]
-ICD9_CODES = ["250.00", "428.0", "401.9"]
+ICD9_CODES = ["250.00", "428.0", "401.9", "585.3", "V70.0"]
+# Synthea's SNOMED CT codes (T2D, CKD 4, chronic CHF, viral pharyngitis: in no group) and OMOP
+# standard concept ids (T2D, heart failure, a concept in no group).
+SNOMED_CODES = ["44054006", "431857002", "88805009", "195662009"]
+OMOP_CODES = ["201826", "316139", "4112343"]
 LOINC = [("4548-4", [5.69, 5.7, 6.49, 6.5, 12.0, None, float("nan"), -1.0], ["%", None, " % ", "mmol/mol"]),
          ("2345-7", [69.9, 70.0, 99.0, 125.9, 126.0, 250.0, 5.5, 11.2], ["mg/dL", "mmol/L", " MG/DL", None, "g/L"]),
          ("39156-5", [17.0, 24.9, 25.0, 31.0, 45.0], ["kg/m2", None, "lb/in2"]),
@@ -47,8 +51,9 @@ def random_event(rng: random.Random, patient_key: str | None, when: dt.datetime 
     system, code, value, unit, assertion = None, None, None, None, "affirmed"
     if kind in ("dx", "dx_text"):
         r = rng.random()
-        system = "icd10cm" if r < 0.75 else "icd9cm" if r < 0.9 else "snomed"
-        code = rng.choice(DX_CODES if system == "icd10cm" else ICD9_CODES if system == "icd9cm" else ["44054006"])
+        system = "icd10cm" if r < 0.6 else "icd9cm" if r < 0.72 else "snomed" if r < 0.9 else "omop"
+        code = rng.choice({"icd10cm": DX_CODES, "icd9cm": ICD9_CODES, "snomed": SNOMED_CODES,
+                           "omop": OMOP_CODES}[system])
         assertion = rng.choice(ASSERTIONS)
     elif kind == "obs":
         code, values, units = rng.choice(LOINC)
@@ -56,9 +61,27 @@ def random_event(rng: random.Random, patient_key: str | None, when: dt.datetime 
         value, unit = rng.choice(values), rng.choice(units)
     elif kind == "encounter":
         system, code = "encounter-class", rng.choice(["AMB", "IMP", None])
-    return {"patient_key": patient_key, "event_time": when, "kind": kind, "code_system": system, "code": code,
-            "value": value, "unit": unit, "assertion": assertion, "code_groups": [], "source": "fhir",
+    # Late recording: some records become known long after their clinical time (a problem-list
+    # entry with an old onset), some only a few hours later; a few carry no known time at all.
+    known = when
+    r = rng.random()
+    if when is not None and r < 0.2:
+        known = when + dt.timedelta(seconds=rng.randrange(1, 3000 * 86400))
+    elif when is not None and r < 0.3:
+        known = when + dt.timedelta(seconds=rng.randrange(1, 86400))
+    elif r < 0.33:
+        known = None
+    return {"patient_key": patient_key, "event_time": when, "known_time": known, "kind": kind,
+            "code_system": system, "code": code, "value": value, "unit": unit, "assertion": assertion,
+            "code_groups": groups_of(kind, system, code), "concept_id": None, "source": "fhir",
             "source_ref": hashlib.sha256(str(rng.random()).encode()).hexdigest()[:32]}
+
+
+def groups_of(kind: str | None, system: str | None, code: str | None) -> list[str]:
+    """The groups ingest puts on a diagnosis (the one evaluator over the shipped concept sets)."""
+    from preprocessing.code_groups import groups_for
+
+    return groups_for(system, code) if kind in ("dx", "dx_text") else []
 
 
 def random_inputs(seed: int = 7, n_patients: int = 40) -> tuple[pa.Table, pa.Table, dict]:
@@ -117,22 +140,34 @@ def random_inputs(seed: int = 7, n_patients: int = 40) -> tuple[pa.Table, pa.Tab
             (end - dt.timedelta(days=20), "dx_text", "E11.9", "negated"),  # not prevalent: negated
             (end, "dx", "E11.9", "affirmed"),  # first second after the as-of day: incident
             (end + dt.timedelta(days=400), "encounter", None, "affirmed")]:
-        events.append({"patient_key": k, "event_time": when, "kind": kind, "code_system": "icd10cm", "code": code,
-                       "value": None, "unit": None, "assertion": assertion, "code_groups": [], "source": "fhir",
-                       "source_ref": None})
+        events.append({"patient_key": k, "event_time": when, "known_time": when, "kind": kind,
+                       "code_system": "icd10cm", "code": code, "value": None, "unit": None, "assertion": assertion,
+                       "code_groups": groups_of(kind, "icd10cm", code), "source": "fhir", "source_ref": None})
     # Prevalence stories: T2D coded six years before the as-of date (long before the lookback
     # window: still prevalent, and its timeline is empty); HF coded in the last microsecond of
     # the as-of day (prevalent); CKD only as a family mention (not prevalent).
-    for name, when, kind, code, assertion in [
-            ("long_ago", end - dt.timedelta(days=6 * 365), "dx", "E11.9", "affirmed"),
-            ("last_us", end - dt.timedelta(microseconds=1), "dx", "I50.9", None),
-            ("last_us", end - dt.timedelta(days=2), "dx_text", "N18.3", "family")]:
+    # SNOMED-coded stories (Synthea): T2D and CKD 4 recorded years ago (prevalent); T2D with an
+    # onset six years back but recorded only after the as-of day (not prevalent, and incident:
+    # it became known in the horizon); an OMOP heart-failure concept resolved (history) but
+    # first recorded in the horizon (incident).
+    for name, when, known, kind, system, code, assertion in [
+            ("long_ago", end - dt.timedelta(days=6 * 365), None, "dx", "icd10cm", "E11.9", "affirmed"),
+            ("last_us", end - dt.timedelta(microseconds=1), None, "dx", "icd10cm", "I50.9", None),
+            ("last_us", end - dt.timedelta(days=2), None, "dx_text", "icd10cm", "N18.3", "family"),
+            ("synthea", end - dt.timedelta(days=3000), end - dt.timedelta(days=2990), "dx", "snomed", "44054006",
+             "affirmed"),
+            ("synthea", end - dt.timedelta(days=900), end - dt.timedelta(days=900), "dx", "snomed", "431857002",
+             "history"),
+            ("late", end - dt.timedelta(days=6 * 365), end + dt.timedelta(days=10), "dx", "snomed", "44054006",
+             "affirmed"),
+            ("late", end + dt.timedelta(days=200), end + dt.timedelta(days=201), "dx", "omop", "316139", "history"),
+            ("late", end + dt.timedelta(days=400), None, "encounter", None, None, "affirmed")]:
         k = key(name)
         if not any(p["patient_key"] == k for p in patients):
             patients.append({"patient_key": k, "birth_date": dt.date(1950, 2, 2), "sex": "F", "source": "omop"})
-        events.append({"patient_key": k, "event_time": when, "kind": kind, "code_system": "icd10cm", "code": code,
-                       "value": None, "unit": None, "assertion": assertion, "code_groups": [], "source": "omop",
-                       "source_ref": None})
+        events.append({"patient_key": k, "event_time": when, "known_time": known or when, "kind": kind,
+                       "code_system": system, "code": code, "value": None, "unit": None, "assertion": assertion,
+                       "code_groups": groups_of(kind, system, code), "source": "omop", "source_ref": None})
     facts["no_time_events"] = sum(1 for e in events if e["event_time"] is None and e["patient_key"] is not None)
     return pa.Table.from_pylist(events, schema=EVENTS), pa.Table.from_pylist(patients, schema=PATIENTS), facts
 

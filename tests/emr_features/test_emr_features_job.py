@@ -55,6 +55,15 @@ def test_prevalence_flags_are_computed_by_spark_as_by_the_pure_rules(first_run, 
     last_us = by_key[key("last_us")]  # HF coded in the as-of day's last µs; CKD only a family mention
     assert (last_us["prevalent_hf"], last_us["prevalent_ckd"], last_us["prevalent_t2d"]) == (True, False, False)
     assert not by_key[key("incident")]["prevalent_t2d"]  # negated before, diagnosed after: incident
+    # Synthea-style SNOMED CT diagnoses count: T2D and CKD stage 4 (resolved: history) years ago.
+    synthea = by_key[key("synthea")]
+    assert (synthea["prevalent_t2d"], synthea["prevalent_ckd"], synthea["prevalent_hf"]) == (True, True, False)
+    assert synthea["label_t2d"] is None and synthea["label_ckd"] is None
+    # Onset six years back but recorded after the as-of day: not known on D, so not prevalent,
+    # and it became known in the horizon: incident. So did a (resolved) OMOP heart failure.
+    late = by_key[key("late")]
+    assert (late["prevalent_t2d"], late["label_t2d"], late["prevalent_hf"], late["label_hf"]) == (False, 1, False, 1)
+    assert late["length"] == 0  # nothing of it reached the timeline
     # The label's "already diagnosed" and the flag are one rule.
     for head in ("t2d", "ckd", "hf"):
         assert all(r[f"label_{head}"] is None for r in rows if r[f"prevalent_{head}"])
@@ -97,6 +106,14 @@ def test_ledgers_balance_and_account_for_every_record(first_run, emr_lake) -> No
     assert e["ignored"]["unknown_patient"] == facts["unknown_patient_events"]
     assert e["quarantined"]["no_patient_key"] == facts["null_key_events"]
     assert e["ignored"]["truncated_max_tokens"] > 0 and e["ignored"]["after_as_of"] > 0
+    # Clinical time on or before D but recorded after it: counted apart, never in a timeline.
+    end_us = (AS_OF.toordinal() - 719162 + 1) * 86_400_000_000
+    t_us = events.column("event_time").cast(pa.int64()).to_pylist()
+    k_us = events.column("known_time").cast(pa.int64()).to_pylist()
+    known_after = sum(1 for t, k, pk in zip(t_us, k_us, events.column("patient_key").to_pylist())
+                      if t is not None and t < end_us and k is not None and k >= end_us
+                      and pk in {r["patient_key"] for r in rows})
+    assert known_after > 0 and e["ignored"]["known_after_as_of"] == known_after
     assert e["balanced"] and p["balanced"]
     q = pq.read_table(next((Path(summary["run_dir"]) / "quarantine" / "emr_features").glob("*.parquet")))
     assert q.schema.names == QUARANTINE.names

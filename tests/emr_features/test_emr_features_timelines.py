@@ -72,12 +72,18 @@ def test_times_may_be_datetimes_or_datetime64() -> None:
         to_epoch_us([dt.datetime(2024, 6, 30)])
 
 
-def _labels(events, horizon=365):
+def _groups(system, code):
+    from preprocessing.code_groups import groups_for
+
+    return groups_for(system, code)
+
+
+def _labels(events, horizon=365, system="icd10cm"):
     times = [END_US + offset for offset, *_ in events]
     kinds = [e[1] for e in events]
-    codes = [e[2] for e in events]
+    groups = [_groups(system, e[2]) for e in events]
     assertions = [e[3] for e in events]
-    return compute_labels(times, kinds, ["icd10cm"] * len(events), codes, assertions, AS_OF, horizon)
+    return compute_labels(times, kinds, groups, assertions, AS_OF, horizon)
 
 
 DAY = US_PER_DAY
@@ -118,41 +124,119 @@ def diagnosis_events(draw):
     times = draw(st.lists(st.one_of(st.integers(end - 5000 * US_PER_DAY, end + 800 * US_PER_DAY),
                                     st.sampled_from([end - 1, end, _NAT])), min_size=n, max_size=n))
     kinds = draw(st.lists(st.sampled_from(["dx", "dx_text", "obs", "encounter", None]), min_size=n, max_size=n))
-    systems = draw(st.lists(st.sampled_from(["icd10cm", "icd10cm", "icd9cm", None]), min_size=n, max_size=n))
-    codes = draw(st.lists(st.sampled_from(["E11.9", "e11", "N18.3", "I50.21", "I10", "E10.9", "", None]),
-                          min_size=n, max_size=n))
-    assertions = draw(st.lists(st.sampled_from(["affirmed", "history", "negated", "family", "uncertain", None]),
-                               min_size=n, max_size=n))
-    return as_of, np.array(times, dtype=np.int64), kinds, systems, codes, assertions
+    pairs = draw(st.lists(st.sampled_from([
+        ("icd10cm", "E11.9"), ("icd10cm", "e11"), ("icd10cm", "N18.3"), ("icd10cm", "I50.21"), ("icd10cm", "I11.0"),
+        ("icd10cm", "I10"), ("icd10cm", "E10.9"), ("icd10cm", ""), ("icd10cm", None), ("icd9cm", "250.00"),
+        ("icd9cm", "428.0"), ("icd9cm", "585.3"), ("snomed", "44054006"), ("snomed", "431857002"),
+        ("snomed", "88805009"), ("snomed", "195662009"), ("omop", "201826"), ("omop", "316139"), (None, None)]),
+        min_size=n, max_size=n))
+    assertions = draw(st.lists(st.sampled_from(["affirmed", "history", "negated", "family", "possible",
+                                                "hypothetical", None]), min_size=n, max_size=n))
+    # Late recording: known at the clinical time, hours later, or years later (or before it).
+    delays = draw(st.lists(st.one_of(st.just(0), st.integers(0, US_PER_DAY), st.integers(0, 4000 * US_PER_DAY),
+                                     st.integers(-30 * US_PER_DAY, 0)), min_size=n, max_size=n))
+    known = np.array([t if t == _NAT else t + d for t, d in zip(times, delays)], dtype=np.int64)
+    systems = [p[0] for p in pairs]
+    codes = [p[1] for p in pairs]
+    return as_of, np.array(times, dtype=np.int64), kinds, systems, codes, assertions, known
 
 
 
 @settings(max_examples=300, deadline=None)
 @given(diagnosis_events(), st.integers(1, 800))
 def test_prevalence_is_point_in_time_and_is_the_labels_rule(case, horizon) -> None:
-    as_of, times, kinds, systems, codes, assertions = case
+    as_of, times, kinds, systems, codes, assertions, known = case
+    groups = [_groups(s, c) for s, c in zip(systems, codes)]
     end = (epoch_day(as_of) + 1) * US_PER_DAY
-    flags = prevalence(times, kinds, systems, codes, assertions, as_of)
+    flags = prevalence(times, kinds, groups, assertions, as_of, known_time_us=known)
     assert set(flags) == set(LABEL_GROUPS) and all(isinstance(v, bool) for v in flags.values())
-    # Only events up to the end of the as-of day matter: dropping every later one changes nothing.
-    before = [i for i, t in enumerate(times) if t != _NAT and t < end]
-    sub = [[x[i] for i in before] for x in (kinds, systems, codes, assertions)]
-    assert prevalence(times[before], *sub, as_of) == flags
-    # Whatever their age (no lookback): the flag is "some affirmed/history/assertion-less group dx before D+1".
-    for head, (prefix,) in LABEL_GROUPS.items():
-        expected = any(kinds[i] in ("dx", "dx_text") and systems[i] == "icd10cm"
-                       and (codes[i] or "").replace(".", "").upper().startswith(prefix)
+    # Only events both clinically dated and recorded by the end of the as-of day matter:
+    # dropping every other one changes nothing.
+    before = [i for i, t in enumerate(times) if t != _NAT and t < end and known[i] < end]
+    sub = [[x[i] for i in before] for x in (kinds, groups, assertions)]
+    assert prevalence(times[before], *sub, as_of, known_time_us=known[before]) == flags
+    # Whatever their age (no lookback) and vocabulary: the flag is "some affirmed/history/
+    # assertion-less diagnosis of the head's disease known before D+1". Expected membership
+    # written out here from the concept sets, not from the evaluator.
+    disease = {"t2d": {("icd10cm", "E11.9"), ("icd10cm", "e11"), ("icd9cm", "250.00"), ("snomed", "44054006"),
+                       ("omop", "201826")},
+               "ckd": {("icd10cm", "N18.3"), ("icd9cm", "585.3"), ("snomed", "431857002")},
+               "hf": {("icd10cm", "I50.21"), ("icd10cm", "I11.0"), ("icd9cm", "428.0"), ("snomed", "88805009"),
+                      ("omop", "316139")}}
+    for head in LABEL_GROUPS:
+        expected = any(kinds[i] in ("dx", "dx_text") and (systems[i], codes[i]) in disease[head]
                        and assertions[i] in ("affirmed", "history", None) for i in before)
         assert flags[head] == expected
     # The labels' "already diagnosed" is the same rule.
-    labels = compute_labels(times, kinds, systems, codes, assertions, as_of, horizon)
+    labels = compute_labels(times, kinds, groups, assertions, as_of, horizon, known_time_us=known)
     assert all(labels[h] is None for h, prevalent in flags.items() if prevalent)
+
+
+@settings(max_examples=300, deadline=None)
+@given(diagnosis_events(), st.integers(1, 800), st.integers(0, 3000), st.integers(1, 40))
+def test_nothing_recorded_after_the_as_of_day_reaches_a_timeline_flag_or_label(case, horizon, lookback,
+                                                                              max_tokens) -> None:
+    """Late recording, every vocabulary: moving an event's record to the day after D (or later)
+    changes neither the timeline nor the flags, nor whether a label is NULL for prevalence."""
+    as_of, times, kinds, systems, codes, assertions, known = case
+    groups = [_groups(s, c) for s, c in zip(systems, codes)]
+    end = (epoch_day(as_of) + 1) * US_PER_DAY
+    late = np.array([t != _NAT and t < end and k >= end for t, k in zip(times, known)], dtype=bool)
+    tokens = np.where(late, AFTER + np.arange(len(times)), np.arange(len(times)) % 50)
+    tl = build_timeline(times, tokens, dt.date(1900, 1, 1), "F", as_of, lookback, max_tokens, known)
+    assert all(t < AFTER for t in tl.tokens)
+    # Flags and the prevalence side of the labels are those of the data without the late records.
+    keep = ~late
+    flags = prevalence(times, kinds, groups, assertions, as_of, known_time_us=known)
+    sub = [[x[i] for i in np.flatnonzero(keep)] for x in (kinds, groups, assertions)]
+    assert flags == prevalence(times[keep], *sub, as_of, known_time_us=known[keep])
+    labels = compute_labels(times, kinds, groups, assertions, as_of, horizon, known_time_us=known)
+    for head, prevalent in flags.items():
+        assert (labels[head] is None) if prevalent else True
+
+
+def test_a_condition_recorded_in_2018_with_onset_2005_is_not_prevalent_in_2010() -> None:
+    onset = (epoch_day(dt.date(2005, 3, 1))) * US_PER_DAY
+    recorded = (epoch_day(dt.date(2018, 7, 1))) * US_PER_DAY
+    args = ([onset], ["dx"], [_groups("snomed", "44054006")], ["affirmed"])
+    assert prevalence(*args, dt.date(2010, 1, 1), known_time_us=[recorded])["t2d"] is False
+    assert prevalence(*args, dt.date(2018, 7, 1), known_time_us=[recorded])["t2d"] is True
+    # Without the recorded time (the old rule) it would have been prevalent in 2010.
+    assert prevalence(*args, dt.date(2010, 1, 1))["t2d"] is True
+    # It became known in 2018: incident in a horizon that covers 2018, not in one that ends before.
+    assert compute_labels([onset, recorded + 400 * US_PER_DAY], ["dx", "encounter"],
+                          [args[2][0], []], ["affirmed", None], dt.date(2017, 12, 31), 365,
+                          known_time_us=[recorded, recorded + 400 * US_PER_DAY])["t2d"] == 1
+    tl = build_timeline([onset], [7], dt.date(1950, 1, 1), "F", dt.date(2010, 1, 1), 10_000, 8, [recorded])
+    assert tl.tokens == []
+
+
+def test_snomed_omop_and_icd9_diagnoses_make_a_patient_prevalent() -> None:
+    day = END_US - 100 * US_PER_DAY
+    for system, code, head in [("snomed", "44054006", "t2d"), ("snomed", "431857002", "ckd"),
+                               ("snomed", "88805009", "hf"), ("omop", "201826", "t2d"), ("omop", "316139", "hf"),
+                               ("icd9cm", "250.00", "t2d"), ("icd9cm", "585.3", "ckd"), ("icd9cm", "428.0", "hf")]:
+        flags = prevalence([day], ["dx"], [_groups(system, code)], ["affirmed"], AS_OF)
+        assert flags == {h: h == head for h in ("t2d", "ckd", "hf")}, (system, code)
+    # A SNOMED diagnosis in no group (viral pharyngitis) and possible / refuted ones make no one prevalent.
+    assert not any(prevalence([day], ["dx"], [_groups("snomed", "195662009")], ["affirmed"], AS_OF).values())
+    for assertion in ("possible", "negated", "hypothetical", "family"):
+        assert not any(prevalence([day], ["dx"], [_groups("snomed", "44054006")], [assertion], AS_OF).values())
+
+
+def test_a_resolved_coded_diagnosis_in_the_horizon_is_incident_but_a_history_mention_is_not() -> None:
+    assert _labels([(3 * DAY, "dx", "431857002", "history"), FOLLOW_UP], system="snomed")["ckd"] == 1
+    assert _labels([(3 * DAY, "dx_text", "431857002", "history"), FOLLOW_UP], system="snomed")["ckd"] == 0
+    assert _labels([(3 * DAY, "dx", "431857002", "possible"), FOLLOW_UP], system="snomed")["ckd"] == 0
 
 
 def test_prevalence_ignores_the_lookback_and_the_future() -> None:
     six_years = END_US - 6 * 365 * US_PER_DAY
-    assert prevalence([six_years], ["dx"], ["icd10cm"], ["E11.9"], ["affirmed"], AS_OF) == \
+    assert prevalence([six_years], ["dx"], [_groups("icd10cm", "E11.9")], ["affirmed"], AS_OF) == \
         {"t2d": True, "ckd": False, "hf": False}
-    assert prevalence([END_US - 1, END_US], ["dx", "dx"], ["icd10cm"] * 2, ["I50.9", "N18.3"], [None, "affirmed"],
-                      AS_OF) == {"t2d": False, "ckd": False, "hf": True}
-    assert prevalence([], [], [], [], [], AS_OF) == {"t2d": False, "ckd": False, "hf": False}
+    assert prevalence([END_US - 1, END_US], ["dx", "dx"], [_groups("icd10cm", "I50.9"), _groups("icd10cm", "N18.3")],
+                      [None, "affirmed"], AS_OF) == {"t2d": False, "ckd": False, "hf": True}
+    assert prevalence([], [], [], [], AS_OF) == {"t2d": False, "ckd": False, "hf": False}
+    # Heart failure is one definition: hypertensive heart disease with heart failure (I11.0) counts
+    # for the flag exactly as it does for the cohort's heart_failure group.
+    assert prevalence([six_years], ["dx"], [_groups("icd10cm", "I11.0")], ["affirmed"], AS_OF)["hf"] is True

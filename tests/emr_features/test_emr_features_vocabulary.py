@@ -12,8 +12,8 @@ from preprocessing.vocabulary import DROPPED, OOV_ID, Vocabulary, default_vocabu
 
 # Changing a token or a binning rule changes this hash. That is allowed only together with a
 # RULES_VERSION bump (models trained on the old vocabulary no longer match): update both.
-PINNED_SHA256 = "08833436155279a9c307f623f64249e898902c0a3d15eabe0c46c57f52aab3c7"
-PINNED_VERSION = "emr-vocab-1+icd10cm-1.5.0"
+PINNED_SHA256 = "165d93a5574889706b92a0b54e559da61e5e825b08182d056e59e047f1913f75"
+PINNED_VERSION = "emr-vocab-2+icd10cm-1.5.0"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,11 @@ def test_vocabulary_is_pinned_and_laid_out_as_documented(vocab: Vocabulary) -> N
     assert cats == sorted(cats) and len(cats) > 1900 and all(len(t) == len("icd10:E11") for t in cats)
     assert "icd10:E11" in cats and "icd10:N18" in cats and "icd10:I50" in cats
     assert vocab.size == len(vocab.tokens) == len(set(vocab.tokens))
+    # Version 2 appended the group tokens last, so every version-1 token keeps its id.
+    assert vocab.tokens[-11:] == tuple(f"dx:{g}" for g in ("t2d", "diabetes", "ckd", "heart_failure", "hypertension",
+                                                             "cad", "atrial_fibrillation", "stroke", "copd",
+                                                             "hyperlipidaemia", "obesity"))
+    assert vocab.id_of("icd10:E11") == 5 + cats.index("icd10:E11")
 
 
 def test_hash_is_stable_across_processes(vocab: Vocabulary) -> None:
@@ -60,8 +65,8 @@ def test_save_load_round_trip_and_tamper_detection(vocab: Vocabulary, tmp_path) 
         Vocabulary.load(path)
 
 
-def tok(vocab: Vocabulary, *args) -> str | None:
-    i = vocab.encode(*args)
+def tok(vocab: Vocabulary, *args, **kwargs) -> str | None:
+    i = vocab.encode(*args, **kwargs)
     return None if i == DROPPED else vocab.tokens[i]
 
 
@@ -76,11 +81,27 @@ def test_diagnoses_share_the_category_token(vocab: Vocabulary) -> None:
     assert vocab.encode("dx", "icd10cm", "E11.9", None, "uncertain") == DROPPED
     assert vocab.encode("dx", "icd10cm", "ZZZ.1", None, "affirmed") == OOV_ID
     assert vocab.encode("dx", "icd10cm", None, None, "affirmed") == OOV_ID
-    assert tok(vocab, "dx", "icd9cm", "250.00", None, "affirmed") == "icd9:bucket"
-    assert vocab.encode("dx", "snomed", "44054006", None, "affirmed") == OOV_ID
+    assert tok(vocab, "dx", "icd9cm", "V70.0", None, "affirmed") == "icd9:bucket"  # in no group
+    assert vocab.encode("dx", "snomed", "195662009", None, "affirmed", groups=[]) == OOV_ID  # in no group
     assert tok(vocab, "encounter", "encounter-class", "AMB", None, "affirmed") == "encounter"
     assert vocab.encode("procedure", "cpt", "99213", None, "affirmed") == OOV_ID
     assert vocab.encode(None, None, None, None, None) == OOV_ID
+
+
+def test_grouped_diagnoses_in_other_vocabularies_get_their_group_token(vocab: Vocabulary) -> None:
+    """A Synthea (SNOMED CT), OMOP or ICD-9-CM diagnosis is not invisible to the model: it gets the
+    token of its code group (the groups ingest put on the event), the most specific one first."""
+    from preprocessing.code_groups import groups_for
+
+    for system, code, expected in [("snomed", "44054006", "dx:t2d"), ("omop", "201826", "dx:t2d"),
+                                   ("icd9cm", "250.00", "dx:t2d"), ("snomed", "431857002", "dx:ckd"),
+                                   ("snomed", "88805009", "dx:heart_failure"), ("icd9cm", "250.01", "dx:diabetes"),
+                                   ("text", "ckd", "dx:ckd")]:
+        g = groups_for(system, code)
+        assert tok(vocab, "dx", system, code, None, "affirmed", groups=g) == expected, (system, code)
+        assert vocab.encode("dx", system, code, None, "possible", groups=g) == DROPPED
+    # ICD-10-CM keeps its category token even though it is grouped too.
+    assert tok(vocab, "dx", "icd10cm", "E11.9", None, "affirmed", groups=["diabetes", "t2d"]) == "icd10:E11"
 
 
 @pytest.mark.parametrize("value,unit,expected", [

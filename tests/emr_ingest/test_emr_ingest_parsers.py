@@ -73,7 +73,8 @@ def test_condition_keeps_every_coding_normalised(ctx):
                          {"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "e119"}]}), ctx)
     assert r.status == "ok"
     assert [(e.kind, e.code_system, e.code, e.assertion, e.code_groups, e.event_time_us) for e in r.events] == [
-        ("dx", "snomed", "44054006", "affirmed", [], us("2015-05-05T08:00:00Z")),
+        # One Condition, one diagnosis: the SNOMED CT coding is in the groups too.
+        ("dx", "snomed", "44054006", "affirmed", ["diabetes", "t2d"], us("2015-05-05T08:00:00Z")),
         ("dx", "icd10cm", "E11.9", "affirmed", ["diabetes", "t2d"], us("2015-05-05T08:00:00Z"))]
 
 
@@ -240,9 +241,9 @@ def test_person_key_is_the_decimal_person_id(ctx):
     ({"condition_source_value": "E11.9", "condition_concept_id": "201826"}, ("icd10cm", "E11.9")),
     ({"condition_source_value": "e119", "condition_concept_id": "201826"}, ("icd10cm", "E11.9")),
     ({"condition_source_value": "250.00", "condition_concept_id": "201826"}, ("icd9cm", "250.00")),
-    ({"condition_source_value": "40055000", "condition_concept_id": "4229440"}, ("omop_concept", "4229440")),
+    ({"condition_source_value": "40055000", "condition_concept_id": "4229440"}, ("omop", "4229440")),
     ({"condition_source_value": "", "condition_concept_id": "0",
-      "condition_source_concept_id": "45576876"}, ("omop_concept", "45576876")),
+      "condition_source_concept_id": "45576876"}, ("omop", "45576876")),
 ])
 def test_condition_occurrence_codes(ctx, row, expected):
     base = {"condition_occurrence_id": "1", "person_id": "1", "condition_start_date": "2015-05-05"}

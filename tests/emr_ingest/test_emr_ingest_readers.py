@@ -69,7 +69,8 @@ def test_bad_code_groups_file_fails_before_any_work(make_settings, tmp_path: Pat
     from preprocessing.code_groups import CodeGroupsError
 
     bad = tmp_path / "groups.yaml"
-    bad.write_text("groups:\n  stroke:\n    codes: [I64]\n")
+    bad.write_text("version: t\nsources:\n  s: {title: a source, version: '1'}\n"
+                   "groups:\n  stroke:\n    sources: [s]\n    icd10cm: [I64]\n")
     settings = make_settings(**{"extraction.code_groups_file": str(bad)})
     with pytest.raises(CodeGroupsError, match="'stroke'.*'I64'"):
         run(settings, FIXTURES / "fhir", "fhir")

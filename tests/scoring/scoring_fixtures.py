@@ -219,3 +219,14 @@ def crash_once_actor(marker: Path, crash_on_call: int) -> type:
             return super().__call__(block)
 
     return CrashOnceActor
+
+
+def marked_parts(final: Path) -> dict[str, int]:
+    """Staged fragment files the driver marked done (name → mtime): what a resume keeps.
+
+    Actors write fragments themselves, so a stopped run can leave a fragment file
+    that was never marked; such files are scored again on resume and do not count.
+    """
+    marked = {f"part-{m.name.split('.')[0]}.parquet" for m in final.parent.glob(".staging-*/_work/*.done.json")}
+    return {p.name: p.stat().st_mtime_ns for p in final.parent.glob(".staging-*/part-*.parquet")
+            if p.name in marked}

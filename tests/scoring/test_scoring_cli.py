@@ -18,7 +18,7 @@ from inference.fragments import plan_fragments
 from lake.commit import read_manifest
 from lake.paths import LakePaths
 from medscreen import cli
-from scoring_fixtures import commit_timelines, random_timelines
+from scoring_fixtures import commit_timelines, marked_parts, random_timelines
 
 AS_OF = "2024-06-30"
 N = 400
@@ -46,7 +46,7 @@ def test_score_emr_run_id_resumes_a_stopped_run(scoring_settings, monkeypatch, c
         emr.score(settings, AS_OF, run_id="run-stopped", on_fragment_done=stop_after_one)
     assert any("--run-id run-stopped" in note for note in stopped.value.__notes__)
     final = LakePaths(settings.lake.root).scores("emr_risk", AS_OF)
-    staged = {p.name: p.stat().st_mtime_ns for p in final.parent.glob(".staging-*/part-*.parquet")}
+    staged = marked_parts(final)
     assert len(staged) == 1 and not final.exists()
 
     rc = cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF,

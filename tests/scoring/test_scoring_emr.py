@@ -19,7 +19,7 @@ from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths
 from lake.schemas import HEADS, SCORES
-from scoring_fixtures import (BrokenLowPrecision, commit_timelines, crash_once_actor, random_timelines,
+from scoring_fixtures import (BrokenLowPrecision, commit_timelines, crash_once_actor, marked_parts, random_timelines,
                               reference_scores)
 
 AS_OF = "2024-06-30"
@@ -153,7 +153,7 @@ def test_scoring_resumes_a_crashed_driver_rescoring_only_unfinished_fragments(ti
         emr.score(settings, AS_OF, run_id="run-crashy", fragment_rows=64, on_fragment_done=crash_after_two)
     final = LakePaths(settings.lake.root).scores("emr_risk", AS_OF)
     assert not final.exists()
-    staged = {p.name: p.stat().st_mtime_ns for p in final.parent.glob(".staging-*/part-*.parquet")}
+    staged = marked_parts(final)
     assert len(staged) == 2
 
     run_dir = emr.score(settings, AS_OF, run_id="run-crashy", fragment_rows=64)

@@ -85,7 +85,8 @@ def test_prevalent_patients_are_left_out_and_the_ledger_accounts_for_every_score
     m = read_manifest(final)
     rule = m["exclude_prevalent"]
     assert rule["enabled"] and "end of the as-of day" in rule["rule"]
-    assert rule["groups"] == {"t2d": ["E11"], "ckd": ["N18"], "hf": ["I50"]}
+    # The heads are code groups of conf/code_groups.yaml (concept sets over every vocabulary).
+    assert rule["groups"] == {"t2d": ["t2d"], "ckd": ["ckd"], "hf": ["heart_failure"]}
     assert rule["timelines"] == {"partition": f"emr/timelines/as_of={AS_OF}", "run_id": "test-features"}
     assert rule["excluded_per_head"] == {h: len(would_flag[h] & prevalent[h]) for h in HEADS}
     assert rule["patients_excluded"] == len(excluded)
