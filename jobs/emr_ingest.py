@@ -336,16 +336,19 @@ def observation_periods_frame(final: DataFrame, source: str) -> DataFrame:
     """LAKE/emr/observation_periods rows (schema lake.schemas.OBSERVATION_PERIODS).
 
     OMOP: the accepted observation_period rows. FHIR has no such resource, so a
-    patient is registered from the first record known for them: the UTC date of
-    their earliest accepted event, open-ended (end NULL). A FHIR patient with no
-    accepted record has no period, so is never in an as-of population.
+    patient is registered from the first record known for them: the UTC date on
+    which their earliest accepted record became available (the later of its
+    clinical and known times, as the timelines read it), open-ended (end NULL).
+    A FHIR patient with no accepted record has no period, so is never in an
+    as-of population.
     """
     ok = F.col("status") == rec.OK
     if source == "omop":
         return (final.filter(ok & F.col("period_start").isNotNull())
                 .select("patient_key", F.col("period_start").alias("start_date"),
                         F.col("period_end").alias("end_date"), F.lit(PERIOD_SOURCE_OMOP).alias("source")))
-    first_us = F.min(F.unix_micros(F.col("e.event_time")))
+    available = F.greatest(F.col("e.event_time"), F.coalesce(F.col("e.known_time"), F.col("e.event_time")))
+    first_us = F.min(F.unix_micros(available))
     # Integer day arithmetic: the UTC date whatever the session time zone.
     first_day = F.date_from_unix_date(F.floor(first_us / F.lit(86_400_000_000)).cast("int"))
     return (final.filter(ok & ~F.col("is_patient")).select("patient_key", F.explode("events").alias("e"))

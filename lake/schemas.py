@@ -58,7 +58,8 @@ PATIENTS = pa.schema([
 
 # Spans during which the patient's records are complete (LAKE/emr/observation_periods).
 # OMOP: the observation_period table. FHIR has none: a patient is registered from the
-# first record known for them (earliest event time), with an open end (NULL).
+# first record known for them (earliest availability: later of event and known time),
+# with an open end (NULL).
 OBSERVATION_PERIODS = pa.schema([
     ("patient_key", pa.string()),
     ("start_date", pa.date32()),   # inclusive, UTC calendar date
