@@ -52,4 +52,5 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     # Series are joined to EMR patients by keyed MRN; every series is linked or counted unlinked.
     link = summary["imaging_link"]
     assert link["linked"] + sum(link["unlinked"].values()) == link["series"] > 0
+    assert link["linked"] > 0  # the synthetic CT carries the synthetic EMR's MRNs
     assert "imaging ↔ EMR" in out and "worklist" in out
