@@ -44,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 from conf.settings import Settings, load_settings  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
-from lake.keys import pseudonymise  # noqa: E402
+from lake.keys import mrn_key, pseudonymise  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
 
 AS_OF = "2024-06-30"
@@ -92,13 +92,22 @@ def commit_index(lake_root: Path, recs: list[dict[str, Any]]) -> None:
     table = pa.table({
         "series_key": [pseudonymise(BENCH_KEY, r["series_instance_uid"]) for r in recs],
         "study_key": [pseudonymise(BENCH_KEY, r["study_uid"]) for r in recs],
-        "patient_key": [pseudonymise(BENCH_KEY, r["patient_id"]) for r in recs],
+        "mrn_key": [mrn_key(BENCH_KEY, r["patient_id"]) for r in recs],
         "verdict": ["eligible"] * len(recs), "eligible": [True] * len(recs),
         "study_date": pa.array([dt.date(2024, 3, 1)] * len(recs), pa.date32()),
         "paths": pa.array([r["files"] for r in recs], pa.list_(pa.string())),
     })
     with atomic_partition(LakePaths(lake_root).dicom_series, {"stage": "bench_ct_index"}) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
+    # No EMR in the bench lake: every series unlinked, as jobs/imaging_link would leave it.
+    n = table.num_rows
+    link = pa.table({"series_key": table.column("series_key"), "study_key": table.column("study_key"),
+                     "mrn_key": table.column("mrn_key"), "patient_key": pa.nulls(n, pa.string()),
+                     "link_status": pa.array(["mrn_not_in_emr"] * n, pa.string())})
+    with atomic_partition(LakePaths(lake_root).imaging_link,
+                          {"stage": "bench_link", "inputs": {"series": {"run_id": None},
+                                                             "patients": {"run_id": None}}}) as staging:
+        pq.write_table(link, staging / "part-00000.parquet")
 
 
 # --- baseline: one patch per call ----------------------------------------------------------------

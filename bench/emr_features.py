@@ -114,6 +114,19 @@ def write_lake(root: Path, events: pa.Table, patients: pa.Table, files: int = 4)
             pq.write_table(events.slice(i * step, step), staging / f"part-{i:05d}.parquet")
     with atomic_partition(paths.patients, {"run_id": "bench-synthetic"}) as staging:
         pq.write_table(patients, staging / "part-00000.parquet")
+    with atomic_partition(paths.observation_periods, {"run_id": "bench-synthetic"}) as staging:
+        pq.write_table(observed(patients), staging / "part-00000.parquet")
+
+
+def observed(patients: pa.Table) -> pa.Table:
+    """One open observation period from 1900 per patient: the whole synthetic population is in."""
+    from lake.schemas import OBSERVATION_PERIODS
+
+    n = patients.num_rows
+    return pa.table({"patient_key": patients.column("patient_key"),
+                     "start_date": pa.array([dt.date(1900, 1, 1)] * n, pa.date32()),
+                     "end_date": pa.nulls(n, pa.date32()),
+                     "source": pa.array(["bench"] * n, pa.string())}, schema=OBSERVATION_PERIODS)
 
 
 class PeakRSS:
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     baseline = timelines_table(events, patients, AS_OF, settings.features.lookback_days,
-                               settings.features.max_tokens, settings.features.horizon_days)
+                               settings.features.max_tokens, settings.features.horizon_days,
+                               periods=observed(patients))
     base_s = time.perf_counter() - t0
     spark_rows = read_rows(Path(summary["output"]))
     base_rows = baseline.to_pylist()

@@ -55,6 +55,9 @@ with DAG(
         "step_days": Param(30, type="integer", minimum=1, title="Step (days)"),
         "models": Param(["emr_risk"], type="array", minItems=1, uniqueItems=True,
                         items={"type": "string", "enum": list(orch.MODELS)}, title="Models"),
+        "require_ct_findings": Param(False, type="boolean", title="Only patients with CT findings",
+                                     description="Keep only members with CT findings at the index "
+                                                 "date (needs ct_nodule among the models)."),
         "force_ungated": Param(False, type="boolean", title="Force ungated engines (smoke runs)",
                                description="Score even with an engine that has not passed its "
                                            "accuracy gate. Never for results anyone acts on."),
@@ -73,6 +76,10 @@ with DAG(
 
     dicom_index = orch.SharedTableSparkSubmitOperator(
         task_id="dicom_index", job="dicom_index", pool=orch.SHARED_TABLE_POOL)
+
+    imaging_link = orch.ImagingLinkSparkSubmitOperator(
+        task_id="imaging_link", job="imaging_link", pool=orch.SHARED_TABLE_POOL,
+        trigger_rule=TriggerRule.NONE_FAILED)
 
     index_dates = define()
     # One Spark job per index date; one at a time so the JVMs do not crowd small machines.
@@ -108,6 +115,7 @@ with DAG(
     emr_scores = score_emr.expand(as_of=index_dates)
     ct_findings = score_ct.expand(as_of=index_dates)
     engines >> [emr_scores, ct_findings]
+    [emr_ingest, dicom_index] >> imaging_link >> ct_findings
     selected = select_members.expand(as_of=index_dates)
     [emr_scores, ct_findings] >> selected
     summarize(selected)

@@ -66,6 +66,10 @@ with DAG(
         task_id="emr_ingest", job="emr_ingest", pool=orch.SHARED_TABLE_POOL, outlets=[EVENTS])
     dicom_index = orch.SharedTableSparkSubmitOperator(
         task_id="dicom_index", job="dicom_index", pool=orch.SHARED_TABLE_POOL, outlets=[SERIES])
+    # After both shared tables (either may have changed which patient a series belongs to).
+    imaging_link = orch.ImagingLinkSparkSubmitOperator(
+        task_id="imaging_link", job="imaging_link", pool=orch.SHARED_TABLE_POOL,
+        trigger_rule=TriggerRule.NONE_FAILED)
     # Ingest skips itself when its inputs are unchanged; features must still run.
     emr_features = orch.LakeSparkSubmitOperator(
         task_id="emr_features", job="emr_features", as_of=AS_OF,
@@ -105,6 +109,7 @@ with DAG(
     emr_run = score_emr()
     ct_run = score_ct()
     engines >> [emr_run, ct_run]
+    [emr_ingest, dicom_index] >> imaging_link >> ct_run
     qc = qc_gate(emr_run, ct_run)
     published = publish(qc)
     report(qc, published)

@@ -35,6 +35,7 @@ from conf.settings import Settings
 from engines.runner import Runner
 from inference import qc
 from inference.actors import engine_actor_pool
+from inference.patient_link import attach_patients, link_counts, read_link
 from lake.commit import atomic_partition, is_committed
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.archive import Archive, imaging_archive
@@ -53,7 +54,7 @@ STAGE = "score_ct"
 # Columns of LAKE/imaging/series this stage reads (written by jobs.dicom_index).
 COL_SERIES = "series_key"
 COL_STUDY = "study_key"
-COL_PATIENT = "patient_key"
+COL_PATIENT = "patient_key"    # the EMR patient, from LAKE/imaging/patient_link (NULL: unlinked)
 COL_DATE = "study_date"
 COL_VERDICT = "verdict"
 COL_FILES = "paths"
@@ -131,17 +132,18 @@ def default_source(settings: Settings, force_ungated: bool = False) -> EngineSou
 # ---------------------------------------------------------------- selection
 
 def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int], int]:
-    """Eligible series with a study date on or before ``as_of``.
+    """Eligible series with a study date on or before ``as_of``, with the EMR ``patient_key``
+    and ``link_status`` of LAKE/imaging/patient_link.
 
     Returns (selected rows, counts ignored by rule, rows in the index). Raises
-    FileNotFoundError naming the table when the index was never committed.
+    FileNotFoundError naming the table when the index or the link was never committed.
     """
     path = lake.dicom_series
     if not is_committed(path):
         raise FileNotFoundError(f"series index {path} is not committed; run `medscreen dicom index` first")
     files = sorted(p for p in path.rglob("*.parquet")
                    if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    columns = [COL_SERIES, COL_STUDY, COL_PATIENT, COL_DATE, COL_VERDICT, COL_FILES]
+    columns = [COL_SERIES, COL_STUDY, COL_DATE, COL_VERDICT, COL_FILES]
     table = pq.read_table([str(f) for f in files], columns=columns, partitioning=None) if files else \
         pa.table({c: pa.array([], pa.string()) for c in columns})
     total = table.num_rows
@@ -159,9 +161,9 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
         IGNORED_NO_DATE: int(pc.sum(pc.and_(eligible, pc.invert(has_date))).as_py() or 0),
         IGNORED_AFTER_AS_OF: int(pc.sum(pc.and_(pc.and_(eligible, has_date), pc.invert(on_time))).as_py() or 0),
     }
-    selected = table.filter(keep).select([COL_SERIES, COL_STUDY, COL_PATIENT, COL_FILES])
+    selected = table.filter(keep).select([COL_SERIES, COL_STUDY, COL_FILES])
     # Sorted so every rerun sees the series in the same order.
-    selected = selected.sort_by([(COL_SERIES, "ascending")])
+    selected = attach_patients(selected.sort_by([(COL_SERIES, "ascending")]), read_link(lake))
     return selected, {k: v for k, v in ignored.items() if v}, total
 
 
@@ -491,6 +493,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         "series_failed": ledger.quarantined_total, "findings": table.num_rows,
         # A smoke run says so: the limit and how many series a full run would have scored.
         "limit": limit, "series_available": available,
+        # Scored series by link to an EMR patient: unlinked ones keep findings with patient_key NULL.
+        "patient_link": link_counts(series),
         "settings": {"patch_size": list(settings.imaging.patch_size),
                      "patch_stride": list(settings.imaging.patch_stride),
                      "target_spacing_mm": settings.imaging.target_spacing_mm,
@@ -515,7 +519,8 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                "wall_s": round(wall_s, 3), "pipeline_s": round(pipe_s, 3),
                "volumes_per_min": round(ledger.records_out / (pipe_s / 60.0), 3) if pipe_s > 0 else None,
                "stage_s": stage_s, "use_gpu": use_gpu, "num_actors": num_actors,
-               "batch_patches": batch_patches, "failed": failed, "qc": verdict}
+               "batch_patches": batch_patches, "failed": failed, "qc": verdict,
+               "patient_link": manifest["patient_link"]}
     write_json(run_dir / "metrics.json", metrics)
     if not verdict["passed"]:
         # Nothing is committed: the previous findings of this as-of (if any) stay as they were.

@@ -45,7 +45,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from lake.commit import commit, staging_dir
 from lake.archive import PATH_SCHEME
-from lake.keys import KeyFile, bind_lake, executor_key_file, key_relative_path, pseudonymise
+from lake.keys import KeyFile, bind_lake, executor_key_file, key_relative_path, mrn_key, pseudonymise
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id, write_json
@@ -110,7 +110,8 @@ def header_rows(paths: Iterator[str], key_file: KeyFile, archive_root: str) -> I
             row["study_key"] = pseudonymise(key, row.pop("study_uid"))
             row["sop_key"] = pseudonymise(key, row.pop("sop_uid"))
             pid = row.pop("patient_id")
-            row["patient_key"] = pseudonymise(key, pid) if pid else None
+            # PatientID is an MRN: keyed with the EMR side's helper so imaging_link can join them.
+            row["mrn_key"] = mrn_key(key, pid) if pid.strip() else None
             row["quarantine"], row["detail"] = None, None
         row["source_path"] = p
         yield tuple(row.get(c) for c in _HEADER_COLUMNS)
@@ -132,7 +133,7 @@ def judge_rows(rows: Iterator[tuple[Any, ...]], min_slices: int, gantry_tilt: st
         s["detail"] = _scrubbed(s["detail"], raw, keyed[raw])
     s["paths"] = [keyed[raw] for raw in s["paths"]]
     first = records[0]
-    s.update(series_key=first["series_key"], study_key=first["study_key"], patient_key=first["patient_key"],
+    s.update(series_key=first["series_key"], study_key=first["study_key"], mrn_key=first["mrn_key"],
              eligible=s["verdict"] == ELIGIBLE, detail=s["detail"] or None, run_id=run_id)
     return tuple(s.get(c) for c in DICOM_SERIES.names)
 

@@ -6,9 +6,14 @@ preprocessing/timelines.py and preprocessing/vocabulary.py; this module
 computes the same thing with Spark expressions (no Python UDFs, nothing of the
 data collected to the driver) and tests check the two agree row for row.
 
-One output row per patient in the patient table, including patients with no
+One output row per patient of the as-of population (alive, registered and
+under observation on D: ``patients.death_date`` and LAKE/emr/observation_periods,
+rules in preprocessing.timelines.population_status), including patients with no
 events in the window (``length`` 0), with ``prevalent_<head>`` flags (already
 diagnosed by the end of the as-of day; computed on every run, labels or not).
+Patients outside the population are ignored by rule under ``deceased``,
+``not_yet_registered`` or ``not_under_observation``; labels are censored at
+death and at the end of observation (timelines.censor_date).
 Patient rows that cannot be used are quarantined (``no_patient_key``,
 ``duplicate_patient_key``, ``no_birth_date``) into ``LAKE/runs/<run_id>/quarantine/emr_features``; patients born after the
 as-of date are ignored by rule. Two ledger stages account for everything:
@@ -41,6 +46,7 @@ from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
 from lake.schemas import (EVENTS, LABEL_COLUMNS, PATIENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES,
                           TIMELINES_WITH_LABELS)
+from lake.schemas import NOT_IN_POPULATION, OBSERVATION_PERIODS
 from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
 from preprocessing.vocabulary import (DX_GROUP_TOKENS, DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV,
                                       OOV_ID, TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary,
@@ -53,7 +59,7 @@ log = logging.getLogger(__name__)
 # Patient-row statuses. "ok" rows become timelines; the rest are counted in the ledger.
 OK = "ok"
 PATIENT_QUARANTINE = ("no_patient_key", "duplicate_patient_key", "no_birth_date")
-PATIENT_IGNORED = ("born_after_as_of",)
+PATIENT_IGNORED = ("born_after_as_of", *NOT_IN_POPULATION)
 _QUARANTINE_DETAIL = {
     "no_patient_key": "patient row without patient_key",
     "duplicate_patient_key": "patient_key appears on more than one patient row",
@@ -187,18 +193,38 @@ def patient_aggregates(encoded: DataFrame, as_of: dt.date, lookback_days: int,
         horizon_end = end + horizon_days * US_PER_DAY
         a, kind = F.col("assertion"), F.col("kind")
         incident = a.isNull() | (a == "affirmed") | ((kind == "dx") & (a == "history"))
+        # The first incident diagnosis's availability time, not a flag: censoring (death, end of
+        # observation) is known only after the patient join, and compares against this time.
         for head, names in LABEL_GROUPS.items():
-            aggs.append(F.max(F.when(_group_match(names) & (avail >= end) & (avail < horizon_end) & incident,
-                                     one).otherwise(0)).alias(f"pos_{head}"))
+            aggs.append(F.min(F.when(_group_match(names) & (avail >= end) & (avail < horizon_end) & incident,
+                                     avail)).alias(f"pos_{head}"))
         aggs.append(F.max(F.when(t >= horizon_end - US_PER_DAY, one).otherwise(0)).alias("followed"))
     return encoded.groupBy("patient_key").agg(*aggs)
 
 
-def join_patients(aggregates: DataFrame, patients: DataFrame, as_of: dt.date) -> DataFrame:
-    """Full outer join of patient rows with event aggregates, with a ``status`` per row."""
+def period_aggregates(periods: DataFrame, as_of: dt.date) -> DataFrame:
+    """Per patient_key, the observation periods against the as-of day (population_status and
+    censor_date in SQL): ``obs_started`` / ``obs_covers`` (1/0), ``cover_open`` (a covering
+    period without an end) and ``cover_end`` (the latest end of a covering period)."""
+    day = F.lit(as_of)
+    started = F.col("start_date") <= day
+    covers = started & (F.col("end_date").isNull() | (F.col("end_date") >= day))
+    return periods.groupBy("patient_key").agg(
+        F.max(F.when(started, 1).otherwise(0)).alias("obs_started"),
+        F.max(F.when(covers, 1).otherwise(0)).alias("obs_covers"),
+        F.max(F.when(covers & F.col("end_date").isNull(), 1).otherwise(0)).alias("cover_open"),
+        F.max(F.when(covers, F.col("end_date"))).alias("cover_end"))
+
+
+def join_patients(aggregates: DataFrame, patients: DataFrame, as_of: dt.date,
+                  periods: DataFrame) -> DataFrame:
+    """Full outer join of patient rows with event aggregates and observation periods, with a
+    ``status`` per row and ``censor_day`` (last day of label follow-up; NULL = none)."""
     p = patients.groupBy("patient_key").agg(
         F.count(F.lit(1)).alias("n_patient_rows"), F.min("birth_date").alias("birth_date"),
-        F.min("sex").alias("sex_raw"), F.min("source").alias("patient_source"))
+        F.min("sex").alias("sex_raw"), F.min("source").alias("patient_source"),
+        F.min("death_date").alias("death_date"))
+    p = p.join(period_aggregates(periods, as_of), "patient_key", "left")
     j = p.join(aggregates, "patient_key", "full_outer")
     status = (F.when(F.col("n_patient_rows").isNull(),
                      F.when(F.col("patient_key").isNull(), "events_no_patient_key").otherwise("unknown_patient"))
@@ -206,11 +232,18 @@ def join_patients(aggregates: DataFrame, patients: DataFrame, as_of: dt.date) ->
               .when(F.col("n_patient_rows") > 1, "duplicate_patient_key")
               .when(F.col("birth_date").isNull(), "no_birth_date")
               .when(F.col("birth_date") > F.lit(as_of), "born_after_as_of")
+              .when(F.col("death_date") <= F.lit(as_of), "deceased")
+              .when(F.coalesce(F.col("obs_started"), F.lit(0)) == 0, "not_yet_registered")
+              .when(F.col("obs_covers") == 0, "not_under_observation")
               .otherwise(OK))
-    return j.withColumn("status", status)
+    # least() skips NULLs: no death and an open period leave no censoring.
+    censor = F.least(F.col("death_date"), F.when(F.col("cover_open") == 1, F.lit(None).cast("date"))
+                     .otherwise(F.col("cover_end")))
+    return j.withColumn("status", status).withColumn("censor_day", censor)
 
 
-def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool) -> list[Column]:
+def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool,
+                     horizon_days: int = 0) -> list[Column]:
     """Column expressions of the TIMELINES (+ label) schema over a :func:`join_patients` frame."""
     as_of_day = epoch_day(as_of)
     ev = F.coalesce(F.col("ev"), F.array().cast("array<struct<t:bigint,tok:int>>"))
@@ -235,10 +268,14 @@ def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool) -> list
           for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)],
     ]
     if with_labels:
+        horizon_end = (as_of_day + 1 + horizon_days) * US_PER_DAY
+        censor_end = (F.unix_date(F.col("censor_day")) + F.lit(1)).cast("long") * F.lit(US_PER_DAY)
+        positive_end = F.coalesce(F.least(censor_end, F.lit(horizon_end)), F.lit(horizon_end))
+        uncensored = F.col("censor_day").isNull() | (censor_end >= F.lit(horizon_end))
         for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS):
             cols.append(F.when(F.col(f"prev_{head}") == 1, F.lit(None))
-                        .when(F.col(f"pos_{head}") == 1, F.lit(1))
-                        .when(F.col("followed") == 1, F.lit(0))
+                        .when(F.col(f"pos_{head}") < positive_end, F.lit(1))
+                        .when((F.col("followed") == 1) & uncensored, F.lit(0))
                         .otherwise(F.lit(None)).cast("tinyint").alias(col))
     return cols
 
@@ -247,14 +284,16 @@ _COUNTERS = ("n_patient_rows", "n_events", "n_no_time", "n_after", "n_known_afte
 
 
 def build_timelines(events: DataFrame, patients: DataFrame, vocab_frame: DataFrame, as_of: dt.date,
-                    lookback_days: int, max_tokens: int, horizon_days: int | None = None) -> DataFrame:
-    """Events + patients → one row per patient key seen in either, with the timeline
-    columns, ``status`` and the per-reason counters the ledger sums."""
+                    lookback_days: int, max_tokens: int, horizon_days: int | None = None, *,
+                    periods: DataFrame) -> DataFrame:
+    """Events + patients + observation periods → one row per patient key seen in events or
+    patients, with the timeline columns, ``status`` and the per-reason counters the ledger sums."""
     aggs = patient_aggregates(encode_events(events, vocab_frame), as_of, lookback_days, horizon_days)
-    joined = join_patients(aggs, patients, as_of)
+    joined = join_patients(aggs, patients, as_of, periods)
     n_in_window = F.size(F.coalesce(F.col("ev"), F.array())).alias("n_in_window")
     counters = [F.coalesce(F.col(c), F.lit(0)).cast("long").alias(c) for c in _COUNTERS]
-    return joined.select(*timeline_columns(as_of, max_tokens, horizon_days is not None), "status",
+    return joined.select(*timeline_columns(as_of, max_tokens, horizon_days is not None, horizon_days or 0),
+                         "status",
                          "patient_source", n_in_window, *counters)
 
 
@@ -400,8 +439,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
     feats = settings.features
     events_manifest = _require_committed(paths.events, "events")
     patients_manifest = _require_committed(paths.patients, "patients")
+    periods_manifest = _require_committed(paths.observation_periods, "observation periods")
     _check_columns(paths.events, EVENTS, "events")
     _check_columns(paths.patients, PATIENTS, "patients")
+    _check_columns(paths.observation_periods, OBSERVATION_PERIODS, "observation periods")
     run_id = run_id or new_run_id(STAGE)
     run_dir = paths.run(run_id)
     vocab = default_vocabulary()
@@ -410,8 +451,9 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
     spark = get_spark(settings.spark, "medscreen-emr-features")
     events = read_table(spark, paths.events, EVENTS)
     patients = read_table(spark, paths.patients, PATIENTS)
+    periods = read_table(spark, paths.observation_periods, OBSERVATION_PERIODS)
     built = build_timelines(events, patients, vocabulary_frame(spark, vocab), as_of_date,
-                            feats.lookback_days, feats.max_tokens, horizon)
+                            feats.lookback_days, feats.max_tokens, horizon, periods=periods)
     # Three actions (stats, timelines, quarantine) read the same per-patient frame: scan events once.
     built = built.persist(StorageLevel.MEMORY_AND_DISK)
     final = paths.timelines(as_of_date)
@@ -473,7 +515,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         "inputs": {"events": {"run_id": events_manifest.get("run_id"),
                               "code_groups_version": events_manifest.get("code_groups_version"),
                               "code_groups_sha256": events_manifest.get("code_groups_sha256")},
-                   "patients": {"run_id": patients_manifest.get("run_id")}},
+                   "patients": {"run_id": patients_manifest.get("run_id")},
+                   "observation_periods": {"run_id": periods_manifest.get("run_id")}},
+        # Left out of the as-of population, by reason (also in the ledger's "ignored").
+        "not_in_population": {r: patient_ledger.ignored.get(r, 0) for r in NOT_IN_POPULATION},
     }
     commit(staging, final, manifest)
     summary = {
@@ -483,6 +528,7 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         "events_in": event_ledger.records_in, "events_out": event_ledger.records_out,
         "events_ignored": event_ledger.ignored, "events_quarantined": event_ledger.quarantined,
         "length": length, "labels": labels, "prevalent": manifest["prevalent"],
+        "not_in_population": manifest["not_in_population"],
         "vocabulary_sha256": vocab.sha256, "files": files,
     }
     _merge_run_manifest(run_dir, {k: v for k, v in manifest.items() if k != "ledger"} | {"output": str(final)})

@@ -1,4 +1,4 @@
-"""EMR ingest (Spark): raw FHIR Bulk NDJSON or OMOP CDM → LAKE/emr/{events,patients,quarantine}.
+"""EMR ingest (Spark): raw FHIR Bulk NDJSON or OMOP CDM → LAKE/emr/{events,patients,quarantine,observation_periods}.
 
 Read → parse → de-duplicate → resolve patients → write, each output swapped in
 atomically with a manifest, and a ledger that must balance:
@@ -54,6 +54,7 @@ from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id, write_json
 from lake.schemas import EVENTS, PATIENTS, QUARANTINE
+from lake.schemas import PERIOD_SOURCE_FHIR, PERIOD_SOURCE_OMOP
 from preprocessing import emr_record as rec
 from preprocessing.icd import code_set_version
 
@@ -64,6 +65,7 @@ STAGE = "emr_ingest"
 EVENTS_STAGE = "emr_ingest.events"
 PATIENTS_STAGE = "emr_ingest.patients"
 QUARANTINE_STAGE = "emr_ingest.quarantine"
+PERIODS_STAGE = "emr_ingest.observation_periods"
 
 _NDJSON_SUFFIXES = (".ndjson", ".ndjson.gz", ".jsonl", ".jsonl.gz")
 _OMOP_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".parquet")
@@ -267,7 +269,8 @@ def resolve(records: DataFrame) -> DataFrame:
                                 F.lit(" references a patient not accepted in this export")))
         .otherwise(F.col("detail")).alias("detail"),
         "source_ref", "patient_key", "is_patient", "birth_date", "sex",
-        F.when(bad, no_events).otherwise(F.col("events")).alias("events"))
+        F.when(bad, no_events).otherwise(F.col("events")).alias("events"),
+        "death_date", "mrn_key", "period_start", "period_end")
 
 
 def events_frame(final: DataFrame, source: str) -> DataFrame:
@@ -317,9 +320,51 @@ def diagnosis_counts(final: DataFrame) -> dict[str, Any]:
 
 
 def patients_frame(final: DataFrame, source: str) -> DataFrame:
-    """Accepted patient records → LAKE/emr/patients rows (schema lake.schemas.PATIENTS)."""
-    return (final.filter((F.col("status") == rec.OK) & F.col("is_patient"))
-            .select("patient_key", "birth_date", "sex", F.lit(source).alias("source")))
+    """Accepted patient records → LAKE/emr/patients rows (schema lake.schemas.PATIENTS).
+
+    ``death_date`` is the patient record's own (FHIR ``deceased[x]``), else the earliest
+    accepted death record of the patient (OMOP ``death``).
+    """
+    ok = F.col("status") == rec.OK
+    deaths = (final.filter(ok & ~F.col("is_patient") & F.col("death_date").isNotNull())
+              .groupBy("patient_key").agg(F.min("death_date").alias("_death")))
+    return (final.filter(ok & F.col("is_patient")).join(deaths, "patient_key", "left")
+            .select("patient_key", "birth_date", "sex", F.lit(source).alias("source"),
+                    F.coalesce(F.col("death_date"), F.col("_death")).alias("death_date"), "mrn_key"))
+
+
+def observation_periods_frame(final: DataFrame, source: str) -> DataFrame:
+    """LAKE/emr/observation_periods rows (schema lake.schemas.OBSERVATION_PERIODS).
+
+    OMOP: the accepted observation_period rows. FHIR has no such resource, so a
+    patient is registered from the first record known for them: the UTC date on
+    which their earliest accepted record became available (the later of its
+    clinical and known times, as the timelines read it), open-ended (end NULL).
+    A FHIR patient with no accepted record has no period, so is never in an
+    as-of population.
+    """
+    ok = F.col("status") == rec.OK
+    if source == "omop":
+        return (final.filter(ok & F.col("period_start").isNotNull())
+                .select("patient_key", F.col("period_start").alias("start_date"),
+                        F.col("period_end").alias("end_date"), F.lit(PERIOD_SOURCE_OMOP).alias("source")))
+    available = F.greatest(F.col("e.event_time"), F.coalesce(F.col("e.known_time"), F.col("e.event_time")))
+    first_us = F.min(F.unix_micros(available))
+    # Integer day arithmetic: the UTC date whatever the session time zone.
+    first_day = F.date_from_unix_date(F.floor(first_us / F.lit(86_400_000_000)).cast("int"))
+    return (final.filter(ok & ~F.col("is_patient")).select("patient_key", F.explode("events").alias("e"))
+            .groupBy("patient_key").agg(first_day.alias("start_date"))
+            .select("patient_key", "start_date", F.lit(None).cast("date").alias("end_date"),
+                    F.lit(PERIOD_SOURCE_FHIR).alias("source")))
+
+
+def expected_period_rows(final: DataFrame, source: str) -> int:
+    """How many observation-period rows ingest must write, counted apart from the frame itself."""
+    ok = F.col("status") == rec.OK
+    if source == "omop":
+        return final.filter(ok & (F.col("resource_type") == "observation_period")).count()
+    return (final.filter(ok & ~F.col("is_patient") & (F.size("events") > 0))
+            .select("patient_key").distinct().count())
 
 
 def quarantine_frame(final: DataFrame, source: str) -> DataFrame:
@@ -443,7 +488,8 @@ def parquet_rows(directory: Path) -> int:
 def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None = None) -> dict[str, Any]:
     """Ingest one EMR export (``fmt`` fhir | omop) into the lake; return the run summary.
 
-    Writes LAKE/emr/events, LAKE/emr/patients and LAKE/emr/quarantine (each
+    Writes LAKE/emr/events, LAKE/emr/patients, LAKE/emr/quarantine and
+    LAKE/emr/observation_periods (each
     replaced atomically) and LAKE/runs/<run_id>/{ledger,manifest}.json. Raises
     LedgerImbalance (nothing committed) when a record is unaccounted for.
     """
@@ -528,11 +574,15 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
         staging_quarantine = _write(quarantine_frame(final, fmt).coalesce(1), paths.emr_quarantine,
                                     ["resource_type", "reason", "source_ref"])
         stagings.append(staging_quarantine)
+        staging_periods = _write(observation_periods_frame(final, fmt).coalesce(1), paths.observation_periods,
+                                 ["patient_key", "start_date"])
+        stagings.append(staging_periods)
+        n_periods = expected_period_rows(final, fmt)
 
         # Read back what was staged (footers only): the write lost nothing, or nothing commits.
         written = {name: parquet_rows(p) for name, p in
                    (("events", staging_events), ("patients", staging_patients),
-                    ("quarantine", staging_quarantine))}
+                    ("quarantine", staging_quarantine), ("observation_periods", staging_periods))}
         stages = [
             ledger,
             StageLedger(EVENTS_STAGE, records_in=n_events, records_out=written["events"], unit="events"),
@@ -540,6 +590,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
                         unit="patients"),
             StageLedger(QUARANTINE_STAGE, records_in=ledger.quarantined_total,
                         records_out=written["quarantine"], unit="records"),
+            StageLedger(PERIODS_STAGE, records_in=n_periods, records_out=written["observation_periods"],
+                        unit="periods"),
         ]
         write_ledger(run_dir, *stages)
         for s in stages:
@@ -565,7 +617,8 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
         }
         outputs = {"events": str(commit(staging_events, paths.events, manifest)),
                    "patients": str(commit(staging_patients, paths.patients, manifest)),
-                   "quarantine": str(commit(staging_quarantine, paths.emr_quarantine, manifest))}
+                   "quarantine": str(commit(staging_quarantine, paths.emr_quarantine, manifest)),
+                   "observation_periods": str(commit(staging_periods, paths.observation_periods, manifest))}
         stagings.clear()
     finally:
         final.unpersist()

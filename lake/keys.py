@@ -72,6 +72,26 @@ def _checked(raw: str, source: str) -> bytes:
     return key
 
 
+# MRNs are hashed in a namespace of their own: an MRN that happens to equal a FHIR
+# Patient.id or an OMOP person_id must not produce that patient's patient_key.
+MRN_NAMESPACE = "mrn:"
+
+
+def mrn_source_id(mrn: str) -> str:
+    """The string whose keyed hash is an MRN's key (namespaced, surrounding blanks removed)."""
+    return MRN_NAMESPACE + str(mrn).strip()
+
+
+def mrn_key(key: bytes, mrn: str) -> str:
+    """Keyed hash of a medical record number: EMR identifiers and DICOM PatientID alike.
+
+    The one helper both sides use, so ``emr/patients.mrn_key`` and
+    ``imaging/series.mrn_key`` join. Values are compared exactly (after
+    trimming blanks): leading zeros and case are significant, as in the source.
+    """
+    return pseudonymise(key, mrn_source_id(mrn))
+
+
 def create_key_file(path: Path) -> Path:
     """Write a new random key (64 hex characters) to ``path`` with mode 0600; refuse if it exists.
 

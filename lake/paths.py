@@ -35,6 +35,10 @@ class LakePaths:
         return self.root / "emr" / "patients"
 
     @property
+    def observation_periods(self) -> Path:
+        return self.root / "emr" / "observation_periods"
+
+    @property
     def emr_quarantine(self) -> Path:
         return self.root / "emr" / "quarantine"
 
@@ -55,6 +59,10 @@ class LakePaths:
         return self.root / "imaging" / "series"
 
     @property
+    def imaging_link(self) -> Path:
+        return self.root / "imaging" / "patient_link"
+
+    @property
     def imaging_quarantine(self) -> Path:
         return self.root / "imaging" / "quarantine"
 
@@ -67,6 +75,9 @@ class LakePaths:
 
     def screening(self, as_of: dt.date | str) -> Path:
         return self.root / "screening" / f"as_of={as_of_str(as_of)}"
+
+    def worklist(self, as_of: dt.date | str) -> Path:
+        return self.root / "worklist" / f"as_of={as_of_str(as_of)}"
 
     def cohort(self, name: str) -> Path:
         return self.root / "cohorts" / name

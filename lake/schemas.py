@@ -48,7 +48,30 @@ PATIENTS = pa.schema([
     ("birth_date", pa.date32()),
     ("sex", pa.string()),          # F | M | U
     ("source", pa.string()),
+    # Date of death (UTC calendar date), NULL when the export records none: FHIR
+    # Patient.deceasedDateTime, or deceasedBoolean true dated by meta.lastUpdated; OMOP death.
+    ("death_date", pa.date32()),
+    # lake.keys.mrn_key of the medical record number (FHIR identifier of type MR, OMOP
+    # person_source_value): the same keyed hash the DICOM index gives PatientID, so they join.
+    ("mrn_key", pa.string()),
 ])
+
+# Spans during which the patient's records are complete (LAKE/emr/observation_periods).
+# OMOP: the observation_period table. FHIR has none: a patient is registered from the
+# first record known for them (earliest availability: later of event and known time),
+# with an open end (NULL).
+OBSERVATION_PERIODS = pa.schema([
+    ("patient_key", pa.string()),
+    ("start_date", pa.date32()),   # inclusive, UTC calendar date
+    ("end_date", pa.date32()),     # inclusive; NULL = open (observed up to the export)
+    ("source", pa.string()),       # omop_observation_period | fhir_first_record
+])
+PERIOD_SOURCE_OMOP = "omop_observation_period"
+PERIOD_SOURCE_FHIR = "fhir_first_record"
+
+# Reasons a patient of the patient table is outside the as-of population (no timeline,
+# no score, no list row; counted under these names in the emr_features ledger).
+NOT_IN_POPULATION = ("deceased", "not_yet_registered", "not_under_observation")
 
 QUARANTINE = pa.schema([
     ("source", pa.string()),
@@ -115,13 +138,13 @@ FINDINGS = pa.schema([
 # ---------------------------------------------------------------- imaging (DICOM index)
 # Written by jobs/dicom_index. No raw UIDs, names or patient ids: keys are
 # pseudonymised (lake.keys.pseudonymise) of SeriesInstanceUID, StudyInstanceUID,
-# SOPInstanceUID and PatientID. File paths are relative to the archive root with
-# every component keyed (lake.archive): folder names often carry identifiers.
+# SOPInstanceUID, and PatientID (an MRN) through lake.keys.mrn_key. File paths are relative
+# to the archive root with every component keyed (lake.archive): folder names often carry identifiers.
 
 DICOM_INSTANCES = pa.schema([
     ("series_key", pa.string()),
     ("study_key", pa.string()),
-    ("patient_key", pa.string()),
+    ("mrn_key", pa.string()),              # lake.keys.mrn_key(PatientID); the EMR key comes from IMAGING_LINK
     ("sop_key", pa.string()),
     ("path", pa.string()),
     ("file_size_bytes", pa.int64()),
@@ -148,7 +171,7 @@ DICOM_INSTANCES = pa.schema([
 DICOM_SERIES = pa.schema([
     ("series_key", pa.string()),
     ("study_key", pa.string()),
-    ("patient_key", pa.string()),
+    ("mrn_key", pa.string()),
     ("verdict", pa.string()),
     ("eligible", pa.bool_()),
     ("detail", pa.string()),
@@ -180,4 +203,20 @@ DICOM_QUARANTINE = pa.schema([
     ("detail", pa.string()),
     ("file_size_bytes", pa.int64()),
     ("run_id", pa.string()),
+])
+
+# One row per series of the DICOM index: the EMR patient its PatientID (MRN) belongs to
+# (LAKE/imaging/patient_link, built by jobs/imaging_link). Unlinked series keep a row with
+# patient_key NULL and the reason in link_status.
+LINK_LINKED = "linked"
+LINK_NO_MRN = "no_patient_id"            # the DICOM files carry no PatientID
+LINK_NOT_IN_EMR = "mrn_not_in_emr"       # no EMR patient carries this MRN
+LINK_AMBIGUOUS = "ambiguous_mrn"         # more than one EMR patient carries it
+LINK_STATUSES = (LINK_LINKED, LINK_NO_MRN, LINK_NOT_IN_EMR, LINK_AMBIGUOUS)
+IMAGING_LINK = pa.schema([
+    ("series_key", pa.string()),
+    ("study_key", pa.string()),
+    ("mrn_key", pa.string()),
+    ("patient_key", pa.string()),          # EMR patient_key; NULL unless linked
+    ("link_status", pa.string()),          # LINK_STATUSES
 ])

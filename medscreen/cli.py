@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "medscreen.cmd_engines",
     "medscreen.cmd_score",
     "medscreen.cmd_dicom",
+    "medscreen.cmd_worklist",
     "medscreen.cmd_demo",
     "medscreen.cmd_keys",
     "medscreen.cmd_audit",

@@ -117,12 +117,16 @@ def run_demo(args: argparse.Namespace) -> int:
         from jobs import dicom_index
         summary["dicom_index"] = progress.run("DICOM index (Spark, headers only)",
                                               lambda: dicom_index.run(settings, dicom_dir))
+        from jobs import imaging_link
+        summary["imaging_link"] = imaging_link.run(settings)  # series → EMR patient by keyed MRN
         _stop_spark()
         from inference import ct as ct_inference
         ct_run = progress.run("Ray CT scoring (ct_nodule) → findings",
                               lambda: ct_inference.score(settings, d.as_of))
         summary["score_ct_run"] = str(ct_run)
         summary["ct_check"] = _check_ct(settings, d.as_of, dicom_dir)
+        from inference import worklist
+        summary["worklist"] = worklist.build(settings.lake.root, d.as_of)[1]
 
     from medscreen.phi_audit import audit
     audit_inputs = [emr_dir, dicom_dir] if ct else [emr_dir]
@@ -358,6 +362,8 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
           f"(length p50 {length.get('p50')}, p95 {length.get('p95')})\n")
         for reason, n in sorted((feat.get("events_ignored") or {}).items(), key=lambda kv: -kv[1]):
             w(f"    {'events ignored':<16} {reason:<24} {n:>8,}\n")
+        for reason, n in (feat.get("not_in_population") or {}).items():
+            w(f"    {'not in as-of population':<24} {reason:<16} {n:>8,}\n")
     notes = s.get("notes") or {}
     if notes:
         w(f"from notes        {notes['counted']:>10,} diagnoses counted (affirmed {notes['affirmed']:,}, history "
@@ -386,6 +392,13 @@ def _print_summary(settings: Settings, s: dict[str, Any]) -> None:
         w(f"CT findings       {ct.get('findings', 0):>10,}; planted nodules >= 6 mm found within 5 mm: "
           f"{ct.get('found_within_5mm')}/{ct.get('nodules_ge_6mm')} (sensitivity {ct.get('sensitivity')}), "
           f"false positives per series {ct.get('false_positives_per_series')}\n")
+        link = s.get("imaging_link") or {}
+        w(f"imaging ↔ EMR     {link.get('linked', 0):>10,} of {link.get('series', 0):,} series linked to an EMR "
+          f"patient by MRN; unlinked: {', '.join(f'{k} {v}' for k, v in (link.get('unlinked') or {}).items()) or 'none'}\n")
+        wl = s.get("worklist") or {}
+        w(f"worklist          {wl.get('rows', 0):>10,} patients: {wl.get('with_risk_heads', 0):,} with risk heads, "
+          f"{wl.get('with_ct_findings', 0):,} with open CT findings, {wl.get('with_both', 0):,} both; "
+          f"{wl.get('unlinked_findings', 0):,} findings on unlinked series\n")
     phi = s.get("phi_audit")
     if phi is not None:
         w(f"PHI audit         {phi['identifiers']:>10,} identifiers from the inputs "

@@ -1,4 +1,5 @@
-"""``medscreen dicom index|list|export`` — the DICOM index (Spark) and NIfTI export of indexed series."""
+"""``medscreen dicom index|link|list|export`` — the DICOM index and its EMR patient link (Spark),
+and NIfTI export of indexed series."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--run-id", help="run id (default: a new one)")
     add_lake_flag(i)
     i.set_defaults(func=_index)
+
+    lk = s.add_parser("link", help="LAKE/imaging/series + emr/patients → LAKE/imaging/patient_link "
+                                   "(series → EMR patient by keyed MRN)")
+    lk.add_argument("--run-id", help="run id (default: a new one)")
+    add_lake_flag(lk)
+    lk.set_defaults(func=_link)
 
     ls = s.add_parser("list", help="indexed series: key, verdict, slices, spacing")
     add_lake_flag(ls)
@@ -38,6 +45,14 @@ def _index(args: argparse.Namespace) -> int:
     if settings.inputs.dicom_dir is None:
         raise ValueError("no DICOM input: pass --input DIR or set MEDSCREEN_INPUTS__DICOM_DIR")
     summary = dicom_index.run(settings, Path(settings.inputs.dicom_dir), run_id=args.run_id)
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def _link(args: argparse.Namespace) -> int:
+    from jobs import imaging_link
+
+    summary = imaging_link.run(settings_from_args(args), run_id=args.run_id)
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return 0
 

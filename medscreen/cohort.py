@@ -9,7 +9,10 @@ timelines — and an age range at the index date. Membership is the events'
 ``code_groups`` column, which ingest filled with
 ``preprocessing.code_groups.groups_for``: the one definition the timelines'
 flags and labels use too. Index dates run from ``index_start`` to
-``index_end`` every ``step_days``.
+``index_end`` every ``step_days``. With ``require_ct_findings`` the members at a
+date are further restricted to patients with CT findings in that date's
+findings partition (joined to the EMR patient through LAKE/imaging/patient_link
+at CT scoring).
 
 Results live under ``LAKE/cohorts/<name>/``: ``definition.json`` beside one
 committed partition per index date (``index_date=D/``: members + their EMR
@@ -67,6 +70,7 @@ class CohortDefinition:
     index_end: str = ""
     step_days: int = 30
     models: list[str] = field(default_factory=lambda: ["emr_risk"])
+    require_ct_findings: bool = False
 
     def index_dates(self) -> list[str]:
         """Every index date from start to end (inclusive) every ``step_days``."""
@@ -122,12 +126,15 @@ def define_cohort(params: dict[str, Any], known_groups: list[str],
     models = list(params.get("models") or [])
     if not models or set(models) - set(known_models):
         errors.append(f"models {models}: choose one or more of {list(known_models)}")
+    require_ct = bool(params.get("require_ct_findings", False))
+    if require_ct and "ct_nodule" not in models:
+        errors.append("require_ct_findings: add ct_nodule to models (findings come from CT scoring)")
     if errors:
         raise CohortDefinitionError("invalid cohort definition:\n" + "\n".join(f"- {e}" for e in errors))
     return CohortDefinition(name=name, include_groups=sorted(include), exclude_groups=sorted(exclude),
                             age_min_years=age_min, age_max_years=age_max,
                             index_start=start.isoformat(), index_end=end.isoformat(),
-                            step_days=step, models=sorted(models))
+                            step_days=step, models=sorted(models), require_ct_findings=require_ct)
 
 
 def store_definition(lake_root: Path, definition: CohortDefinition, replace: bool = False) -> Path:
@@ -229,8 +236,21 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str) 
     lake = LakePaths(lake_root)
     as_of = as_of_str(as_of)
     members = select_members(lake_root, definition, as_of)
+    counts: dict[str, Any] = {"index_date": as_of}
+    findings = None
+    if "ct_nodule" in definition.models:
+        findings_dir = lake.findings("ct_nodule", as_of)
+        findings = _read_committed(findings_dir, members.column("patient_key"))
+        if findings is None:
+            raise FileNotFoundError(f"{findings_dir} is not committed; the score_ct task for {as_of} "
+                                    "must succeed first")
+        if definition.require_ct_findings:
+            # Findings of unlinked series have no patient_key and match no member.
+            with_findings = pc.unique(findings.column("patient_key").drop_null())
+            members = members.filter(pc.is_in(members.column("patient_key"), value_set=with_findings))
+        counts["findings"] = findings.num_rows
     keys = members.column("patient_key")
-    counts: dict[str, Any] = {"index_date": as_of, "members": members.num_rows}
+    counts["members"] = members.num_rows
     scores_run = None
     if "emr_risk" in definition.models:
         scores_dir = lake.scores("emr_risk", as_of)
@@ -243,14 +263,6 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str) 
                                join_type="left outer").sort_by("patient_key")
         counts["members_scored"] = members.num_rows - members.column(score_cols[0]).null_count
         scores_run = read_manifest(scores_dir).get("run_id")
-    findings = None
-    if "ct_nodule" in definition.models:
-        findings_dir = lake.findings("ct_nodule", as_of)
-        findings = _read_committed(findings_dir, keys)
-        if findings is None:
-            raise FileNotFoundError(f"{findings_dir} is not committed; the score_ct task for {as_of} "
-                                    "must succeed first")
-        counts["findings"] = findings.num_rows
     final = lake.cohort(definition.name) / f"index_date={as_of}"
     with atomic_partition(final, {"cohort": definition.name, "index_date": as_of,
                                   "definition": definition.to_dict(), "scores_run_id": scores_run,

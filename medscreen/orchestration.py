@@ -140,11 +140,13 @@ def job_arguments(job: str, settings: Settings, as_of: str | None = None,
             raise OrchestrationError("no DICOM input configured: set MEDSCREEN_INPUTS__DICOM_DIR "
                                      "in the Airflow environment")
         return ["--input", str(settings.inputs.dicom_dir), *lake]
+    if job == "imaging_link":
+        return lake
     if job == "emr_features":
         if not as_of:
             raise OrchestrationError("emr_features needs an as-of date")
         return [*lake, "--as-of", as_of_str(as_of), *(["--with-labels"] if with_labels else [])]
-    raise OrchestrationError(f"unknown Spark job {job!r}; known: emr_ingest, emr_features, dicom_index")
+    raise OrchestrationError(f"unknown Spark job {job!r}; known: emr_ingest, emr_features, dicom_index, imaging_link")
 
 
 # ------------------------------------------------------- shared-table rebuilds
@@ -288,6 +290,19 @@ class SharedTableSparkSubmitOperator(LakeSparkSubmitOperator):
                 raise OrchestrationError(f"{self.job} finished but {table.output} has no _SUCCESS; "
                                          "see the Spark job log above")
             table.record(settings.lake.root, run_id)
+
+
+class ImagingLinkSparkSubmitOperator(LakeSparkSubmitOperator):
+    """Rebuild LAKE/imaging/patient_link after ingest and index (both may have changed it);
+    skipped when no DICOM input is configured, one build at a time."""
+
+    def execute(self, context: Any) -> None:
+        settings = load_settings()
+        if settings.inputs.dicom_dir is None:
+            raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); "
+                                       "no imaging ↔ EMR link to build")
+        with lake_lock(settings.lake.root, self.job):
+            super().execute(context)
 
 
 # ------------------------------------------------------------------- the CLI

@@ -49,6 +49,7 @@ R_MISSING_VALUE = "missing_value"
 R_INVALID_VALUE = "invalid_value"
 R_MISSING_ATTACHMENT = "missing_attachment"
 R_UNDECODABLE_ATTACHMENT = "undecodable_attachment"
+R_INVALID_PERIOD = "invalid_period"     # an observation period that ends before it starts
 
 # Ignore rules (counted in the ledger's ``ignored``, never silent).
 I_UNSUPPORTED_RESOURCE = "unsupported_resource"
@@ -88,6 +89,13 @@ class ParsedRecord:
     birth_date: dt.date | None = None
     sex: str | None = None
     events: list[Event] = field(default_factory=list)
+    # Population facts (patients table, observation periods): FHIR Patient.deceased[x] and
+    # the MR identifier on the patient row; an OMOP death row carries death_date alone; an
+    # OMOP observation_period row carries period_start (and period_end, NULL = open).
+    death_date: dt.date | None = None
+    mrn_key: str | None = None
+    period_start: dt.date | None = None
+    period_end: dt.date | None = None
 
 
 def quarantine(resource_type: str, reason: str, detail: str,
@@ -235,6 +243,10 @@ RECORDS = pa.schema([
     ("birth_date", pa.date32()),
     ("sex", pa.string()),
     ("events", pa.list_(EVENT_STRUCT)),
+    ("death_date", pa.date32()),
+    ("mrn_key", pa.string()),
+    ("period_start", pa.date32()),
+    ("period_end", pa.date32()),
 ])
 
 
@@ -279,5 +291,9 @@ def records_to_arrow(records: list[ParsedRecord], ords: list[int]) -> pa.RecordB
         pa.array([r.birth_date for r in records], pa.date32()),
         pa.array([r.sex for r in records], pa.string()),
         events,
+        pa.array([r.death_date for r in records], pa.date32()),
+        pa.array([r.mrn_key for r in records], pa.string()),
+        pa.array([r.period_start for r in records], pa.date32()),
+        pa.array([r.period_end for r in records], pa.date32()),
     ]
     return pa.RecordBatch.from_arrays(cols, schema=RECORDS)

@@ -2,7 +2,12 @@
 
 Supported resources and what they become:
 
-- ``Patient`` → a patients row (patient_key, birth_date, sex F|M|U);
+- ``Patient`` → a patients row (patient_key, birth_date, sex F|M|U, death_date,
+  mrn_key). ``death_date``: the UTC date of ``deceasedDateTime``; for
+  ``deceasedBoolean: true`` (death known, date not) the date of
+  ``meta.lastUpdated`` (the record said so by then), else the export's date.
+  ``mrn_key``: lake.keys.mrn_key of the first ``identifier`` whose type is v2-0203
+  ``MR`` (use ``old`` skipped);
 - ``Encounter`` → one ``encounter`` event (type, else class, coding);
 - ``Condition`` → one ``dx`` event per coding, system normalised, each with
   the groups of all the Condition's codings (``groups_for``); an ICD-10-CM
@@ -32,6 +37,7 @@ import functools
 import json
 from typing import Any
 
+from lake.keys import mrn_source_id
 from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
                           SYSTEM_ICD10CM, SYSTEM_LOINC)
 from preprocessing.emr_record import (I_BLANK_LINE, I_ENTERED_IN_ERROR, I_NON_NUMERIC_VALUE,
@@ -50,6 +56,8 @@ SOURCE = "fhir"
 SUPPORTED = ("Patient", "Encounter", "Condition", "Observation", "DocumentReference")
 
 _SEX = {"female": "F", "male": "M"}
+# HL7 v2 table 0203 (identifier type), as FHIR R4 names it and as older exports wrote it.
+_V2_0203 = ("http://terminology.hl7.org/CodeSystem/v2-0203", "http://hl7.org/fhir/v2/0203")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -125,8 +133,51 @@ def _patient(res: dict[str, Any], ctx: ParseContext, rtype: str, ref: str) -> Pa
         if birth > ctx.today:
             raise _Bad(R_FUTURE_DATE, "Patient.birthDate is in the future")
     sex = _SEX.get(res.get("gender"), "U") if isinstance(res.get("gender"), str) else "U"
+    death = _death_date(res, ctx, birth)
+    mrn = _mrn(res)
     return ParsedRecord(OK, rtype, patient_key=ctx.hash(res["id"]), is_patient=True,
-                        birth_date=birth, sex=sex)
+                        birth_date=birth, sex=sex, death_date=death,
+                        mrn_key=ctx.hash(mrn_source_id(mrn)) if mrn is not None else None)
+
+
+def _death_date(res: dict[str, Any], ctx: ParseContext, birth: Any) -> Any:
+    """Patient.deceased[x] as a UTC date (see the module docstring); None when alive or unsaid."""
+    when = res.get("deceasedDateTime")
+    if when is not None:
+        try:
+            death = parse_date(when)
+        except (ValueError, TypeError, OverflowError):
+            raise _Bad(R_INVALID_DATE, "Patient.deceasedDateTime is not a FHIR dateTime") from None
+        if death > ctx.today:
+            raise _Bad(R_FUTURE_DATE, "Patient.deceasedDateTime is in the future")
+        if birth is not None and death < birth:
+            raise _Bad(R_INVALID_DATE, "Patient.deceasedDateTime is before Patient.birthDate")
+        return death
+    if res.get("deceasedBoolean") is not True:
+        return None
+    # Dead, date unknown: the record said so by its last update at the latest; a timeline
+    # dated after that day must not exist. Without meta.lastUpdated, the export's own date.
+    meta = res.get("meta")
+    updated = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if updated is not None:
+        try:
+            return min(parse_date(updated), ctx.today)
+        except (ValueError, TypeError, OverflowError):
+            raise _Bad(R_INVALID_DATE, "Patient.meta.lastUpdated is not a FHIR instant") from None
+    return ctx.today
+
+
+def _mrn(res: dict[str, Any]) -> str | None:
+    """The value of the first current identifier typed v2-0203 MR, or None."""
+    identifiers = res.get("identifier")
+    for ident in identifiers if isinstance(identifiers, list) else []:
+        if not isinstance(ident, dict) or ident.get("use") == "old":
+            continue
+        is_mr = any(c.get("system") in _V2_0203 and c.get("code") == "MR" for c in _codings(ident.get("type")))
+        value = ident.get("value")
+        if is_mr and isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
 
 
 def _subject_key(res: dict[str, Any], ctx: ParseContext, rtype: str) -> str:

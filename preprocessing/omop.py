@@ -5,6 +5,11 @@ Tables read, as OHDSI ships them (CSV or Parquet; extra columns ignored):
 - ``person`` → a patients row; ``person_id`` in decimal is the source id;
   birth from ``birth_datetime`` else year/month/day; sex from
   ``gender_concept_id`` (8507 M, 8532 F) else ``gender_source_value``;
+  ``person_source_value`` is the medical record number (→ ``mrn_key``);
+- ``death`` → the person's death date (``death_datetime`` else ``death_date``,
+  UTC date); one row per person (a second is ``duplicate_id``);
+- ``observation_period`` → an observation period (start/end dates, inclusive);
+  an end before the start is quarantined ``invalid_period``;
 - ``visit_occurrence`` → ``encounter`` event (``visit_concept_id``, system ``omop``);
 - ``condition_occurrence`` → ``dx`` event. Groups: the standard
   ``condition_concept_id`` (else the standard concept the source concept
@@ -22,7 +27,7 @@ Tables read, as OHDSI ships them (CSV or Parquet; extra columns ignored):
 The vocabulary tables (``concept``, ``concept_relationship``,
 ``concept_ancestor``) are read by the job for the condition rows (see
 :data:`VOCABULARY_TABLES`) and counted as ``vocabulary_table``. Every other
-table (drug_exposure, death, cost, cdm_source, ...) is ignored by rule
+table (drug_exposure, cost, cdm_source, ...) is ignored by rule
 ``unsupported_table`` and counted by the job. All values arrive as
 strings (the job reads with an all-string schema) so a bad value becomes a
 quarantine reason here rather than a silent null in the reader.
@@ -35,6 +40,7 @@ import datetime as dt
 import re
 from collections.abc import Mapping
 
+from lake.keys import mrn_source_id
 from lake.schemas import (KIND_DX, KIND_DX_TEXT, KIND_ENCOUNTER, KIND_OBS, SYSTEM_ICD9CM,
                           SYSTEM_ICD10CM, SYSTEM_LOINC, SYSTEM_OMOP, SYSTEM_SNOMED)
 from preprocessing.code_groups import is_snomed_concept_id
@@ -45,6 +51,7 @@ from preprocessing.emr_record import (I_NON_NUMERIC_VALUE, I_UNSUPPORTED_TABLE, 
                                       R_MISSING_ID, R_MISSING_SUBJECT, R_MISSING_VALUE, Event,
                                       ParseContext, ParsedRecord, dx_event, ignored, parse_date,
                                       parse_datetime_us, quarantine)
+from preprocessing.emr_record import R_INVALID_PERIOD
 from preprocessing.icd import looks_like_icd9cm, normalise_icd9cm, normalise_icd10cm, parse_icd10cm
 
 SOURCE = "omop"
@@ -57,7 +64,10 @@ VOCABULARY_COLUMNS = ("_concept_vocabulary", "_concept_code", "_concept_standard
 # The columns each supported table is read with (all as strings). Missing ones read as null.
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "person": ("person_id", "gender_concept_id", "year_of_birth", "month_of_birth",
-               "day_of_birth", "birth_datetime", "gender_source_value"),
+               "day_of_birth", "birth_datetime", "gender_source_value", "person_source_value"),
+    "death": ("person_id", "death_date", "death_datetime"),
+    "observation_period": ("observation_period_id", "person_id", "observation_period_start_date",
+                           "observation_period_end_date"),
     "visit_occurrence": ("visit_occurrence_id", "person_id", "visit_concept_id",
                          "visit_start_date", "visit_start_datetime"),
     "condition_occurrence": ("condition_occurrence_id", "person_id", "condition_concept_id",
@@ -180,7 +190,8 @@ def parse_omop_row(table: str, row: Mapping[str, str | None], ctx: ParseContext,
     parser = _PARSERS.get(table)
     if parser is None:
         return ignored(table, I_UNSUPPORTED_TABLE, f"table {table} is not ingested")
-    id_col = "person_id" if table == "person" else f"{table}_id"
+    # death has no id of its own: CDM 5.4 allows one row per person.
+    id_col = "person_id" if table in ("person", "death") else f"{table}_id"
     ref = None
     if malformed:
         try:
@@ -218,7 +229,37 @@ def _person(row: Mapping[str, str | None], ctx: ParseContext, table: str, pid: s
         raise _Bad(R_FUTURE_DATE, "person birth date is in the future")
     gc = _text(row, "gender_concept_id")
     sex = _GENDER_CONCEPTS.get(gc or "") or _GENDER_VALUES.get((_text(row, "gender_source_value") or "").lower(), "U")
-    return ParsedRecord(OK, table, patient_key=ctx.hash(pid), is_patient=True, birth_date=birth, sex=sex)
+    mrn = _text(row, "person_source_value")
+    return ParsedRecord(OK, table, patient_key=ctx.hash(pid), is_patient=True, birth_date=birth, sex=sex,
+                        mrn_key=ctx.hash(mrn_source_id(mrn)) if mrn is not None else None)
+
+
+def _day(row: Mapping[str, str | None], ctx: ParseContext, table: str, *cols: str) -> dt.date:
+    us = _time(row, ctx, table, *cols)
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us)).date()
+
+
+def _death(row: Mapping[str, str | None], ctx: ParseContext, table: str, pid: str) -> ParsedRecord:
+    death = _day(row, ctx, table, "death_datetime", "death_date")
+    return ParsedRecord(OK, table, patient_key=ctx.hash(pid), death_date=death)
+
+
+def _observation_period(row: Mapping[str, str | None], ctx: ParseContext, table: str,
+                        rid: str) -> ParsedRecord:
+    pkey = _subject(row, ctx, table)
+    start = _day(row, ctx, table, "observation_period_start_date")
+    end_text = _text(row, "observation_period_end_date")
+    end = None
+    if end_text is not None:
+        try:
+            end = parse_date(end_text)
+        except (ValueError, TypeError, OverflowError):
+            raise _Bad(R_INVALID_DATE, f"{table}.observation_period_end_date is not a date") from None
+        if end < start:
+            raise _Bad(R_INVALID_PERIOD, f"{table}.observation_period_end_date is before its start date")
+    # An end after the export is the ETL's "still observed": kept as given (the as-of day
+    # is never after the export in a real run).
+    return ParsedRecord(OK, table, patient_key=pkey, period_start=start, period_end=end)
 
 
 def _subject(row: Mapping[str, str | None], ctx: ParseContext, table: str) -> str:
@@ -343,4 +384,6 @@ _PARSERS = {
     "measurement": _valued,
     "observation": _valued,
     "note": _note,
+    "death": _death,
+    "observation_period": _observation_period,
 }

@@ -49,6 +49,27 @@ Label rules, per group (same groups):
 * 0 if not, provided the patient was still observed at the end of the horizon:
   any event at or after ``D + horizon_days 00:00``.
 * NULL otherwise (lost to follow-up: we cannot tell a negative from a gap).
+
+The as-of population (:func:`population_status`): a timeline exists only for a
+patient alive, registered and under observation on D, from the patients table
+(``death_date``) and the observation periods (start/end dates, inclusive; end
+NULL = open):
+
+* ``deceased`` — a death date on or before D;
+* ``not_yet_registered`` — no observation period starts on or before D (for
+  FHIR, whose periods start at the first record known: no record yet);
+* ``not_under_observation`` — periods started, but none covers D.
+
+Censoring of labels (:func:`censor_date`): follow-up ends at the earlier of
+the death date and the end of the observation period covering D (an open
+period does not censor). With censor day C:
+
+* 1 only if the incident diagnosis falls on or before C (events after death or
+  outside observation are not evidence);
+* 0 only if C is on or after D + horizon_days (observed through the whole
+  horizon) and the follow-up rule above holds;
+* NULL otherwise: a patient who died or left observation inside the horizon
+  without a diagnosis is censored, never a negative.
 """
 from __future__ import annotations
 
@@ -123,6 +144,31 @@ def normalise_sex(sex: str | None) -> str:
 def age_years(birth_date: dt.date, as_of: dt.date) -> float:
     """Age at the as-of date in years (days / 365.25), rounded to float32."""
     return float(np.float32((as_of - birth_date).days / DAYS_PER_YEAR))
+
+
+Period = tuple[dt.date, dt.date | None]  # (start, end) inclusive; end None = open
+
+
+def population_status(death_date: dt.date | None, periods: Sequence[Period], as_of: dt.date) -> str | None:
+    """None when the patient is in the as-of population; else the reason (module docstring)."""
+    if death_date is not None and death_date <= as_of:
+        return "deceased"
+    started = [p for p in periods if p[0] is not None and p[0] <= as_of]
+    if not started:
+        return "not_yet_registered"
+    if not any(end is None or end >= as_of for _, end in started):
+        return "not_under_observation"
+    return None
+
+
+def censor_date(death_date: dt.date | None, periods: Sequence[Period], as_of: dt.date) -> dt.date | None:
+    """Last day of follow-up for labels: the earlier of death and the end of the period
+    covering ``as_of``; None when neither ends it (module docstring)."""
+    covering = [end for start, end in periods
+                if start is not None and start <= as_of and (end is None or end >= as_of)]
+    period_end = None if not covering or any(e is None for e in covering) else max(covering)
+    ends = [d for d in (death_date, period_end) if d is not None]
+    return min(ends) if ends else None
 
 
 def build_timeline(event_time_us: Sequence[int] | np.ndarray, token_ids: Sequence[int] | np.ndarray,
@@ -200,19 +246,25 @@ def prevalence(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | 
 def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[str | None],
                    code_groups: Sequence[Sequence[str] | None], assertions: Sequence[str | None],
                    as_of: dt.date, horizon_days: int, groups: dict[str, tuple[str, ...]] | None = None,
-                   known_time_us: Sequence[int] | np.ndarray | None = None) -> dict[str, int | None]:
-    """``{head: 1 | 0 | None}`` for each label group (see the module docstring for the rules)."""
+                   known_time_us: Sequence[int] | np.ndarray | None = None,
+                   censor: dt.date | None = None) -> dict[str, int | None]:
+    """``{head: 1 | 0 | None}`` for each label group (see the module docstring for the rules).
+
+    ``censor``: the last day of follow-up (:func:`censor_date`), None for none.
+    """
     groups = LABEL_GROUPS if groups is None else groups
     t = to_epoch_us(event_time_us)
     known = None if known_time_us is None else to_epoch_us(known_time_us)
     avail = _available_us(t, known)
     end = (epoch_day(as_of) + 1) * US_PER_DAY
     horizon_end = end + horizon_days * US_PER_DAY
-    followed = bool(np.any(t >= horizon_end - US_PER_DAY))
+    censor_end = None if censor is None else (epoch_day(censor) + 1) * US_PER_DAY
+    positive_end = horizon_end if censor_end is None else min(horizon_end, censor_end)
+    followed = bool(np.any(t >= horizon_end - US_PER_DAY)) and (censor_end is None or censor_end >= horizon_end)
     prevalent = prevalence(t, kinds, code_groups, assertions, as_of, groups, known)
     labels: dict[str, int | None] = {}
     for head, names in groups.items():
-        positive = any(ai != _NAT and end <= ai < horizon_end and _incident_assertion(k, a)
+        positive = any(ai != _NAT and end <= ai < positive_end and _incident_assertion(k, a)
                        and _in_group(k, g, names)
                        for ai, k, g, a in zip(avail, kinds, code_groups, assertions))
         labels[head] = None if prevalent[head] else 1 if positive else 0 if followed else None
@@ -221,14 +273,16 @@ def compute_labels(event_time_us: Sequence[int] | np.ndarray, kinds: Sequence[st
 
 def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lookback_days: int,
                     max_tokens: int, horizon_days: int | None = None,
-                    vocab: "Vocabulary | None" = None) -> "pa.Table":
-    """Single-process timelines for whole EVENTS and PATIENTS tables (the Spark job's reference).
+                    vocab: "Vocabulary | None" = None, *, periods: "pa.Table") -> "pa.Table":
+    """Single-process timelines for whole EVENTS, PATIENTS and OBSERVATION_PERIODS tables
+    (the Spark job's reference).
 
     Same rows as jobs/emr_features writes (sorted by patient_key): one per
-    usable patient row — rows without a key or birth date, keys on more than
-    one row and patients born after ``as_of`` are left out, as the job does
-    (it counts them in its ledger). Label columns are added when
-    ``horizon_days`` is given.
+    usable patient row in the as-of population — rows without a key or birth
+    date, keys on more than one row, patients born after ``as_of`` and
+    patients outside the population (:func:`population_status`) are left out,
+    as the job does (it counts them in its ledger). Label columns, censored
+    at death and end of observation, are added when ``horizon_days`` is given.
     """
     import pyarrow as pa
 
@@ -253,6 +307,12 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
     bounds = np.searchsorted(key_index[order], np.arange(len(keys.dictionary) + 1))
     slot = {k: i for i, k in enumerate(keys.dictionary.to_pylist())}
 
+    spans: dict[str, list[Period]] = {}
+    for k, start, end in zip(periods.column("patient_key").to_pylist(), periods.column("start_date").to_pylist(),
+                             periods.column("end_date").to_pylist()):
+        spans.setdefault(k, []).append((start, end))
+    deaths = dict(zip(patients.column("patient_key").to_pylist(), patients.column("death_date").to_pylist()))
+
     pk = patients.column("patient_key").to_pylist()
     counts: dict[str | None, int] = {}
     for k in pk:
@@ -261,6 +321,8 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
     for k, birth, sex in sorted(zip(pk, patients.column("birth_date").to_pylist(),
                                     patients.column("sex").to_pylist()), key=lambda r: str(r[0])):
         if k is None or counts[k] > 1 or birth is None or birth > as_of:
+            continue
+        if population_status(deaths[k], spans.get(k, []), as_of) is not None:
             continue
         idx = order[bounds[slot[k]]:bounds[slot[k] + 1]] if k in slot else np.empty(0, dtype=np.int64)
         tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens, known[idx])
@@ -272,7 +334,8 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
         prevalent = prevalence(*dx, known_time_us=known[idx])
         row.update({col: prevalent[head] for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)})
         if horizon_days is not None:
-            labels = compute_labels(*dx, horizon_days, known_time_us=known[idx])
+            labels = compute_labels(*dx, horizon_days, known_time_us=known[idx],
+                                    censor=censor_date(deaths[k], spans.get(k, []), as_of))
             row.update({col: labels[head] for head, col in zip(LABEL_GROUPS, LABEL_COLUMNS)})
         rows.append(row)
     schema = TIMELINES if horizon_days is None else TIMELINES_WITH_LABELS

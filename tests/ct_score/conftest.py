@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lake.commit import atomic_partition
-from lake.keys import pseudonymise
+from lake.keys import mrn_key, pseudonymise
 from lake.paths import LakePaths
-from lake.schemas import DICOM_SERIES
+from lake.schemas import DICOM_SERIES, IMAGING_LINK
 from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
 from medscreen.synth_ct import SeriesSpec, write_series
 
@@ -47,8 +47,14 @@ def _study(i: int, date: str) -> dict[str, Any]:
             "frame_uid": f"1.2.826.0.1.3680043.8.498.77.{i}.2", "study_date": date, "accession": f"ACC{i}"}
 
 
-def write_tiny_series(folder: Path, index: int, date: str, nodule: bool = True) -> dict[str, Any]:
-    """One axial series with (optionally) one solid nodule; returns its ground truth."""
+def write_tiny_series(folder: Path, index: int, date: str, nodule: bool = True,
+                      patient_id: str | None = None) -> dict[str, Any]:
+    """One axial series with (optionally) one solid nodule; returns its ground truth.
+
+    ``patient_id``: the DICOM PatientID (default a synthetic one; an EMR fixture's MRN links it)."""
+    study = _study(index, date)
+    if patient_id is not None:
+        study["patient_id"] = patient_id
     folder.mkdir(parents=True, exist_ok=True)
     extent = SLICE_MM * (SLICES - 1)
     anatomy = ChestAnatomy(centre_lps_mm=(0.0, 0.0, 0.0),
@@ -58,12 +64,12 @@ def write_tiny_series(folder: Path, index: int, date: str, nodule: bool = True) 
     spec = SeriesSpec("axial_chest", rows=ROWS, cols=ROWS, pixel_spacing_mm=PIXEL_MM,
                       z_positions_mm=[-extent / 2 + k * SLICE_MM for k in range(SLICES)])
     window = _Window(ChestPhantom(anatomy, nodules), (lx, ly, 0.0))
-    rec = write_series(folder, window, spec, _study(index, date), 1,  # type: ignore[arg-type]
+    rec = write_series(folder, window, spec, study, 1,  # type: ignore[arg-type]
                        np.random.default_rng(index), f"ct-score-test/{index}")
     rec["files"] = [str(folder / f) for f in rec["files"]]
     rec["nodules"] = [n.to_dict() for n in nodules]
-    rec["study_uid"] = _study(index, date)["study_uid"]
-    rec["patient_id"] = _study(index, date)["patient_id"]
+    rec["study_uid"] = study["study_uid"]
+    rec["patient_id"] = study["patient_id"]
     return rec
 
 
@@ -72,7 +78,7 @@ def write_series_index(lake_root: Path, key: bytes, rows: list[dict[str, Any]]) 
     table = pa.table({
         "series_key": [pseudonymise(key, r["series_uid"]) for r in rows],
         "study_key": [pseudonymise(key, r["study_uid"]) for r in rows],
-        "patient_key": [pseudonymise(key, r["patient_id"]) for r in rows],
+        "mrn_key": [mrn_key(key, r["patient_id"]) for r in rows],
         "study_date": pa.array([dt.date.fromisoformat(r["date"]) for r in rows], pa.date32()),
         "verdict": [r["verdict"] for r in rows],
         "paths": pa.array([r["files"] for r in rows], pa.list_(pa.string())),
@@ -83,7 +89,25 @@ def write_series_index(lake_root: Path, key: bytes, rows: list[dict[str, Any]]) 
     final = LakePaths(lake_root).dicom_series
     with atomic_partition(final, {"stage": "test_index"}) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
+    write_unlinked(lake_root, table)
     return final
+
+
+def write_unlinked(lake_root: Path, series: pa.Table) -> None:
+    """Commit LAKE/imaging/patient_link as jobs/imaging_link leaves it for a lake without EMR
+    patients (no committed patients table): every series ``mrn_not_in_emr``."""
+    n = series.num_rows
+    link = pa.table({"series_key": series.column("series_key"), "study_key": series.column("study_key"),
+                     "mrn_key": series.column("mrn_key"), "patient_key": pa.nulls(n, pa.string()),
+                     "link_status": pa.array(["mrn_not_in_emr"] * n, pa.string())}, schema=IMAGING_LINK)
+    inputs = {"series": {"run_id": None}, "patients": {"run_id": None}}
+    with atomic_partition(LakePaths(lake_root).imaging_link, {"stage": "test_link", "inputs": inputs}) as staging:
+        pq.write_table(link, staging / "part-00000.parquet")
+
+
+@pytest.fixture(scope="session")
+def tiny_series_writer():
+    return write_tiny_series
 
 
 @pytest.fixture(scope="session")

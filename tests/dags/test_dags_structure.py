@@ -11,6 +11,7 @@ NIGHTLY_EDGES = {
     ("dicom_index", "engines_ensure"), ("engines_ensure", "score_emr"),
     ("engines_ensure", "score_ct"), ("score_emr", "qc_gate"), ("score_ct", "qc_gate"),
     ("qc_gate", "publish"), ("publish", "report"), ("qc_gate", "report"),
+    ("emr_ingest", "imaging_link"), ("dicom_index", "imaging_link"), ("imaging_link", "score_ct"),
 }
 
 
@@ -49,8 +50,8 @@ def _restriction(earliest: dt.datetime):
 def test_nightly_tasks_and_dependencies(dagbag) -> None:
     dag = dagbag.dags["nightly_screening"]
     assert {t.task_id for t in dag.tasks} == {
-        "emr_ingest", "dicom_index", "emr_features", "engines_ensure", "score_emr", "score_ct",
-        "qc_gate", "publish", "report"}
+        "emr_ingest", "dicom_index", "imaging_link", "emr_features", "engines_ensure", "score_emr",
+        "score_ct", "qc_gate", "publish", "report"}
     assert _edges(dag) == NIGHTLY_EDGES
 
 
@@ -61,14 +62,14 @@ def test_spark_steps_go_through_the_spark_provider(dagbag) -> None:
 
     dag = dagbag.dags["nightly_screening"]
     for task_id, job in (("emr_ingest", "emr_ingest"), ("emr_features", "emr_features"),
-                         ("dicom_index", "dicom_index")):
+                         ("dicom_index", "dicom_index"), ("imaging_link", "imaging_link")):
         task = dag.get_task(task_id)
         assert isinstance(task, SparkSubmitOperator)
         assert task._conn_id == "spark_default"
         assert Path(task.application) == orch.job_file(job)
         assert Path(task.application).is_file(), f"{task.application} (spark-submit application) missing"
     # Shared tables are rebuilt one at a time across all DAG runs (backfills included).
-    for task_id in ("emr_ingest", "dicom_index", "engines_ensure"):
+    for task_id in ("emr_ingest", "dicom_index", "imaging_link", "engines_ensure"):
         assert dag.get_task(task_id).pool == orch.SHARED_TABLE_POOL
 
 
@@ -129,4 +130,4 @@ def test_cohort_dag_is_manual_with_mapped_steps(dagbag) -> None:
     assert items["enum"] == groups
     assert set(dag.params) == {"cohort_name", "include_groups", "exclude_groups", "age_min_years",
                                "age_max_years", "index_start", "index_end", "step_days", "models",
-                               "replace", "force_ungated"}
+                               "replace", "force_ungated", "require_ct_findings"}

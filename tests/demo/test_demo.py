@@ -61,8 +61,12 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     assert sum(summary["synth_emr"]["files"].values()) == ingest["records_in"]
     assert ingest["balanced"] and ingest["records_in"] == (
         ingest["records_out"] + ingest["quarantined_total"] + ingest["ignored_total"])
-    assert summary["features"]["rows"] == 400
-    assert summary["emr_check"]["scored"] == 400
+    # Every patient has a timeline or is counted out of the as-of population with a reason.
+    feats = summary["features"]
+    assert feats["rows"] + sum(feats["patients_ignored"].values()) + sum(feats["patients_quarantined"].values()) == 400
+    assert set(feats["patients_ignored"]) <= {"born_after_as_of", "deceased", "not_yet_registered",
+                                              "not_under_observation"}
+    assert summary["emr_check"]["scored"] == feats["rows"] > 0
     for head in ("t2d", "ckd", "hf"):
         assert summary["emr_check"][f"card_auc_{head}"] is not None  # the card's held-out AUC was found
     assert summary["ct_check"]["nodules_ge_6mm"] > 0
@@ -85,6 +89,11 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
     assert "Reliability against this as-of" in report  # the demo's timelines carry labels
     assert "=== medscreen demo summary ===" in out and "(balanced)" in out
     assert "CT findings" in out and "check" in out
+    # Series are joined to EMR patients by keyed MRN; every series is linked or counted unlinked.
+    link = summary["imaging_link"]
+    assert link["linked"] + sum(link["unlinked"].values()) == link["series"] > 0
+    assert link["linked"] > 0  # the synthetic CT carries the synthetic EMR's MRNs
+    assert "imaging ↔ EMR" in out and "worklist" in out
     # The PHI audit ran over the whole lake with both inputs' identifiers and found none.
     phi = summary["phi_audit"]
     assert phi["findings"] == [] and phi["files_scanned"] > 20

@@ -180,10 +180,23 @@ def write_committed(path: Path, table: pa.Table, n_files: int = 2, manifest: dic
             pq.write_table(table.slice(off, step), staging / f"part-{i:05d}.parquet")
 
 
-def write_inputs(lake_root: Path, events: pa.Table, patients: pa.Table) -> LakePaths:
+def always_observed(patients: pa.Table) -> pa.Table:
+    """One open observation period from 1900 for every keyed patient row: nobody is left out
+    of the as-of population by observation (the population rules have their own tests)."""
+    from lake.schemas import OBSERVATION_PERIODS
+
+    keys = sorted({k for k in patients.column("patient_key").to_pylist() if k is not None})
+    return pa.Table.from_pylist([{"patient_key": k, "start_date": dt.date(1900, 1, 1), "end_date": None,
+                                  "source": "test"} for k in keys], schema=OBSERVATION_PERIODS)
+
+
+def write_inputs(lake_root: Path, events: pa.Table, patients: pa.Table,
+                 periods: pa.Table | None = None) -> LakePaths:
     paths = LakePaths(lake_root)
     write_committed(paths.events, events)
     write_committed(paths.patients, patients, n_files=1)
+    write_committed(paths.observation_periods, always_observed(patients) if periods is None else periods,
+                    n_files=1)
     return paths
 
 

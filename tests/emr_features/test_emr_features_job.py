@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, features_settings, key,
-                               write_committed)
+from emr_features_data import (AS_OF, HORIZON_DAYS, LOOKBACK_DAYS, MAX_TOKENS, always_observed, features_settings,
+                               key, write_committed)
 
 from jobs import emr_features
 from lake.commit import is_committed, read_manifest
@@ -36,7 +36,8 @@ def first_run(spark, emr_lake):
 def test_spark_rows_equal_the_pure_function_on_every_row(first_run, emr_lake) -> None:
     root, events, patients, facts = emr_lake
     summary, rows = first_run
-    expected = timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS, HORIZON_DAYS).to_pylist()
+    expected = timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS, HORIZON_DAYS,
+                               periods=always_observed(patients)).to_pylist()
     assert len(rows) == len(expected) > 30
     assert rows == expected
     assert any(r["length"] == MAX_TOKENS for r in rows) and any(r["length"] == 0 for r in rows)
@@ -149,7 +150,8 @@ def test_nightly_run_without_labels(spark, emr_lake) -> None:
     out = Path(summary["output"])
     assert out.name == "as_of=2023-12-31" and is_committed(LakePaths(root).timelines(AS_OF))
     rows = read_partition(out)
-    assert rows == timelines_table(events, patients, as_of, LOOKBACK_DAYS, 16).to_pylist()
+    assert rows == timelines_table(events, patients, as_of, LOOKBACK_DAYS, 16,
+                                   periods=always_observed(patients)).to_pylist()
     assert set(rows[0]) == set(TIMELINES.names) and summary["labels"] == {}
     # Without labels the prevalence flags are still there, point in time: HF coded on
     # 2024-06-30 is not prevalent as of 2023-12-31.
@@ -191,7 +193,8 @@ def test_screening_leaves_out_the_patients_spark_flagged_as_prevalent(first_run,
     # Everyone scores above the threshold: the list is exactly the patients eligible for the head (age
     # range, an encounter in the timeline) and not yet diagnosed, by the pure rules' rows and flags.
     pure = {r["patient_key"]: r
-            for r in timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS).to_pylist()}
+            for r in timelines_table(events, patients, AS_OF, LOOKBACK_DAYS, MAX_TOKENS,
+                                     periods=always_observed(patients)).to_pylist()}
     encounter = default_vocabulary().id_of("encounter")
 
     def eligible(k: str, head: str) -> bool:

@@ -52,6 +52,6 @@ def ingest(spark, tmp_path_factory, fmt: str, input_dir: Path, runs: int = 1) ->
         for _ in range(runs):
             out["summaries"].append(emr_ingest.run(settings, input_dir, fmt))
             out["tables"].append({name: read_lake_table(lake / "emr" / name)
-                                  for name in ("events", "patients", "quarantine")})
+                                  for name in ("events", "patients", "quarantine", "observation_periods")})
     out["settings"] = settings
     return out

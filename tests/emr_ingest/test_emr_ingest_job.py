@@ -12,7 +12,7 @@ from emr_ingest_support import FIXTURES, INGEST_KEY, ingest, read_lake_table, so
 
 from lake.commit import is_committed, read_manifest
 from lake.keys import pseudonymise
-from lake.schemas import EVENTS, PATIENTS, QUARANTINE
+from lake.schemas import EVENTS, OBSERVATION_PERIODS, PATIENTS, QUARANTINE
 
 KEY = INGEST_KEY.encode()
 FHIR_QUARANTINE = {"duplicate_id": 1, "unknown_patient": 2, "invalid_icd10cm": 1, "malformed_code": 1,
@@ -74,7 +74,8 @@ def test_fhir_ledger_balances_and_matches_a_plain_count(fhir_ingest):
 def test_fhir_outputs_are_committed_with_manifests_and_lake_schemas(fhir_ingest):
     lake = fhir_ingest["lake"]
     summary = fhir_ingest["summaries"][-1]
-    for name, schema in (("events", EVENTS), ("patients", PATIENTS), ("quarantine", QUARANTINE)):
+    for name, schema in (("events", EVENTS), ("patients", PATIENTS), ("quarantine", QUARANTINE),
+                         ("observation_periods", OBSERVATION_PERIODS)):
         path = lake / "emr" / name
         assert is_committed(path)
         m = read_manifest(path)
@@ -86,7 +87,8 @@ def test_fhir_outputs_are_committed_with_manifests_and_lake_schemas(fhir_ingest)
     run_manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
     assert run_manifest["counts"]["records_in"] == 42
     # No staging or trash directories are left behind.
-    assert sorted(p.name for p in (lake / "emr").iterdir()) == ["events", "patients", "quarantine"]
+    assert sorted(p.name for p in (lake / "emr").iterdir()) == ["events", "observation_periods", "patients",
+                                                               "quarantine"]
 
 
 def test_fhir_events_carry_pseudonymised_keys_codes_and_utc_times(fhir_ingest):
@@ -138,7 +140,7 @@ def _sensitive_fhir_strings() -> set[str]:
 
 def _assert_no_leak(lake: Path, run_dir: Path, sensitive: set[str]) -> None:
     values = []
-    for name in ("events", "patients", "quarantine"):
+    for name in ("events", "patients", "quarantine", "observation_periods"):
         values.extend(_strings(read_lake_table(lake / "emr" / name)))
     for p in list(run_dir.glob("*.json")) + list((lake / "emr").glob("*/manifest.json")):
         values.append(p.read_text())
@@ -156,7 +158,7 @@ def test_fhir_lake_holds_no_raw_ids_names_or_note_text(fhir_ingest):
 
 def test_fhir_rerun_gives_identical_rows(fhir_ingest):
     first, second = fhir_ingest["tables"]
-    for name in ("events", "patients", "quarantine"):
+    for name in ("events", "patients", "quarantine", "observation_periods"):
         assert sorted_rows(first[name]) == sorted_rows(second[name]), name
     runs = [s["run_id"] for s in fhir_ingest["summaries"]]
     assert runs[0] != runs[1]
