@@ -51,6 +51,9 @@ DEFAULT_RETENTION_S = 3600.0
 # How long a commit waits for a partition lock held by another writer.
 COMMIT_LOCK_WAIT_S = 120.0
 SUPERSEDED = ".superseded"
+# Staging a crashed run left is kept this long for a resume (``--run-id``) before a later
+# writer of the same partition removes it; staging whose partition lock is held is never removed.
+STALE_STAGING_AGE_S = 24 * 3600.0
 log = logging.getLogger(__name__)
 
 
@@ -301,9 +304,10 @@ def read_partition(path: Path, columns: list[str] | None = None):
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
 
 
-def clean_stale_staging(parent: Path) -> list[Path]:
+def clean_stale_staging(parent: Path, min_age_s: float = 0.0) -> list[Path]:
     """Remove leftovers of crashed writers under ``parent``: staging, trash and link-in-progress
-    entries, and half-collected versions, skipping every partition whose lock a writer holds now."""
+    entries at least ``min_age_s`` old, and half-collected versions, skipping every partition whose
+    lock a writer holds now."""
     from lake.locks import is_held
 
     parent = Path(parent)
@@ -318,6 +322,8 @@ def clean_stale_staging(parent: Path) -> list[Path]:
             continue
         if any(p.name.startswith((f".staging-{b}-", f".link-{b}-")) for b in busy):
             continue  # a live writer's work in progress
+        if min_age_s and time.time() - p.lstat().st_mtime < min_age_s:
+            continue  # young enough to be resumed
         if p.is_symlink() or p.is_file():
             p.unlink()
         else:
