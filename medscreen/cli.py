@@ -11,6 +11,7 @@ import logging
 import sys
 
 from conf.settings import ConfigError
+from lake.locks import PartitionLocked
 
 # Command groups, in help order. Each module registers its own sub-commands.
 COMMAND_MODULES = (
@@ -55,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"medscreen: error: {exc}", file=sys.stderr)
         return 2
+    except PartitionLocked as exc:
+        # Another writer has the partition: say who, exit 75 (EX_TEMPFAIL) so a retry can follow.
+        print(f"medscreen: error: {exc}", file=sys.stderr)
+        return 75
 
 
 if __name__ == "__main__":
