@@ -166,10 +166,11 @@ def atomic_partition(final: Path, manifest: dict[str, Any] | None = None, *,
     staging = staging_dir(final)
     try:
         yield staging
+        commit(staging, final, manifest, run_id=run_id)
     except BaseException:
+        # A failed write or commit (disk full, lock held) leaves the previous version as it was.
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    commit(staging, final, manifest, run_id=run_id)
 
 
 def resolve_partition(path: Path) -> Path:

@@ -6,10 +6,15 @@
   hold_lock FINAL RUN_ID READY   take FINAL's partition lock, touch READY, sleep
   hold_lease FINAL READY         lease FINAL's current version, touch READY, sleep
   commit_loop FINAL READY        commit versions of FINAL forever (to be killed mid-commit)
+  disk_full MOUNT OUT            on a small tmpfs at MOUNT: commit, fail a big commit on ENOSPC,
+                                 enlarge the tmpfs, retry; write what happened to OUT (JSON)
 """
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +64,35 @@ def reader(final: Path, seconds: float, out: Path) -> None:
                                "versions_seen": sorted(seen)}))
 
 
+def write_big(final: Path, k: int, megabytes: int) -> None:
+    payload = os.urandom(1 << 20)  # incompressible, so the file really takes the space
+    with lc.atomic_partition(final, {"run_id": f"big-{k}", "k": k}) as staging:
+        table = pa.table({"v": pa.array([k] * megabytes, pa.int64()),
+                          "blob": pa.array([payload] * megabytes, pa.binary())})
+        pq.write_table(table, staging / "part-00000.parquet", compression="none")
+
+
+def disk_full(mount: Path, out: Path) -> None:
+    final = mount / "scores" / "as_of=2024-01-01"
+    write_version(final, 0)
+    result: dict = {}
+    try:
+        write_big(final, 1, 4)   # 4 MiB into a 1 MiB filesystem
+        result["error"] = None
+    except OSError as exc:
+        result["error"] = str(exc)
+        result["enospc"] = exc.errno == errno.ENOSPC or "No space left" in str(exc)
+    table = lc.read_partition(final)
+    result["after_failure"] = {"values": sorted(set(table.column("v").to_pylist())), "rows": table.num_rows,
+                               "leftovers": sorted(p.name for p in final.parent.iterdir()
+                                                   if p.name.startswith((".staging-", ".link-")))}
+    subprocess.run(["mount", "-o", "remount,size=16m", str(mount)], check=True)
+    write_big(final, 2, 4)       # the retry, with room
+    table = lc.read_partition(final)
+    result["after_retry"] = {"values": sorted(set(table.column("v").to_pylist())), "rows": table.num_rows}
+    out.write_text(json.dumps(result))
+
+
 def main(argv: list[str]) -> None:
     role, final = argv[0], Path(argv[1])
     if role == "writer":
@@ -80,6 +114,8 @@ def main(argv: list[str]) -> None:
         while True:
             write_version(final, k, 0.0)
             k += 1
+    elif role == "disk_full":
+        disk_full(final, Path(argv[2]))
     else:
         raise SystemExit(f"unknown role {role!r}")
 

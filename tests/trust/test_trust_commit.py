@@ -170,3 +170,22 @@ def test_stale_staging_is_kept_while_its_writer_holds_the_lock(tmp_path):
         holder.wait()
     assert removed == [crashed] and live.is_dir()
     assert lc.clean_stale_staging(final.parent) == [live]
+
+
+def test_disk_full_during_a_write_leaves_the_previous_version_and_a_retry_commits(tmp_path):
+    """ENOSPC for real: a 1 MiB tmpfs mounted in a user + mount namespace of our own (no privilege
+    needed where unprivileged user namespaces are allowed); the writer runs inside it."""
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    out = tmp_path / "disk_full.json"
+    script = (f"mount -t tmpfs -o size=1m tmpfs {mount} && "
+              f"exec {sys.executable} {WORKER} disk_full {mount} {out}")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["error"] and result["enospc"], result
+    # The failed write left the committed version whole and no staging behind.
+    assert result["after_failure"] == {"values": [0], "rows": lake_worker.ROWS, "leftovers": []}
+    assert result["after_retry"] == {"values": [2], "rows": 4}
