@@ -50,6 +50,9 @@ def standalone(tmp_path_factory, tiny_inputs):
     # Inputs of our own (else the script falls back to the demo workdir's inputs).
     env = script_env(home, free_port(), lake, **pipeline_env(lake, tiny_inputs["emr"], tiny_inputs["dicom"]))
     env.pop("MEDSCREEN_INPUTS__DICOM_DIR", None)  # EMR only: the direct runs below do the same
+    # One retry per task: a task whose start times out on a loaded machine is retried, and a
+    # retried scoring task resumes its own run (its run id is derived from the DAG run and task).
+    env["MEDSCREEN_AIRFLOW_RETRIES"] = "1"
     with run_script([], env, home / "standalone.log", timeout_s=300) as base:
         token = admin_token(base, home)
         deadline = time.monotonic() + 240
