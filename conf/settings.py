@@ -257,7 +257,13 @@ class _YamlSource(PydanticBaseSettingsSource):
         path = Path(os.environ.get("MEDSCREEN_CONFIG", DEFAULTS_FILE))
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (MEDSCREEN_CONFIG)")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: "
+                              f"{getattr(exc, 'problem', None) or exc}; fix the file (MEDSCREEN_CONFIG)") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
         self._data = data

@@ -96,7 +96,7 @@ with DAG(
 
     @task(retries=0)
     def publish(qc: dict) -> dict:
-        return orch.publish(get_current_context())
+        return orch.publish(get_current_context(), qc)
 
     @task(retries=0, trigger_rule=TriggerRule.NONE_FAILED)
     def report(qc: dict | None, published: dict | None) -> str:

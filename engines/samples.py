@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lake.commit import is_committed
+from lake.commit import is_committed, partition_files
 from lake.paths import LakePaths, as_of_str
 from lake.schemas import LABEL_COLUMNS
 
@@ -44,8 +44,8 @@ def latest_as_of(lake_root: Path, with_labels: bool = False) -> str | None:
 
 
 def _parquet_files(part: Path) -> list[Path]:
-    return sorted(p for p in part.rglob("*.parquet")
-                  if not any(s.startswith((".", "_")) for s in p.relative_to(part).parts))
+    # One version of the partition, resolved once (lake.commit): a commit meanwhile cannot mix them.
+    return partition_files(part)
 
 
 def has_labels(lake_root: Path, as_of: str) -> bool:

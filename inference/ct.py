@@ -19,8 +19,10 @@ failure fails the run.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +38,11 @@ from engines.runner import Runner
 from inference import qc
 from inference.actors import engine_actor_pool
 from inference.patient_link import attach_patients, link_counts, read_link
-from lake.commit import atomic_partition, is_committed
-from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.archive import Archive, imaging_archive
-from lake.paths import LakePaths, as_of_str
+from lake.commit import atomic_partition, is_committed, partition_files
+from lake.ledger import LedgerImbalance, StageLedger, write_ledger
+from lake.locks import partition_lock
+from lake.paths import TRIAL, LakePaths, as_of_str, is_trial_run
 from lake.runs import new_run_id, write_json
 from lake.schemas import FINDINGS
 from preprocessing.components import find_components
@@ -129,6 +132,52 @@ def default_source(settings: Settings, force_ungated: bool = False) -> EngineSou
     return CachedEngine(settings, backend=settings.engines.backend, force_ungated=force_ungated)
 
 
+# ------------------------------------------------------- per-series results
+
+# Per-series results, kept across runs: LAKE/imaging/scored_series/model=M/<config>/<series>.<content>.json
+SERIES_RESULTS = "imaging/scored_series"
+# Result fields stored per series (the Ray row minus the volumes).
+_STORED = (COL_SERIES, COL_STUDY, COL_PATIENT, "status", "reason", "findings", "engine_fingerprint",
+           "precision", "read_s", "resample_s", "patch_s", "engine_s", "stitch_s", "components_s",
+           "patches", "components", "dropped_small")
+
+
+def series_content_key(row: dict[str, Any]) -> str:
+    """What a series' result depends on in the archive: its keys and every file's path, size and
+    mtime (a file added, removed or rewritten changes it; no pixel data is read)."""
+    h = hashlib.sha256(f"{row[COL_SERIES]}\0{row[COL_STUDY]}\0{row[COL_PATIENT]}\n".encode())
+    for path in row[COL_FILES] or []:
+        try:
+            st = Path(path).stat()
+            h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\0missing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def series_result_path(store: Path, series_key: str, content_key: str) -> Path:
+    """Where the result of one series, as its files are now, is stored."""
+    return Path(store) / f"{series_key}.{content_key}.json"
+
+
+def _config_key(card: dict[str, Any], engine_meta: dict[str, Any], precision: str, settings: Settings) -> str:
+    """Engine, model and every imaging setting a series' findings depend on."""
+    im = settings.imaging
+    parts = {"onnx": card["onnx"]["sha256"], "engine": engine_meta.get("fingerprint"), "precision": precision,
+             "patch_size": list(im.patch_size), "stride": list(im.patch_stride),
+             "spacing_mm": im.target_spacing_mm, "window_hu": list(im.window_hu),
+             "threshold": im.probability_threshold, "min_volume_mm3": im.min_finding_volume_mm3,
+             "gantry_tilt": str(im.gantry_tilt), "min_slices": im.min_slices}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _store_result(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: row.get(k) for k in _STORED}, default=str))
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- selection
 
 def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int], int]:
@@ -141,8 +190,7 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
     path = lake.dicom_series
     if not is_committed(path):
         raise FileNotFoundError(f"series index {path} is not committed; run `medscreen dicom index` first")
-    files = sorted(p for p in path.rglob("*.parquet")
-                   if not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    files = partition_files(path)  # one version of the index, resolved once
     columns = [COL_SERIES, COL_STUDY, COL_DATE, COL_VERDICT, COL_FILES]
     table = pq.read_table([str(f) for f in files], columns=columns, partitioning=None) if files else \
         pa.table({c: pa.array([], pa.string()) for c in columns})
@@ -391,7 +439,8 @@ def _card_patch_check(card: dict[str, Any], settings: Settings) -> int:
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None,
-          source: EngineSource | None = None, limit: int | None = None) -> Path:
+          source: EngineSource | None = None, limit: int | None = None, *, full: bool = False,
+          lock_wait_s: float = 0.0) -> Path:
     """Score every eligible CT series with a study on or before ``as_of``; return the run directory.
 
     Writes findings atomically to ``LAKE/findings/model=ct_nodule/as_of=D/``
@@ -409,15 +458,32 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     ``limit`` (smoke runs) scores only the first ``limit`` selected series by
     series_key; the rest are counted in the ledger as ignored ``beyond_limit``
     and the manifests record the limit and how many series were available.
+
+    Incremental and resumable at series granularity: each series' result is
+    stored as soon as it is scored (:func:`series_result_path`, keyed by the
+    series' files and the engine and settings), and a later run — the next
+    night, or a retry of a run that was killed — scores only series without a
+    stored result, reusing the rest; ``full=True`` re-scores every series.
+    Limited and forced-ungated runs write under the trial namespace. The run
+    holds the findings partition's lock (waiting up to ``lock_wait_s``).
     """
     from engines.model_card import load_card
 
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 series, got {limit}")
-    t_start = time.perf_counter()
     as_of = as_of_str(as_of)
-    lake = LakePaths(settings.lake.root)
     run_id = run_id or new_run_id("score-ct")
+    final = LakePaths(settings.lake.root).findings(MODEL, as_of, trial=is_trial_run(limit, force_ungated))
+    with partition_lock(final, run_id, wait_s=lock_wait_s):
+        return _score(settings, as_of, force_ungated, run_id, source, limit, full, final)
+
+
+def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, source: EngineSource | None,
+           limit: int | None, full: bool, final: Path) -> Path:
+    from engines.model_card import load_card
+
+    t_start = time.perf_counter()
+    lake = LakePaths(settings.lake.root)
     run_dir = lake.run(run_id)
     card = load_card(settings, MODEL)
     batch_patches = _card_patch_check(card, settings)
@@ -436,21 +502,37 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         ignored[IGNORED_BEYOND_LIMIT] = available - limit
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
-    started_ray = _ensure_ray(settings)
-    try:
-        import ray
+    store = lake.root / SERIES_RESULTS / f"model={MODEL}" / _config_key(card, engine_meta, precision, settings)
+    keys = {r[COL_SERIES]: series_content_key(r) for r in series.to_pylist()}
+    results: list[dict[str, Any]] = []
+    if not full:
+        for key, content in keys.items():
+            stored = series_result_path(store, key, content)
+            if stored.is_file():
+                results.append({**json.loads(stored.read_text()), "reused": True})
+    reused = {r[COL_SERIES] for r in results}
+    pending = series.filter(pc.invert(pc.is_in(series.column(COL_SERIES), pa.array(sorted(reused), pa.string()))))
+    log.info("ct scoring %s: %d series selected, %d reused from earlier runs, %d to score%s", run_id,
+             series.num_rows, len(reused), pending.num_rows, " (full re-score)" if full else "")
 
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        use_gpu = gpus >= 1
-        num_actors, actor_resources = engine_actor_pool(settings, gpus)
-        results: list[dict[str, Any]] = []
+    started_ray = _ensure_ray(settings) if pending.num_rows else False
+    use_gpu, num_actors, pipe_s = False, 0, 0.0
+    try:
         t_pipe = time.perf_counter()
-        if series.num_rows:
-            ds = build_pipeline(series, settings, source, precision, batch_patches, num_actors, actor_resources,
+        if pending.num_rows:
+            import ray
+
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            use_gpu = gpus >= 1
+            num_actors, actor_resources = engine_actor_pool(settings, gpus)
+            ds = build_pipeline(pending, settings, source, precision, batch_patches, num_actors, actor_resources,
                                 archive)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                results.extend(batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
-                                                   if c in batch.column_names]).to_pylist())
+                for r in batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
+                                             if c in batch.column_names]).to_pylist():
+                    # Stored at once: a run killed after this point does not score the series again.
+                    _store_result(series_result_path(store, r[COL_SERIES], keys[r[COL_SERIES]]), r)
+                    results.append({**r, "reused": False})
         pipe_s = time.perf_counter() - t_pipe
     finally:
         if started_ray:
@@ -507,8 +589,12 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     }
     verdict = qc.evaluate_ct(table, ledger.records_out, ledger.quarantined_total, settings.imaging.qc)
     manifest["qc_passed"] = verdict["passed"]
+    manifest["series_reused"] = len(reused)
+    manifest["series_scored_this_run"] = len(results) - len(reused)
+    manifest["full_rescore"] = bool(full)
+    manifest["trial"] = final.is_relative_to(lake.root / TRIAL)
     if verdict["passed"]:
-        with atomic_partition(lake.findings(MODEL, as_of), manifest) as staging:
+        with atomic_partition(final, manifest, run_id=run_id) as staging:
             pq.write_table(table, staging / "part-00000.parquet")
 
     wall_s = time.perf_counter() - t_start
@@ -520,14 +606,14 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
                "volumes_per_min": round(ledger.records_out / (pipe_s / 60.0), 3) if pipe_s > 0 else None,
                "stage_s": stage_s, "use_gpu": use_gpu, "num_actors": num_actors,
                "batch_patches": batch_patches, "failed": failed, "qc": verdict,
-               "patient_link": manifest["patient_link"]}
+               "patient_link": manifest["patient_link"],
+               "series_reused": len(reused), "series_scored_this_run": len(results) - len(reused)}
     write_json(run_dir / "metrics.json", metrics)
     if not verdict["passed"]:
         # Nothing is committed: the previous findings of this as-of (if any) stay as they were.
         write_json(run_dir / "manifest.json", {**manifest, "status": "failed_qc"})
         qc.raise_if_failed(verdict, f"{MODEL} as-of {as_of} (run {run_id}; see {run_dir / 'metrics.json'})")
-    write_json(run_dir / "manifest.json", {**manifest, "status": "ok",
-                                           "output": str(lake.findings(MODEL, as_of))})
+    write_json(run_dir / "manifest.json", {**manifest, "status": "ok", "output": str(final)})
     log.info("ct scoring %s: %d series scored, %d failed, %d findings in %.1fs", run_id,
              ledger.records_out, ledger.quarantined_total, table.num_rows, wall_s)
     return run_dir

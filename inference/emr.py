@@ -22,6 +22,7 @@ so adding GPUs adds writers instead of queueing every score on one process.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -45,9 +46,11 @@ from inference.actors import CachedEngine, EngineSource, ScoreActor, engine_acto
 from inference.batching import validate_buckets
 from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, plan_fragments,
                                  spec_dicts)
-from lake.commit import commit, is_committed, partition_files, read_manifest
+from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
+                         read_manifest, reading)
+from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger, write_ledger
-from lake.paths import LakePaths, as_of_str
+from lake.paths import LakePaths, as_of_str, is_trial_run
 from lake.runs import new_run_id, write_json
 from lake.schemas import HEADS
 
@@ -82,7 +85,7 @@ class Attempt:
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
           limit: int | None = None, engine_source: EngineSource | None = None,
           actor_cls: type = ScoreActor, fragment_rows: int = DEFAULT_FRAGMENT_ROWS,
-          on_fragment_done: Callable[[int, int], None] | None = None) -> Path:
+          on_fragment_done: Callable[[int, int], None] | None = None, lock_wait_s: float = 0.0) -> Path:
     """Score the committed timelines of ``as_of`` and commit scores and the screening list.
 
     Returns the run directory (LAKE/runs/<run_id>/: manifest.json, ledger.json,
@@ -98,6 +101,13 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     order (:func:`inference.fragments.plan_fragments`); the rest are counted in
     the ledger as ignored ``beyond_limit``, and the scores partition, screening
     list and run manifests record ``limit`` and ``rows_available``.
+
+    Limited and forced-ungated runs write their scores and list under the trial
+    namespace (LakePaths ``trial=True``), never over a real run's. The run holds
+    the locks of both partitions it writes from start to commit (waiting up to
+    ``lock_wait_s`` for another writer, then failing with its name) and a lease
+    on the one timelines version it reads; the list is built from exactly the
+    scores version this run committed.
     """
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
@@ -105,13 +115,31 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     if not is_committed(timelines):
         raise FileNotFoundError(f"timelines for as-of {as_of} are not committed ({timelines} has no "
                                 f"_SUCCESS); run `medscreen emr features --as-of {as_of}` first")
-    in_manifest = read_manifest(timelines)
     if settings.scoring.screening_exclude_prevalent:
+        # Before any lock or staging: an unusable partition fails in seconds, leaving nothing behind.
         screening.require_prevalence_columns(timelines, as_of)
-    validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
     run_id = run_id or new_run_id(STAGE)
+    trial = is_trial_run(limit, force_ungated)
+    final = lake.scores(MODEL, as_of, trial=trial)
+    with contextlib.ExitStack() as held:
+        for partition in (final, lake.screening(as_of, trial=trial)):
+            held.enter_context(partition_lock(partition, run_id, wait_s=lock_wait_s))
+        timelines_version = held.enter_context(reading(timelines))
+        # Staging of earlier runs of this partition that nobody resumed (no lock holds it now).
+        clean_stale_staging(final.parent, min_age_s=STALE_STAGING_AGE_S)
+        return _score(settings, as_of, force_ungated, run_id, limit=limit, engine_source=engine_source,
+                      actor_cls=actor_cls, fragment_rows=fragment_rows, on_fragment_done=on_fragment_done,
+                      timelines=timelines_version, final=final, trial=trial)
+
+
+def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, limit: int | None,
+           engine_source: EngineSource | None, actor_cls: type, fragment_rows: int,
+           on_fragment_done: Callable[[int, int], None] | None, timelines: Path, final: Path,
+           trial: bool) -> Path:
+    lake = LakePaths(settings.lake.root)
+    in_manifest = read_manifest(timelines)
+    validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
     run_dir = lake.run(run_id)
-    final = lake.scores(MODEL, as_of)
     source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
     calibration = from_card(load_card(settings, MODEL, verify=False))
     if calibration is None:
@@ -190,13 +218,15 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     manifest: dict[str, Any] = {
         "run_id": run_id, "stage": STAGE, "model": MODEL, "as_of": as_of,
         "input": {"partition": f"emr/timelines/as_of={as_of}", "run_id": in_manifest.get("run_id"),
-                  "vocab_sha256": _vocab_sha256(in_manifest)},
+                  "version": in_manifest.get("version"), "vocab_sha256": _vocab_sha256(in_manifest)},
         "engine": run_summary["engine"], "fp32_safe_mode": safe_mode,
         "calibration": _calibration_summary(calibration),
         "qc_passed": chosen.qc["passed"], "rows": ledger.records_out,
         "quarantined": ledger.quarantined, "started_at": run_summary["started_at"],
         # A smoke run says so: the limit and how many timelines a full run would have scored.
         "limit": limit, "rows_available": available,
+        # Never published: a limited or forced-ungated run (its partitions live under trial/).
+        "trial": trial, "force_ungated": bool(force_ungated),
     }
     if not chosen.qc["passed"]:
         chosen.staging.discard()
@@ -206,13 +236,17 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
 
     ledger.check()
     files = [p.name for p in chosen.staging.part_files()]
-    commit(chosen.staging.seal(), final, {**manifest, "files": files})
-    reliability_curves = _reliability_against_labels(final, timelines)
+    scores_manifest = {**manifest, "files": files}
+    commit(chosen.staging.seal(), final, scores_manifest, run_id=run_id)
+    scores_version = store_dir(final) / scores_manifest["version"]
+    reliability_curves = _reliability_against_labels(scores_version, timelines)
     if reliability_curves is not None:
         run_summary["reliability"] = reliability_curves
-    screening_dir, screening_ledger = screening.build(settings, as_of, run_id)
-    manifest.update({"status": "ok", "outputs": {"scores": f"scores/model={MODEL}/as_of={as_of}",
-                                                 "screening": f"screening/as_of={as_of}"},
+    screening_dir, screening_ledger = screening.build(settings, as_of, run_id, scores=scores_version,
+                                                      trial=trial)
+    manifest.update({"status": "ok", "outputs": {
+        "scores": final.relative_to(lake.root).as_posix(), "scores_version": scores_manifest["version"],
+        "screening": screening_dir.relative_to(lake.root).as_posix()},
                      "finished_at": _iso(time.time())})
     run_summary["ledger_screening"] = screening_ledger.to_dict()
     _write_run(run_dir, manifest, run_summary, [ledger, screening_ledger])
@@ -289,7 +323,9 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
                                     for b in r["batches"]]
     attempt.scores = qc.read_scores(staging.part_files())
-    reference = (qc.previous_partition(final.parent, final.name.split("=", 1)[1])
+    # Drift is judged against real runs only, never a trial run's scores.
+    published = LakePaths(settings.lake.root).scores(MODEL, final.name.split("=", 1)[1])
+    reference = (qc.previous_partition(published.parent, final.name.split("=", 1)[1])
                  if settings.scoring.qc.drift_check else None)
     if reference is not None and _calibration_id(read_manifest(reference)) != (calibration.id if calibration else None):
         # Scores on another calibration's scale differ by design, not by drift.

@@ -17,6 +17,7 @@ records the rules, the thresholds and where each came from.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conf.settings import Settings
-from lake.commit import atomic_partition, partition_files, read_manifest, read_partition
+from lake.commit import (atomic_partition, partition_files, read_manifest, read_partition, reading,
+                         resolve_partition)
+from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger
-from lake.paths import LakePaths, as_of_str
+from lake.paths import TRIAL, LakePaths, as_of_str
 from lake.schemas import HEADS, PREVALENT_COLUMNS
 from preprocessing import eligibility as elig
 from preprocessing.timelines import LABEL_GROUPS
@@ -264,8 +267,14 @@ def resolve_thresholds(settings: Settings, scores_manifest: dict[str, Any]
     return thresholds, record
 
 
-def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Path, StageLedger]:
-    """Write LAKE/screening/as_of=D/ from the committed emr_risk scores; return it and its ledger.
+def build(settings: Settings, as_of: str, run_id: str | None = None, *, scores: Path | None = None,
+          trial: bool = False) -> tuple[Path, StageLedger]:
+    """Write LAKE/screening/as_of=D/ from emr_risk scores; return it and its ledger.
+
+    ``scores`` is the exact scores version to screen (scoring passes the one it
+    just committed); without it, the version committed now is resolved once and
+    used throughout. The list's manifest records that version. A list from
+    limited or forced-ungated scores is written under the trial namespace.
 
     Ledger unit is patients: in = scored patients, out = patients flagged on
     any head; each of the rest is ignored by the first rule that applies:
@@ -278,13 +287,30 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     """
     as_of = as_of_str(as_of)
     lake = LakePaths(settings.lake.root)
-    scores_dir = lake.scores(MODEL, as_of)
+    with contextlib.ExitStack() as held:
+        scores_dir = held.enter_context(reading(scores if scores is not None else lake.scores(MODEL, as_of)))
+        final = lake.screening(as_of, trial=trial)
+        held.enter_context(partition_lock(final, run_id or f"screening-{as_of}"))
+        return _build(settings, lake, as_of, run_id, scores_dir, final)
+
+
+def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, scores_dir: Path,
+           final: Path) -> tuple[Path, StageLedger]:
     scores_manifest = read_manifest(scores_dir)
+    if scores_manifest.get("trial") and not final.is_relative_to(lake.root / TRIAL):
+        raise ValueError(f"scores version {scores_dir.name} of as-of {as_of} come from a limited or "
+                         "forced-ungated run; their list belongs under the trial namespace, never the "
+                         "outreach list")
     scores = read_partition(scores_dir)
     cfg = settings.scoring
     rules = head_rules(settings)
     source = scores_manifest.get("input") or {}
-    timelines = lake.root / source.get("partition", lake.timelines(as_of).relative_to(lake.root).as_posix())
+    logical = lake.root / source.get("partition", lake.timelines(as_of).relative_to(lake.root).as_posix())
+    # The exact version that was scored where it is still kept, else the current one (resolved once;
+    # timeline_facts refuses it when it was rebuilt since scoring).
+    timelines = resolve_partition(logical)
+    if source.get("version") and (store_dir(logical) / source["version"]).is_dir():
+        timelines = store_dir(logical) / source["version"]
     facts, timelines_run_id = timeline_facts(scores, timelines, source.get("run_id"), as_of,
                                              with_prevalence=cfg.screening_exclude_prevalent)
     thresholds, threshold_record = ({}, {}) if cfg.screening_top_k is not None else \
@@ -335,8 +361,9 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
                      "code group, clinically dated and recorded up to the end of the as-of day, UTC (no lookback "
                      "limit)"),
             "groups": {h: list(p) for h, p in LABEL_GROUPS.items()},
-            "timelines": {"partition": timelines.relative_to(lake.root).as_posix(),
+            "timelines": {"partition": logical.relative_to(lake.root).as_posix(),
                           "run_id": timelines_run_id},
+            "timelines_version": timelines.name if timelines != logical else None,
             "prevalent_scored": {h: int(v.sum()) for h, v in prevalent.items()},
             "excluded_per_head": {h: int(len(excluded.get(h, ()))) for h in HEADS},
             "patients_excluded": n_excluded,
@@ -359,6 +386,10 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
     manifest: dict[str, Any] = {
         "as_of": as_of, "run_id": run_id or scores_manifest.get("run_id"), "model": MODEL,
         "scores_run_id": scores_manifest.get("run_id"),
+        "scores_version": scores_manifest.get("version"),
+        "trial": bool(scores_manifest.get("trial")),
+        "force_ungated": bool(scores_manifest.get("force_ungated")),
+        "qc_passed": scores_manifest.get("qc_passed"),
         # From a --limit smoke run: a list of the first N timelines only, never the outreach list.
         "limit": scores_manifest.get("limit"),
         "calibration": scores_manifest.get("calibration"),
@@ -370,7 +401,6 @@ def build(settings: Settings, as_of: str, run_id: str | None = None) -> tuple[Pa
         "per_head": per_head,
         "ledger": ledger.to_dict(),
     }
-    final = lake.screening(as_of)
-    with atomic_partition(final, manifest) as staging:
+    with atomic_partition(final, manifest, run_id=run_id) as staging:
         pq.write_table(flagged, staging / "part-00000.parquet", compression="zstd")
     return final, ledger

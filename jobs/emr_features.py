@@ -40,7 +40,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
-from lake.commit import commit, read_manifest, staging_dir
+from lake.commit import commit, read_manifest, reading, staging_dir
+from lake.locks import partition_lock
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
@@ -432,26 +433,39 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
     Raises InputNotCommitted if an input is not committed and LedgerImbalance
     (before committing anything) if the counts do not reconcile. Returns a summary.
     """
-    from jobs.spark_session import get_spark
-
     as_of_date = dt.date.fromisoformat(as_of_str(as_of))
     paths = LakePaths(settings.lake.root)
-    feats = settings.features
-    events_manifest = _require_committed(paths.events, "events")
-    patients_manifest = _require_committed(paths.patients, "patients")
-    periods_manifest = _require_committed(paths.observation_periods, "observation periods")
-    _check_columns(paths.events, EVENTS, "events")
-    _check_columns(paths.patients, PATIENTS, "patients")
-    _check_columns(paths.observation_periods, OBSERVATION_PERIODS, "observation periods")
+    _require_committed(paths.events, "events")
+    _require_committed(paths.patients, "patients")
+    _require_committed(paths.observation_periods, "observation periods")
     run_id = run_id or new_run_id(STAGE)
+    # One writer of this date's timelines at a time; the events and patients versions read are
+    # resolved once and leased for the whole job, so a concurrent ingest cannot change them.
+    with partition_lock(paths.timelines(as_of_date), run_id), reading(paths.events) as events_version, \
+            reading(paths.patients) as patients_version, reading(paths.observation_periods) as periods_version:
+        return _run(settings, as_of_date, with_labels, run_id, events_version, patients_version, periods_version)
+
+
+def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str, events_path: Path,
+         patients_path: Path, periods_path: Path) -> dict[str, Any]:
+    from jobs.spark_session import get_spark
+
+    paths = LakePaths(settings.lake.root)
+    feats = settings.features
+    events_manifest = _require_committed(events_path, "events")
+    patients_manifest = _require_committed(patients_path, "patients")
+    periods_manifest = _require_committed(periods_path, "observation periods")
+    _check_columns(events_path, EVENTS, "events")
+    _check_columns(patients_path, PATIENTS, "patients")
+    _check_columns(periods_path, OBSERVATION_PERIODS, "observation periods")
     run_dir = paths.run(run_id)
     vocab = default_vocabulary()
     horizon = feats.horizon_days if with_labels else None
 
     spark = get_spark(settings.spark, "medscreen-emr-features")
-    events = read_table(spark, paths.events, EVENTS)
-    patients = read_table(spark, paths.patients, PATIENTS)
-    periods = read_table(spark, paths.observation_periods, OBSERVATION_PERIODS)
+    events = read_table(spark, events_path, EVENTS)
+    patients = read_table(spark, patients_path, PATIENTS)
+    periods = read_table(spark, periods_path, OBSERVATION_PERIODS)
     built = build_timelines(events, patients, vocabulary_frame(spark, vocab), as_of_date,
                             feats.lookback_days, feats.max_tokens, horizon, periods=periods)
     # Three actions (stats, timelines, quarantine) read the same per-patient frame: scan events once.
@@ -511,16 +525,19 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
         # Patients already diagnosed (all history up to the end of D, no lookback): left out of screening.
         "prevalent": {col: stats[f"{col}_n"] for col in PREVALENT_COLUMNS},
         "ledger": {STAGE: patient_ledger.to_dict(), EVENTS_STAGE: event_ledger.to_dict()},
-        # The disease definitions the events' code_groups were filled with (flags and labels use them).
-        "inputs": {"events": {"run_id": events_manifest.get("run_id"),
+        # The disease definitions the events' code_groups were filled with (flags and labels use them),
+        # and the exact versions read.
+        "inputs": {"events": {"run_id": events_manifest.get("run_id"), "version": events_manifest.get("version"),
                               "code_groups_version": events_manifest.get("code_groups_version"),
                               "code_groups_sha256": events_manifest.get("code_groups_sha256")},
-                   "patients": {"run_id": patients_manifest.get("run_id")},
-                   "observation_periods": {"run_id": periods_manifest.get("run_id")}},
+                   "patients": {"run_id": patients_manifest.get("run_id"),
+                                "version": patients_manifest.get("version")},
+                   "observation_periods": {"run_id": periods_manifest.get("run_id"),
+                                           "version": periods_manifest.get("version")}},
         # Left out of the as-of population, by reason (also in the ledger's "ignored").
         "not_in_population": {r: patient_ledger.ignored.get(r, 0) for r in NOT_IN_POPULATION},
     }
-    commit(staging, final, manifest)
+    commit(staging, final, manifest, run_id=run_id)
     summary = {
         "run_id": run_id, "run_dir": str(run_dir), "output": str(final), "as_of": as_of_date.isoformat(),
         "rows": stats["rows_out"], "patients_in": patient_ledger.records_in,

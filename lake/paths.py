@@ -16,6 +16,15 @@ def as_of_str(as_of: dt.date | str) -> str:
         raise ValueError(f"as-of date {as_of!r} is not a date in YYYY-MM-DD form") from None
 
 
+# The namespace of outputs from runs that must never be published (see LakePaths.scores).
+TRIAL = "trial"
+
+
+def is_trial_run(limit: int | None, force_ungated: bool) -> bool:
+    """A run whose outputs go to the trial namespace: limited to N rows, or scored ungated."""
+    return limit is not None or bool(force_ungated)
+
+
 @dataclass(frozen=True)
 class LakePaths:
     """The lake layout. Every partition below is committed atomically (see lake.commit)."""
@@ -66,15 +75,19 @@ class LakePaths:
     def imaging_quarantine(self) -> Path:
         return self.root / "imaging" / "quarantine"
 
-    # Outputs
-    def scores(self, model: str, as_of: dt.date | str) -> Path:
-        return self.root / "scores" / f"model={model}" / f"as_of={as_of_str(as_of)}"
+    # Outputs. ``trial=True``: a smoke (``--limit``) or forced-ungated run's outputs, kept under
+    # LAKE/trial/ so they can never replace the scores and outreach lists of a real run.
+    def _outputs(self, trial: bool) -> Path:
+        return self.root / TRIAL if trial else self.root
 
-    def findings(self, model: str, as_of: dt.date | str) -> Path:
-        return self.root / "findings" / f"model={model}" / f"as_of={as_of_str(as_of)}"
+    def scores(self, model: str, as_of: dt.date | str, trial: bool = False) -> Path:
+        return self._outputs(trial) / "scores" / f"model={model}" / f"as_of={as_of_str(as_of)}"
 
-    def screening(self, as_of: dt.date | str) -> Path:
-        return self.root / "screening" / f"as_of={as_of_str(as_of)}"
+    def findings(self, model: str, as_of: dt.date | str, trial: bool = False) -> Path:
+        return self._outputs(trial) / "findings" / f"model={model}" / f"as_of={as_of_str(as_of)}"
+
+    def screening(self, as_of: dt.date | str, trial: bool = False) -> Path:
+        return self._outputs(trial) / "screening" / f"as_of={as_of_str(as_of)}"
 
     def worklist(self, as_of: dt.date | str) -> Path:
         return self.root / "worklist" / f"as_of={as_of_str(as_of)}"

@@ -12,6 +12,7 @@ import sys
 
 from conf.settings import ConfigError
 from lake.keys import PseudonymKeyError
+from lake.locks import PartitionLocked
 
 # Command groups, in help order. Each module registers its own sub-commands.
 COMMAND_MODULES = (
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, PseudonymKeyError) as exc:
         print(f"medscreen: error: {exc}", file=sys.stderr)
         return 2
+    except PartitionLocked as exc:
+        # Another writer has the partition: say who, exit 75 (EX_TEMPFAIL) so a retry can follow.
+        print(f"medscreen: error: {exc}", file=sys.stderr)
+        return 75
 
 
 if __name__ == "__main__":

@@ -26,11 +26,19 @@ def register(sub: argparse._SubParsersAction) -> None:
             c.add_argument("--no-drift-check", dest="drift_check", action="store_const", const=False,
                            help="skip the PSI check against the previous as-of's scores "
                                 "(scoring.qc.drift_check; for dates that are not consecutive nights)")
-            # CT scoring keeps no per-series staging to pick up from, so only EMR can resume.
             c.add_argument("--run-id", dest="run_id", metavar="RUN_ID",
-                           help="resume the stopped run RUN_ID (named in its error): fragments it "
-                                "finished are kept, only the rest are scored; the same as-of date and "
-                                "engine settings as the stopped run are required")
+                           help="run id to use; resumes the stopped run RUN_ID (named in its error): "
+                                "fragments it finished are kept, only the rest are scored; the same "
+                                "as-of date and engine settings as the stopped run are required")
+        else:
+            c.add_argument("--run-id", dest="run_id", metavar="RUN_ID",
+                           help="run id to use (an orchestrator's retry passes the same one)")
+            c.add_argument("--full", action="store_true",
+                           help="re-score every selected series; by default series whose files, engine "
+                                "and settings are unchanged since an earlier run reuse its result")
+        c.add_argument("--lock-wait-s", type=float, default=0.0, metavar="S",
+                       help="wait up to S seconds for another writer of the same partitions "
+                            "(default: fail at once, naming it)")
         c.set_defaults(func=_emr if name == "emr" else _ct)
 
 
@@ -53,7 +61,7 @@ def _emr(args: argparse.Namespace) -> int:
     from inference import emr
 
     run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id,
-                        limit=args.limit)
+                        limit=args.limit, lock_wait_s=args.lock_wait_s)
     print(run_dir)
     return 0
 
@@ -62,6 +70,7 @@ def _ct(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from inference import ct
 
-    run_dir = ct.score(settings, args.as_of, force_ungated=args.force_ungated, limit=args.limit)
+    run_dir = ct.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id,
+                       limit=args.limit, full=args.full, lock_wait_s=args.lock_wait_s)
     print(run_dir)
     return 0

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lake.commit import atomic_partition, is_committed, read_manifest
+from lake.commit import atomic_partition, is_committed, partition_files, read_manifest, reading
 from lake.paths import LakePaths, as_of_str
 from lake.runs import write_json
 
@@ -196,11 +196,13 @@ def select_members(lake_root: Path, definition: CohortDefinition, as_of: str) ->
         if not is_committed(table_dir):
             raise FileNotFoundError(f"{table_dir} is not committed; run `medscreen emr ingest` "
                                     "(the emr_ingest task) first")
-    events = ds.dataset(lake.events, format="parquet", exclude_invalid_files=True)
+    # One version of each table, resolved once: a commit during the selection cannot mix versions.
+    events = ds.dataset(partition_files(lake.events), format="parquet", exclude_invalid_files=True)
     included = _patients_with_groups(events, as_of, definition.include_groups)
     excluded = _patients_with_groups(events, as_of, definition.exclude_groups)
     candidates = sorted(included - excluded)
-    patients = ds.dataset(lake.patients, format="parquet", exclude_invalid_files=True).to_table(
+    patients = ds.dataset(partition_files(lake.patients), format="parquet",
+                          exclude_invalid_files=True).to_table(
         columns=["patient_key", "birth_date", "sex"],
         filter=ds.field("patient_key").isin(candidates) if candidates else None)
     if not candidates:
@@ -218,15 +220,18 @@ def select_members(lake_root: Path, definition: CohortDefinition, as_of: str) ->
     return members.sort_by("patient_key")
 
 
-def _read_committed(path: Path, keys: pa.Array) -> pa.Table | None:
+def _read_committed(path: Path, keys: pa.Array) -> tuple[pa.Table, dict[str, Any]] | None:
+    """The rows of ``keys`` in one committed version of ``path``, and that version's manifest."""
     if not is_committed(path):
         return None
-    table = ds.dataset(path, format="parquet", exclude_invalid_files=True).to_table(
-        filter=ds.field("patient_key").isin(keys))
-    return table
+    with reading(path) as version:
+        table = ds.dataset(partition_files(version), format="parquet", exclude_invalid_files=True).to_table(
+            filter=ds.field("patient_key").isin(keys))
+        return table, read_manifest(version)
 
 
-def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str) -> dict[str, Any]:
+def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str,
+                     trial: bool = False, run_id: str | None = None) -> dict[str, Any]:
     """Select members at ``as_of`` and commit ``LAKE/cohorts/<name>/index_date=D/``.
 
     The partition holds ``members.parquet`` (members left-joined to their EMR
@@ -237,13 +242,16 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str) 
     as_of = as_of_str(as_of)
     members = select_members(lake_root, definition, as_of)
     counts: dict[str, Any] = {"index_date": as_of}
+    versions: dict[str, Any] = {}
     findings = None
     if "ct_nodule" in definition.models:
-        findings_dir = lake.findings("ct_nodule", as_of)
-        findings = _read_committed(findings_dir, members.column("patient_key"))
-        if findings is None:
+        findings_dir = lake.findings("ct_nodule", as_of, trial=trial)
+        read = _read_committed(findings_dir, members.column("patient_key"))
+        if read is None:
             raise FileNotFoundError(f"{findings_dir} is not committed; the score_ct task for {as_of} "
                                     "must succeed first")
+        findings, findings_manifest = read
+        versions["findings"] = findings_manifest.get("version")
         if definition.require_ct_findings:
             # Findings of unlinked series have no patient_key and match no member.
             with_findings = pc.unique(findings.column("patient_key").drop_null())
@@ -252,21 +260,25 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str) 
     keys = members.column("patient_key")
     counts["members"] = members.num_rows
     scores_run = None
+    versions: dict[str, Any] = {}
     if "emr_risk" in definition.models:
-        scores_dir = lake.scores("emr_risk", as_of)
-        scores = _read_committed(scores_dir, keys)
-        if scores is None:
+        scores_dir = lake.scores("emr_risk", as_of, trial=trial)
+        read = _read_committed(scores_dir, keys)
+        if read is None:
             raise FileNotFoundError(f"{scores_dir} is not committed; the score_emr task for {as_of} "
                                     "must succeed first")
+        scores, scores_manifest = read
         score_cols = [c for c in scores.column_names if c != "patient_key" and c != "as_of"]
         members = members.join(scores.select(["patient_key", *score_cols]), "patient_key",
                                join_type="left outer").sort_by("patient_key")
         counts["members_scored"] = members.num_rows - members.column(score_cols[0]).null_count
-        scores_run = read_manifest(scores_dir).get("run_id")
+        scores_run = scores_manifest.get("run_id")
+        versions["scores"] = scores_manifest.get("version")
     final = lake.cohort(definition.name) / f"index_date={as_of}"
     with atomic_partition(final, {"cohort": definition.name, "index_date": as_of,
                                   "definition": definition.to_dict(), "scores_run_id": scores_run,
-                                  **counts}) as staging:
+                                  "input_versions": versions, "trial": trial, **counts},
+                          run_id=run_id) as staging:
         pq.write_table(members, staging / "members.parquet")
         if findings is not None:
             pq.write_table(findings, staging / "findings.parquet")

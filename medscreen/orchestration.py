@@ -36,10 +36,11 @@ from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOpe
 from airflow.sdk.exceptions import AirflowSkipException
 
 from conf.settings import PseudonymSettings, Settings, load_settings
-from lake.commit import atomic_partition, is_committed, read_manifest
+from lake.commit import atomic_partition, is_committed, read_manifest, reading
 from lake.keys import check_lake_key, key_fingerprint, load_key
+from lake.locks import store_dir
 from lake.paths import LakePaths, as_of_str
-from lake.runs import write_json
+from lake.runs import orchestrated_run_id, write_json
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class OrchestrationError(RuntimeError):
 
 class QCGateFailed(OrchestrationError):
     """Scoring outputs failed the QC gate; the message lists every reason."""
+
+
+class PublishRefused(OrchestrationError):
+    """A screening list failed a publish check; the message lists each one."""
 
 
 # ---------------------------------------------------------------- Spark submit
@@ -402,8 +407,12 @@ def qc_gate(run_dirs: dict[str, str | None]) -> dict[str, Any]:
         metrics_path = rd / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         qc = metrics.get("qc") if isinstance(metrics.get("qc"), dict) else {}
-        passed = qc.get("passed", qc.get("ok", True))
-        if passed is False:
+        passed = qc.get("passed")
+        if passed is None:
+            # No verdict is not a pass: a run that never judged its scores must not be published.
+            reasons.append(f"{model}: run {rd.name} recorded no QC verdict "
+                           f"({'no metrics.json' if not metrics_path.is_file() else 'metrics.json has no qc.passed'})")
+        elif passed is not True:
             for r in qc.get("reasons") or qc.get("failures") or ["QC failed (no reason recorded)"]:
                 reasons.append(f"{model}: QC: {r}")
         summary[model] = {"run_dir": str(rd), "run_id": rd.name,
@@ -413,32 +422,91 @@ def qc_gate(run_dirs: dict[str, str | None]) -> dict[str, Any]:
     return summary
 
 
-def publish_screening(lake_root: Path, as_of: str) -> dict[str, Any]:
-    """Point ``LAKE/screening/LATEST.json`` at as-of D unless a newer date is already published.
+def publish_checks(lake_root: Path, as_of: str, expected_run_id: str | None = None) -> dict[str, Any]:
+    """What publishing the screening list of as-of D depends on, each check with its verdict.
 
-    The partition ``LAKE/screening/as_of=D/`` itself is written (atomically) by
-    scoring; publishing makes it the list consumers read. A backfill of an old
-    date never moves the pointer backwards, and a list from a ``--limit`` smoke
-    run is never published (AirflowSkipException).
+    The list must be committed in the real (not trial) namespace, come from a
+    run that was neither limited nor forced ungated, from scores that passed QC
+    with a gated engine, and every ledger on the way must balance; with
+    ``expected_run_id`` it must also be that scoring run's list. Returns
+    ``{"passed": bool, "checks": {name: {"passed": bool, "detail": str}}, ...}``.
     """
     lake = LakePaths(lake_root)
     as_of = as_of_str(as_of)
     partition = lake.screening(as_of)
+    checks: dict[str, dict[str, Any]] = {}
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        checks[name] = {"passed": bool(ok), "detail": detail}
+
     if not is_committed(partition):
-        raise OrchestrationError(f"screening list {partition} is not committed; "
-                                 "`medscreen score emr` writes it — check that task's log")
-    limit = read_manifest(partition).get("limit")
-    if limit:
-        raise AirflowSkipException(f"screening list {partition} comes from a smoke run limited to {limit} "
-                                   "timelines; not published (LATEST.json unchanged)")
+        check("committed", False, f"screening list {partition.name} is not committed; "
+              "`medscreen score emr` writes it — check that task's log")
+        return {"passed": False, "checks": checks, "as_of": as_of}
+    with reading(partition) as version:
+        manifest = read_manifest(version)
+    check("committed", True, f"version {manifest.get('version')}")
+    scores_dir = lake.scores("emr_risk", as_of)
+    scores_version = store_dir(scores_dir) / str(manifest.get("scores_version"))
+    scores = read_manifest(scores_version) if manifest.get("scores_version") and \
+        is_committed(scores_version) else {}
+    check("scores_version", bool(scores), f"scores version {manifest.get('scores_version')}"
+          + ("" if scores else " is not kept any more (or was never recorded); score again"))
+    limit = manifest.get("limit") if manifest.get("limit") is not None else scores.get("limit")
+    check("limit", not limit, "full run" if not limit else f"a smoke run limited to {limit} timelines")
+    forced = bool(manifest.get("force_ungated") or scores.get("force_ungated") or manifest.get("trial"))
+    gate_passed = (scores.get("engine") or {}).get("gate_passed")
+    check("gate", gate_passed is True and not forced,
+          "engine passed its accuracy gate" if gate_passed is True and not forced
+          else f"engine gate verdict {gate_passed!r}{', scored with --force-ungated' if forced else ''}")
+    qc_passed = scores.get("qc_passed", manifest.get("qc_passed"))
+    check("qc", qc_passed is True, "scores passed QC" if qc_passed is True else f"QC verdict {qc_passed!r}")
+    ledger = manifest.get("ledger") or {}
+    scores_run = scores.get("run_id") or manifest.get("scores_run_id")
+    run_ledger_path = lake.run(str(scores_run)) / "ledger.json" if scores_run else None
+    run_ledger = json.loads(run_ledger_path.read_text()) if run_ledger_path and run_ledger_path.is_file() else {}
+    balanced = bool(ledger.get("balanced")) and bool(run_ledger.get("balanced"))
+    check("ledger", balanced, "screening and scoring ledgers balance" if balanced else
+          f"screening ledger balanced={ledger.get('balanced')!r}, scoring run ledger "
+          f"balanced={run_ledger.get('balanced')!r}")
+    if expected_run_id is not None:
+        check("run", scores_run == expected_run_id,
+              f"list from scoring run {scores_run}" + ("" if scores_run == expected_run_id
+                                                        else f", not this DAG run's {expected_run_id}"))
+    return {"passed": all(c["passed"] for c in checks.values()), "checks": checks, "as_of": as_of,
+            "version": manifest.get("version"), "scores_version": manifest.get("scores_version"),
+            "scores_run_id": scores_run}
+
+
+def publish_screening(lake_root: Path, as_of: str, expected_run_id: str | None = None) -> dict[str, Any]:
+    """Point ``LAKE/screening/LATEST.json`` at as-of D's list unless a newer date is published.
+
+    The list ``LAKE/screening/as_of=D/`` itself is written (atomically) by
+    scoring; publishing makes it the list consumers read, naming the exact
+    version, and records every check of :func:`publish_checks`. A list that
+    fails a check is refused (:class:`PublishRefused`, LATEST.json unchanged);
+    a backfill of an old date never moves the pointer backwards.
+    """
+    lake = LakePaths(lake_root)
+    as_of = as_of_str(as_of)
+    partition = lake.screening(as_of)
     pointer = partition.parent / "LATEST.json"
     with lake_lock(lake_root, "screening_publish"):
+        verdict = publish_checks(lake_root, as_of, expected_run_id)
+        if not verdict["passed"]:
+            failed = [f"{name}: {c['detail']}" for name, c in verdict["checks"].items() if not c["passed"]]
+            raise PublishRefused(f"screening list of {as_of} not published (LATEST.json unchanged):\n"
+                                 + "\n".join(f"- {f}" for f in failed))
         current = json.loads(pointer.read_text()) if pointer.is_file() else {}
         moved = current.get("as_of", "") <= as_of
         if moved:
-            write_json(pointer, {"as_of": as_of, "path": str(partition),
+            write_json(pointer, {"as_of": as_of, "path": str(partition), "version": verdict["version"],
+                                 "version_path": str(store_dir(partition) / verdict["version"]),
+                                 "scores_version": verdict["scores_version"],
+                                 "checks": verdict["checks"],
                                  "published_at_utc": dt.datetime.now(dt.timezone.utc).isoformat()})
-    return {"as_of": as_of, "partition": str(partition), "latest": as_of if moved else current["as_of"]}
+    return {"as_of": as_of, "partition": str(partition), "version": verdict["version"],
+            "latest": as_of if moved else current["as_of"], "checks": verdict["checks"]}
 
 
 def write_report(lake_root: Path, dag_id: str, as_of: str, airflow_run_id: str,
@@ -484,6 +552,9 @@ def score(context: Any, model: str, as_of: str | None = None, drift_check: bool 
     if kind == "ct" and settings.inputs.dicom_dir is None:
         raise AirflowSkipException("no DICOM input configured (MEDSCREEN_INPUTS__DICOM_DIR); CT not scored")
     args = score_args(kind, settings.lake.root, as_of or context_as_of(context), ray_address())
+    # Every try of this task in this DAG run uses one run id: a retry resumes what the failed try
+    # left staged (EMR fragments, CT series) instead of starting over.
+    args += ["--run-id", task_run_id(context, f"score-{kind}")]
     if kind == "emr" and not drift_check:
         args.append("--no-drift-check")
     if params.get("force_ungated"):
@@ -502,6 +573,17 @@ def score(context: Any, model: str, as_of: str | None = None, drift_check: bool 
     return run_dir
 
 
+def task_run_id(context: Any, stage: str) -> str:
+    """The stage run id of the running task: derived from the DAG run id, task id and map index,
+    so it is the same on every retry (see lake.runs.orchestrated_run_id)."""
+    ti = context.get("ti") or context.get("task_instance")
+    dag_run = context.get("dag_run")
+    dag_run_id = getattr(dag_run, "run_id", None) or context.get("run_id")
+    if not dag_run_id or ti is None:
+        raise OrchestrationError("cannot derive a run id: the task context has no DAG run or task instance")
+    return orchestrated_run_id(stage, str(dag_run_id), ti.task_id, getattr(ti, "map_index", None))
+
+
 def patient_limit_args(limit: int) -> list[str]:
     """``--limit N`` for ``medscreen score KIND``: the first N timelines (emr) or N series (ct)."""
     if limit < 1:
@@ -509,11 +591,23 @@ def patient_limit_args(limit: int) -> list[str]:
     return ["--limit", str(limit)]
 
 
-def publish(context: Any) -> dict[str, Any]:
-    """Publish the run's screening list (skipped when EMR scoring was not part of the run)."""
-    if "emr_risk" not in context["params"]["models"]:
+def publish(context: Any, qc: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Publish the run's screening list (skipped when EMR scoring was not part of the run, or
+    when the run was a smoke or forced-ungated run: its list lives under trial/).
+
+    ``qc`` is the QC gate's summary; the list published must be the one of the
+    scoring run the gate judged.
+    """
+    params = context["params"]
+    if "emr_risk" not in params["models"]:
         raise AirflowSkipException("emr_risk not scored in this run: no screening list to publish")
-    return publish_screening(load_settings().lake.root, context_as_of(context))
+    if params.get("patient_limit") or params.get("force_ungated"):
+        raise AirflowSkipException("a smoke run (patient_limit or force_ungated): its list was written under "
+                                   "trial/ and is never published; LATEST.json unchanged")
+    emr = (qc or {}).get("emr_risk") or {}
+    if qc is not None and not emr.get("run_id"):
+        raise PublishRefused("the QC gate recorded no emr_risk scoring run; nothing to publish")
+    return publish_screening(load_settings().lake.root, context_as_of(context), emr.get("run_id"))
 
 
 def report(context: Any, dag_id: str, sections: dict[str, Any]) -> Path:
@@ -547,7 +641,9 @@ def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
     from medscreen import cohort
 
     lake_root, definition = _stored_definition(context)
-    return cohort.write_index_date(lake_root, definition, as_of)
+    return cohort.write_index_date(lake_root, definition, as_of,
+                                   trial=bool(context["params"].get("force_ungated")),
+                                   run_id=task_run_id(context, "cohort-select"))
 
 
 def cohort_summary(context: Any, per_date: list[dict[str, Any]]) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.dataset as ds
 
-from lake.commit import is_committed
+from lake.commit import is_committed, partition_files
 from lake.paths import LakePaths
 from lake.schemas import DICOM_SERIES
 
@@ -17,7 +17,7 @@ def read_series_table(lake_root: Path, eligible_only: bool = False) -> pa.Table:
     if not is_committed(path):
         raise FileNotFoundError(f"no committed DICOM series index at {path}; run "
                                 "`medscreen dicom index --input DIR --lake LAKE` first")
-    files = sorted(str(p) for p in path.glob("*.parquet"))
+    files = [str(p) for p in partition_files(path)]  # one version, resolved once
     table = ds.dataset(files, format="parquet", schema=DICOM_SERIES).to_table()
     if eligible_only:
         table = table.filter(ds.field("eligible"))

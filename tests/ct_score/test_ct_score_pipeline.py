@@ -20,8 +20,8 @@ from preprocessing.dicom_series import REASONS
 AS_OF = "2024-06-30"
 
 
-def _findings(lake_root: Path):
-    part = LakePaths(lake_root).findings("ct_nodule", AS_OF)
+def _findings(lake_root: Path, trial: bool = False):
+    part = LakePaths(lake_root).findings("ct_nodule", AS_OF, trial=trial)
     # partitioning=None: the path's model=/as_of= segments are not columns to infer.
     return pq.read_table([str(p) for p in sorted(part.glob("*.parquet"))], partitioning=None)
 KEY = b"ct-score-test-key-0001"
@@ -29,7 +29,7 @@ KEY = b"ct-score-test-key-0001"
 
 @pytest.fixture(scope="module")
 def scored(tiny_ct, series_index_writer, ray_local, tmp_path_factory):
-    """Score once through the Python API, then again through the CLI (a rerun of the same as-of)."""
+    """Score once through the Python API, then again through the CLI (a full re-score of the same as-of)."""
     from inference import ct
     from medscreen.cli import main
 
@@ -40,7 +40,7 @@ def scored(tiny_ct, series_index_writer, ray_local, tmp_path_factory):
     first_rows = _findings(lake_root).to_pylist()
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = main(["score", "ct", "--lake", str(lake_root), "--as-of", AS_OF])
+        rc = main(["score", "ct", "--lake", str(lake_root), "--as-of", AS_OF, "--full"])
     assert rc == 0
     second = Path(out.getvalue().strip().splitlines()[-1])
     return {"lake": lake_root, "first": first, "second": second, "first_rows": first_rows}
@@ -83,7 +83,7 @@ def test_rerun_gives_identical_rows(scored):
     assert strip(second) == strip(scored["first_rows"])
     # Replaced, not appended: one data file, and no staging leftovers.
     assert [p.name for p in part.glob("*.parquet")] == ["part-00000.parquet"]
-    assert not [p for p in part.parent.iterdir() if p.name.startswith(".")]
+    assert not [p for p in part.parent.iterdir() if p.name.startswith((".staging-", ".link-"))]
 
 
 def test_ledger_balances_with_reasons(scored):
@@ -125,14 +125,16 @@ def test_limit_scores_the_first_series_by_key_and_says_so(tiny_ct, series_index_
     assert stage["records_out"] + sum(stage["quarantined"].values()) == 2
     assert stage["ignored"] == {"not_eligible": 1, "study_after_as_of": 1, "beyond_limit": 1}
     failed = {r["series_key"] for r in metrics["failed"]}
-    found = set(_findings(tmp_path).column("series_key").to_pylist())
+    # A smoke run's findings live under trial/, never over a real run's.
+    found = set(_findings(tmp_path, trial=True).column("series_key").to_pylist())
+    assert not LakePaths(tmp_path).findings("ct_nodule", AS_OF).exists()
     assert metrics["series"] == 2 and not ({eligible[2]} & (failed | found))
     # Of the first two by key, the broken series fails and the nodule series has findings.
     broken = pseudonymise(KEY, tiny_ct["rows"][2]["series_uid"])
     nodule = pseudonymise(KEY, tiny_ct["with_nodule"]["series_instance_uid"])
     assert failed == {broken} & set(eligible[:2])
     assert (nodule in found) == (nodule in eligible[:2])
-    manifest = read_manifest(LakePaths(tmp_path).findings("ct_nodule", AS_OF))
+    manifest = read_manifest(LakePaths(tmp_path).findings("ct_nodule", AS_OF, trial=True))
     assert manifest["limit"] == 2 and manifest["series_available"] == 3
 
 

@@ -84,6 +84,8 @@ def script_env(home: Path, port: int, lake: Path, **medscreen: str) -> dict[str,
     """This process's environment without its Airflow/medscreen settings, plus the script's inputs."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("AIRFLOW") and not k.startswith("MEDSCREEN_")}
+    if os.environ.get("MEDSCREEN_VENV_BIN"):  # the script's interpreter, where it is not ./.venv
+        env["MEDSCREEN_VENV_BIN"] = os.environ["MEDSCREEN_VENV_BIN"]
     env.update({"AIRFLOW_HOME": str(home), "AIRFLOW_PORT": str(port), "MEDSCREEN_LAKE__ROOT": str(lake),
                 "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file(home)), **medscreen})
     return env

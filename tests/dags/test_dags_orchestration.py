@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lake.commit import atomic_partition
+from lake.commit import atomic_partition, read_manifest
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
 from medscreen import orchestration as orch
@@ -100,18 +100,61 @@ def test_qc_gate_lists_every_reason(tmp_path: Path) -> None:
         orch.qc_gate({"emr_risk": str(tmp_path / "missing")})
 
 
+def _scored_list(root: Path, as_of: str, run_id: str, *, limit: int | None = None, gate: bool | None = True,
+                 qc: bool | None = True, balanced: bool = True, forced: bool = False) -> None:
+    """Scores, their run ledger and a screening list as `medscreen score emr` commits them."""
+    lake = LakePaths(root)
+    scores = {"run_id": run_id, "limit": limit, "qc_passed": qc, "force_ungated": forced,
+              "engine": {"gate_passed": gate}}
+    with atomic_partition(lake.scores("emr_risk", as_of), scores) as staging:
+        (staging / "part-00000.parquet").write_bytes(b"")
+    write_ledger(lake.run(run_id), StageLedger("score_emr", records_in=3, records_out=3 if balanced else 2))
+    with atomic_partition(lake.screening(as_of), {"run_id": run_id, "scores_run_id": run_id,
+                                                  "scores_version": scores["version"], "limit": limit,
+                                                  "ledger": {"balanced": True}}) as staging:
+        (staging / "part-00000.parquet").write_bytes(b"")
+
+
 def test_publish_only_moves_forward(tmp_path: Path) -> None:
-    lake = LakePaths(tmp_path)
-    with pytest.raises(orch.OrchestrationError, match="not committed"):
+    with pytest.raises(orch.PublishRefused, match="not committed"):
         orch.publish_screening(tmp_path, "2024-06-30")
     for d in ("2024-06-29", "2024-06-30"):
-        with atomic_partition(lake.screening(d)) as staging:
-            (staging / "part-0.parquet").write_bytes(b"")
-    assert orch.publish_screening(tmp_path, "2024-06-30")["latest"] == "2024-06-30"
+        _scored_list(tmp_path, d, f"run-{d}")
+    published = orch.publish_screening(tmp_path, "2024-06-30", "run-2024-06-30")
+    assert published["latest"] == "2024-06-30"
     # A backfill of an older date commits its own partition but leaves LATEST alone.
     assert orch.publish_screening(tmp_path, "2024-06-29")["latest"] == "2024-06-30"
     pointer = json.loads((tmp_path / "screening" / "LATEST.json").read_text())
     assert pointer["as_of"] == "2024-06-30"
+    # The pointer names the exact version and what was checked before it moved.
+    assert pointer["version"] == read_manifest(LakePaths(tmp_path).screening("2024-06-30"))["version"]
+    assert set(pointer["checks"]) == {"committed", "scores_version", "limit", "gate", "qc", "ledger", "run"}
+    assert all(c["passed"] for c in pointer["checks"].values())
+
+
+@pytest.mark.parametrize("defect, refusal", [
+    ({"limit": 5}, "limit: a smoke run limited to 5"),
+    ({"gate": None}, "gate: engine gate verdict None"),
+    ({"forced": True}, "scored with --force-ungated"),
+    ({"qc": None}, "qc: QC verdict None"),          # a missing QC verdict is not a pass
+    ({"qc": False}, "qc: QC verdict False"),
+    ({"balanced": False}, "scoring run ledger balanced=False"),
+])
+def test_publish_refuses_a_list_that_fails_a_check_and_leaves_latest_byte_identical(
+        tmp_path: Path, defect: dict, refusal: str) -> None:
+    _scored_list(tmp_path, "2024-06-29", "good-run")
+    orch.publish_screening(tmp_path, "2024-06-29", "good-run")
+    before = (tmp_path / "screening" / "LATEST.json").read_bytes()
+    _scored_list(tmp_path, "2024-06-30", "bad-run", **defect)
+    with pytest.raises(orch.PublishRefused, match=refusal):
+        orch.publish_screening(tmp_path, "2024-06-30", "bad-run")
+    assert (tmp_path / "screening" / "LATEST.json").read_bytes() == before
+
+
+def test_publish_refuses_another_runs_list(tmp_path: Path) -> None:
+    _scored_list(tmp_path, "2024-06-30", "cli-run")
+    with pytest.raises(orch.PublishRefused, match="not this DAG run's dag-run"):
+        orch.publish_screening(tmp_path, "2024-06-30", "dag-run")
 
 
 def test_report_is_committed_per_as_of(tmp_path: Path) -> None:
@@ -142,9 +185,8 @@ def test_patient_limit_becomes_a_limit_the_score_cli_takes(tmp_path: Path) -> No
         assert args.limit == 5 and args.score_command == kind
     with pytest.raises(orch.OrchestrationError, match="at least 1"):
         orch.patient_limit_args(0)
-    # A smoke run's screening list is committed with its limit but never published.
-    with atomic_partition(LakePaths(tmp_path).screening("2024-06-30"), {"limit": 5}) as staging:
-        (staging / "part-0.parquet").write_bytes(b"")
-    with pytest.raises(AirflowSkipException, match="limited to 5"):
+    # A smoke run's screening list is committed under trial/ with its limit and never published.
+    _scored_list(tmp_path, "2024-06-30", "smoke", limit=5)
+    with pytest.raises(orch.PublishRefused, match="limited to 5"):
         orch.publish_screening(tmp_path, "2024-06-30")
     assert not (tmp_path / "screening" / "LATEST.json").exists()

@@ -86,9 +86,10 @@ def test_fhir_outputs_are_committed_with_manifests_and_lake_schemas(fhir_ingest)
         _check_schema(fhir_ingest["tables"][-1][name], schema)
     run_manifest = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())
     assert run_manifest["counts"]["records_in"] == 42
-    # No staging or trash directories are left behind.
-    assert sorted(p.name for p in (lake / "emr").iterdir()) == ["events", "observation_periods", "patients",
-                                                               "quarantine"]
+    # No staging or trash left behind: the tables (each a pointer to its current version)
+    # and their version store, nothing else.
+    assert sorted(p.name for p in (lake / "emr").iterdir()) == [".versions", "events", "observation_periods",
+                                                               "patients", "quarantine"]
 
 
 def test_fhir_events_carry_pseudonymised_keys_codes_and_utc_times(fhir_ingest):

@@ -26,7 +26,9 @@ def test_commit_swaps_whole_partition_and_rerun_replaces(tmp_path):
     # The rerun replaced the partition: the old part-1 is gone, nothing appended.
     assert sorted(p.name for p in final.iterdir()) == ["_SUCCESS", "manifest.json", "part-0.parquet"]
     assert lc.read_manifest(final)["run_id"] == "b"
-    assert not [p for p in final.parent.iterdir() if p.name.startswith(".")]
+    # The partition is a pointer to its newest version; beside it only the version store.
+    assert final.is_symlink() and lc.read_manifest(final)["version"] == lc.version_of(final)
+    assert [p.name for p in final.parent.iterdir() if p.name.startswith(".")] == [".versions"]
 
 
 def test_failed_writer_leaves_previous_partition_untouched(tmp_path):
@@ -38,7 +40,8 @@ def test_failed_writer_leaves_previous_partition_untouched(tmp_path):
             (staging / "x").write_text("half-written")
             raise RuntimeError("writer crashed")
     assert (final / "x").read_text() == "good"
-    assert [p.name for p in tmp_path.iterdir()] == ["p"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".versions", "p"]
+    assert lc.read_manifest(final)["run_id"] == "good"
 
 
 def test_uncommitted_partition_is_refused_with_its_name(tmp_path):

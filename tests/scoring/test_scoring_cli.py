@@ -83,7 +83,8 @@ def test_score_emr_limit_scores_the_first_rows_in_plan_order_and_says_so(scoring
         assert cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF,
                          "--limit", "150"]) == 0
         runs.append(Path(capsys.readouterr().out.strip().splitlines()[-1]))
-        parts = sorted(lake.scores("emr_risk", AS_OF).glob("part-*.parquet"))
+        # A smoke run writes under trial/, never where real scores live.
+        parts = sorted(lake.scores("emr_risk", AS_OF, trial=True).glob("part-*.parquet"))
         scored.append(pa.concat_tables([pq.read_table(f) for f in parts]).drop_columns(["run_id"]))
     keys = scored[0].column("patient_key").to_pylist()
     assert len(keys) == 150 and set(keys) == expected
@@ -92,15 +93,27 @@ def test_score_emr_limit_scores_the_first_rows_in_plan_order_and_says_so(scoring
     ledger = json.loads((runs[1] / "ledger.json").read_text())["stages"]["score_emr"]
     assert ledger["balanced"] and ledger["records_in"] == N and ledger["records_out"] == 150
     assert ledger["ignored"] == {"beyond_limit": N - 150}
-    for manifest in (read_manifest(lake.scores("emr_risk", AS_OF)),
+    for manifest in (read_manifest(lake.scores("emr_risk", AS_OF, trial=True)),
                      json.loads((runs[1] / "manifest.json").read_text())):
-        assert manifest["limit"] == 150 and manifest["rows_available"] == N
-    assert read_manifest(lake.screening(AS_OF))["limit"] == 150
+        assert manifest["limit"] == 150 and manifest["rows_available"] == N and manifest["trial"] is True
+    assert read_manifest(lake.screening(AS_OF, trial=True))["limit"] == 150
+    assert not lake.scores("emr_risk", AS_OF).exists() and not lake.screening(AS_OF).exists()
 
     # A full run says it is one.
     assert cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF]) == 0
     full = read_manifest(lake.scores("emr_risk", AS_OF))
     assert full["limit"] is None and full["rows"] == full["rows_available"] == N
+
+    # Smoke and forced-ungated runs after it leave the real scores and list byte-identical.
+    def real_bytes() -> dict:
+        return {str(p.relative_to(lake.root)): p.read_bytes()
+                for d in (lake.scores("emr_risk", AS_OF), lake.screening(AS_OF)) for p in sorted(d.iterdir())}
+
+    before = real_bytes()
+    for extra in (["--limit", "150"], ["--force-ungated"]):
+        assert cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF, *extra]) == 0
+        assert real_bytes() == before, extra
+    assert read_manifest(lake.scores("emr_risk", AS_OF, trial=True))["force_ungated"] is True
     with pytest.raises(SystemExit):
         cli.main(["score", "emr", "--lake", str(settings.lake.root), "--as-of", AS_OF, "--limit", "0"])
     assert "must be at least 1" in capsys.readouterr().err
