@@ -123,6 +123,7 @@ def test_spark_prevalence_of_text_diagnoses_equals_the_pure_rule(notes_lake):
     for key, row in timelines.items():
         mine = [e for e in events if e["patient_key"] == key]
         t_us = [int(e["event_time"].timestamp() * 1_000_000) for e in mine]
-        pure = prevalence(t_us, [e["kind"] for e in mine], [e["code_system"] for e in mine],
-                          [e["code"] for e in mine], [e["assertion"] for e in mine], dt.date.fromisoformat(AS_OF))
+        known_us = [int(e["known_time"].timestamp() * 1_000_000) if e["known_time"] else t for e, t in zip(mine, t_us)]
+        pure = prevalence(t_us, [e["kind"] for e in mine], [e["code_groups"] for e in mine],
+                          [e["assertion"] for e in mine], dt.date.fromisoformat(AS_OF), known_time_us=known_us)
         assert {h: row[f"prevalent_{h}"] for h in pure} == pure
