@@ -22,7 +22,9 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
-from lake.keys import pseudonymise
+from conf.settings import PseudonymSettings
+from lake.archive import Archive
+from lake.keys import executor_key_file, pseudonymise
 from lake.paths import LakePaths
 from preprocessing.dicom_series import load_volume
 from preprocessing.nifti import write_nifti
@@ -118,10 +120,21 @@ def real_archive(spark, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
         mp.setenv("MEDSCREEN_PSEUDONYM_KEY", SESSION_KEY)
         settings = index_settings(lake)
         summary = dicom_index.run(settings, root, spark=spark)
+        archive = Archive(str(root.resolve()), executor_key_file(PseudonymSettings()))
     lp = LakePaths(lake)
-    return {"root": root, "lake": lake, "summary": summary, "stacks": stacks,
-            "instances": _table(lp.dicom_instances), "series": _table(lp.dicom_series),
-            "quarantine": _table(lp.imaging_quarantine)}
+    tables = {"instances": _table(lp.dicom_instances), "series": _table(lp.dicom_series),
+              "quarantine": _table(lp.imaging_quarantine)}
+    # The lake keeps keyed paths relative to the archive root (no file or folder name as written);
+    # the outcomes below are checked per real file, so resolve them back through the archive.
+    raw_names = {p.name for p in root.rglob("*")}
+    for t in tables.values():
+        column = "paths" if "paths" in t.columns else "path"
+        for stored in t[column]:
+            for keyed in ([stored] if column == "path" else list(stored)):
+                assert not set(keyed.split("/")) & raw_names, keyed
+        t[column] = t[column].map(lambda v: [str(f) for f in archive.resolve_all(list(v))]
+                                  if column == "paths" else str(archive.resolve(v)))
+    return {"root": root, "lake": lake, "summary": summary, "stacks": stacks, **tables}
 
 
 def _copy_of(archive: dict[str, Any], name: str) -> str:
