@@ -142,13 +142,16 @@ _STORED = (COL_SERIES, COL_STUDY, COL_PATIENT, "status", "reason", "findings", "
            "patches", "components", "dropped_small")
 
 
-def series_content_key(row: dict[str, Any]) -> str:
+def series_content_key(row: dict[str, Any], archive: Archive | None = None) -> str:
     """What a series' result depends on in the archive: its keys and every file's path, size and
-    mtime (a file added, removed or rewritten changes it; no pixel data is read)."""
+    mtime (a file added, removed or rewritten changes it; no pixel data is read).
+
+    ``archive`` resolves the index's keyed relative paths to the files (None: paths as written).
+    """
     h = hashlib.sha256(f"{row[COL_SERIES]}\0{row[COL_STUDY]}\0{row[COL_PATIENT]}\n".encode())
     for path in row[COL_FILES] or []:
         try:
-            st = Path(path).stat()
+            st = (archive.resolve(path) if archive is not None else Path(path)).stat()
             h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{path}\0missing\n".encode())
@@ -503,7 +506,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
     store = lake.root / SERIES_RESULTS / f"model={MODEL}" / _config_key(card, engine_meta, precision, settings)
-    keys = {r[COL_SERIES]: series_content_key(r) for r in series.to_pylist()}
+    keys = {r[COL_SERIES]: series_content_key(r, archive) for r in series.to_pylist()}
     results: list[dict[str, Any]] = []
     if not full:
         for key, content in keys.items():

@@ -88,3 +88,31 @@ def test_a_driver_killed_mid_run_is_resumed_by_its_retry(tiny_ct, series_index_w
     resumed = rows(tmp_path)
     ct.score(settings, AS_OF, full=True)
     assert rows(tmp_path) == resumed and resumed
+
+
+def test_a_rewritten_file_changes_the_series_content_key_through_keyed_paths(tmp_path, monkeypatch):
+    """The index stores keyed, archive-relative paths: the content key must stat the files they name,
+    so a file rewritten in place (same name) makes the nightly run score its series again."""
+    from conf.settings import PseudonymSettings
+    from inference.ct import COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, series_content_key
+    from lake.archive import Archive
+    from lake.keys import executor_key_file, key_relative_path
+
+    key = "ct-content-key-test-key-0123456789abcdef"
+    monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", key)
+    archive_root = tmp_path / "archive"
+    (archive_root / "DOE_JANE" / "study").mkdir(parents=True)
+    files = [archive_root / "DOE_JANE" / "study" / f"IM{i}" for i in range(3)]
+    for f in files:
+        f.write_bytes(b"x" * 100)
+    keyed = [key_relative_path(key.encode(), f.relative_to(archive_root).as_posix()) for f in files]
+    archive = Archive(str(archive_root), executor_key_file(PseudonymSettings()))
+    row = {COL_SERIES: "s", COL_STUDY: "t", COL_PATIENT: None, COL_FILES: keyed}
+    before = series_content_key(row, archive)
+    assert series_content_key(row, archive) == before
+    os.utime(files[1], ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert series_content_key(row, archive) != before
+    files[2].write_bytes(b"y" * 101)
+    files[0].unlink()
+    changed = series_content_key(row, archive)
+    assert changed != before and "DOE_JANE" not in "".join(keyed)
