@@ -154,8 +154,12 @@ def _features(lake_result, as_of: dt.date, horizon_days: int = 365) -> dict[str,
     rows = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("*.parquet"))]).to_pylist()
     rows = sorted(rows, key=lambda r: r["patient_key"])
     tables = lake_result["tables"][-1]
+    from lake.commit import read_partition
+
+    # The observation periods ingest wrote (FHIR: registration at the first known record).
+    periods = read_partition(LakePaths(lake_result["lake"]).observation_periods)
     expected = timelines_table(tables["events"], tables["patients"], as_of, settings.features.lookback_days,
-                               settings.features.max_tokens, horizon_days).to_pylist()
+                               settings.features.max_tokens, horizon_days, periods=periods).to_pylist()
     assert rows == expected  # the Spark job and the pure rules agree
     assert summary["rows"] == len(rows)
     return {r["patient_key"]: r for r in rows}
@@ -173,16 +177,18 @@ def test_synthea_export_events_and_ledger(synthea):
 
 def test_synthea_snomed_diagnoses_make_patients_prevalent_and_labels_positive(synthea):
     rows = _features(synthea, dt.date(2021, 12, 31))
-    p1, p2, p3, p4 = (rows[_pk(f"a1c2e3f4-000{i}-4d5e-8f70-00000000000{i}")] for i in range(1, 5))
+    p1, p2, p3 = (rows[_pk(f"a1c2e3f4-000{i}-4d5e-8f70-00000000000{i}")] for i in range(1, 4))
     assert (p1["prevalent_t2d"], p1["prevalent_ckd"], p1["prevalent_hf"]) == (True, True, False)
     assert (p2["prevalent_t2d"], p2["prevalent_hf"]) == (False, True)  # T2D only provisional
     assert (p3["prevalent_t2d"], p3["prevalent_ckd"], p3["prevalent_hf"]) == (False, False, True)
-    assert (p4["prevalent_t2d"], p4["label_t2d"]) == (False, 1)  # first recorded 2022-03-01: incident
+    # Patient 4's first record (its T2D) is from 2022-03-01: not yet registered, so no timeline.
+    assert _pk("a1c2e3f4-0004-4d5e-8f70-000000000004") not in rows
     assert p1["length"] > 0 and any(t >= 0 for t in p1["tokens"])
-    # Heart failure with an onset in "2005" was recorded in 2018: not known, not prevalent, in 2010.
-    early = _features(synthea, dt.date(2010, 6, 30))
-    assert early[p3["patient_key"]]["prevalent_hf"] is False and early[p3["patient_key"]]["length"] == 0
-    assert early[p1["patient_key"]]["prevalent_t2d"] is True
+    # Heart failure with an onset in "2005" was recorded on 2018-07-01: at the end of 2017 it was
+    # not known (not prevalent), and it becomes known inside the horizon (a positive label).
+    before = _features(synthea, dt.date(2017, 12, 31))
+    assert (before[p3["patient_key"]]["prevalent_hf"], before[p3["patient_key"]]["label_hf"]) == (False, 1)
+    assert before[p1["patient_key"]]["prevalent_t2d"] is True
 
 
 def test_omop_cdm_with_vocabulary_tables(omop_vocab):

@@ -136,18 +136,19 @@ def test_only_affirmed_and_history_count_for_tokens_and_prevalence():
         assert token_for("dx_text", "icd10cm", "E11.9", None, a) is None
         assert token_for("dx_text", "text", "t2d", None, a) is None
     assert token_for("dx_text", "icd10cm", "E11.9", None, "history") == "icd10:E11"
+    # A mention in words carries its group as code and as its code_groups (groups_for("text", group)).
+    assert token_for("dx_text", "text", "t2d", None, "affirmed", groups=["t2d"]) == "dx:t2d"
     t = [1_600_000_000_000_000] * 6
     kinds = ["dx_text"] * 6
-    systems = ["text"] * 6
-    codes = ["t2d", "ckd", "heart_failure", "t2d", "ckd", "heart_failure"]
+    groups = [["t2d"], ["ckd"], ["heart_failure"], ["t2d"], ["ckd"], ["heart_failure"]]
     as_of = dt.date(2023, 1, 1)
-    assert prevalence(t, kinds, systems, codes, ["affirmed", "history", "affirmed", "negated", "family",
-                                                 "possible"], as_of) == {"t2d": True, "ckd": True, "hf": True}
-    assert prevalence(t, kinds, systems, codes, ["negated", "possible", "family", "hypothetical",
-                                                 "negated", "family"], as_of) == \
+    assert prevalence(t, kinds, groups, ["affirmed", "history", "affirmed", "negated", "family",
+                                         "possible"], as_of) == {"t2d": True, "ckd": True, "hf": True}
+    assert prevalence(t, kinds, groups, ["negated", "possible", "family", "hypothetical",
+                                         "negated", "family"], as_of) == \
         {"t2d": False, "ckd": False, "hf": False}
     # a group name that is not the head's group does not count ("diabetes" is not t2d)
-    assert prevalence(t[:1], kinds[:1], systems[:1], ["diabetes"], ["affirmed"], as_of)["t2d"] is False
+    assert prevalence(t[:1], kinds[:1], [["diabetes"]], ["affirmed"], as_of)["t2d"] is False
 
 
 def test_bad_notes_rules_fail_the_ingest_before_any_work(make_settings, tmp_path):
