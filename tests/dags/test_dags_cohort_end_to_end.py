@@ -69,9 +69,12 @@ def _expected_members(lake: Path, index_date: str) -> set[str]:
     eod = dt.datetime.combine(dt.date.fromisoformat(index_date), dt.time.max, tzinfo=dt.timezone.utc)
     has: dict[str, set[str]] = {}
     events = ds.dataset(lp.events, format="parquet", exclude_invalid_files=True).to_table(
-        columns=["patient_key", "event_time", "kind", "assertion", "code_groups"]).to_pylist()
+        columns=["patient_key", "event_time", "known_time", "kind", "assertion", "code_groups"]).to_pylist()
     for e in events:
-        if e["kind"] in ("dx", "dx_text") and e["assertion"] == "affirmed" and e["event_time"] <= eod:
+        # The patient's own diagnosis (affirmed, or history of it), clinically dated and known by the day.
+        known = e["known_time"] or e["event_time"]
+        if (e["kind"] in ("dx", "dx_text") and e["assertion"] in ("affirmed", "history")
+                and e["event_time"] <= eod and known <= eod):
             has.setdefault(e["patient_key"], set()).update(e["code_groups"] or [])
     day = dt.date.fromisoformat(index_date)
     out = set()

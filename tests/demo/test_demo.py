@@ -104,9 +104,9 @@ def test_demo_runs_every_stage_and_prints_a_balanced_summary(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_demo_judges_every_auc_check_on_a_large_enough_population(tmp_path: Path) -> None:
-    # 7000 patients (another seed than the model's training data) give each head over 200 labelled
+    # 10 000 patients (another seed than the model's training data) give each head over 200 labelled
     # positives at the demo's as-of date; no CT, which the small run covers.
-    summary, out = _run_demo(tmp_path / "demo", "--patients", "7000", "--seed", "11", "--ct-studies", "0")
+    summary, out = _run_demo(tmp_path / "demo", "--patients", "10000", "--seed", "11", "--ct-studies", "0")
     verdicts = _verdicts(summary)
     assert set(verdicts) == AUC_CHECKS | {ELIGIBILITY_CHECK, PHI_CHECK}
     assert all(verdicts[c] is True for c in verdicts), summary["checks"]
