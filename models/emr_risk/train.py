@@ -43,7 +43,7 @@ log = logging.getLogger("models.emr_risk.train")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_AS_OF = ("2022-06-30", "2022-09-30", "2022-12-31", "2023-03-31", "2023-06-30")
 HOLDOUT_AS_OF = "2024-06-30"
-MODEL_VERSION = "1.0.0"
+MODEL_VERSION = "1.1.0"  # 1.1: vocabulary rules 2 (dx:<group> tokens), the merged pipeline's population and labels
 
 
 def build_lake(settings, workdir: Path, patients: int, seed: int, as_ofs: list[str]) -> dict[str, Any]:
