@@ -56,7 +56,8 @@ def runs(tmp_path_factory, airflow_db, tiny_inputs):
             from medscreen.cli import main
             lake = {str(lake_cli)!r}
             steps = [["emr", "ingest", "--input", {str(emr)!r}, "--format", "fhir", "--lake", lake],
-                     ["dicom", "index", "--input", {str(dicom)!r}, "--lake", lake]]
+                     ["dicom", "index", "--input", {str(dicom)!r}, "--lake", lake],
+                     ["dicom", "link", "--lake", lake]]
             for d in ({NIGHTLY!r}, {BACKFILL!r}):
                 steps.append(["emr", "features", "--lake", lake, "--as-of", d])
             for m in ("emr_risk", "ct_nodule"):
@@ -76,7 +77,7 @@ def runs(tmp_path_factory, airflow_db, tiny_inputs):
 
 def test_dag_test_runs_every_task(runs) -> None:
     assert runs["states"] == {t: "success" for t in (
-        "emr_ingest", "dicom_index", "emr_features", "engines_ensure", "score_emr", "score_ct",
+        "emr_ingest", "dicom_index", "imaging_link", "emr_features", "engines_ensure", "score_emr", "score_ct",
         "qc_gate", "publish", "report")}, runs["states"]
     assert runs["dag_run_state"] == "success"
 
