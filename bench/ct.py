@@ -13,7 +13,7 @@ Compares, in one run, on the same series and the same model:
   ONNX Runtime (CPU EP) one patch at a time. Same reading, resampling and
   blending, so the difference is the scoring path.
 
-Series are written with ``medscreen.synth_ct`` (512×512, 120–300 slices) into
+Series are written with ``synth.ct`` (512×512, 120–300 slices) into
 a scratch directory with a series index committed the way the DICOM index
 writes it. Runs unchanged on a GPU machine with onnxruntime-gpu (CUDA EP,
 one ``num_gpus=1`` actor per GPU). Prints one JSON object last.
@@ -60,8 +60,8 @@ def log(msg: str) -> None:
 def write_series_set(out: Path, slices: list[int], rows: int, pixel_mm: float, slice_mm: float,
                      seed: int = 7) -> list[dict[str, Any]]:
     """One axial chest series per entry of ``slices`` (synth_ct's writer and phantom)."""
-    from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodules
-    from medscreen.synth_ct import SeriesSpec, write_series
+    from synth.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodules
+    from synth.ct import SeriesSpec, write_series
 
     recs = []
     for i, n in enumerate(slices):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from medscreen.ct_phantom import default_origin_lps_mm, make_phantom
+from synth.ct_phantom import default_origin_lps_mm, make_phantom
 from preprocessing.resample import resample_to_spacing, resampled_shape
 from preprocessing.volume import Volume
 
@@ -68,8 +68,8 @@ def main() -> None:
               "output_mvoxels_per_s": round(np.prod(out_shape) / ours_s / 1e6, 1),
               "phantom_s": round(phantom_s, 2), "cpus": os.cpu_count(), "machine": platform.machine()}
     if args.dicom:
-        from medscreen.ct_phantom import ChestAnatomy, ChestPhantom
-        from medscreen.synth_ct import SeriesSpec, study_identity, write_series
+        from synth.ct_phantom import ChestAnatomy, ChestPhantom
+        from synth.ct import SeriesSpec, study_identity, write_series
         from preprocessing.dicom_series import load_volume
 
         with tempfile.TemporaryDirectory() as d:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from conf.settings import load_settings
     from jobs import emr_ingest
     from jobs.spark_session import get_spark
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     os.environ.setdefault("MEDSCREEN_PSEUDONYM_KEY", "bench-key-not-secret-0001")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="medscreen-bench-ingest-"))

@@ -1,4 +1,4 @@
-"""Benchmark: synthetic EMR generation (``medscreen.synth_emr.generate``), FHIR and OMOP.
+"""Benchmark: synthetic EMR generation (``synth.emr.generate``), FHIR and OMOP.
 
 Target: 20 000 patients well under 60 s on one core. Compares, in one run:
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medscreen.synth_emr import generate  # noqa: E402
-from medscreen.synth_emr_sim import simulate  # noqa: E402
+from synth.emr import generate  # noqa: E402
+from synth.emr_sim import simulate  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

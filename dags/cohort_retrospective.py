@@ -5,7 +5,7 @@ Manual only. The trigger form asks for the cohort's name, the code groups
 conf/code_groups.yaml) to include and exclude, the age range, the index-date
 range and step, and the models. Features and scoring run once per index date
 as mapped tasks; members and their scores land under LAKE/cohorts/<name>/
-beside the stored definition. Selection logic: medscreen.cohort.
+beside the stored definition. Selection logic: inference.cohort.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import os
 from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task
 
 from conf.settings import load_settings
-from medscreen import cohort as cohort_lib
-from medscreen import orchestration as orch
+from inference import cohort as cohort_lib
+from medscreen_airflow import orchestration as orch
 
 GROUPS = cohort_lib.code_group_names(load_settings().extraction.code_groups_file)
 _group_items = {"type": "string", **({"enum": GROUPS} if GROUPS else {})}

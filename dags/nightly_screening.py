@@ -6,7 +6,7 @@ whose data is complete. A backfill over a past range therefore produces the
 same partitions the nightly runs of those dates would have. The ``as_of``
 param overrides the date for a manual run.
 
-Thin by design: every decision is in medscreen.orchestration.
+Thin by design: every decision is in medscreen_airflow.orchestration.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import os
 from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task
 from airflow.timetables.interval import CronDataIntervalTimetable
 
-from medscreen import orchestration as orch
+from medscreen_airflow import orchestration as orch
 
 AS_OF = "{{ params.as_of or ds }}"
 

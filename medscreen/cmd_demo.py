@@ -80,7 +80,7 @@ def run_demo(args: argparse.Namespace) -> int:
     progress = _Progress(8 + (3 if ct else 0))
     summary: dict[str, Any] = {"workdir": str(args.workdir.resolve()), "as_of": d.as_of}
 
-    from medscreen import synth_emr
+    from synth import emr as synth_emr
     summary["synth_emr"] = progress.run(
         f"synthetic EMR: {d.patients} patients (seed {d.seed}, {d.bad_record_share:.0%} bad records)",
         lambda: synth_emr.generate(emr_dir, patients=d.patients, seed=d.seed,
@@ -108,7 +108,7 @@ def run_demo(args: argparse.Namespace) -> int:
     summary["operating_points"] = _operating_points(settings, d.as_of)
 
     if ct:
-        from medscreen import synth_ct
+        from synth import ct as synth_ct
         summary["synth_ct"] = progress.run(f"synthetic CT: {d.ct_studies} studies",
                                            lambda: synth_ct.generate(dicom_dir, studies=d.ct_studies,
                                                                      seed=d.seed, rows=d.ct_rows,

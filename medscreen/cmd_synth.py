@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _emr(args: argparse.Namespace) -> int:
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     summary = generate(args.out, patients=args.patients, seed=args.seed,
                        bad_share=args.bad_share, fmt=args.format)
@@ -51,7 +51,7 @@ def _emr(args: argparse.Namespace) -> int:
 
 
 def _ct(args: argparse.Namespace) -> int:
-    from medscreen.synth_ct import generate
+    from synth.ct import generate
 
     summary = generate(args.out, studies=args.studies, seed=args.seed, rows=args.rows, slices=args.slices,
                        slice_spacing_mm=args.slice_spacing_mm, variable_spacing=args.variable_spacing,

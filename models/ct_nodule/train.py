@@ -4,7 +4,7 @@
     python -m models.ct_nodule.train --out DIR             # train only: weights + metrics in DIR
     python -m models.ct_nodule.train --export-only DIR     # export + card from DIR (pinned torch)
 
-Data: chest phantoms (``medscreen.ct_phantom``) sampled on scanner-like grids
+Data: chest phantoms (``synth.ct_phantom``) sampled on scanner-like grids
 (in-plane 0.6–0.9 mm, slices 1–2.5 mm) and resampled to the pipeline's 1 mm
 isotropic grid with the pipeline's own resampling and windowing
 (``preprocessing.resample``), so training sees the partial-volume blur that
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import yaml
 
-from medscreen.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
+from synth.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
 from models.ct_nodule.export import export_onnx
 from models.ct_nodule.model import UNet3D
 from preprocessing.patches import PatchExtractor
@@ -140,7 +140,7 @@ def write_card(path: Path, onnx_rel: Path, sha: str, metrics: dict[str, Any]) ->
         "postprocessing": {"probability_threshold": 0.5},
         "gate": {"metric": "dice", "max_abs_delta_dice": {"fp16": 0.01, "int8": 0.03}},
         "metrics": metrics,
-        "training": {"data": "medscreen.ct_phantom synthetic chests, resampled to 1 mm",
+        "training": {"data": "synth.ct_phantom synthetic chests, resampled to 1 mm",
                      "crop_size": list(metrics.get("train_crop") or []), "loss": "soft Dice + BCE",
                      "command": "python -m models.ct_nodule.train --workers 14 --out DIR (GPU), then "
                                 "python -m models.ct_nodule.train --export-only DIR"},

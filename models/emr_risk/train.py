@@ -3,7 +3,7 @@
     python -m models.emr_risk.train [--workdir DIR] [--patients N] [--as-of D]
     python -m models.emr_risk.train --calibrate-only [--skip-data] ...
 
-Steps: synthetic FHIR export (medscreen.synth_emr) → ingest (jobs.emr_ingest)
+Steps: synthetic FHIR export (synth.emr) → ingest (jobs.emr_ingest)
 → labelled timelines (jobs.emr_features --with-labels) for quarterly training
 as-of dates and one later held-out date → train on CPU → held-out metrics per
 head → ONNX (dynamo exporter, dynamic batch/seq, one file) → calibration and
@@ -49,7 +49,7 @@ MODEL_VERSION = "1.1.0"  # 1.1: vocabulary rules 2 (dx:<group> tokens), the merg
 def build_lake(settings, workdir: Path, patients: int, seed: int, as_ofs: list[str]) -> dict[str, Any]:
     """Synthetic export → ingest → labelled timelines for each as-of date; returns the stage summaries."""
     from jobs import emr_features, emr_ingest
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     raw = workdir / "emr_export"
     t = time.perf_counter()
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     write_card(args.card, args.onnx, REPO_ROOT, version=MODEL_VERSION, config=config, vocab=vocab,
                profiles=profiles,
                metrics={"holdout_as_of": meta["holdout_as_of"], "heads": metrics},
-               training={"trained": True, "data": "synthetic (medscreen.synth_emr) through the lake",
+               training={"trained": True, "data": "synthetic (synth.emr) through the lake",
                          "patients": meta["patients"], "seed": meta["seed"],
                          "train_as_of": meta["train_as_of"], "device": args.device,
                          "rows": int(len(train_data["length"])), "epochs_run": len(history),

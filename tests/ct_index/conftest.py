@@ -13,7 +13,7 @@ from ct_index_cases import index_folder
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two small synthetic studies (48×48) with every series kind and planted broken files."""
-    from medscreen.synth_ct import generate
+    from synth.ct import generate
 
     out = tmp_path_factory.mktemp("synth_ct")
     generate(out, studies=2, seed=11, rows=48, slices=20, variable_spacing=True, gantry_tilt=True)

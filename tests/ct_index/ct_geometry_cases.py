@@ -26,8 +26,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
-from medscreen.synth_ct import SeriesSpec, _base_dataset, _sample_slice, _uid, study_identity
+from synth.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
+from synth.ct import SeriesSpec, _base_dataset, _sample_slice, _uid, study_identity
 
 # A small chest: 120 mm in plane, 3 mm pixels at 40 px; slices cover z ∈ [-25, 25] mm.
 ROWS = 40

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
-from medscreen.synth_ct import SeriesSpec, study_identity, write_series
+from synth.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
+from synth.ct import SeriesSpec, study_identity, write_series
 
 # The same literal as tests/conftest.py's autouse key, for session-scoped fixtures
 # that run before any function-scoped fixture sets the environment.

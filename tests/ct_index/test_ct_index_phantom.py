@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medscreen.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
+from synth.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
 
 
 def test_phantom_tissues_and_planted_nodules() -> None:
@@ -43,7 +43,7 @@ def test_random_nodules_refuses_an_impossible_request() -> None:
 
 
 def test_same_seed_same_files(tmp_path: Path) -> None:
-    from medscreen.synth_ct import generate
+    from synth.ct import generate
 
     def digest(d: Path) -> dict[str, str]:
         return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()

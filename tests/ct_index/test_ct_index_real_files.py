@@ -105,7 +105,7 @@ def _constraint_pins() -> set[str]:
 def real_archive(spark, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One synthetic study plus the real files and stacks, indexed once."""
     from jobs import dicom_index
-    from medscreen.synth_ct import generate
+    from synth.ct import generate
 
     root = tmp_path_factory.mktemp("real_archive")
     generate(root / "synth", studies=1, seed=3, rows=32, slices=6)

@@ -15,7 +15,7 @@ import pytest
 
 from lake.keys import pseudonymise
 from medscreen.cli import main as cli_main
-from medscreen.ct_phantom import ChestAnatomy
+from synth.ct_phantom import ChestAnatomy
 from preprocessing.dicom_series import load_volume
 from preprocessing.nifti import ras_affine
 from preprocessing.resample import resample_to_spacing

@@ -20,8 +20,8 @@ from lake.commit import atomic_partition
 from lake.keys import mrn_key, pseudonymise
 from lake.paths import LakePaths
 from lake.schemas import DICOM_SERIES, IMAGING_LINK
-from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
-from medscreen.synth_ct import SeriesSpec, write_series
+from synth.ct_phantom import ChestAnatomy, ChestPhantom, Nodule
+from synth.ct import SeriesSpec, write_series
 
 ROWS, PIXEL_MM, SLICES, SLICE_MM = 128, 1.0, 32, 2.0
 CHEST_FOV_MM = 340.0

@@ -87,7 +87,7 @@ def test_findings_carry_the_emr_patient_key(linked) -> None:
 
 
 def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked) -> None:
-    from medscreen import cohort
+    from inference import cohort
 
     params = {"cohort_name": "htn-with-ct", "include_groups": ["hypertension"], "exclude_groups": [],
               "age_min_years": 18, "age_max_years": 90, "index_start": AS_OF, "index_end": AS_OF,

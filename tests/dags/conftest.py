@@ -56,8 +56,8 @@ def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
 
     Read-only for the tests that share it: every run writes to a lake of its own.
     """
-    from medscreen.synth_ct import generate as synth_ct
-    from medscreen.synth_emr import generate as synth_emr
+    from synth.ct import generate as synth_ct
+    from synth.emr import generate as synth_emr
 
     root = tmp_path_factory.mktemp("dag-inputs")
     emr, dicom = root / "emr", root / "dicom"

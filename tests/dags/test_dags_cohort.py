@@ -1,4 +1,4 @@
-"""Cohort definition and point-in-time member selection (medscreen.cohort) on tiny hand-made tables."""
+"""Cohort definition and point-in-time member selection (inference.cohort) on tiny hand-made tables."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,7 +12,7 @@ import pytest
 from lake import schemas
 from lake.commit import atomic_partition, is_committed
 from lake.paths import LakePaths
-from medscreen import cohort
+from inference import cohort
 
 GROUPS = ["ckd", "heart_failure", "hypertension", "t2d"]
 UTC = dt.timezone.utc

@@ -23,7 +23,7 @@ from dag_runs import pipeline_settings
 from lake.commit import is_committed, read_manifest
 from lake.keys import key_fingerprint
 from lake.paths import LakePaths
-from medscreen import orchestration as orch
+from medscreen_airflow import orchestration as orch
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAY = "2024-06-30"

@@ -1,4 +1,4 @@
-"""The DAGs' decisions (medscreen.orchestration) on tiny real files: no Spark, no Airflow scheduler."""
+"""The DAGs' decisions (medscreen_airflow.orchestration) on tiny real files: no Spark, no Airflow scheduler."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ import pytest
 from lake.commit import atomic_partition, read_manifest
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
-from medscreen import orchestration as orch
+from medscreen_airflow import orchestration as orch
 
 
 def _settings(make_settings, emr_dir: Path, dicom_dir: Path | None = None):

@@ -58,7 +58,7 @@ def test_nightly_tasks_and_dependencies(dagbag) -> None:
 def test_spark_steps_go_through_the_spark_provider(dagbag) -> None:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-    from medscreen import orchestration as orch
+    from medscreen_airflow import orchestration as orch
 
     dag = dagbag.dags["nightly_screening"]
     for task_id, job in (("emr_ingest", "emr_ingest"), ("emr_features", "emr_features"),
@@ -116,7 +116,7 @@ def test_nightly_params_are_typed(dagbag) -> None:
 
 
 def test_cohort_dag_is_manual_with_mapped_steps(dagbag) -> None:
-    from medscreen.cohort import code_group_names
+    from inference.cohort import code_group_names
     from conf.settings import load_settings
 
     dag = dagbag.dags["cohort_retrospective"]

@@ -212,7 +212,7 @@ def test_omop_lake_holds_no_note_text_or_source_values(omop_ingest):
 
 
 def test_generated_export_reconciles_with_the_generators_bad_records(spark, tmp_path_factory):
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     export = tmp_path_factory.mktemp("synth_fhir") / "export"
     synth = generate(export, patients=30, seed=11, bad_share=0.05, fmt="fhir")
@@ -244,7 +244,7 @@ def test_cli_entry_point_reports_bad_input(tmp_path: Path, capsys):
 
 
 def test_generated_omop_export_reconciles_with_the_generators_bad_records(spark, tmp_path_factory):
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     export = tmp_path_factory.mktemp("synth_omop") / "export"
     synth = generate(export, patients=25, seed=5, bad_share=0.05, fmt="omop")

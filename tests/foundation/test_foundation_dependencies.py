@@ -14,7 +14,8 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_DIRS = ("conf", "lake", "preprocessing", "engines", "jobs", "inference", "medscreen", "models",
+CODE_DIRS = ("conf", "lake", "preprocessing", "engines", "jobs", "inference", "medscreen", "medscreen_airflow",
+             "synth", "models",
              "dags", "bench", "tests")
 
 

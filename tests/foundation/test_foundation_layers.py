@@ -5,8 +5,11 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-OURS = {"conf", "lake", "preprocessing", "engines", "jobs", "inference", "medscreen", "dags", "models", "bench"}
-# dags → medscreen → jobs, inference → preprocessing, engines → lake → conf; nothing imports models/.
+OURS = {"conf", "lake", "preprocessing", "engines", "jobs", "inference", "medscreen", "medscreen_airflow",
+        "synth", "dags", "models", "bench"}
+# dags → medscreen_airflow → jobs, inference → preprocessing, engines → lake → conf; the CLI (medscreen)
+# sits on jobs and inference too and may use synth/ (demo, `medscreen synth`); no production floor
+# imports synth/, nothing imports models/.
 ALLOWED = {
     "conf": set(),
     "lake": {"conf"},
@@ -14,8 +17,10 @@ ALLOWED = {
     "engines": {"conf", "lake"},
     "jobs": {"conf", "lake", "preprocessing"},
     "inference": {"conf", "lake", "preprocessing", "engines"},
-    "medscreen": {"conf", "lake", "preprocessing", "engines", "jobs", "inference"},
-    "dags": {"conf", "lake", "medscreen"},
+    "medscreen": {"conf", "lake", "preprocessing", "engines", "jobs", "inference", "synth"},
+    "medscreen_airflow": {"conf", "lake", "preprocessing", "engines", "jobs", "inference"},
+    "synth": set(),
+    "dags": {"conf", "lake", "inference", "medscreen_airflow"},
 }
 # Frameworks a floor must not import: pure functions run the same in Spark, Ray and tests.
 FORBIDDEN = {
@@ -25,7 +30,10 @@ FORBIDDEN = {
     "engines": {"pyspark", "ray", "airflow", "torch"},
     "jobs": {"ray", "airflow", "torch"},
     "inference": {"pyspark", "airflow", "torch"},
-    "medscreen": {"torch"},
+    # The CLI installs and runs without Airflow (an extra: medscreen[airflow]).
+    "medscreen": {"torch", "airflow"},
+    "medscreen_airflow": {"torch"},
+    "synth": {"pyspark", "ray", "airflow", "torch"},
     "dags": {"torch"},
 }
 

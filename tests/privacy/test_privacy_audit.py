@@ -88,8 +88,8 @@ def _plant_dicom(synth: Path, archive: Path) -> None:
 def planted(tmp_path_factory: pytest.TempPathFactory, spark) -> dict[str, Any]:
     from conf.settings import load_settings
     from jobs import dicom_index, emr_ingest
-    from medscreen.synth_ct import generate as synth_ct
-    from medscreen.synth_emr import generate as synth_emr
+    from synth.ct import generate as synth_ct
+    from synth.emr import generate as synth_emr
 
     root = tmp_path_factory.mktemp("privacy")
     emr, synth, archive, lake = root / "emr", root / "synth", root / "archive", root / "lake"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from medscreen.synth_emr import generate
+from synth.emr import generate
 
 SEED = 11
 

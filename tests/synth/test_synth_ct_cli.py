@@ -59,7 +59,7 @@ def test_synth_ct_defaults_plant_broken_files_and_refuse_a_bad_spacing(tmp_path:
 def test_synth_ct_images_patients_of_the_synthetic_emr(tmp_path: Path, capsys) -> None:
     """With --emr, DICOM PatientID is the MRN a FHIR Patient carries as its MR identifier, of a
     patient registered, alive and under observation on the study date; birth date and sex agree."""
-    from medscreen.synth_emr import generate as synth_emr
+    from synth.emr import generate as synth_emr
 
     emr = tmp_path / "emr"
     synth_emr(emr, patients=300, seed=5, bad_share=0.0, fmt="fhir")

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import simple_icd_10_cm as icd
 
-from medscreen.synth_emr import generate
-from medscreen.synth_emr_fhir import DATE_FIELDS
+from synth.emr import generate
+from synth.emr_fhir import DATE_FIELDS
 from synth_published_codes import ICD9, ICD10, SNOMED, group_of
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import simple_icd_10_cm as icd
 
-from medscreen.synth_emr import read_truth
-from medscreen.synth_emr_omop import COLUMNS, DATE_COLUMNS
+from synth.emr import read_truth
+from synth.emr_omop import COLUMNS, DATE_COLUMNS
 
 WELL_FORMED_ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
 ICD9 = re.compile(r"^(V\d{2}(\.\d{1,2})?|\d{3}(\.\d{1,2})?)$")
@@ -196,7 +196,7 @@ def test_bad_rows_match_the_summary(omop_export) -> None:
 
 
 def test_omop_is_byte_identical_per_seed_and_clean_without_bad_share(tmp_path: Path) -> None:
-    from medscreen.synth_emr import generate
+    from synth.emr import generate
 
     a = generate(tmp_path / "a", patients=50, seed=5, bad_share=0.05, fmt="omop")
     b = generate(tmp_path / "b", patients=50, seed=5, bad_share=0.05, fmt="omop")

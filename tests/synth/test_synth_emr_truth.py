@@ -14,7 +14,7 @@ from typing import Any
 
 from synth_published_codes import GROUP_WORDS, ICD9, SNOMED, group_of
 
-from medscreen.synth_emr import read_truth
+from synth.emr import read_truth
 
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 CLINICAL = {"active", "recurrence", "relapse", "inactive", "remission", "resolved"}

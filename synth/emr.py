@@ -1,6 +1,6 @@
 """Synthetic EMR exports for demos, tests and benchmarks: FHIR R4 Bulk Data or OMOP CDM 5.4.
 
-One simulation (medscreen.synth_emr_sim) feeds both formats, so a seed gives the same
+One simulation (synth.emr_sim) feeds both formats, so a seed gives the same
 patients, visits and planted signal whichever format is written. The planted signal and
 the bad records are described in docs/synthetic_emr.md.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from medscreen.synth_emr_codes import TRUTH_GROUP
-from medscreen.synth_emr_sim import SIGNAL, Cohort, countable, first_known, simulate
+from synth.emr_codes import TRUTH_GROUP
+from synth.emr_sim import SIGNAL, Cohort, countable, first_known, simulate
 
 FORMATS = ("fhir", "omop")
 SUMMARY_FILE = "synth_summary.json"
@@ -67,10 +67,10 @@ def generate(out_dir: Path, patients: int, seed: int, bad_share: float = 0.02,
     staging.mkdir(parents=True)
     try:
         if fmt == "fhir":
-            from medscreen.synth_emr_fhir import write_fhir
+            from synth.emr_fhir import write_fhir
             part = write_fhir(cohort, staging, bad_share)
         else:
-            from medscreen.synth_emr_omop import write_omop
+            from synth.emr_omop import write_omop
             part = write_omop(cohort, staging, bad_share)
         ids = part.pop("_ids")
         summary: dict[str, Any] = {"format": fmt, "patients": patients, "seed": seed,

@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from medscreen.synth_emr_codes import TRUTH_GROUP, ConditionCode
+from synth.emr_codes import TRUTH_GROUP, ConditionCode
 
 # Words a clinician uses for each simulated condition key: full terms first, then
 # abbreviations and synonyms.

@@ -618,7 +618,7 @@ def report(context: Any, dag_id: str, sections: dict[str, Any]) -> Path:
 
 def define_cohort(context: Any) -> list[str]:
     """Validate the cohort form, store its definition beside the results; return the index dates."""
-    from medscreen import cohort
+    from inference import cohort
 
     settings = load_settings()
     params = dict(context["params"])
@@ -629,7 +629,7 @@ def define_cohort(context: Any) -> list[str]:
 
 
 def _stored_definition(context: Any):
-    from medscreen import cohort
+    from inference import cohort
 
     settings = load_settings()
     path = LakePaths(settings.lake.root).cohort(str(context["params"]["cohort_name"])) / "definition.json"
@@ -638,7 +638,7 @@ def _stored_definition(context: Any):
 
 def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
     """Select the cohort's members at one index date and commit them with their scores."""
-    from medscreen import cohort
+    from inference import cohort
 
     lake_root, definition = _stored_definition(context)
     return cohort.write_index_date(lake_root, definition, as_of,
@@ -648,7 +648,7 @@ def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
 
 def cohort_summary(context: Any, per_date: list[dict[str, Any]]) -> Path:
     """Write the cohort's summary.json from the per-date counts."""
-    from medscreen import cohort
+    from inference import cohort
 
     lake_root, definition = _stored_definition(context)
     return cohort.write_summary(lake_root, definition, per_date, context["run_id"])

@@ -10,14 +10,14 @@ from typing import Any
 
 import numpy as np
 
-from medscreen.synth_emr_codes import (ACUTE, BMI, CONDITIONS, DBP, EGFR_CKDEPI, EGFR_MDRD,
+from synth.emr_codes import (ACUTE, BMI, CONDITIONS, DBP, EGFR_CKDEPI, EGFR_MDRD,
                                        GLUCOSE, HBA1C, INVALID_ICD10, LOCAL_CONCEPT_BASE,
                                        MALFORMED_CODES, NTPROBNP, SBP, SMOKING, SMOKING_VALUES,
                                        SNOMED_PARENT, Z_ORAL_HYPOGLYCEMIC,
                                        ConditionCode, LoincCode, local_concept_id,
                                        snomed_concept_id)
-from medscreen.synth_emr_fhir import TRANSACTION_TIME, allocate
-from medscreen.synth_emr_sim import Cohort
+from synth.emr_fhir import TRANSACTION_TIME, allocate
+from synth.emr_sim import Cohort
 
 __all__ = ["COLUMNS", "CORE_TABLES", "LOCAL_CONCEPT_BASE", "local_concept_id", "write_omop"]
 
@@ -107,7 +107,7 @@ DATE_COLUMNS: dict[str, tuple[str, ...]] = {
     "measurement": ("measurement_date", "measurement_datetime", "measurement_time"),
 }
 # Real standard concepts for the fixed vocabularies (gender, visit, type, encoding, language).
-# Condition concepts: OHDSI's ids where known (synth_emr_codes.SNOMED_CONCEPT_ID), local
+# Condition concepts: OHDSI's ids where known (synth.emr_codes.SNOMED_CONCEPT_ID), local
 # ids above 2e9 otherwise; measurements and observations use local LOINC/SNOMED ids.
 GENDER_CONCEPT = {"male": 8507, "female": 8532}
 VISIT_CONCEPT = {"AMB": 9202, "EMER": 9203, "IMP": 9201}

@@ -5,7 +5,7 @@ blood pressure drift; chronic conditions start through monthly logistic hazards 
 depend on the patient's current state (the planted signal, see ``SIGNAL``); patients die
 through a hazard of their own, some leave the hospital's care, some register late; visits
 happen at a rate that grows with age and morbidity, and only what is measured, coded or
-written at a visit reaches the record. The formats (synth_emr_fhir, synth_emr_omop) only
+written at a visit reaches the record. The formats (synth.emr_fhir, synth.emr_omop) only
 render the ``Cohort`` this module returns, so both formats carry the same patients and signal.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 
-from medscreen.synth_emr_codes import (ACUTE, CONDITIONS, TRUTH_GROUP, Z_ORAL_HYPOGLYCEMIC,
+from synth.emr_codes import (ACUTE, CONDITIONS, TRUTH_GROUP, Z_ORAL_HYPOGLYCEMIC,
                                        ConditionCode)
-from medscreen.synth_emr_notes import NoteContext, write_note
+from synth.emr_notes import NoteContext, write_note
 
 START_MONTH = date(2018, 1, 1)
 MONTHS = 96  # 2018-01 .. 2025-12

@@ -3,7 +3,7 @@
 The phantom is a continuous function of patient position (LPS, millimetres),
 so the same anatomy and the same nodules can be sampled on any scanner grid:
 a regular axial grid (:func:`make_phantom`), a variable-spacing series or a
-gantry-tilted one (``medscreen.synth_ct``). Ground truth therefore never
+gantry-tilted one (``synth.ct``). Ground truth therefore never
 depends on how a series was sampled.
 
 Tissues (HU): air −1000 outside the body, subcutaneous fat −100, body wall and

@@ -10,7 +10,7 @@ every volume series' nodules in LPS mm, keyed by SeriesInstanceUID, plus what
 the index is expected to conclude about each series and broken file.
 
 All pixels are sampled from one analytic phantom per study
-(:mod:`medscreen.ct_phantom`), so the same nodule sits at the same patient
+(:mod:`synth.ct_phantom`), so the same nodule sits at the same patient
 position in every series of a study however that series was sampled.
 Same seed, same bytes (UIDs are derived from the seed, not from randomness).
 """
@@ -27,7 +27,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
-from medscreen.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodules
+from synth.ct_phantom import ChestAnatomy, ChestPhantom, Nodule, random_nodules
 
 # Our own UID root for synthetic data (pydicom's documented example root).
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -298,7 +298,7 @@ def emr_patients_for_ct(emr_dir: Path, studies: int, seed: int) -> list[dict[str
     Each has ``patient_id`` (the EMR's MRN: FHIR ``Patient.identifier`` of type MR, OMOP
     ``person_source_value``), ``birth_date`` (YYYYMMDD), ``sex`` (F/M/O) and ``emr_patient``.
     """
-    from medscreen.synth_emr import read_truth
+    from synth.emr import read_truth
 
     rows = read_truth(emr_dir, "patients")
     first, last = STUDY_FIRST_DAY.isoformat(), STUDY_LAST_DAY.isoformat()
