@@ -141,9 +141,9 @@ def _baseline_runner(settings: Settings):
             return _TorchEager()
     except ImportError:
         pass
-    from inference.ct import ReferenceEngine
+    from engines.source import ReferenceEngine
 
-    runner, _ = ReferenceEngine(settings).load("fp32")
+    runner, _ = ReferenceEngine(settings, "ct_nodule").load("fp32")
     runner.activate()
     runner.name = "onnxruntime-" + runner.active_providers[0].replace("ExecutionProvider", "").lower() + "-batch1"
     return runner
@@ -151,32 +151,29 @@ def _baseline_runner(settings: Settings):
 
 def run_baseline(settings: Settings, recs: list[dict[str, Any]]) -> dict[str, Any]:
     """Sequential sliding window, batch 1: read → resample → window → patch-by-patch → blend → components."""
-    from inference.ct import segment_volume
     from preprocessing.components import find_components
-    from preprocessing.dicom_series import load_volume
-    from preprocessing.resample import resample_to_spacing, window_to_unit
+    from preprocessing.ct_chain import model_input
+    from preprocessing.sliding_window import runner_predictor, sliding_window_inference
 
     im = settings.imaging
     runner = _baseline_runner(settings)
+    chain = model_input(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices)
     stage = {"read_s": 0.0, "resample_s": 0.0, "patch_s": 0.0, "engine_s": 0.0, "stitch_s": 0.0,
              "components_s": 0.0}
     findings, patches = 0, 0
     t_start = time.perf_counter()
     for r in recs:
-        t0 = time.perf_counter()
-        vol = load_volume(r["files"])
-        t1 = time.perf_counter()
-        vol = resample_to_spacing(vol, im.target_spacing_mm)
-        image = window_to_unit(vol.hu, im.window_hu)
-        t2 = time.perf_counter()
         t: dict[str, float] = {}
-        prob = segment_volume(runner, image, tuple(im.patch_size), tuple(im.patch_stride), 1, t)  # type: ignore[arg-type]
+        prepared = chain(r["files"], t)
+        vol = prepared.volume
+        prob = sliding_window_inference(prepared.image, runner_predictor(runner), tuple(im.patch_size),  # type: ignore[arg-type]
+                                        tuple(im.patch_stride), 1, timings=t)
         t3 = time.perf_counter()
         s = find_components(prob, vol.spacing_mm, vol.affine_zyx_to_lps, im.probability_threshold,
                             im.min_finding_volume_mm3)
         t4 = time.perf_counter()
-        stage["read_s"] += t1 - t0
-        stage["resample_s"] += t2 - t1
+        stage["read_s"] += t["read_s"]
+        stage["resample_s"] += t["resample_s"] + t["window_s"]
         for k in ("patch_s", "engine_s", "stitch_s"):
             stage[k] += t[k]
         stage["components_s"] += t4 - t3
