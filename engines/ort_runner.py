@@ -138,13 +138,13 @@ class OrtRunner:
                 raise ValueError(f"input {spec.name!r} is {arr.dtype} {arr.shape}, expected {spec.dtype} "
                                  f"{spec.shape}")
             dims.update({d: n for d, n in zip(spec.shape, arr.shape) if isinstance(d, str)})
-            binding.bind_input(spec.name, "cuda", 0, arr.dtype, list(arr.shape), arr.data.ptr)
+            binding.bind_input(spec.name, "cuda", 0, arr.dtype.type, list(arr.shape), arr.data.ptr)
             feed = {**feed, spec.name: arr}  # keep the contiguous copy alive through the run
         outputs = {}
         for spec in self._outputs:
             shape = [dims[d] if isinstance(d, str) else int(d) for d in spec.shape]
             out = cupy.empty(shape, dtype=np.dtype(spec.dtype))
-            binding.bind_output(spec.name, "cuda", 0, out.dtype, shape, out.data.ptr)
+            binding.bind_output(spec.name, "cuda", 0, out.dtype.type, shape, out.data.ptr)
             outputs[spec.name] = out
         # CuPy's kernels that wrote the inputs run on its stream; ORT runs on its own.
         cupy.cuda.get_current_stream().synchronize()
