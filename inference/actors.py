@@ -26,7 +26,8 @@ from engines.source import EngineSource
 
 @contextlib.contextmanager
 def ray_session(settings: Settings) -> Iterator[bool]:
-    """Connect to ``settings.ray.address`` or start a local Ray; shut it down on exit only if started here.
+    """Connect to ``settings.ray.address`` (else ``RAY_ADDRESS``) or start a local Ray; shut it down on exit
+    only if started here.
 
     Yields True when this call started Ray. A Ray already initialised in this
     process (a test fixture, a benchmark) is used as it is.
@@ -37,8 +38,9 @@ def ray_session(settings: Settings) -> Iterator[bool]:
     if not ray.is_initialized():
         # Local Ray on a laptop/CI has no auth; a cluster address brings its own.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address=settings.ray.address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # Unset means a Ray of our own: never attach to whatever cluster another program runs here.
+        address = settings.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         started = True
     try:
         yield started
