@@ -48,10 +48,11 @@ from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSp
                                  spec_dicts)
 from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
                          read_manifest, reading)
+from lake.files import write_json_atomic
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str, is_trial_run
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import HEADS
 
 MODEL = "emr_risk"
@@ -397,9 +398,9 @@ def _ledger(specs: list[FragmentSpec], attempt: Attempt, available: int) -> Stag
 def _write_run(run_dir: Path, manifest: dict[str, Any], summary: dict[str, Any],
                ledgers: list[StageLedger]) -> None:
     write_ledger(run_dir, *ledgers)
-    write_json(run_dir / "metrics.json", summary)
+    write_json_atomic(run_dir / "metrics.json", summary)
     (run_dir / "report.html").write_text(report.render(summary))
-    write_json(run_dir / "manifest.json", manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
 
 
 def _calibration_summary(calibration: Calibration | None) -> dict[str, Any] | None:

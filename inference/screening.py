@@ -33,7 +33,7 @@ from lake.commit import (atomic_partition, partition_files, read_manifest, read_
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger
 from lake.paths import TRIAL, LakePaths, as_of_str
-from lake.schemas import HEADS, PREVALENT_COLUMNS
+from lake.schemas import HEADS, PREVALENT_COLUMNS, SCREENING
 from preprocessing import eligibility as elig
 from preprocessing.timelines import LABEL_GROUPS
 
@@ -53,21 +53,6 @@ class TimelinesNotUsable(ValueError):
 
 class ThresholdsNotUsable(ValueError):
     """No usable threshold for a head: the card has no operating point for these scores."""
-
-
-SCREENING = pa.schema([
-    ("patient_key", pa.string()),
-    ("as_of", pa.date32()),
-    ("head", pa.string()),            # t2d | ckd | hf
-    ("score", pa.float32()),
-    ("rank", pa.int32()),             # 1 = highest score within the head
-    ("criterion", pa.string()),       # "threshold>=0.5" or "top_k=100"
-    ("model", pa.string()),
-    ("model_version", pa.string()),
-    ("engine_fingerprint", pa.string()),
-    ("precision", pa.string()),
-    ("run_id", pa.string()),
-])
 
 
 def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,

@@ -49,10 +49,11 @@ from pyspark.sql.types import StringType, StructField, StructType
 from conf.settings import Settings, load_settings
 from jobs.spark_session import get_spark
 from lake.commit import clean_stale_staging, commit, staging_dir
+from lake.files import write_json_atomic
 from lake.keys import bind_lake, executor_key_file
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import EVENTS, PATIENTS, QUARANTINE
 from lake.schemas import PERIOD_SOURCE_FHIR, PERIOD_SOURCE_OMOP
 from preprocessing import emr_record as rec
@@ -629,7 +630,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     finished = dt.datetime.now(dt.timezone.utc)
     manifest.update({"finished_utc": finished.isoformat(), "outputs": outputs,
                      "ledger": str(run_dir / "ledger.json")})
-    write_json(run_dir / "manifest.json", manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
     summary = {
         "run_id": run_id, "run_dir": str(run_dir), "format": fmt,
         "counts": {s.stage: s.to_dict() for s in stages},

@@ -95,6 +95,10 @@ class LakePaths:
     def cohort(self, name: str) -> Path:
         return self.root / "cohorts" / name
 
+    def report(self, dag_id: str, as_of: dt.date | str) -> Path:
+        """A DAG run's report partition (``reports/<dag_id>/as_of=D``)."""
+        return self.root / "reports" / dag_id / f"as_of={as_of_str(as_of)}"
+
     @property
     def runs(self) -> Path:
         return self.root / "runs"
