@@ -475,7 +475,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 series, got {limit}")
     as_of = as_of_str(as_of)
-    run_id = run_id or new_run_id("score-ct")
+    run_id = run_id or new_run_id(STAGE)
     final = LakePaths(settings.lake.root).findings(MODEL, as_of, trial=is_trial_run(limit, force_ungated))
     with partition_lock(final, run_id, wait_s=lock_wait_s):
         return _score(settings, as_of, force_ungated, run_id, source, limit, full, final)

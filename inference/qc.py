@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.settings import CTQCSettings, QCSettings
-from lake.commit import is_committed, partition_files
+from lake.commit import is_committed
 from lake.paths import latest_as_of
 from lake.schemas import HEADS
 

@@ -192,13 +192,6 @@ def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | Non
     return facts, manifest.get("run_id")
 
 
-def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
-                   as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
-    """``prevalent_<head>`` of every scored patient (see :func:`timeline_facts`) and the features run id."""
-    facts, run_id = timeline_facts(scores, timelines, expected_run_id, as_of)
-    return {h: facts[c] for h, c in zip(HEADS, PREVALENT_COLUMNS)}, run_id
-
-
 def head_rules(settings: Settings) -> dict[str, elig.HeadRule]:
     """Each head's eligibility rule from ``scoring.eligibility``; every head needs one."""
     rules = settings.scoring.eligibility

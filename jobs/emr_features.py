@@ -463,7 +463,7 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
     vocab = default_vocabulary()
     horizon = feats.horizon_days if with_labels else None
 
-    spark = get_spark(settings.spark, "medscreen-emr-features")
+    spark = get_spark(settings.spark, f"medscreen-{STAGE}")
     events = read_table(spark, events_path, EVENTS)
     patients = read_table(spark, patients_path, PATIENTS)
     periods = read_table(spark, periods_path, OBSERVATION_PERIODS)

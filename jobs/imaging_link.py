@@ -94,7 +94,7 @@ def run(settings: Settings, run_id: str | None = None) -> dict[str, Any]:
                                    "`medscreen emr ingest` (the emr_ingest task)")
     run_id = run_id or new_run_id(STAGE)
     run_dir = paths.run(run_id)
-    spark = get_spark(settings.spark, "medscreen-imaging-link")
+    spark = get_spark(settings.spark, f"medscreen-{STAGE}")
     series = _read(spark, paths.dicom_series, DICOM_SERIES)
     patients = _read(spark, paths.patients, PATIENTS)
     staging = staging_dir(paths.imaging_link)

@@ -12,7 +12,6 @@ KIND_DX = "dx"            # coded diagnosis (Condition / condition_occurrence)
 KIND_DX_TEXT = "dx_text"  # ICD-10-CM code found in a note's text
 KIND_OBS = "obs"          # measurement / observation with a value
 KIND_ENCOUNTER = "encounter"
-EVENT_KINDS = (KIND_DX, KIND_DX_TEXT, KIND_OBS, KIND_ENCOUNTER)
 
 # Code systems, normalised.
 SYSTEM_ICD10CM = "icd10cm"

@@ -67,7 +67,7 @@ def score(context: Any, model: str, as_of: str | None = None, drift_check: bool 
     args = score_args(kind, settings.lake.root, as_of or context_as_of(context), ray_address(settings))
     # Every try of this task in this DAG run uses one run id: a retry resumes what the failed try
     # left staged (EMR fragments, CT series) instead of starting over.
-    args += ["--run-id", task_run_id(context, f"score-{kind}")]
+    args += ["--run-id", task_run_id(context, f"score_{kind}")]
     if kind == "emr" and not drift_check:
         args.append("--no-drift-check")
     if params.get("force_ungated"):

@@ -89,8 +89,6 @@ def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: st
                training: dict, torch_state: Path | None = None,
                calibration: dict | None = None, operating_points: dict | None = None) -> Path:
     """Write the model card (YAML) describing ``onnx_path``; the ONNX path is stored repo-relative."""
-    import yaml
-
     onnx_path, repo_root = Path(onnx_path).resolve(), Path(repo_root).resolve()
     card = {
         "name": "emr_risk",

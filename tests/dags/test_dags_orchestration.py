@@ -176,8 +176,6 @@ def test_cli_failures_name_the_command_and_the_reason(tmp_path: Path) -> None:
 
 
 def test_patient_limit_becomes_a_limit_the_score_cli_takes(tmp_path: Path) -> None:
-    from airflow.sdk.exceptions import AirflowSkipException
-
     from medscreen.cli import build_parser
 
     for kind in ("emr", "ct"):
