@@ -17,7 +17,8 @@ import numpy as np
 
 from conf.settings import HEADS
 from synth.emr_codes import TRUTH_GROUP
-from synth.emr_sim import SIGNAL, Cohort, countable, first_known, simulate
+from synth.emr_cohort import Cohort, countable, first_known
+from synth.emr_sim import SIGNAL, simulate
 
 FORMATS = ("fhir", "omop")
 SUMMARY_FILE = "synth_summary.json"
