@@ -12,8 +12,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from conf.settings import Settings
 from engines import hardware
 from engines.model_card import load_card, profiles as card_profiles
 from engines.runner import PRECISIONS
+from lake.files import write_json_atomic
 
 BACKENDS = ("onnxruntime", "tensorrt")
 METADATA_FORMAT = 1
@@ -152,9 +151,7 @@ def read_metadata(plan_path: Path) -> dict[str, Any]:
 
 def write_metadata_file(path: Path, data: dict[str, Any]) -> None:
     """Replace a sidecar atomically (readers see the old or the new file, never half of one)."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 @contextlib.contextmanager
