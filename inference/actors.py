@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -72,6 +73,7 @@ class EngineActor:
     """
 
     def __init__(self, source: EngineSource, precision: str):
+        t0 = time.perf_counter()
         runner, self.metadata = source.load(precision)
         self._held = contextlib.ExitStack()
         self.runner: Runner = self._held.enter_context(activated(runner))
@@ -79,6 +81,9 @@ class EngineActor:
         # A restarted actor runs __init__ again: a fresh incarnation id under the same actor id.
         self.incarnation = uuid.uuid4().hex[:12]
         self.actor_id = _actor_id()
+        # Start-up as the run's metrics report it: engine load + activation, and when the actor was ready.
+        self.engine_load_s = round(time.perf_counter() - t0, 3)
+        self.ready_at = time.time()
 
     def close(self) -> None:
         """Deactivate the engine (idempotent)."""

@@ -117,6 +117,9 @@ class ScoreActor(EngineActor):
             parts = [a for a in parts if len(a)]
             return np.concatenate(parts) if parts else empty
 
-        return self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
-                               cat(probs, np.zeros((0, 3), np.float32)),
-                               cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records)
+        record = self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
+                                 cat(probs, np.zeros((0, 3), np.float32)),
+                                 cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records)
+        record["actor"] = {"id": self.actor_id, "incarnation": self.incarnation,
+                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at}
+        return record
