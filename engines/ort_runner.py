@@ -122,12 +122,12 @@ class OrtRunner:
         input dim of the same name (``batch``). Inputs are checked as in
         :meth:`infer`, except that dtypes must already match.
         """
-        import cupy
-
         self._require_active()
         if not self._use_binding:
             raise RuntimeError(f"runner {self.name} runs on {self.active_providers[0]}; device arrays need "
                                "the CUDA execution provider")
+        import cupy
+
         dims: dict[str, int] = {}
         binding = self._session.io_binding()
         for spec in self._inputs:

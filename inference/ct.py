@@ -18,7 +18,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -111,10 +110,7 @@ def _config_key(card: dict[str, Any], engine_meta: dict[str, Any], precision: st
 
 
 def _store_result(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: row.get(k) for k in _STORED}, default=str))
-    os.replace(tmp, path)
+    write_json(path, {k: row.get(k) for k in _STORED}, indent=None)
 
 
 # ---------------------------------------------------------------- selection

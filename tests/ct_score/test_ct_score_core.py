@@ -12,7 +12,7 @@ from engines.model_card import load_card
 from engines.runner import activated
 from engines.source import ReferenceEngine
 from inference.actors import EngineActor
-from inference.ct_stages import device_batch
+from inference.ct_stages import SegmentSeries, device_batch
 from preprocessing.ct_chain import Compose, ResampleToSpacing, WindowToUnit, model_input
 from preprocessing.sliding_window import runner_predictor, sliding_window_inference
 
@@ -87,3 +87,20 @@ def test_device_batches_are_bounded_by_free_memory():
     assert 1 <= small < 16
     # A 1 000-slice series where little is free does not fit: the host path takes it.
     assert device_batch((1000, 512, 512), patch, stride, 16, free_bytes=2 * gib) == 0
+
+
+def test_a_cpu_engine_segments_on_the_host_path_and_refuses_device_arrays(tmp_path):
+    settings = load_settings({"lake.root": str(tmp_path / "lake")})
+    actor = SegmentSeries(ReferenceEngine(settings, "ct_nodule", intra_op_threads=1), "fp32",
+                          (64, 128, 128), (32, 64, 64), 1, 16)
+    try:
+        assert not actor.on_device
+        image = np.full((64, 128, 128), 0.1, np.float32)
+        timings: dict[str, float] = {}
+        prob, where = actor.segment(image, timings)
+        assert where == "host" and prob.dtype == np.float16 and prob.shape == image.shape
+        assert timings["patches"] == 1
+        with pytest.raises(RuntimeError, match="CUDA execution provider"):
+            actor.runner.infer_device({"image": image[None, None]})
+    finally:
+        actor.close()
