@@ -137,3 +137,22 @@ def test_scoring_qc_merged_fragment_summaries_judge_as_the_full_read():
                 {k: v for k, v in full[h].items() if k not in ("mean", "std")}, name
             assert ours[h]["mean"] == pytest.approx(full[h]["mean"], rel=1e-12)
             assert ours[h]["std"] == pytest.approx(full[h]["std"], rel=1e-9)
+
+
+def test_scoring_qc_summarises_again_a_fragment_staged_without_a_summary_over_these_bins(tmp_path):
+    """A resumed fragment marked by a run with another drift reference (or none) is summarised from its file."""
+    from inference import emr, score_stats
+    from inference.fragments import FragmentSink
+
+    rng = np.random.default_rng(7)
+    sink = FragmentSink(final=str(tmp_path / "as_of=2024-06-30"), run_id="r", precision="fp32", attempt_id="a",
+                        as_of="2024-06-30", model="emr_risk", model_version="1", engine_fingerprint="onn-x")
+    sink.staging().open({"plan": 1})
+    probs = rng.random((300, 3)).astype(np.float32)
+    keys = np.array([f"{i:032x}".encode() for i in range(300)])
+    record = sink.write(0, 300, keys, probs, np.zeros(0, "S1"), np.zeros(0, "S1"), [])
+    assert record["stats"]["psi_edges"] is None
+    edges = {h: [0.25, 0.5, 0.75] for h in ("t2d", "ckd", "hf")}
+    merged = emr._merged_stats([record], sink.staging(), edges)
+    assert merged["psi_edges"] == edges
+    assert merged == score_stats.merge([score_stats.of_scores(probs, edges)])
