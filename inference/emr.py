@@ -11,7 +11,8 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
                           the model card's calibration (engines.calibration: the one place it
                           is applied, whatever the backend)
       → driver            receives one small record per fragment, writes its done marker
-      → QC gate           (FP32 safe mode on a low-precision trip)
+      → QC gate           on the merged per-fragment score summaries the actors made
+                          (inference.score_stats; FP32 safe mode on a low-precision trip)
       → commit            LAKE/scores/model=emr_risk/as_of=D, then screening list
 
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
