@@ -26,7 +26,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -42,7 +41,9 @@ from engines.calibration import Calibration, from_card, reliability
 from engines.model_card import load_card
 from inference import metrics as run_metrics
 from inference import qc, report, screening
-from inference.actors import CachedEngine, EngineSource, ScoreActor, engine_actor_pool, pack_fragments
+from engines.source import CachedEngine, EngineSource
+from inference.actors import engine_actor_pool, ray_session
+from inference.emr_actors import ScoreActor, pack_fragments
 from inference.batching import validate_buckets
 from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, plan_fragments,
                                  spec_dicts)
@@ -153,29 +154,26 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     log.info("score_emr run %s: %d fragments, %d of %d rows%s", run_id, len(specs),
              sum(s.num_rows for s in specs), available, f" (--limit {limit})" if limit is not None else "")
 
-    started_ray = _ensure_ray(settings)
     try:
-        attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
-                             final, run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of)]
-        first = attempts[0]
-        if (not first.qc["passed"] and first.precision != "fp32"
-                and settings.scoring.qc.fallback_to_fp32):
-            log.warning("QC failed for the %s engine (%s); re-scoring in FP32 safe mode",
-                        first.precision, "; ".join(first.qc["reasons"]))
-            first.staging.discard()
-            attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
-                                     run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of))
+        with ray_session(settings):
+            attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
+                                 final, run_id, actor_cls, on_fragment_done, calibration, lake=lake,
+                                 as_of=as_of)]
+            first = attempts[0]
+            if (not first.qc["passed"] and first.precision != "fp32"
+                    and settings.scoring.qc.fallback_to_fp32):
+                log.warning("QC failed for the %s engine (%s); re-scoring in FP32 safe mode",
+                            first.precision, "; ".join(first.qc["reasons"]))
+                first.staging.discard()
+                attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
+                                         run_id, actor_cls, on_fragment_done, calibration, lake=lake,
+                                         as_of=as_of))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
         exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
                      f"`medscreen score emr --as-of {as_of} --run-id {run_id}` "
                      f"(inference.emr.score(..., run_id={run_id!r}))")
         raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
     chosen = attempts[-1]
     ledger = _ledger(specs, chosen, available)
@@ -482,21 +480,6 @@ def _engine_summary(metadata: dict[str, Any], precision: str) -> dict[str, Any]:
     gate = metadata.get("gate") or {}
     out["gate_passed"] = gate.get("passed")
     return out
-
-
-def _ensure_ray(settings: Settings) -> bool:
-    """Connect to settings.ray.address, or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Local Ray on a laptop/CI has no auth; a cluster address brings its own.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if settings.ray.address:
-        ray.init(address=settings.ray.address, configure_logging=False)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False)
-    return True
 
 
 def _iso(ts: float) -> str:

@@ -25,7 +25,8 @@ from ray import cloudpickle
 
 from engines.model_card import file_sha256
 from engines.ort_runner import OrtRunner
-from inference.actors import CachedEngine, ScoreActor
+from engines.source import CachedEngine
+from inference.emr_actors import ScoreActor
 from lake.commit import atomic_partition
 from lake.paths import LakePaths
 from lake.schemas import PREVALENT_COLUMNS, TIMELINES

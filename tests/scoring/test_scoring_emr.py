@@ -13,7 +13,7 @@ import pytest
 
 from conf.settings import Settings
 from inference import emr
-from inference.actors import CachedEngine
+from engines.source import CachedEngine
 from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths
