@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from conf.settings import Settings
 from engines.model_card import load_card
 from lake.commit import is_committed, partition_files
-from lake.paths import LakePaths, as_of_str
+from lake.paths import LakePaths, as_of_of, as_of_str
 from lake.schemas import LABEL_COLUMNS
 
 SEX_CODES = {"F": 1, "M": 2}  # anything else (U, null) → 0 unknown, as the model contract says
@@ -38,8 +38,7 @@ def latest_as_of(lake_root: Path, with_labels: bool = False) -> str | None:
     base = LakePaths(lake_root).root / "emr" / "timelines"
     if not base.is_dir():
         return None
-    dates = sorted((p.name.split("=", 1)[1] for p in base.glob("as_of=*") if is_committed(p)),
-                   reverse=True)
+    dates = sorted((as_of_of(p) for p in base.glob("as_of=*") if is_committed(p)), reverse=True)
     for d in dates:
         if not with_labels or has_labels(lake_root, d):
             return d

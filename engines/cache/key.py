@@ -9,9 +9,10 @@ calibration method and size).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from engines import hardware
 from engines.model_card import load_card, profiles as card_profiles
 from engines.runner import PRECISIONS
 from lake.files import write_json_atomic
+from lake.locks import hold
 
 BACKENDS = ("onnxruntime", "tensorrt")
 METADATA_FORMAT = 1
@@ -157,13 +159,10 @@ def write_metadata_file(path: Path, data: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def plan_lock(plan_path: Path) -> Iterator[None]:
     """Held while a plan or its sidecar is written."""
-    # Several actors or DAG tasks may ensure the same engine at once; one builds, the others wait.
-    plan_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(str(plan_path) + ".lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    # Several actors or DAG tasks may ensure the same engine at once; one builds, the others wait
+    # (the lake's one flock, holder recorded beside the plan).
+    with hold(Path(str(plan_path) + ".lock"), f"engine-build-{os.getpid()}", math.inf,
+              f"engine plan {plan_path.name}", reentrant=False):
+        yield
 
 
