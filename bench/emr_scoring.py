@@ -47,6 +47,7 @@ from conf.settings import CONF_DIR, Settings, load_settings  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
 from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS  # noqa: E402
+from preprocessing.eligibility import ENCOUNTER_ID  # noqa: E402
 
 AS_OF = "2024-06-30"
 # A small labelled partition the engines are gated on before the scoring run (the scored
@@ -172,6 +173,8 @@ def generate_timelines(lake_root: Path, rows: int, vocab: dict[str, Any], max_to
         "days_before": pa.ListArray.from_arrays(pa.array(offsets), pa.array(days)),
         "age_years": pa.array(rng.uniform(18, 95, rows).astype(np.float32)),
         "sex": pa.array(rng.choice(np.array(["F", "M", "U"]), rows, p=[0.5, 0.47, 0.03]).astype(str)),
+        "encounters": pa.array(np.bincount(np.repeat(np.arange(rows), lengths)[tokens == ENCOUNTER_ID],
+                                           minlength=rows).astype(np.int32)),
         **{c: pa.array(rng.random(rows) < 0.2) for c in PREVALENT_COLUMNS},  # already diagnosed: not screened
     }).cast(TIMELINES).set_column(1, "as_of", pa.array(np.full(rows, np.datetime64(as_of, "D"))).cast(pa.date32()))
     if labels_from is not None:

@@ -172,8 +172,15 @@ def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | Non
         require_prevalence_columns(timelines, as_of, manifest)
     flag_cols = list(PREVALENT_COLUMNS) if with_prevalence else []
     parts = []
-    # File by file: the token lists are reduced to a count before the next file is read.
+    # File by file, the features job's encounter counts (older partitions: token lists reduced to
+    # a count before the next file is read).
     for f in partition_files(timelines):
+        if "encounters" in pq.read_schema(f).names:
+            t = pq.read_table(f, columns=["patient_key", "age_years", *flag_cols, "encounters"])
+            parts.append(t.set_column(t.schema.get_field_index("encounters"), "encounters",
+                                      t.column("encounters").cast(pa.int64())))
+            continue
+        # A partition written before the features job counted encounters: count the tokens.
         t = pq.read_table(f, columns=["patient_key", "age_years", "tokens", *flag_cols])
         parts.append(t.drop_columns(["tokens"]).append_column(
             "encounters", pa.array(elig.encounter_counts(t.column("tokens")), pa.int64())))
@@ -184,8 +191,12 @@ def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | Non
     if index.null_count:
         raise TimelinesNotUsable(f"{index.null_count} scored patients have no row in timelines partition "
                                  f"{timelines.name}; {rebuild}")
+    encounters = table.column("encounters").take(index)
+    if encounters.null_count:
+        raise TimelinesNotUsable(f"timelines partition {timelines.name} has {encounters.null_count} null "
+                                 f"encounters values among the scored patients; {rebuild}")
     facts = {"age_years": table.column("age_years").take(index).to_numpy(zero_copy_only=False).astype(np.float64),
-             "encounters": table.column("encounters").take(index).to_numpy(zero_copy_only=False)}
+             "encounters": encounters.to_numpy(zero_copy_only=False)}
     for head, col in zip(HEADS, PREVALENT_COLUMNS):
         if not with_prevalence:
             break

@@ -13,6 +13,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from lake.schemas import LABEL_COLUMNS, NOT_IN_POPULATION, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS
+from preprocessing.eligibility import ENCOUNTER_ID
 from preprocessing.timelines import LABEL_GROUPS, SEXES, US_PER_DAY, epoch_day, window_us
 from preprocessing.vocabulary import (DX_GROUP_TOKENS, DX_KINDS, ENCOUNTER, ICD9_BUCKET, LOINC_RULES, OOV,
                                       OOV_ID, TOKEN_ASSERTIONS, UNKNOWN_BIN, Vocabulary)
@@ -213,6 +214,7 @@ def timeline_columns(as_of: dt.date, max_tokens: int, with_labels: bool,
         F.transform(kept, days_before).cast("array<int>").alias("days_before"),
         ((F.lit(as_of_day) - F.unix_date(F.col("birth_date"))) / F.lit(365.25)).cast("float").alias("age_years"),
         F.when(sex.isin(*SEXES), sex).otherwise(F.lit("U")).alias("sex"),
+        F.size(F.filter(kept, lambda x: x["tok"] == F.lit(ENCOUNTER_ID))).cast("int").alias("encounters"),
         # A patient without events has no aggregate row: not prevalent.
         *[F.coalesce(F.col(f"prev_{head}") == 1, F.lit(False)).alias(col)
           for head, col in zip(LABEL_GROUPS, PREVALENT_COLUMNS)],

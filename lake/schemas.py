@@ -94,6 +94,9 @@ TIMELINES = pa.schema([
     ("days_before", pa.list_(pa.int32())),
     ("age_years", pa.float32()),
     ("sex", pa.string()),
+    # Encounter tokens among ``tokens`` (eligibility's minimum history): written by the features
+    # job so screening reads one small column instead of every token list.
+    ("encounters", pa.int32()),
     *[(c, pa.bool_()) for c in PREVALENT_COLUMNS],
 ])
 LABEL_COLUMNS = tuple(f"label_{h}" for h in HEADS)

@@ -80,6 +80,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from preprocessing.eligibility import ENCOUNTER_ID
 from preprocessing.vocabulary import DX_KINDS, TOKEN_ASSERTIONS
 
 if TYPE_CHECKING:
@@ -327,7 +328,8 @@ def timelines_table(events: "pa.Table", patients: "pa.Table", as_of: dt.date, lo
         idx = order[bounds[slot[k]]:bounds[slot[k] + 1]] if k in slot else np.empty(0, dtype=np.int64)
         tl = build_timeline(times[idx], tokens[idx], birth, sex, as_of, lookback_days, max_tokens, known[idx])
         row = {"patient_key": k, "as_of": as_of, "length": tl.length, "tokens": tl.tokens,
-               "days_before": tl.days_before, "age_years": tl.age_years, "sex": tl.sex}
+               "days_before": tl.days_before, "age_years": tl.age_years, "sex": tl.sex,
+               "encounters": int(np.count_nonzero(np.asarray(tl.tokens) == ENCOUNTER_ID))}
         sel = idx.tolist()
         dx = (times[idx], [ev["kind"][i] for i in sel], [ev["code_groups"][i] for i in sel],
               [ev["assertion"][i] for i in sel], as_of)

@@ -19,6 +19,7 @@ from conf.settings import Settings, load_settings
 from lake.commit import atomic_partition
 from lake.paths import LakePaths
 from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES_WITH_LABELS
+from preprocessing.eligibility import ENCOUNTER_ID
 
 AS_OF = "2024-06-30"
 ROWS = 800
@@ -70,7 +71,8 @@ def engines_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
             probs[idx] = ref.infer(feed)["probs"]
     labels = probs > np.quantile(probs, 0.7, axis=0)
     labels ^= rng.random(labels.shape) < 0.1
-    data = {**cols, "as_of": [dt.date.fromisoformat(AS_OF)] * ROWS, **{c: [False] * ROWS for c in PREVALENT_COLUMNS}}
+    data = {**cols, "as_of": [dt.date.fromisoformat(AS_OF)] * ROWS, **{c: [False] * ROWS for c in PREVALENT_COLUMNS},
+            "encounters": [sum(1 for t in toks if t == ENCOUNTER_ID) for toks in cols["tokens"]]}
     for j, c in enumerate(LABEL_COLUMNS):
         data[c] = labels[:, j].astype(np.int8).tolist()
     table = pa.Table.from_pydict({f.name: data[f.name] for f in TIMELINES_WITH_LABELS},

@@ -31,6 +31,7 @@ from inference.emr_actors import ScoreActor
 from lake.commit import atomic_partition
 from lake.paths import LakePaths
 from lake.schemas import PREVALENT_COLUMNS, TIMELINES
+from preprocessing.eligibility import ENCOUNTER_ID
 
 # Ray workers cannot import this test module; ship its classes by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -167,6 +168,8 @@ def random_timelines(n: int, seed: int = 0, bad_rows: bool = False, max_len: int
         "days_before": pa.array(days, pa.list_(pa.int32())),
         "age_years": pa.array(age, pa.float32()),
         "sex": pa.array(sex, pa.string()),
+        # What the features job writes beside the tokens (the encounter token's id is fixed).
+        "encounters": pa.array([int(np.count_nonzero(t == ENCOUNTER_ID)) for t in tokens], pa.int32()),
         # Already diagnosed (what screening leaves out): a third of the patients per head.
         **{col: pa.array(rng.random(n) < 1 / 3, pa.bool_()) for col in PREVALENT_COLUMNS},
     }, schema=TIMELINES)

@@ -50,6 +50,35 @@ def test_encounters_are_counted_from_the_vocabularys_encounter_token():
     assert elig.encounter_counts(padded).tolist() == [2, 0, 0, 1]
 
 
+def test_screening_reads_the_encounter_column_and_counts_tokens_only_for_older_partitions(make_settings, tmp_path):
+    """The features job's ``encounters`` column is what eligibility uses; a partition written before
+    it existed (no such column) gives the same facts from its token lists."""
+    enc = default_vocabulary().id_of("encounter")
+    n = 30
+    rng = np.random.default_rng(4)
+    tokens = [[enc if rng.random() < 0.3 else enc + 3 for _ in range(int(k))] for k in rng.integers(0, 9, n)]
+    rows = [{"patient_key": f"{i:032x}", "as_of": dt.date(2024, 6, 30), "length": len(t), "tokens": t,
+             "days_before": list(range(len(t), 0, -1)), "age_years": 40.0 + i, "sex": "M",
+             "encounters": sum(1 for x in t if x == enc),
+             "prevalent_t2d": i % 3 == 0, "prevalent_ckd": False, "prevalent_hf": i % 5 == 0}
+            for i, t in enumerate(tokens)]
+    table = pa.Table.from_pylist(rows, schema=TIMELINES)
+    scores = pa.table({"patient_key": [r["patient_key"] for r in reversed(rows)]})
+    facts = {}
+    for name, t in (("with_column", table), ("older", table.drop_columns(["encounters"]))):
+        settings = make_settings(**{"lake.root": str(tmp_path / name)})
+        commit_timelines(settings.lake.root, AS_OF, t, files=2, vocab_sha256="v")
+        facts[name], _ = screening.timeline_facts(scores, LakePaths(settings.lake.root).timelines(AS_OF), None, AS_OF)
+    assert facts["with_column"]["encounters"].tolist() == [r["encounters"] for r in reversed(rows)]
+    assert {k: v.tolist() for k, v in facts["with_column"].items()} == {k: v.tolist() for k, v in facts["older"].items()}
+    # A column that is there but empty is a broken partition, not a zero.
+    settings = make_settings(**{"lake.root": str(tmp_path / "nulls")})
+    broken = table.set_column(table.schema.get_field_index("encounters"), "encounters", pa.nulls(n, pa.int32()))
+    commit_timelines(settings.lake.root, AS_OF, broken, files=1, vocab_sha256="v")
+    with pytest.raises(screening.TimelinesNotUsable, match="null encounters"):
+        screening.timeline_facts(scores, LakePaths(settings.lake.root).timelines(AS_OF), None, AS_OF)
+
+
 def test_the_shipped_defaults_keep_children_and_empty_timelines_off_every_list():
     settings = load_settings({})
     assert set(settings.scoring.eligibility) == set(HEADS)
@@ -78,7 +107,7 @@ def _lake_where_only_the_ineligible_score_high(settings) -> pa.Table:
         rows.append({"patient_key": f"{i:032x}", "as_of": dt.date(2024, 6, 30),
                      "length": 0 if empty else 2, "tokens": [] if empty else [enc, enc + 7],
                      "days_before": [] if empty else [30, 10],
-                     "age_years": 9.5 if child else 55.0, "sex": "F",
+                     "age_years": 9.5 if child else 55.0, "sex": "F", "encounters": 0 if empty else 1,
                      "prevalent_t2d": False, "prevalent_ckd": False, "prevalent_hf": False})
     timelines = pa.Table.from_pylist(rows, schema=TIMELINES)
     commit_timelines(settings.lake.root, AS_OF, timelines, files=2, vocab_sha256="v")
