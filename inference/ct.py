@@ -423,7 +423,8 @@ def _ensure_ray(settings: Settings) -> bool:
 
     if ray.is_initialized():
         return False
-    ray.init(address=settings.ray.address, include_dashboard=False, log_to_driver=False,
+    # No address: a new local instance ("local"), never a `ray start` cluster found on this machine.
+    ray.init(address=settings.ray.address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     return True
 

@@ -492,7 +492,9 @@ def _ensure_ray(settings: Settings) -> bool:
     if settings.ray.address:
         ray.init(address=settings.ray.address, configure_logging=False)
     else:
-        ray.init(include_dashboard=False, configure_logging=False)
+        # "local": a new instance even when a `ray start` cluster runs on this machine, which a
+        # bare ray.init() would join (it reads /tmp/ray/ray_current_cluster and RAY_ADDRESS).
+        ray.init(address="local", include_dashboard=False, configure_logging=False)
     return True
 
 
