@@ -41,10 +41,11 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
 from lake.commit import commit, read_manifest, reading, staging_dir
+from lake.files import write_json_atomic
 from lake.locks import partition_lock
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import (EVENTS, LABEL_COLUMNS, PATIENTS, PREVALENT_COLUMNS, QUARANTINE, TIMELINES,
                           TIMELINES_WITH_LABELS)
 from lake.schemas import NOT_IN_POPULATION, OBSERVATION_PERIODS
@@ -421,7 +422,7 @@ def _merge_run_manifest(run_dir: Path, entry: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("stages", {})[STAGE] = entry
     data["run_id"] = entry["run_id"]
-    write_json(path, data)
+    write_json_atomic(path, data)
 
 
 def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str | None = None) -> dict[str, Any]:
@@ -462,7 +463,7 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
     vocab = default_vocabulary()
     horizon = feats.horizon_days if with_labels else None
 
-    spark = get_spark(settings.spark, "medscreen-emr-features")
+    spark = get_spark(settings.spark, f"medscreen-{STAGE}")
     events = read_table(spark, events_path, EVENTS)
     patients = read_table(spark, patients_path, PATIENTS)
     periods = read_table(spark, periods_path, OBSERVATION_PERIODS)

@@ -49,11 +49,12 @@ from pyspark.sql.types import StringType, StructField, StructType
 from conf.settings import Settings, load_settings
 from jobs.spark_session import get_spark
 from lake.commit import clean_stale_staging, commit, staging_dir
+from lake.files import write_json_atomic
 from lake.keys import bind_lake, executor_key_file
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
-from lake.runs import new_run_id, write_json
-from lake.schemas import EVENTS, PATIENTS, QUARANTINE
+from lake.runs import new_run_id
+from lake.schemas import EVENTS
 from lake.schemas import PERIOD_SOURCE_FHIR, PERIOD_SOURCE_OMOP
 from preprocessing import emr_record as rec
 from preprocessing.icd import code_set_version
@@ -497,7 +498,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     files = list_inputs(input_dir, fmt)
     key_file = executor_key_file(settings.pseudonym)
     bind_lake(settings.lake.root, key_file.fingerprint)
-    run_id = run_id or new_run_id("emr-ingest")
+    run_id = run_id or new_run_id(STAGE)
     paths = LakePaths(settings.lake.root)
     run_dir = paths.run(run_id)
     started = dt.datetime.now(dt.timezone.utc)
@@ -512,7 +513,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     export_us, export_time_from = export_time_us(input_dir, fmt)
     clean_stale_staging(paths.events.parent)
 
-    spark = get_spark(settings.spark, "medscreen-emr-ingest")
+    spark = get_spark(settings.spark, f"medscreen-{STAGE}")
     # Parquet timestamps as UTC microseconds (Arrow reads them as timestamp[us, tz=UTC]).
     spark.conf.set("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     log.info("emr ingest %s: %d %s input files", run_id, len(files), fmt)
@@ -629,7 +630,7 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
     finished = dt.datetime.now(dt.timezone.utc)
     manifest.update({"finished_utc": finished.isoformat(), "outputs": outputs,
                      "ledger": str(run_dir / "ledger.json")})
-    write_json(run_dir / "manifest.json", manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
     summary = {
         "run_id": run_id, "run_dir": str(run_dir), "format": fmt,
         "counts": {s.stage: s.to_dict() for s in stages},

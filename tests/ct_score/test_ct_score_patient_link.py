@@ -110,7 +110,7 @@ def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked) -> 
 
 def test_worklist_puts_risk_heads_beside_ct_findings(linked) -> None:
     from inference import worklist
-    from inference.screening import SCREENING
+    from lake.schemas import SCREENING
 
     lp = LakePaths(linked["lake"])
     day = dt.date.fromisoformat(AS_OF)
