@@ -185,7 +185,7 @@ def test_airflow_spark_connection_submits_the_dicom_index_to_the_cluster(inputs,
                       AIRFLOW_CONN_SPARK_DEFAULT=json.dumps({"conn_type": "spark", "host": host, "port": int(port)}),
                       MEDSCREEN_LAKE__ROOT=str(lake), MEDSCREEN_INPUTS__DICOM_DIR=str(inputs["ct"]),
                       MEDSCREEN_SPARK__SHUFFLE_PARTITIONS="2")
-    code = ("from medscreen_airflow.orchestration import LakeSparkSubmitOperator\n"
+    code = ("from medscreen_airflow.spark_submit import LakeSparkSubmitOperator\n"
             "LakeSparkSubmitOperator(task_id='dicom_index', job='dicom_index').execute({})\n")
     before = {a["id"] for a in _apps(spark_cluster)}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
