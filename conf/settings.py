@@ -202,6 +202,9 @@ class ImagingSettings(_Section):
     gantry_tilt: Literal["correct", "reject"] = "correct"
     probability_threshold: float = Field(0.5, gt=0, lt=1)
     min_finding_volume_mm3: float = 15.0
+    # "auto": where the engine runs on CUDA and CuPy is installed, patches and blending stay on the GPU;
+    # "off": always the host (numpy) path.
+    device_arrays: Literal["auto", "off"] = "auto"
     qc: CTQCSettings = Field(default_factory=CTQCSettings)
 
 
