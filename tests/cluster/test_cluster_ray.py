@@ -85,9 +85,10 @@ def emr_setup(tmp_path_factory, key_file) -> dict:
     return {"table": random_timelines(1200, seed=31), "settings": settings, "key_file": key_file}
 
 
-def emr_lake(tmp_path_factory, setup: dict, name: str) -> Path:
+def emr_lake(tmp_path_factory, setup: dict, name: str, files: int = 8) -> Path:
+    """The same 1 200 timelines committed in FILES files (one scoring fragment each)."""
     lake = tmp_path_factory.mktemp(name)
-    commit_timelines(lake, AS_OF, setup["table"], files=8)
+    commit_timelines(lake, AS_OF, setup["table"], files=files)
     return lake
 
 
@@ -103,10 +104,10 @@ def scores(lake: Path) -> dict[str, tuple]:
     return rows
 
 
-def assert_same_scores(got: dict[str, tuple], expected: dict[str, tuple]) -> None:
+def assert_same_scores(got: dict[str, tuple], expected: dict[str, tuple], rtol: float = 1e-6) -> None:
     assert expected and set(got) == set(expected), "a patient was lost or invented"
     np.testing.assert_allclose(np.array([got[k] for k in sorted(expected)]),
-                               np.array([expected[k] for k in sorted(expected)]), rtol=1e-6, atol=1e-7)
+                               np.array([expected[k] for k in sorted(expected)]), rtol=rtol, atol=rtol / 10)
 
 
 def ledger(run_dir: Path, stage: str) -> dict:
@@ -208,7 +209,8 @@ def _node_of(pid: int, nodes: dict[str, int]) -> str | None:
 
 def test_worker_node_killed_mid_run_is_survived(emr_setup, emr_local, ray_cluster, tmp_path_factory):
     """Runs last in this module: it leaves the cluster one worker node short."""
-    lake = emr_lake(tmp_path_factory, emr_setup, "ray_emr_node_killed")
+    # Small fragments, so the node dies with most of them still to score.
+    lake = emr_lake(tmp_path_factory, emr_setup, "ray_emr_node_killed", files=24)
     env = cluster_env(emr_setup["key_file"], **emr_setup["settings"], MEDSCREEN_RAY__ACTOR_RESOURCES=ENGINE_SLOT)
     run = medscreen(env, "score", "emr", "--lake", str(lake), "--as-of", AS_OF, "--run-id", "node-killed",
                     "--ray-address", ray_cluster.ray_address)
@@ -226,9 +228,10 @@ def test_worker_node_killed_mid_run_is_survived(emr_setup, emr_local, ray_cluste
                     killed = name
                     break
         time.sleep(0.05)
-    assert len(_staged_done(lake)) < 8, "killed after every fragment was done: nothing was left to survive"
+    assert len(_staged_done(lake)) < 24, "killed after every fragment was done: nothing was left to survive"
     run_dir = finish(run)
-    assert_same_scores(scores(lake), emr_local["scores"])
+    # Other fragments, other batches (padding per length bucket): equal to float32 rounding.
+    assert_same_scores(scores(lake), emr_local["scores"], rtol=1e-5)
     assert ledger(run_dir, "score_emr")["records_out"] == 1200
     state = cluster_state(ray_cluster.ray_address)
     alive_engine_nodes = {n["node"] for n in state["nodes"] if n["alive"]} & engine_nodes(state)
