@@ -1,5 +1,6 @@
 # medscreen — `make demo` runs the pipeline on the embedded default,
-# `make test` runs the test suite. Both create .venv and install pinned
+# `make test` runs the test suite (the cluster tests start and stop their own
+# clusters), `make cluster` starts local Spark and Ray clusters to try. Both create .venv and install pinned
 # dependencies (constraints.txt) when needed.
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 WORKDIR ?= work/demo
 
-.PHONY: demo test bench airflow venv clean
+.PHONY: demo test bench airflow cluster cluster-stop venv clean
 
 venv: $(STAMP)
 
@@ -37,6 +38,16 @@ bench: $(STAMP)
 
 airflow: $(STAMP)
 	bash dags/standalone.sh
+
+# A Spark standalone master + worker and a Ray head + worker node on 127.0.0.1,
+# each its own process group, pids under $(CLUSTER_DIR); prints how to point
+# the CLI and Airflow at them. `make cluster-stop` stops exactly those.
+CLUSTER_DIR ?= work/cluster
+cluster: $(STAMP)
+	$(PY) deploy/local_cluster.py start --state-dir $(CLUSTER_DIR)
+
+cluster-stop:
+	$(PY) deploy/local_cluster.py stop --state-dir $(CLUSTER_DIR)
 
 clean:
 	rm -rf $(VENV) work

@@ -102,7 +102,10 @@ def synth_tables(n_events: int, n_patients: int, seed: int) -> tuple[pa.Table, p
     patients = pa.table({
         "patient_key": pa.array(keys, pa.string()), "birth_date": pa.array(birth, pa.date32()),
         "sex": pa.array(np.array(["F", "M", "U"], dtype=object)[rng.choice(3, n_patients, p=[.5, .48, .02])]),
-        "source": pa.array(np.full(n_patients, "fhir", dtype=object), pa.string())}, schema=PATIENTS)
+        "source": pa.array(np.full(n_patients, "fhir", dtype=object), pa.string()),
+        # Nobody dies and no MRNs: the bench measures timelines, not the death rule or imaging links.
+        "death_date": pa.nulls(n_patients, pa.date32()), "mrn_key": pa.nulls(n_patients, pa.string())},
+        schema=PATIENTS)
     return events, patients
 
 

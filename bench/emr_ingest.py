@@ -32,7 +32,7 @@ def _baseline(export: Path, groups_file: Path) -> tuple[int, float]:
     from preprocessing.fhir import parse_fhir_line
     from preprocessing.notes import NoteExtractor
 
-    ctx = ParseContext(key=b"bench-key-not-secret-0001", groups=load_code_groups(groups_file),
+    ctx = ParseContext(key=b"bench-key-not-secret-0001-padded-to-32-bytes", groups=load_code_groups(groups_file),
                        extractor=NoteExtractor.from_settings(ExtractionSettings()), now_us=now_us())
     files = sorted(export.glob("*.ndjson"))
     n = 0
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.spark_session import get_spark
     from synth.emr import generate
 
-    os.environ.setdefault("MEDSCREEN_PSEUDONYM_KEY", "bench-key-not-secret-0001")
+    os.environ.setdefault("MEDSCREEN_PSEUDONYM_KEY", "bench-key-not-secret-0001-padded-to-32-bytes")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="medscreen-bench-ingest-"))
     export = work / "export"
     t = time.perf_counter()

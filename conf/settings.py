@@ -53,6 +53,9 @@ class RaySettings(_Section):
     # Engine actors sharing one GPU: while one prepares its next feed on the host,
     # another's kernels run, so a small model's GPU does not idle between batches.
     actors_per_gpu: int = Field(2, ge=1, le=8)
+    # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
+    # cluster only the worker nodes that offer them (GPU worker groups) host engines.
+    actor_resources: dict[str, float] = Field(default_factory=dict)
 
 
 class PseudonymSettings(_Section):

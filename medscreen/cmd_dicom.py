@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medscreen.cli_common import add_lake_flag, settings_from_args
+from medscreen.cli_common import add_lake_flag, add_spark_master_flag, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,12 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--input", type=Path, help="DICOM folder (default: inputs.dicom_dir)")
     i.add_argument("--run-id", help="run id (default: a new one)")
     add_lake_flag(i)
+    add_spark_master_flag(i)
     i.set_defaults(func=_index)
 
     lk = s.add_parser("link", help="LAKE/imaging/series + emr/patients → LAKE/imaging/patient_link "
                                    "(series → EMR patient by keyed MRN)")
     lk.add_argument("--run-id", help="run id (default: a new one)")
     add_lake_flag(lk)
+    add_spark_master_flag(lk)
     lk.set_defaults(func=_link)
 
     ls = s.add_parser("list", help="indexed series: key, verdict, slices, spacing")

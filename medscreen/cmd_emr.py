@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medscreen.cli_common import add_as_of_flag, add_lake_flag, settings_from_args
+from medscreen.cli_common import add_as_of_flag, add_lake_flag, add_spark_master_flag, settings_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,11 +16,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--input", type=Path, help="export directory (default: inputs.emr_dir)")
     i.add_argument("--format", choices=["fhir", "omop"], help="default: inputs.emr_format")
     add_lake_flag(i)
+    add_spark_master_flag(i)
     i.set_defaults(func=_ingest)
 
     f = s.add_parser("features", help="point-in-time timelines → LAKE/emr/timelines/as_of=D")
     add_lake_flag(f)
     add_as_of_flag(f)
+    add_spark_master_flag(f)
     f.add_argument("--with-labels", action="store_true",
                    help="add label_t2d/ckd/hf from (as-of, as-of + horizon]")
     f.set_defaults(func=_features)
