@@ -185,6 +185,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
     summary.update({
         "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
         "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,
+        "batches_scored_this_attempt": len(chosen.batches_this_attempt),
         "driver": chosen.driver,
     })
     safe_mode = len(attempts) > 1
