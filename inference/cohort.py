@@ -32,7 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lake.commit import atomic_partition, is_committed, partition_files, read_manifest, reading
+from lake.commit import (atomic_partition, is_committed, partition_files, read_manifest, reading,
+                         reading_together)
 from lake.paths import LakePaths, as_of_str
 from lake.runs import write_json
 
@@ -196,15 +197,17 @@ def select_members(lake_root: Path, definition: CohortDefinition, as_of: str) ->
         if not is_committed(table_dir):
             raise FileNotFoundError(f"{table_dir} is not committed; run `medscreen emr ingest` "
                                     "(the emr_ingest task) first")
-    # One version of each table, resolved once: a commit during the selection cannot mix versions.
-    events = ds.dataset(partition_files(lake.events), format="parquet", exclude_invalid_files=True)
-    included = _patients_with_groups(events, as_of, definition.include_groups)
-    excluded = _patients_with_groups(events, as_of, definition.exclude_groups)
-    candidates = sorted(included - excluded)
-    patients = ds.dataset(partition_files(lake.patients), format="parquet",
-                          exclude_invalid_files=True).to_table(
-        columns=["patient_key", "birth_date", "sex"],
-        filter=ds.field("patient_key").isin(candidates) if candidates else None)
+    # Events and patients of one ingest (one reading of its set pointer), leased while read: a
+    # commit during the selection cannot mix versions.
+    with reading_together(lake.events, lake.patients) as (events_version, patients_version):
+        events = ds.dataset(partition_files(events_version), format="parquet", exclude_invalid_files=True)
+        included = _patients_with_groups(events, as_of, definition.include_groups)
+        excluded = _patients_with_groups(events, as_of, definition.exclude_groups)
+        candidates = sorted(included - excluded)
+        patients = ds.dataset(partition_files(patients_version), format="parquet",
+                              exclude_invalid_files=True).to_table(
+            columns=["patient_key", "birth_date", "sex"],
+            filter=ds.field("patient_key").isin(candidates) if candidates else None)
     if not candidates:
         patients = patients.slice(0, 0)
     index_day = dt.date.fromisoformat(as_of_str(as_of))

@@ -40,7 +40,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
-from lake.commit import commit, read_manifest, reading, staging_dir
+from lake.commit import commit, read_manifest, reading_together, staging_dir
 from lake.locks import partition_lock
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
@@ -441,9 +441,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
     run_id = run_id or new_run_id(STAGE)
     # One writer of this date's timelines at a time; the events and patients versions read are
     # resolved once and leased for the whole job, so a concurrent ingest cannot change them.
-    with partition_lock(paths.timelines(as_of_date), run_id), reading(paths.events) as events_version, \
-            reading(paths.patients) as patients_version, reading(paths.observation_periods) as periods_version:
-        return _run(settings, as_of_date, with_labels, run_id, events_version, patients_version, periods_version)
+    # One reading of ingest's set pointer: events, patients and periods of the same ingest.
+    with partition_lock(paths.timelines(as_of_date), run_id), \
+            reading_together(paths.events, paths.patients, paths.observation_periods) as versions:
+        return _run(settings, as_of_date, with_labels, run_id, *versions)
 
 
 def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str, events_path: Path,
