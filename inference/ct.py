@@ -18,6 +18,7 @@ failure fails the run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -38,6 +39,7 @@ from engines.runner import Runner
 from inference import qc
 from inference.actors import engine_actor_pool
 from inference.patient_link import attach_patients, link_counts, read_link
+from lake import result_store
 from lake.archive import Archive, imaging_archive
 from lake.commit import atomic_partition, is_committed, partition_files
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
@@ -477,12 +479,17 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     as_of = as_of_str(as_of)
     run_id = run_id or new_run_id("score-ct")
     final = LakePaths(settings.lake.root).findings(MODEL, as_of, trial=is_trial_run(limit, force_ungated))
-    with partition_lock(final, run_id, wait_s=lock_wait_s):
-        return _score(settings, as_of, force_ungated, run_id, source, limit, full, final)
+    with partition_lock(final, run_id, wait_s=lock_wait_s), contextlib.ExitStack() as held:
+        run_dir = _score(settings, as_of, force_ungated, run_id, source, limit, full, final, held)
+    # Stored results of series that changed and of retired configurations, unused for the retention
+    # period; never a configuration a run holds (this one released its own above).
+    result_store.collect_garbage(LakePaths(settings.lake.root).root / SERIES_RESULTS / f"model={MODEL}",
+                                 settings.imaging.scored_series_retention_days * 86400.0)
+    return run_dir
 
 
 def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, source: EngineSource | None,
-           limit: int | None, full: bool, final: Path) -> Path:
+           limit: int | None, full: bool, final: Path, held: contextlib.ExitStack) -> Path:
     from engines.model_card import load_card
 
     t_start = time.perf_counter()
@@ -506,6 +513,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
     store = lake.root / SERIES_RESULTS / f"model={MODEL}" / _config_key(card, engine_meta, precision, settings)
+    held.enter_context(result_store.holding(store))  # the store's collector skips what this run uses
     keys = {r[COL_SERIES]: series_content_key(r, archive) for r in series.to_pylist()}
     results: list[dict[str, Any]] = []
     if not full:
@@ -513,6 +521,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             stored = series_result_path(store, key, content)
             if stored.is_file():
                 results.append({**json.loads(stored.read_text()), "reused": True})
+                result_store.touch(stored)
     reused = {r[COL_SERIES] for r in results}
     pending = series.filter(pc.invert(pc.is_in(series.column(COL_SERIES), pa.array(sorted(reused), pa.string()))))
     log.info("ct scoring %s: %d series selected, %d reused from earlier runs, %d to score%s", run_id,

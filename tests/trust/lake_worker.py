@@ -8,6 +8,7 @@
   commit_loop FINAL READY        commit versions of FINAL forever (to be killed mid-commit)
   disk_full MOUNT OUT            on a small tmpfs at MOUNT: commit, fail a big commit on ENOSPC,
                                  enlarge the tmpfs, retry; write what happened to OUT (JSON)
+  hold_store CONFIG_DIR READY    hold a result store configuration (lake.result_store), touch READY, sleep
   set_writer PARENT N RETENTION_S  commit N versions of the table set SET_TABLES under PARENT; in
                                  version k every table's rows hold k
   set_reader PARENT SECONDS OUT  read the set's tables together in a loop; write what it saw to OUT
@@ -175,6 +176,12 @@ def main(argv: list[str]) -> None:
         while True:
             write_version(final, k, 0.0)
             k += 1
+    elif role == "hold_store":
+        from lake.result_store import holding
+
+        with holding(final):
+            Path(argv[2]).touch()
+            time.sleep(600)
     elif role == "set_writer":
         for k in range(int(argv[2])):
             write_set(final, k, float(argv[3]))
