@@ -41,7 +41,8 @@ from inference.actors import engine_actor_pool
 from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
 from lake.archive import Archive, imaging_archive
-from lake.commit import atomic_partition, is_committed, partition_files
+from lake.commit import atomic_partition, is_committed, partition_files, read_manifest
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.locks import partition_lock
 from lake.paths import TRIAL, LakePaths, as_of_str, is_trial_run
@@ -494,6 +495,10 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
 
     t_start = time.perf_counter()
     lake = LakePaths(settings.lake.root)
+    key_fp = stage_key_fingerprint(settings.pseudonym, lake.root, {
+        name: read_manifest(path) for name, path in (("imaging/series", lake.dicom_series),
+                                                     ("imaging/patient_link", lake.imaging_link))
+        if is_committed(path)})
     run_dir = lake.run(run_id)
     card = load_card(settings, MODEL)
     batch_patches = _card_patch_check(card, settings)
@@ -598,6 +603,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
                      "batch_patches": batch_patches},
         "forced_ungated": bool(force_ungated),
         "engine": {k: engine_meta.get(k) for k in ("fingerprint", "precision", "backend")},
+        KEY_FIELD: key_fp,
     }
     verdict = qc.evaluate_ct(table, ledger.records_out, ledger.quarantined_total, settings.imaging.qc)
     manifest["qc_passed"] = verdict["passed"]

@@ -48,6 +48,7 @@ from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSp
                                  spec_dicts)
 from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
                          read_manifest, reading)
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str, is_trial_run
@@ -138,6 +139,8 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
            trial: bool) -> Path:
     lake = LakePaths(settings.lake.root)
     in_manifest = read_manifest(timelines)
+    key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
+                                   {f"emr/timelines/as_of={as_of} version {timelines.name}": in_manifest})
     validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
     run_dir = lake.run(run_id)
     source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
@@ -228,6 +231,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
         "limit": limit, "rows_available": available,
         # Never published: a limited or forced-ungated run (its partitions live under trial/).
         "trial": trial, "force_ungated": bool(force_ungated),
+        KEY_FIELD: key_fp,
     }
     if not chosen.qc["passed"]:
         chosen.staging.discard()

@@ -42,6 +42,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from lake.commit import commit, read_manifest, reading_together, staging_dir
 from lake.locks import partition_lock
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id, write_json
@@ -421,6 +422,8 @@ def _merge_run_manifest(run_dir: Path, entry: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("stages", {})[STAGE] = entry
     data["run_id"] = entry["run_id"]
+    if KEY_FIELD in entry:
+        data[KEY_FIELD] = entry[KEY_FIELD]
     write_json(path, data)
 
 
@@ -456,6 +459,9 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
     events_manifest = _require_committed(events_path, "events")
     patients_manifest = _require_committed(patients_path, "patients")
     periods_manifest = _require_committed(periods_path, "observation periods")
+    key_fp = stage_key_fingerprint(settings.pseudonym, paths.root,
+                                   {"emr/events": events_manifest, "emr/patients": patients_manifest,
+                                    "emr/observation_periods": periods_manifest})
     _check_columns(events_path, EVENTS, "events")
     _check_columns(patients_path, PATIENTS, "patients")
     _check_columns(periods_path, OBSERVATION_PERIODS, "observation periods")
@@ -537,6 +543,7 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
                                            "version": periods_manifest.get("version")}},
         # Left out of the as-of population, by reason (also in the ledger's "ignored").
         "not_in_population": {r: patient_ledger.ignored.get(r, 0) for r in NOT_IN_POPULATION},
+        KEY_FIELD: key_fp,
     }
     commit(staging, final, manifest, run_id=run_id)
     summary = {

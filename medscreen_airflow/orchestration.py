@@ -643,7 +643,8 @@ def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
     lake_root, definition = _stored_definition(context)
     return cohort.write_index_date(lake_root, definition, as_of,
                                    trial=bool(context["params"].get("force_ungated")),
-                                   run_id=task_run_id(context, "cohort-select"))
+                                   run_id=task_run_id(context, "cohort-select"),
+                                   pseudonym=load_settings().pseudonym)
 
 
 def cohort_summary(context: Any, per_date: list[dict[str, Any]]) -> Path:
