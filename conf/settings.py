@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 CONF_DIR = Path(__file__).resolve().parent
 DEFAULTS_FILE = CONF_DIR / "defaults.yaml"
+# The risk heads of the EMR model (emr_risk), in its output order. Labels, prevalence flags,
+# score columns, eligibility rules and the model card's ``heads`` all follow this one tuple.
+HEADS = ("t2d", "ckd", "hf")
 
 
 class ConfigError(ValueError):

@@ -6,19 +6,23 @@ conf/code_groups.yaml) to include and exclude, the age range, the index-date
 range and step, and the models. Features and scoring run once per index date
 as mapped tasks; members and their scores land under LAKE/cohorts/<name>/
 beside the stored definition. Selection logic: inference.cohort.
+
+The code-group choices of the form come from the packaged conf/code_groups.yaml
+(no settings are read at parse time); ``define`` checks the chosen groups
+against the configured file when the run starts.
 """
 from __future__ import annotations
 
 import datetime as dt
-import os
 
 from airflow.sdk import DAG, Asset, Param, TriggerRule, get_current_context, task
 
-from conf.settings import load_settings
-from inference import cohort as cohort_lib
-from medscreen_airflow import orchestration as orch
+from medscreen_airflow import cohort_tasks, tasks
+from medscreen_airflow import declarations as decl
+from medscreen_airflow.shared_tables import ImagingLinkSparkSubmitOperator, SharedTableSparkSubmitOperator
+from medscreen_airflow.spark_submit import LakeSparkSubmitOperator
 
-GROUPS = cohort_lib.code_group_names(load_settings().extraction.code_groups_file)
+GROUPS = decl.code_group_choices()
 _group_items = {"type": "string", **({"enum": GROUPS} if GROUPS else {})}
 
 COHORTS = Asset(name="medscreen.cohorts", uri="medscreen://lake/cohorts")
@@ -30,16 +34,10 @@ with DAG(
     schedule=None,
     start_date=dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc),
     catchup=False,
-    default_args={
-        "owner": "medscreen",
-        "retries": int(os.environ.get("MEDSCREEN_AIRFLOW_RETRIES", "2")),
-        "retry_delay": dt.timedelta(minutes=2),
-        "retry_exponential_backoff": 2.0,
-        "max_retry_delay": dt.timedelta(minutes=30),
-    },
+    default_args=decl.default_args(),
     tags=["medscreen", "cohort"],
     params={
-        "cohort_name": Param("my-cohort", type="string", pattern=cohort_lib.NAME_PATTERN.pattern,
+        "cohort_name": Param("my-cohort", type="string", pattern=decl.cohort_name_pattern(),
                              title="Cohort name", description="Results go to LAKE/cohorts/<name>/"),
         "include_groups": Param(GROUPS[:1], type="array", items=_group_items, minItems=1,
                                 uniqueItems=True, title="Include code groups",
@@ -54,7 +52,7 @@ with DAG(
         "index_end": Param("2024-06-30", type="string", format="date", title="Last index date"),
         "step_days": Param(30, type="integer", minimum=1, title="Step (days)"),
         "models": Param(["emr_risk"], type="array", minItems=1, uniqueItems=True,
-                        items={"type": "string", "enum": list(orch.MODELS)}, title="Models"),
+                        items={"type": "string", "enum": list(decl.MODELS)}, title="Models"),
         "require_ct_findings": Param(False, type="boolean", title="Only patients with CT findings",
                                      description="Keep only members with CT findings at the index "
                                                  "date (needs ct_nodule among the models)."),
@@ -69,45 +67,45 @@ with DAG(
     @task(retries=0)
     def define() -> list[str]:
         """Validate the form, store the definition, return the index dates."""
-        return orch.define_cohort(get_current_context())
+        return cohort_tasks.define_cohort(get_current_context())
 
-    emr_ingest = orch.SharedTableSparkSubmitOperator(
-        task_id="emr_ingest", job="emr_ingest", pool=orch.SHARED_TABLE_POOL, outlets=[EVENTS])
+    emr_ingest = SharedTableSparkSubmitOperator(
+        task_id="emr_ingest", job="emr_ingest", pool=decl.SHARED_TABLE_POOL, outlets=[EVENTS])
 
-    dicom_index = orch.SharedTableSparkSubmitOperator(
-        task_id="dicom_index", job="dicom_index", pool=orch.SHARED_TABLE_POOL)
+    dicom_index = SharedTableSparkSubmitOperator(
+        task_id="dicom_index", job="dicom_index", pool=decl.SHARED_TABLE_POOL)
 
-    imaging_link = orch.ImagingLinkSparkSubmitOperator(
-        task_id="imaging_link", job="imaging_link", pool=orch.SHARED_TABLE_POOL,
+    imaging_link = ImagingLinkSparkSubmitOperator(
+        task_id="imaging_link", job="imaging_link", pool=decl.SHARED_TABLE_POOL,
         trigger_rule=TriggerRule.NONE_FAILED)
 
     index_dates = define()
     # One Spark job per index date; one at a time so the JVMs do not crowd small machines.
-    emr_features = orch.LakeSparkSubmitOperator.partial(
+    emr_features = LakeSparkSubmitOperator.partial(
         task_id="emr_features", job="emr_features", trigger_rule=TriggerRule.NONE_FAILED,
         max_active_tis_per_dag=1,
     ).expand(as_of=index_dates)
 
-    @task(trigger_rule=TriggerRule.NONE_FAILED, pool=orch.SHARED_TABLE_POOL)
+    @task(trigger_rule=TriggerRule.NONE_FAILED, pool=decl.SHARED_TABLE_POOL)
     def engines_ensure(dates: list[str]) -> list[str]:
-        return orch.ensure_engines(get_current_context(), as_of=max(dates))
+        return tasks.ensure_engines(get_current_context(), as_of=max(dates))
 
     @task(max_active_tis_per_dag=1)
     def score_emr(as_of: str) -> str | None:
         # Index dates are step_days apart and finish in any order: no night-to-night drift check.
-        return orch.score(get_current_context(), "emr_risk", as_of=as_of, drift_check=False)
+        return tasks.score(get_current_context(), "emr_risk", as_of=as_of, drift_check=False)
 
     @task(max_active_tis_per_dag=1, trigger_rule=TriggerRule.NONE_FAILED)
     def score_ct(as_of: str) -> str | None:
-        return orch.score(get_current_context(), "ct_nodule", as_of=as_of)
+        return tasks.score(get_current_context(), "ct_nodule", as_of=as_of)
 
     @task(trigger_rule=TriggerRule.NONE_FAILED)
     def select_members(as_of: str) -> dict:
-        return orch.cohort_index_date(get_current_context(), as_of)
+        return cohort_tasks.cohort_index_date(get_current_context(), as_of)
 
     @task(retries=0, outlets=[COHORTS])
     def summarize(per_date: list[dict]) -> str:
-        return str(orch.cohort_summary(get_current_context(), list(per_date)))
+        return str(cohort_tasks.cohort_summary(get_current_context(), list(per_date)))
 
     engines = engines_ensure(index_dates)
     emr_ingest >> emr_features >> engines

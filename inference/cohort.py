@@ -35,9 +35,9 @@ import pyarrow.parquet as pq
 from conf.settings import PseudonymSettings
 from lake.commit import (atomic_partition, is_committed, partition_files, read_manifest, reading,
                          reading_together)
+from lake.files import write_json_atomic
 from lake.keys import KEY_FIELD, stage_key_fingerprint
-from lake.paths import LakePaths, as_of_str
-from lake.runs import write_json
+from lake.paths import LakePaths, as_of_date, as_of_str
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Longest range one cohort run may expand into (each date is a Spark job + a scoring run).
@@ -157,11 +157,11 @@ def store_definition(lake_root: Path, definition: CohortDefinition, replace: boo
                     "choose another cohort_name or trigger with replace=true")
             import shutil
             shutil.rmtree(cohort_dir)
-    return write_json(path, definition.to_dict())
+    return write_json_atomic(path, definition.to_dict())
 
 
 def _end_of_day_utc(as_of: str) -> pa.Scalar:
-    day = dt.date.fromisoformat(as_of_str(as_of))
+    day = as_of_date(as_of)
     eod = dt.datetime.combine(day, dt.time.max, tzinfo=dt.timezone.utc)
     return pa.scalar(eod, type=pa.timestamp("us", tz="UTC"))
 
@@ -212,7 +212,7 @@ def select_members(lake_root: Path, definition: CohortDefinition, as_of: str) ->
             filter=ds.field("patient_key").isin(candidates) if candidates else None)
     if not candidates:
         patients = patients.slice(0, 0)
-    index_day = dt.date.fromisoformat(as_of_str(as_of))
+    index_day = as_of_date(as_of)
     births = patients.column("birth_date").to_pylist()
     ages = [None if b is None else (index_day - b).days / 365.25 for b in births]
     age_arr = pa.array(ages, pa.float64())
@@ -303,7 +303,7 @@ def write_summary(lake_root: Path, definition: CohortDefinition,
                   per_date: list[dict[str, Any]], airflow_run_id: str | None = None) -> Path:
     """Write ``LAKE/cohorts/<name>/summary.json`` (counts per index date, sorted by date)."""
     path = LakePaths(lake_root).cohort(definition.name) / "summary.json"
-    return write_json(path, {
+    return write_json_atomic(path, {
         "cohort": definition.name, "definition": definition.to_dict(),
         "index_dates": sorted(per_date, key=lambda d: d["index_date"]),
         "airflow_run_id": airflow_run_id,

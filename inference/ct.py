@@ -42,11 +42,12 @@ from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
 from lake.archive import Archive, imaging_archive
 from lake.commit import atomic_partition, is_committed, partition_files, read_manifest
+from lake.files import write_json_atomic as write_json
 from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.locks import partition_lock
 from lake.paths import TRIAL, LakePaths, as_of_str, is_trial_run
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import FINDINGS
 from preprocessing.components import find_components
 from preprocessing.patches import extract_patches, pad_to_grid, patch_grid
@@ -478,7 +479,7 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 series, got {limit}")
     as_of = as_of_str(as_of)
-    run_id = run_id or new_run_id("score-ct")
+    run_id = run_id or new_run_id(STAGE)
     final = LakePaths(settings.lake.root).findings(MODEL, as_of, trial=is_trial_run(limit, force_ungated))
     with partition_lock(final, run_id, wait_s=lock_wait_s), contextlib.ExitStack() as held:
         run_dir = _score(settings, as_of, force_ungated, run_id, source, limit, full, final, held)

@@ -48,11 +48,12 @@ from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSp
                                  spec_dicts)
 from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
                          read_manifest, reading)
+from lake.files import write_json_atomic
 from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str, is_trial_run
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import HEADS
 
 MODEL = "emr_risk"
@@ -128,17 +129,16 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
         timelines_version = held.enter_context(reading(timelines))
         # Staging of earlier runs of this partition that nobody resumed (no lock holds it now).
         clean_stale_staging(final.parent, min_age_s=STALE_STAGING_AGE_S)
-        return _score(settings, as_of, force_ungated, run_id, limit=limit, engine_source=engine_source,
+        return _score(settings, lake, as_of, force_ungated, run_id, limit=limit, engine_source=engine_source,
                       actor_cls=actor_cls, fragment_rows=fragment_rows, on_fragment_done=on_fragment_done,
                       timelines=timelines_version, final=final, trial=trial)
 
 
-def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, limit: int | None,
-           engine_source: EngineSource | None, actor_cls: type, fragment_rows: int,
+def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool, run_id: str, *,
+           limit: int | None, engine_source: EngineSource | None, actor_cls: type, fragment_rows: int,
            on_fragment_done: Callable[[int, int], None] | None, timelines: Path, final: Path,
            trial: bool) -> Path:
-    lake = LakePaths(settings.lake.root)
-    in_manifest = read_manifest(timelines)
+    in_manifest = read_manifest(timelines)  # the one read of the timelines manifest in this run
     key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
                                    {f"emr/timelines/as_of={as_of} version {timelines.name}": in_manifest})
     validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
@@ -159,7 +159,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
     started_ray = _ensure_ray(settings)
     try:
         attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
-                             final, run_id, actor_cls, on_fragment_done, calibration)]
+                             final, run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of)]
         first = attempts[0]
         if (not first.qc["passed"] and first.precision != "fp32"
                 and settings.scoring.qc.fallback_to_fp32):
@@ -167,7 +167,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
                         first.precision, "; ".join(first.qc["reasons"]))
             first.staging.discard()
             attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
-                                     run_id, actor_cls, on_fragment_done, calibration))
+                                     run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
         exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
@@ -221,7 +221,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
         pq.write_table(quarantine, run_dir / "quarantine.parquet")
     manifest: dict[str, Any] = {
         "run_id": run_id, "stage": STAGE, "model": MODEL, "as_of": as_of,
-        "input": {"partition": f"emr/timelines/as_of={as_of}", "run_id": in_manifest.get("run_id"),
+        "input": {"partition": lake.timelines(as_of).relative_to(lake.root).as_posix(), "run_id": in_manifest.get("run_id"),
                   "version": in_manifest.get("version"), "vocab_sha256": _vocab_sha256(in_manifest)},
         "engine": run_summary["engine"], "fp32_safe_mode": safe_mode,
         "calibration": _calibration_summary(calibration),
@@ -247,8 +247,11 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, *, 
     reliability_curves = _reliability_against_labels(scores_version, timelines)
     if reliability_curves is not None:
         run_summary["reliability"] = reliability_curves
-    screening_dir, screening_ledger = screening.build(settings, as_of, run_id, scores=scores_version,
-                                                      trial=trial)
+    # Handed what this run already holds: the lake, the scores version it committed with its
+    # manifest, and the leased timelines version with its manifest (nothing read twice).
+    screening_dir, screening_ledger = screening.build(
+        settings, as_of, run_id, lake=lake, scores=scores_version, scores_manifest=scores_manifest,
+        timelines=timelines, timelines_manifest=in_manifest, trial=trial)
     manifest.update({"status": "ok", "outputs": {
         "scores": final.relative_to(lake.root).as_posix(), "scores_version": scores_manifest["version"],
         "screening": screening_dir.relative_to(lake.root).as_posix()},
@@ -290,7 +293,7 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
              in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
              on_fragment_done: Callable[[int, int], None] | None,
-             calibration: Calibration | None = None) -> Attempt:
+             calibration: Calibration | None = None, *, lake: LakePaths, as_of: str) -> Attempt:
     runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
     del runner
     _check_vocabulary(in_manifest, metadata, timelines,
@@ -316,7 +319,7 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
     attempt_id = uuid.uuid4().hex[:8]
     if pending:
         sink = FragmentSink(final=str(final), run_id=run_id, precision=precision, attempt_id=attempt_id,
-                            as_of=final.name.split("=", 1)[1], model=str(metadata.get("model", MODEL)),
+                            as_of=as_of, model=str(metadata.get("model", MODEL)),
                             model_version=str(metadata.get("model_version")),
                             engine_fingerprint=str(metadata.get("fingerprint")),
                             calibration=calibration)
@@ -329,8 +332,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                                     for b in r["batches"]]
     attempt.scores = qc.read_scores(staging.part_files())
     # Drift is judged against real runs only, never a trial run's scores.
-    published = LakePaths(settings.lake.root).scores(MODEL, final.name.split("=", 1)[1])
-    reference = (qc.previous_partition(published.parent, final.name.split("=", 1)[1])
+    published = lake.scores(MODEL, as_of)
+    reference = (qc.previous_partition(published.parent, as_of)
                  if settings.scoring.qc.drift_check else None)
     if reference is not None and _calibration_id(read_manifest(reference)) != (calibration.id if calibration else None):
         # Scores on another calibration's scale differ by design, not by drift.
@@ -402,9 +405,9 @@ def _ledger(specs: list[FragmentSpec], attempt: Attempt, available: int) -> Stag
 def _write_run(run_dir: Path, manifest: dict[str, Any], summary: dict[str, Any],
                ledgers: list[StageLedger]) -> None:
     write_ledger(run_dir, *ledgers)
-    write_json(run_dir / "metrics.json", summary)
+    write_json_atomic(run_dir / "metrics.json", summary)
     (run_dir / "report.html").write_text(report.render(summary))
-    write_json(run_dir / "manifest.json", manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
 
 
 def _calibration_summary(calibration: Calibration | None) -> dict[str, Any] | None:

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lake.commit import partition_files
+from lake.files import write_bytes_atomic
 from lake.schemas import HEADS, SCORES
 
 DEFAULT_FRAGMENT_ROWS = 65_536
@@ -106,7 +107,7 @@ class RunStaging:
                                    f"{', '.join(changed)}; start a new run (omit run_id) instead")
         else:
             self.work.mkdir(parents=True, exist_ok=True)
-            _atomic_write(plan_file, json.dumps(_jsonable(plan), indent=2, sort_keys=True).encode())
+            write_bytes_atomic(plan_file, json.dumps(_jsonable(plan), indent=2, sort_keys=True).encode())
         done = set()
         for marker in self.work.glob("*.done.json"):
             done.add(int(marker.name.split(".")[0]))
@@ -133,7 +134,7 @@ class RunStaging:
             os.replace(qtmp, self._quarantine_file(fragment))
 
     def mark_done(self, fragment: int, record: dict[str, Any]) -> None:
-        _atomic_write(self.work / f"{fragment:05d}.done.json", json.dumps(record).encode())
+        write_bytes_atomic(self.work / f"{fragment:05d}.done.json", json.dumps(record).encode())
 
     def drop_parts(self, fragment: int) -> None:
         """Remove data files of a fragment that was never marked done (a resume redoes it)."""
@@ -235,8 +236,3 @@ def spec_dicts(specs: list[FragmentSpec]) -> list[dict[str, Any]]:
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

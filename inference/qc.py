@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from conf.settings import CTQCSettings, QCSettings
-from lake.commit import is_committed, partition_files
-from lake.paths import as_of_str
+from lake.commit import is_committed
+from lake.paths import latest_as_of
 from lake.schemas import HEADS
 
 SCORE_COLUMNS = tuple(f"score_{h}" for h in HEADS)
@@ -47,15 +47,7 @@ def read_scores(paths: Iterable[Path]) -> dict[str, np.ndarray]:
 
 def previous_partition(model_dir: Path, as_of: str) -> Path | None:
     """The latest committed ``as_of=`` partition strictly before ``as_of`` (the PSI reference)."""
-    as_of = as_of_str(as_of)
-    best = None
-    if Path(model_dir).is_dir():
-        for p in Path(model_dir).iterdir():
-            if p.name.startswith("as_of=") and is_committed(p):
-                d = p.name.split("=", 1)[1]
-                if d < as_of and (best is None or d > best.name.split("=", 1)[1]):
-                    best = p
-    return best
+    return latest_as_of(model_dir, before=as_of, keep=is_committed)
 
 
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:

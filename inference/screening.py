@@ -34,7 +34,7 @@ from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger
 from lake.paths import TRIAL, LakePaths, as_of_str
-from lake.schemas import HEADS, PREVALENT_COLUMNS
+from lake.schemas import HEADS, PREVALENT_COLUMNS, SCREENING
 from preprocessing import eligibility as elig
 from preprocessing.timelines import LABEL_GROUPS
 
@@ -54,21 +54,6 @@ class TimelinesNotUsable(ValueError):
 
 class ThresholdsNotUsable(ValueError):
     """No usable threshold for a head: the card has no operating point for these scores."""
-
-
-SCREENING = pa.schema([
-    ("patient_key", pa.string()),
-    ("as_of", pa.date32()),
-    ("head", pa.string()),            # t2d | ckd | hf
-    ("score", pa.float32()),
-    ("rank", pa.int32()),             # 1 = highest score within the head
-    ("criterion", pa.string()),       # "threshold>=0.5" or "top_k=100"
-    ("model", pa.string()),
-    ("model_version", pa.string()),
-    ("engine_fingerprint", pa.string()),
-    ("precision", pa.string()),
-    ("run_id", pa.string()),
-])
 
 
 def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
@@ -142,16 +127,17 @@ def _rebuild_hint(as_of: str) -> str:
             f"again (`medscreen score emr --as-of {as_of}`)")
 
 
-def require_prevalence_columns(timelines: Path, as_of: str) -> None:
+def require_prevalence_columns(timelines: Path, as_of: str, manifest: dict[str, Any] | None = None) -> None:
     """Raise :class:`TimelinesNotUsable` when a timelines partition predates ``prevalent_<head>``.
 
     Scoring calls this before it starts, so an old partition fails in seconds
     rather than after a full scoring run whose list could not be screened.
+    ``manifest`` (the partition's, when the caller holds it) names the features run in the error.
     """
-    run_id = read_manifest(timelines).get("run_id")
     for f in partition_files(timelines):
         missing = [c for c in PREVALENT_COLUMNS if c not in pq.read_schema(f).names]
         if missing:
+            run_id = (manifest if manifest is not None else read_manifest(timelines)).get("run_id")
             raise TimelinesNotUsable(
                 f"timelines partition {timelines.name} (features run {run_id}) predates the "
                 f"columns {missing} that screening needs to leave already-diagnosed patients out of the "
@@ -160,7 +146,8 @@ def require_prevalence_columns(timelines: Path, as_of: str) -> None:
 
 
 def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | None, as_of: str,
-                   with_prevalence: bool = True) -> tuple[dict[str, np.ndarray], str | None]:
+                   with_prevalence: bool = True, manifest: dict[str, Any] | None = None
+                   ) -> tuple[dict[str, np.ndarray], str | None]:
     """What eligibility needs of every scored patient, in scores row order, from the timelines
     partition the scores came from: ``age_years``, ``encounters`` (encounter tokens in the
     timeline) and, ``with_prevalence``, ``prevalent_<head>`` per head; and that partition's
@@ -168,16 +155,17 @@ def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | Non
 
     Raises :class:`TimelinesNotUsable` when the partition was rebuilt since scoring, predates
     the prevalence columns, or lacks a scored patient: the fix is to rebuild and rescore.
+    ``manifest`` is the partition's manifest when the caller already holds it (else it is read).
     """
     rebuild = _rebuild_hint(as_of)
-    manifest = read_manifest(timelines)
+    manifest = manifest if manifest is not None else read_manifest(timelines)
     if expected_run_id and manifest.get("run_id") != expected_run_id:
         raise TimelinesNotUsable(
             f"timelines partition {timelines.name} is from features run {manifest.get('run_id')}, but the "
             f"scores were computed from run {expected_run_id}: it was rebuilt since; "
             f"score again (`medscreen score emr --as-of {as_of}`)")
     if with_prevalence:
-        require_prevalence_columns(timelines, as_of)
+        require_prevalence_columns(timelines, as_of, manifest)
     flag_cols = list(PREVALENT_COLUMNS) if with_prevalence else []
     parts = []
     # File by file: the token lists are reduced to a count before the next file is read.
@@ -203,13 +191,6 @@ def timeline_facts(scores: pa.Table, timelines: Path, expected_run_id: str | Non
                                      f"{col} values among the scored patients; {rebuild}")
         facts[col] = np.asarray(values.to_numpy(zero_copy_only=False), dtype=bool)
     return facts, manifest.get("run_id")
-
-
-def prevalence_for(scores: pa.Table, timelines: Path, expected_run_id: str | None,
-                   as_of: str) -> tuple[dict[str, np.ndarray], str | None]:
-    """``prevalent_<head>`` of every scored patient (see :func:`timeline_facts`) and the features run id."""
-    facts, run_id = timeline_facts(scores, timelines, expected_run_id, as_of)
-    return {h: facts[c] for h, c in zip(HEADS, PREVALENT_COLUMNS)}, run_id
 
 
 def head_rules(settings: Settings) -> dict[str, elig.HeadRule]:
@@ -268,14 +249,20 @@ def resolve_thresholds(settings: Settings, scores_manifest: dict[str, Any]
     return thresholds, record
 
 
-def build(settings: Settings, as_of: str, run_id: str | None = None, *, scores: Path | None = None,
+def build(settings: Settings, as_of: str, run_id: str | None = None, *, lake: LakePaths | None = None,
+          scores: Path | None = None, scores_manifest: dict[str, Any] | None = None,
+          timelines: Path | None = None, timelines_manifest: dict[str, Any] | None = None,
           trial: bool = False) -> tuple[Path, StageLedger]:
     """Write LAKE/screening/as_of=D/ from emr_risk scores; return it and its ledger.
 
     ``scores`` is the exact scores version to screen (scoring passes the one it
-    just committed); without it, the version committed now is resolved once and
-    used throughout. The list's manifest records that version. A list from
-    limited or forced-ungated scores is written under the trial namespace.
+    just committed, with its manifest); without it, the version committed now is
+    resolved once and used throughout. The list's manifest records that version.
+    ``timelines`` is the timelines version the scores were computed from, when
+    the caller holds it (scoring passes its leased version and manifest); else
+    the version the scores' manifest names is found. ``lake`` is the caller's
+    LakePaths (default: the configured lake). A list from limited or
+    forced-ungated scores is written under the trial namespace.
 
     Ledger unit is patients: in = scored patients, out = patients flagged on
     any head; each of the rest is ignored by the first rule that applies:
@@ -287,17 +274,20 @@ def build(settings: Settings, as_of: str, run_id: str | None = None, *, scores: 
     by the first reason that keeps them off that head's list.
     """
     as_of = as_of_str(as_of)
-    lake = LakePaths(settings.lake.root)
+    lake = lake or LakePaths(settings.lake.root)
     with contextlib.ExitStack() as held:
         scores_dir = held.enter_context(reading(scores if scores is not None else lake.scores(MODEL, as_of)))
+        if scores is None or scores_manifest is None:
+            scores_manifest = read_manifest(scores_dir)
         final = lake.screening(as_of, trial=trial)
         held.enter_context(partition_lock(final, run_id or f"screening-{as_of}"))
-        return _build(settings, lake, as_of, run_id, scores_dir, final)
+        return _build(settings, lake, as_of, run_id, scores_dir, scores_manifest, final,
+                      timelines, timelines_manifest)
 
 
 def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, scores_dir: Path,
-           final: Path) -> tuple[Path, StageLedger]:
-    scores_manifest = read_manifest(scores_dir)
+           scores_manifest: dict[str, Any], final: Path, handed_timelines: Path | None,
+           timelines_manifest: dict[str, Any] | None) -> tuple[Path, StageLedger]:
     key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
                                    {f"scores version {scores_dir.name}": scores_manifest})
     if scores_manifest.get("trial") and not final.is_relative_to(lake.root / TRIAL):
@@ -309,13 +299,18 @@ def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, 
     rules = head_rules(settings)
     source = scores_manifest.get("input") or {}
     logical = lake.root / source.get("partition", lake.timelines(as_of).relative_to(lake.root).as_posix())
-    # The exact version that was scored where it is still kept, else the current one (resolved once;
-    # timeline_facts refuses it when it was rebuilt since scoring).
-    timelines = resolve_partition(logical)
-    if source.get("version") and (store_dir(logical) / source["version"]).is_dir():
-        timelines = store_dir(logical) / source["version"]
+    if handed_timelines is not None:
+        timelines = handed_timelines
+    else:
+        # The exact version that was scored where it is still kept, else the current one (resolved
+        # once; timeline_facts refuses it when it was rebuilt since scoring).
+        timelines_manifest = None
+        timelines = resolve_partition(logical)
+        if source.get("version") and (store_dir(logical) / source["version"]).is_dir():
+            timelines = store_dir(logical) / source["version"]
     facts, timelines_run_id = timeline_facts(scores, timelines, source.get("run_id"), as_of,
-                                             with_prevalence=cfg.screening_exclude_prevalent)
+                                             with_prevalence=cfg.screening_exclude_prevalent,
+                                             manifest=timelines_manifest)
     thresholds, threshold_record = ({}, {}) if cfg.screening_top_k is not None else \
         resolve_thresholds(settings, scores_manifest)
     prevalent = None

@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 
 from conf.settings import PseudonymSettings
 from lake.commit import atomic_partition, is_committed, read_manifest, read_partition
+from lake.files import write_json_atomic
 from lake.ledger import StageLedger, write_ledger
 from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.paths import LakePaths, as_of_str
-from lake.runs import new_run_id, write_json
-from lake.schemas import HEADS
+from lake.runs import new_run_id
+from lake.schemas import HEADS, WORKLIST
 
 STAGE = "worklist"
 CT_MODEL = "ct_nodule"
@@ -44,18 +45,6 @@ EMR_MODEL = "emr_risk"
 IGNORED_NOT_IN_POPULATION = "not_in_population"
 log = logging.getLogger(__name__)
 
-FINDING = pa.struct([("series_key", pa.string()), ("finding_id", pa.int32()),
-                     ("diameter_mm", pa.float64()), ("max_prob", pa.float32())])
-WORKLIST = pa.schema([
-    ("patient_key", pa.string()),
-    ("as_of", pa.date32()),
-    ("risk_heads", pa.list_(pa.string())),     # heads the patient is flagged on (HEADS order)
-    *[(f"score_{h}", pa.float32()) for h in HEADS],
-    ("ct_series", pa.int32()),                 # series with at least one open finding
-    ("ct_findings", pa.int32()),
-    ("ct_max_diameter_mm", pa.float64()),      # NULL without findings
-    ("ct_findings_list", pa.list_(FINDING)),   # by series_key, finding_id
-])
 
 
 def worklist_rows(screening: pa.Table, scores: pa.Table, findings: pa.Table | None,
@@ -145,7 +134,7 @@ def build(lake_root: Path, as_of: str, run_id: str | None = None,
     final = lake.worklist(as_of)
     with atomic_partition(final, manifest) as staging:
         pq.write_table(table, staging / "part-00000.parquet")
-    write_json(run_dir / "manifest.json", {**manifest, "output": str(final)})
+    write_json_atomic(run_dir / "manifest.json", {**manifest, "output": str(final)})
     log.info("worklist %s: %d patients (%d with risk heads, %d with CT findings, %d both)", as_of,
              counts["rows"], counts["with_risk_heads"], counts["with_ct_findings"], counts["with_both"])
     return final, counts

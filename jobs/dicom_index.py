@@ -45,10 +45,11 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from lake.commit import commit_set, staging_dir
 from lake.archive import PATH_SCHEME
+from lake.files import write_json_atomic
 from lake.keys import KeyFile, bind_lake, executor_key_file, key_relative_path, mrn_key, pseudonymise
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import DICOM_INSTANCES, DICOM_QUARANTINE, DICOM_SERIES
 from preprocessing.dicom_header import ELIGIBLE, judge_series, read_instance_header
 
@@ -238,7 +239,7 @@ def run(settings: Settings, input_dir: Path, run_id: str | None = None,
         rows.unpersist()
         for p in stagings.values():
             shutil.rmtree(p, ignore_errors=True)
-    write_json(run_dir / "manifest.json", manifest)
+    write_json_atomic(run_dir / "manifest.json", manifest)
     summary = {"run_id": run_id, "counts": {"files": len(files), "instances": int(n_instances),
                                             "quarantined_files": q_counts, "series": int(n_series_in),
                                             "series_verdicts": v_counts},

@@ -34,10 +34,11 @@ from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
 from lake.commit import commit, read_manifest, staging_dir
+from lake.files import write_json_atomic
 from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
-from lake.runs import new_run_id, write_json
+from lake.runs import new_run_id
 from lake.schemas import (DICOM_SERIES, IMAGING_LINK, LINK_AMBIGUOUS, LINK_LINKED, LINK_NO_MRN,
                           LINK_NOT_IN_EMR, LINK_STATUSES, PATIENTS)
 
@@ -96,7 +97,7 @@ def run(settings: Settings, run_id: str | None = None) -> dict[str, Any]:
                                    {"imaging/series": series_manifest, "emr/patients": patients_manifest})
     run_id = run_id or new_run_id(STAGE)
     run_dir = paths.run(run_id)
-    spark = get_spark(settings.spark, "medscreen-imaging-link")
+    spark = get_spark(settings.spark, f"medscreen-{STAGE}")
     series = _read(spark, paths.dicom_series, DICOM_SERIES)
     patients = _read(spark, paths.patients, PATIENTS)
     staging = staging_dir(paths.imaging_link)
@@ -128,7 +129,7 @@ def run(settings: Settings, run_id: str | None = None) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    write_json(run_dir / "manifest.json", {**manifest, "output": str(paths.imaging_link)})
+    write_json_atomic(run_dir / "manifest.json", {**manifest, "output": str(paths.imaging_link)})
     log.info("imaging link %s: %d series, %d linked, unlinked %s", run_id, n_series,
              manifest["linked"], manifest["unlinked"])
     return {**manifest, "run_dir": str(run_dir), "output": str(paths.imaging_link)}

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lake.files import write_json_atomic
+
 
 class LedgerImbalance(RuntimeError):
     """A stage lost or invented records."""
@@ -60,7 +62,4 @@ def write_ledger(run_dir: Path, *stages: StageLedger) -> Path:
     for s in stages:
         data["stages"][s.stage] = s.to_dict()
     data["balanced"] = all(v["balanced"] for v in data["stages"].values())
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    return write_json_atomic(path, data)

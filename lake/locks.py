@@ -1,4 +1,4 @@
-"""Partition locks: one writer per partition, with a holder record and stale takeover.
+"""The lake's one lock: partition locks (one writer per partition) and lake-wide named locks.
 
 Every writer of a lake partition (a CLI command, an Airflow task, a cohort
 run) holds the partition's lock from the moment it decides to write until its
@@ -13,6 +13,10 @@ the next writer takes the lock over and logs whose it was. Locks are
 re-entrant within one process: the stage lock and the commit's own lock on
 the same partition nest instead of deadlocking. POSIX local filesystems only
 (flock is not shared across hosts on every network filesystem).
+
+:func:`lake_lock` is the same lock on ``LAKE/_orchestration/<name>.lock``, for
+work that spans partitions (a shared table's rebuild decision, the screening
+pointer); it waits instead of failing.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -35,6 +40,8 @@ log = logging.getLogger(__name__)
 
 STORE = ".versions"
 LOCK = "LOCK"
+# Lake-wide locks (lake_lock) and orchestration state live here.
+STATE_DIR = "_orchestration"
 # How often a waiting writer retries the lock.
 _POLL_S = 0.05
 
@@ -67,8 +74,12 @@ def lock_file(final: Path) -> Path:
 
 def holder_of(final: Path) -> dict[str, Any] | None:
     """The holder record in a partition's lock file (the last holder's, if nobody holds it now)."""
+    return _record_in(lock_file(final))
+
+
+def _record_in(path: Path) -> dict[str, Any] | None:
     try:
-        text = lock_file(final).read_text()
+        text = Path(path).read_text()
     except FileNotFoundError:
         return None
     try:
@@ -112,10 +123,37 @@ def partition_lock(final: Path, run_id: str, wait_s: float = 0.0) -> Iterator[di
     :class:`PartitionLocked` naming it (run id, pid, host, start). A lock whose
     recorded holder is gone is taken over (logged). Re-entrant in one process.
     """
-    path = lock_file(final)
+    with hold(lock_file(final), run_id, wait_s,
+              f"partition {Path(final).parent.name}/{Path(final).name}") as holder:
+        yield holder
+
+
+@contextlib.contextmanager
+def lake_lock(lake_root: Path, name: str, run_id: str) -> Iterator[dict[str, Any]]:
+    """Hold ``LAKE/_orchestration/<name>.lock``, waiting as long as it takes; yield the holder record.
+
+    For work that spans more than one partition's commit (deciding whether a
+    shared table is current and rebuilding it, moving the screening pointer):
+    a second holder waits, then sees what the first one did.
+    """
+    # Not re-entrant: two threads of one process (or two tasks) take turns, as two processes do.
+    with hold(Path(lake_root) / STATE_DIR / f"{name}.lock", run_id, math.inf, f"lake lock {name}",
+              reentrant=False) as holder:
+        yield holder
+
+
+@contextlib.contextmanager
+def hold(path: Path, run_id: str, wait_s: float, what: str, *,
+         reentrant: bool = True) -> Iterator[dict[str, Any]]:
+    """The one flock of the lake: exclusive, holder recorded in ``path``; ``reentrant``: a second
+    hold of ``path`` in this process nests instead of waiting.
+
+    Waits up to ``wait_s`` seconds (``math.inf``: until free), then raises
+    :class:`PartitionLocked` naming ``what`` and its holder.
+    """
     key = str(path)
     with _registry:
-        held = _held.get(key)
+        held = _held.get(key) if reentrant else None
         if held is not None:
             held.depth += 1
     if held is not None:
@@ -137,33 +175,32 @@ def partition_lock(final: Path, run_id: str, wait_s: float = 0.0) -> Iterator[di
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
             if time.monotonic() >= deadline:
-                holder = holder_of(final)
+                holder = _record_in(path)
                 raise PartitionLocked(
-                    f"partition {Path(final).parent.name}/{Path(final).name} is being written by "
-                    f"{describe(holder)}; wait for it to finish (or give a longer lock wait), "
-                    f"then run again — run {run_id} wrote nothing")
+                    f"{what} is being written by {describe(holder)}; wait for it to finish (or give a "
+                    f"longer lock wait), then run again — run {run_id} wrote nothing")
             time.sleep(_POLL_S)
     except BaseException:
         os.close(fd)
         raise
-    previous = holder_of(final)
+    previous = _record_in(path)
     if previous and not previous.get("released"):
         # We got the flock, so its last holder no longer has it: it died without releasing.
-        log.warning("taking over the stale lock of %s/%s: %s ended without releasing it",
-                    Path(final).parent.name, Path(final).name, describe(previous))
+        log.warning("taking over the stale lock of %s: %s ended without releasing it", what, describe(previous))
     holder = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
               "started_at_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     _write_record(fd, holder)
     entry = _Held(fd=fd, depth=1, holder=holder)
-    with _registry:
-        _held[key] = entry
+    if reentrant:
+        with _registry:
+            _held[key] = entry
     try:
         yield holder
     finally:
         with _registry:
             entry.depth -= 1
             last = entry.depth == 0
-            if last:
+            if last and reentrant:
                 del _held[key]
         if last:
             try:

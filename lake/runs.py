@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import re
 import secrets
-from pathlib import Path
-from typing import Any
 
 
 def new_run_id(stage: str) -> str:
@@ -26,11 +23,3 @@ def orchestrated_run_id(stage: str, dag_run_id: str, task_id: str, map_index: in
     return safe
 
 
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write ``data`` as JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
-    return path

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from conf.settings import HEADS
+
 UTC_TS = pa.timestamp("us", tz="UTC")
 
 # Event kinds in LAKE/emr/events.
@@ -10,7 +12,6 @@ KIND_DX = "dx"            # coded diagnosis (Condition / condition_occurrence)
 KIND_DX_TEXT = "dx_text"  # ICD-10-CM code found in a note's text
 KIND_OBS = "obs"          # measurement / observation with a value
 KIND_ENCOUNTER = "encounter"
-EVENT_KINDS = (KIND_DX, KIND_DX_TEXT, KIND_OBS, KIND_ENCOUNTER)
 
 # Code systems, normalised.
 SYSTEM_ICD10CM = "icd10cm"
@@ -81,8 +82,6 @@ QUARANTINE = pa.schema([
     ("detail", pa.string()),         # short, identifier-free explanation
 ])
 
-# Risk heads of the EMR model (and of the labels and prevalence flags), in output order.
-HEADS = ("t2d", "ckd", "hf")
 # Already diagnosed with the head's code group at or before the end of the as-of day
 # (preprocessing.timelines.prevalence; never null). Not a model input: screening leaves
 # these patients out of an incident-risk outreach list.
@@ -97,7 +96,7 @@ TIMELINES = pa.schema([
     ("sex", pa.string()),
     *[(c, pa.bool_()) for c in PREVALENT_COLUMNS],
 ])
-LABEL_COLUMNS = ("label_t2d", "label_ckd", "label_hf")
+LABEL_COLUMNS = tuple(f"label_{h}" for h in HEADS)
 TIMELINES_WITH_LABELS = TIMELINES
 for _c in LABEL_COLUMNS:
     TIMELINES_WITH_LABELS = TIMELINES_WITH_LABELS.append(pa.field(_c, pa.int8()))
@@ -110,9 +109,36 @@ SCORES = pa.schema([
     ("engine_fingerprint", pa.string()),
     ("precision", pa.string()),
     ("run_id", pa.string()),
-    ("score_t2d", pa.float32()),
-    ("score_ckd", pa.float32()),
-    ("score_hf", pa.float32()),
+    *[(f"score_{h}", pa.float32()) for h in HEADS],
+])
+
+# LAKE/screening/as_of=D: one row per (patient, head) flagged for follow-up (inference.screening).
+SCREENING = pa.schema([
+    ("patient_key", pa.string()),
+    ("as_of", pa.date32()),
+    ("head", pa.string()),            # t2d | ckd | hf
+    ("score", pa.float32()),
+    ("rank", pa.int32()),             # 1 = highest score within the head
+    ("criterion", pa.string()),       # "threshold>=0.5" or "top_k=100"
+    ("model", pa.string()),
+    ("model_version", pa.string()),
+    ("engine_fingerprint", pa.string()),
+    ("precision", pa.string()),
+    ("run_id", pa.string()),
+])
+
+# LAKE/worklist/as_of=D: one row per flagged patient with open CT findings beside (inference.worklist).
+WORKLIST_FINDING = pa.struct([("series_key", pa.string()), ("finding_id", pa.int32()),
+                              ("diameter_mm", pa.float64()), ("max_prob", pa.float32())])
+WORKLIST = pa.schema([
+    ("patient_key", pa.string()),
+    ("as_of", pa.date32()),
+    ("risk_heads", pa.list_(pa.string())),     # heads the patient is flagged on (HEADS order)
+    *[(f"score_{h}", pa.float32()) for h in HEADS],
+    ("ct_series", pa.int32()),                 # series with at least one open finding
+    ("ct_findings", pa.int32()),
+    ("ct_max_diameter_mm", pa.float64()),      # NULL without findings
+    ("ct_findings_list", pa.list_(WORKLIST_FINDING)),   # by series_key, finding_id
 ])
 
 FINDINGS = pa.schema([

@@ -36,7 +36,6 @@ from lake.schemas import SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_OMOP, SYSTEM_SNOM
 from preprocessing.icd import (gem_icd10cm_targets, icd9cm_codes, is_valid_icd10cm, normalise_icd9cm,
                                normalise_icd10cm)
 
-CONCEPT_SET_SYSTEMS = (SYSTEM_ICD10CM, SYSTEM_ICD9CM, SYSTEM_SNOMED, SYSTEM_OMOP)
 # The shipped definitions (a path, not an import of conf: preprocessing sits below conf's users).
 DEFAULT_FILE = Path(__file__).resolve().parents[1] / "conf" / "code_groups.yaml"
 

@@ -53,7 +53,6 @@ from preprocessing.emr_record import (I_BLANK_LINE, I_ENTERED_IN_ERROR, I_NON_NU
 from preprocessing.icd import normalise_icd9cm, normalise_system, parse_icd10cm
 
 SOURCE = "fhir"
-SUPPORTED = ("Patient", "Encounter", "Condition", "Observation", "DocumentReference")
 
 _SEX = {"female": "F", "male": "M"}
 # HL7 v2 table 0203 (identifier type), as FHIR R4 names it and as older exports wrote it.

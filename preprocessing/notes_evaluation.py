@@ -92,13 +92,3 @@ def errors(extract: Callable[[str], Iterable[Fact]], items: list[GoldItem]) -> l
         if pred != item.facts:
             out.append((item.line, set(item.facts - pred), pred - item.facts))
     return out
-
-
-def markdown_table(scores: dict[str, dict[str, float]]) -> str:
-    """The scores as a Markdown table (one row per assertion kind)."""
-    rows = ["| assertion | gold facts | TP | FP | FN | precision | recall |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
-    for k, s in scores.items():
-        rows.append(f"| {k} | {s['support']} | {s['tp']} | {s['fp']} | {s['fn']} | "
-                    f"{s['precision']:.3f} | {s['recall']:.3f} |")
-    return "\n".join(rows)

@@ -81,7 +81,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
                     "value_as_concept_id", "observation_source_value", "unit_source_value"),
     "note": ("note_id", "person_id", "note_date", "note_datetime", "note_text"),
 }
-SUPPORTED_TABLES = tuple(TABLE_COLUMNS)
 # OMOP vocabulary tables used for conditions, with the columns read (OHDSI's CSV layout).
 VOCABULARY_TABLES: dict[str, tuple[str, ...]] = {
     "concept": ("concept_id", "vocabulary_id", "standard_concept", "concept_code", "invalid_reason"),

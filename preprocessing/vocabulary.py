@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lake.files import write_json_atomic
+
 PAD, OOV, CLS = "[PAD]", "[OOV]", "[CLS]"
 PAD_ID, OOV_ID, CLS_ID = 0, 1, 2
 ENCOUNTER = "encounter"
@@ -262,12 +264,7 @@ class Vocabulary:
 
     def save(self, path: Path) -> Path:
         """Write the vocabulary as JSON (atomically) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True))
-        tmp.replace(path)
-        return path
+        return write_json_atomic(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: Path) -> "Vocabulary":

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from conf.settings import HEADS
 from synth.emr_codes import TRUTH_GROUP
-from synth.emr_sim import SIGNAL, Cohort, countable, first_known, simulate
+from synth.emr_cohort import Cohort, countable, first_known
+from synth.emr_sim import SIGNAL, simulate
 
 FORMATS = ("fhir", "omop")
 SUMMARY_FILE = "synth_summary.json"
@@ -28,7 +30,6 @@ VERIFICATION_ASSERTION = {"confirmed": "affirmed", "provisional": "possible",
                           "refuted": "negated", "entered-in-error": "ignored"}
 DEMO_AS_OF = date(2024, 6, 30)
 HORIZON_DAYS = 365
-HEADS = ("t2d", "ckd", "hf")
 
 
 def generate(out_dir: Path, patients: int, seed: int, bad_share: float = 0.02,

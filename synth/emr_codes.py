@@ -172,18 +172,6 @@ TRUTH_GROUP: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class OmopConcept:
-    """One row of the OMOP vocabulary subset shipped with the CDM export."""
-
-    concept_id: int
-    name: str
-    vocabulary: str        # SNOMED | ICD10CM | ICD9CM
-    code: str
-    standard: bool
-    verified: bool         # True: the id of the OHDSI vocabulary; False: a local id (>= 2e9)
-
-
 # OMOP standard concept ids of the SNOMED CT codes above, where the OHDSI vocabulary's id is
 # known (checked against public OHDSI cohort definitions and phenotype concept sets). The
 # others get stable local ids (see local_concept_id), which docs/synthetic_emr.md lists.

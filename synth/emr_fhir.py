@@ -14,7 +14,7 @@ from synth.emr_codes import (BMI, BP_PANEL, DBP, EGFR_CKDEPI, EGFR_MDRD, GLUCOSE
                                        INVALID_ICD10, MALFORMED_CODES, NTPROBNP, SBP, SMOKING,
                                        SMOKING_VALUES, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC,
                                        SYSTEM_SNOMED, SYSTEM_UCUM, ConditionCode, LoincCode)
-from synth.emr_sim import START_MONTH, Cohort
+from synth.emr_cohort import START_MONTH, Cohort
 
 TRANSACTION_TIME = "2026-01-02T04:00:00Z"
 BASE_URL = "https://ehr.example.org/fhir"

@@ -17,7 +17,7 @@ from synth.emr_codes import (ACUTE, BMI, CONDITIONS, DBP, EGFR_CKDEPI, EGFR_MDRD
                                        ConditionCode, LoincCode, local_concept_id,
                                        snomed_concept_id)
 from synth.emr_fhir import TRANSACTION_TIME, allocate
-from synth.emr_sim import Cohort
+from synth.emr_cohort import Cohort
 
 __all__ = ["COLUMNS", "CORE_TABLES", "LOCAL_CONCEPT_BASE", "local_concept_id", "write_omop"]
 

@@ -23,7 +23,6 @@ the pipeline's own stitching.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 
+from lake.files import file_sha256
 from synth.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
 from models.ct_nodule.export import export_onnx
 from models.ct_nodule.model import UNet3D
@@ -113,14 +113,6 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2.0 * (p & t).sum() / denom)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_card(path: Path, onnx_rel: Path, sha: str, metrics: dict[str, Any]) -> None:
     card = {
         "name": "ct_nodule",
@@ -180,7 +172,7 @@ def export_and_card(model: UNet3D, metrics: dict[str, Any]) -> dict[str, Any]:
     """Export the ONNX next to this file and write the model card; return what was written."""
     onnx_abs = REPO / ONNX_PATH
     export_onnx(model.cpu().eval(), onnx_abs, PATCH_ZYX)
-    sha = sha256_file(onnx_abs)
+    sha = file_sha256(onnx_abs)
     write_card(REPO / CARD_PATH, ONNX_PATH, sha, metrics)
     return {"onnx": str(ONNX_PATH), "bytes": onnx_abs.stat().st_size, "sha256": sha, **metrics}
 

@@ -1,12 +1,13 @@
 """Export the EMR risk model to ONNX (dynamo exporter, dynamic batch and seq, one self-contained file)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import onnx
 import torch
 
+from conf.settings import HEADS
+from lake.files import file_sha256
 from models.emr_risk.model import INPUT_NAMES, OUTPUT_NAMES, EmrRiskModel, ModelConfig
 
 OPSET = 18
@@ -83,27 +84,11 @@ def strip_build_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def export_untrained(path: Path, vocab_size: int = 64, seed: int = 0, **config: int) -> Path:
-    """A tiny randomly initialised model with the real contract (for tests and engine development)."""
-    torch.manual_seed(seed)
-    return export_onnx(EmrRiskModel(ModelConfig(vocab_size=vocab_size, **config)), path)
-
-
 def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: str,
                config: ModelConfig, vocab: dict, profiles: dict, metrics: dict,
                training: dict, torch_state: Path | None = None,
                calibration: dict | None = None, operating_points: dict | None = None) -> Path:
     """Write the model card (YAML) describing ``onnx_path``; the ONNX path is stored repo-relative."""
-    import yaml
-
     onnx_path, repo_root = Path(onnx_path).resolve(), Path(repo_root).resolve()
     card = {
         "name": "emr_risk",
@@ -121,8 +106,8 @@ def write_card(card_path: Path, onnx_path: Path, repo_root: Path, *, version: st
             {"name": "sex", "dtype": "int64", "shape": ["batch"], "note": "0 unknown, 1 F, 2 M"},
         ],
         "outputs": [{"name": "probs", "dtype": "float32", "shape": ["batch", 3],
-                     "heads": ["t2d", "ckd", "hf"], "note": "sigmoid applied in-graph"}],
-        "heads": ["t2d", "ckd", "hf"],
+                     "heads": list(HEADS), "note": "sigmoid applied in-graph"}],
+        "heads": list(HEADS),
         "vocab": vocab,
         "profiles": profiles,
         "architecture": config.to_dict(),

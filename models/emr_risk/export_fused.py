@@ -223,7 +223,7 @@ def export_and_record(card_path: Path, repo_root: Path) -> dict[str, Path]:
     import torch
     import yaml
 
-    from models.emr_risk.export import file_sha256
+    from lake.files import file_sha256
 
     repo_root = Path(repo_root).resolve()
     text = Path(card_path).read_text()

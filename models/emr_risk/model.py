@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-HEADS = ("t2d", "ckd", "hf")
+from conf.settings import HEADS
+
 INPUT_NAMES = ("tokens", "days_before", "age_years", "sex")
 OUTPUT_NAMES = ("probs",)
 

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from conf.settings import HEADS
 from models.emr_risk.export import export_onnx, update_card, write_card
-from models.emr_risk.model import HEADS, EmrRiskModel, ModelConfig
+from models.emr_risk.model import EmrRiskModel, ModelConfig
 
 log = logging.getLogger("models.emr_risk.train")
 
@@ -419,7 +420,7 @@ def calibrate_sections(onnx_path: Path, val: dict[str, np.ndarray], hold: dict[s
     from engines import calibration as cal
     from engines import operating_points as op
     from engines.metrics import brier, roc_auc
-    from models.emr_risk.export import file_sha256
+    from lake.files import file_sha256
 
     raw_val, raw_hold = predict_onnx(onnx_path, val), predict_onnx(onnx_path, hold)
     yv, yh = val["labels"], hold["labels"]

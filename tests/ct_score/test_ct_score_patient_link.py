@@ -112,7 +112,7 @@ def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked, mon
 
 def test_worklist_puts_risk_heads_beside_ct_findings(linked, monkeypatch) -> None:
     from inference import worklist
-    from inference.screening import SCREENING
+    from lake.schemas import SCREENING
 
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", KEY)  # the key the lake was written with
 

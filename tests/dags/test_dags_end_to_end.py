@@ -16,7 +16,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from dag_runs import parse_dag, pipeline_settings

@@ -23,7 +23,7 @@ from dag_runs import pipeline_settings
 from lake.commit import is_committed, read_manifest
 from lake.keys import key_fingerprint
 from lake.paths import LakePaths
-from medscreen_airflow import orchestration as orch
+from medscreen_airflow import errors, shared_tables, spark_submit
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 DAY = "2024-06-30"
@@ -170,13 +170,13 @@ def test_spark_submit_env_never_carries_the_key(make_settings, monkeypatch) -> N
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM__KEY_FILE", "/run/secrets/pseudonym.key")
     monkeypatch.setenv("MEDSCREEN_SOMETHING_SECRET", "s" * 40)
     monkeypatch.setenv("MEDSCREEN_FEATURES__MAX_TOKENS", "128")
-    env = orch.spark_env(make_settings())
+    env = spark_submit.spark_env(make_settings())
     assert "MEDSCREEN_PSEUDONYM_KEY" not in env and "MEDSCREEN_SOMETHING_SECRET" not in env
     assert env["MEDSCREEN_FEATURES__MAX_TOKENS"] == "128"  # a setting whose name merely contains TOKEN
     assert env["MEDSCREEN_PSEUDONYM__KEY_FILE"] == "/run/secrets/pseudonym.key"
     assert "k" * 40 not in repr(env) and "s" * 40 not in repr(env)
-    with pytest.raises(orch.OrchestrationError, match="MEDSCREEN_PSEUDONYM__KEY_FILE"):
-        orch.refuse_key_in_environment(make_settings())
+    with pytest.raises(errors.OrchestrationError, match="MEDSCREEN_PSEUDONYM__KEY_FILE"):
+        spark_submit.refuse_key_in_environment(make_settings())
 
 
 def test_shared_table_is_stale_when_the_key_changes(make_settings, tmp_path: Path, monkeypatch) -> None:
@@ -186,10 +186,10 @@ def test_shared_table_is_stale_when_the_key_changes(make_settings, tmp_path: Pat
     emr.mkdir()
     (emr / "Patient.ndjson").write_text('{"resourceType": "Patient"}\n')
     s = make_settings(**{"inputs.emr_dir": str(emr)})
-    table = orch.SharedTable.for_job("emr_ingest", s)
+    table = shared_tables.SharedTable.for_job("emr_ingest", s)
     with atomic_partition(table.output) as staging:
         (staging / "part-0.parquet").write_bytes(b"")
     table.record(s.lake.root, "run-1")
-    assert orch.SharedTable.for_job("emr_ingest", s).is_current(s.lake.root)
+    assert shared_tables.SharedTable.for_job("emr_ingest", s).is_current(s.lake.root)
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", "another-key-" + "x" * 30)
-    assert not orch.SharedTable.for_job("emr_ingest", s).is_current(s.lake.root)
+    assert not shared_tables.SharedTable.for_job("emr_ingest", s).is_current(s.lake.root)

@@ -1,4 +1,4 @@
-"""The DAGs' decisions (medscreen_airflow.orchestration) on tiny real files: no Spark, no Airflow scheduler."""
+"""The DAGs' decisions (medscreen_airflow) on tiny real files: no Spark, no Airflow scheduler."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,9 @@ import pytest
 
 from lake.commit import atomic_partition, read_manifest
 from lake.ledger import StageLedger, write_ledger
+from lake.locks import lake_lock
 from lake.paths import LakePaths
-from medscreen_airflow import orchestration as orch
+from medscreen_airflow import cli_calls, errors, publishing, shared_tables, spark_submit, tasks
 
 
 def _settings(make_settings, emr_dir: Path, dicom_dir: Path | None = None):
@@ -24,18 +25,18 @@ def _settings(make_settings, emr_dir: Path, dicom_dir: Path | None = None):
 
 def test_spark_jobs_resolve_to_installed_files_and_arguments(make_settings, tmp_path: Path) -> None:
     for job in ("emr_ingest", "emr_features", "dicom_index"):
-        path = orch.job_file(job)
+        path = spark_submit.job_file(job)
         assert path.is_file() and "def main" in path.read_text()
     s = _settings(make_settings, tmp_path / "emr")
-    assert orch.job_arguments("emr_ingest", s) == [
+    assert spark_submit.job_arguments("emr_ingest", s) == [
         "--input", str(tmp_path / "emr"), "--format", "fhir", "--lake", str(s.lake.root)]
-    assert orch.job_arguments("emr_features", s, "2024-06-30") == [
+    assert spark_submit.job_arguments("emr_features", s, "2024-06-30") == [
         "--lake", str(s.lake.root), "--as-of", "2024-06-30"]
-    with pytest.raises(orch.OrchestrationError, match="MEDSCREEN_INPUTS__DICOM_DIR"):
-        orch.job_arguments("dicom_index", s)
+    with pytest.raises(errors.OrchestrationError, match="MEDSCREEN_INPUTS__DICOM_DIR"):
+        spark_submit.job_arguments("dicom_index", s)
     with pytest.raises(ValueError, match="not a date"):
-        orch.job_arguments("emr_features", s, "30/06/2024")
-    env = orch.spark_env()
+        spark_submit.job_arguments("emr_features", s, "30/06/2024")
+    env = spark_submit.spark_env()
     assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"]
     assert (Path(env["PATH"].split(os.pathsep)[0]) / "spark-submit").is_file()
 
@@ -45,7 +46,7 @@ def test_shared_table_is_rebuilt_only_when_inputs_change(make_settings, tmp_path
     emr.mkdir()
     (emr / "Patient.ndjson").write_text('{"resourceType": "Patient"}\n')
     s = _settings(make_settings, emr)
-    table = orch.SharedTable.for_job("emr_ingest", s)
+    table = shared_tables.SharedTable.for_job("emr_ingest", s)
     assert table.output == LakePaths(s.lake.root).events
     assert not table.is_current(s.lake.root)          # never built
     with atomic_partition(table.output) as staging:
@@ -66,10 +67,10 @@ def test_lake_lock_serialises_two_holders(tmp_path: Path) -> None:
     order: list[str] = []
 
     def second() -> None:
-        with orch.lake_lock(tmp_path, "emr_ingest"):
+        with lake_lock(tmp_path, "emr_ingest", "test"):
             order.append("second")
 
-    with orch.lake_lock(tmp_path, "emr_ingest"):
+    with lake_lock(tmp_path, "emr_ingest", "test"):
         t = threading.Thread(target=second)
         t.start()
         time.sleep(0.5)
@@ -87,17 +88,17 @@ def _run_dir(tmp_path: Path, name: str, balanced: bool = True, qc: dict | None =
 
 
 def test_qc_gate_lists_every_reason(tmp_path: Path) -> None:
-    ok = orch.qc_gate({"emr_risk": _run_dir(tmp_path, "a"), "ct_nodule": None})
+    ok = publishing.qc_gate({"emr_risk": _run_dir(tmp_path, "a"), "ct_nodule": None})
     assert ok["ct_nodule"] == {"status": "not run"} and ok["emr_risk"]["ledger_balanced"]
-    with pytest.raises(orch.QCGateFailed) as err:
-        orch.qc_gate({"emr_risk": _run_dir(tmp_path, "b", qc={"passed": False,
+    with pytest.raises(errors.QCGateFailed) as err:
+        publishing.qc_gate({"emr_risk": _run_dir(tmp_path, "b", qc={"passed": False,
                                                               "reasons": ["psi 0.4 > 0.25 for t2d"]}),
                       "ct_nodule": _run_dir(tmp_path, "c", balanced=False)})
     msg = str(err.value)
     assert "emr_risk: QC: psi 0.4 > 0.25 for t2d" in msg
     assert "ct_nodule: stage score_emr does not balance: 10 in, 7 out, 1 quarantined" in msg
-    with pytest.raises(orch.QCGateFailed, match="no ledger.json"):
-        orch.qc_gate({"emr_risk": str(tmp_path / "missing")})
+    with pytest.raises(errors.QCGateFailed, match="no ledger.json"):
+        publishing.qc_gate({"emr_risk": str(tmp_path / "missing")})
 
 
 def _scored_list(root: Path, as_of: str, run_id: str, *, limit: int | None = None, gate: bool | None = True,
@@ -116,14 +117,14 @@ def _scored_list(root: Path, as_of: str, run_id: str, *, limit: int | None = Non
 
 
 def test_publish_only_moves_forward(tmp_path: Path) -> None:
-    with pytest.raises(orch.PublishRefused, match="not committed"):
-        orch.publish_screening(tmp_path, "2024-06-30")
+    with pytest.raises(errors.PublishRefused, match="not committed"):
+        publishing.publish_screening(tmp_path, "2024-06-30")
     for d in ("2024-06-29", "2024-06-30"):
         _scored_list(tmp_path, d, f"run-{d}")
-    published = orch.publish_screening(tmp_path, "2024-06-30", "run-2024-06-30")
+    published = publishing.publish_screening(tmp_path, "2024-06-30", "run-2024-06-30")
     assert published["latest"] == "2024-06-30"
     # A backfill of an older date commits its own partition but leaves LATEST alone.
-    assert orch.publish_screening(tmp_path, "2024-06-29")["latest"] == "2024-06-30"
+    assert publishing.publish_screening(tmp_path, "2024-06-29")["latest"] == "2024-06-30"
     pointer = json.loads((tmp_path / "screening" / "LATEST.json").read_text())
     assert pointer["as_of"] == "2024-06-30"
     # The pointer names the exact version and what was checked before it moved.
@@ -143,50 +144,48 @@ def test_publish_only_moves_forward(tmp_path: Path) -> None:
 def test_publish_refuses_a_list_that_fails_a_check_and_leaves_latest_byte_identical(
         tmp_path: Path, defect: dict, refusal: str) -> None:
     _scored_list(tmp_path, "2024-06-29", "good-run")
-    orch.publish_screening(tmp_path, "2024-06-29", "good-run")
+    publishing.publish_screening(tmp_path, "2024-06-29", "good-run")
     before = (tmp_path / "screening" / "LATEST.json").read_bytes()
     _scored_list(tmp_path, "2024-06-30", "bad-run", **defect)
-    with pytest.raises(orch.PublishRefused, match=refusal):
-        orch.publish_screening(tmp_path, "2024-06-30", "bad-run")
+    with pytest.raises(errors.PublishRefused, match=refusal):
+        publishing.publish_screening(tmp_path, "2024-06-30", "bad-run")
     assert (tmp_path / "screening" / "LATEST.json").read_bytes() == before
 
 
 def test_publish_refuses_another_runs_list(tmp_path: Path) -> None:
     _scored_list(tmp_path, "2024-06-30", "cli-run")
-    with pytest.raises(orch.PublishRefused, match="not this DAG run's dag-run"):
-        orch.publish_screening(tmp_path, "2024-06-30", "dag-run")
+    with pytest.raises(errors.PublishRefused, match="not this DAG run's dag-run"):
+        publishing.publish_screening(tmp_path, "2024-06-30", "dag-run")
 
 
 def test_report_is_committed_per_as_of(tmp_path: Path) -> None:
-    path = orch.write_report(tmp_path, "nightly_screening", "2024-06-30", "manual__x", {"qc": {}})
+    path = publishing.write_report(tmp_path, "nightly_screening", "2024-06-30", "manual__x", {"qc": {}})
     assert path == tmp_path / "reports" / "nightly_screening" / "as_of=2024-06-30" / "report.json"
     assert (path.parent / "_SUCCESS").is_file()
     assert json.loads(path.read_text())["airflow_run_id"] == "manual__x"
 
 
 def test_cli_failures_name_the_command_and_the_reason(tmp_path: Path) -> None:
-    with pytest.raises(orch.OrchestrationError) as err:
-        orch.run_cli(["emr", "ingest", "--input", str(tmp_path / "nowhere"), "--lake", str(tmp_path)])
+    with pytest.raises(errors.OrchestrationError) as err:
+        cli_calls.run_cli(["emr", "ingest", "--input", str(tmp_path / "nowhere"), "--lake", str(tmp_path)])
     msg = str(err.value)
     assert "medscreen emr ingest" in msg and "exit status 2" in msg
     assert "nowhere" in msg
-    assert orch.resolve_as_of(None, "2024-06-30") == "2024-06-30"
-    assert orch.resolve_as_of("2024-01-31", "2024-06-30") == "2024-01-31"
+    assert tasks.resolve_as_of(None, "2024-06-30") == "2024-06-30"
+    assert tasks.resolve_as_of("2024-01-31", "2024-06-30") == "2024-01-31"
 
 
 def test_patient_limit_becomes_a_limit_the_score_cli_takes(tmp_path: Path) -> None:
-    from airflow.sdk.exceptions import AirflowSkipException
-
     from medscreen.cli import build_parser
 
     for kind in ("emr", "ct"):
-        args = build_parser().parse_args(orch.score_args(kind, tmp_path, "2024-06-30", None)
-                                         + orch.patient_limit_args(5))
+        args = build_parser().parse_args(cli_calls.score_args(kind, tmp_path, "2024-06-30", None)
+                                         + cli_calls.patient_limit_args(5))
         assert args.limit == 5 and args.score_command == kind
-    with pytest.raises(orch.OrchestrationError, match="at least 1"):
-        orch.patient_limit_args(0)
+    with pytest.raises(errors.OrchestrationError, match="at least 1"):
+        cli_calls.patient_limit_args(0)
     # A smoke run's screening list is committed under trial/ with its limit and never published.
     _scored_list(tmp_path, "2024-06-30", "smoke", limit=5)
-    with pytest.raises(orch.PublishRefused, match="limited to 5"):
-        orch.publish_screening(tmp_path, "2024-06-30")
+    with pytest.raises(errors.PublishRefused, match="limited to 5"):
+        publishing.publish_screening(tmp_path, "2024-06-30")
     assert not (tmp_path / "screening" / "LATEST.json").exists()

@@ -106,7 +106,7 @@ def test_the_first_try_died_and_airflow_retried_it_to_success(retried) -> None:
 
 def test_the_retry_resumed_the_same_run_and_scored_only_what_was_left(retried) -> None:
     lake = LakePaths(retried["lakes"]["dag"])
-    run_id = orchestrated_run_id("score-emr", retried["dag_run_id"], "score_emr")
+    run_id = orchestrated_run_id("score_emr", retried["dag_run_id"], "score_emr")
     manifest = read_manifest(lake.scores("emr_risk", AS_OF))
     # The run id comes from the DAG run and the task, not the try number: one run across both tries.
     assert manifest["run_id"] == run_id

@@ -101,7 +101,7 @@ def test_no_note_text_in_the_lake(notes_lake):
 
 
 def test_demo_counts_the_diagnoses_that_came_from_notes(notes_lake):
-    from medscreen.cmd_demo import notes_diagnoses
+    from medscreen.demo_checks import notes_diagnoses
 
     out, _ = notes_lake
     counts = notes_diagnoses(out["settings"])

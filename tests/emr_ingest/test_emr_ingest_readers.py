@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from emr_ingest_support import FIXTURES
 
-from jobs.emr_ingest import export_time_us, fingerprint, list_inputs, read_omop_table
+from jobs.emr_export import export_time_us, fingerprint, list_inputs, read_omop_table
 from preprocessing.emr_record import parse_datetime_us
 from preprocessing.omop import TABLE_COLUMNS
 

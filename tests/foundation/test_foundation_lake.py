@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,39 @@ def test_lake_layout(tmp_path):
     assert lp.scores("emr_risk", "2024-06-30") == tmp_path / "scores/model=emr_risk/as_of=2024-06-30"
     with pytest.raises(ValueError, match="2024-13-01"):
         as_of_str("2024-13-01")
+
+
+def test_as_of_is_read_back_from_partition_paths_by_the_lake_only(tmp_path: Path) -> None:
+    from lake.commit import atomic_partition, is_committed, resolve_partition
+    from lake.paths import as_of_of, latest_as_of
+
+    lake = LakePaths(tmp_path)
+    assert as_of_of(lake.scores("emr_risk", "2024-06-30")) == "2024-06-30"
+    with pytest.raises(ValueError, match="not an as_of"):
+        as_of_of(lake.events)
+    table = lake.scores("emr_risk", "2024-01-01").parent
+    assert latest_as_of(table) is None
+    for day in ("2024-01-31", "2024-03-31", "2024-02-29"):
+        with atomic_partition(lake.scores("emr_risk", day)) as staging:
+            (staging / "part-0.parquet").write_bytes(b"")
+    (table / "as_of=2024-05-31").mkdir()            # never committed
+    (table / "as_of=garbage").mkdir()               # not a date: ignored
+    version = resolve_partition(lake.scores("emr_risk", "2024-03-31"))
+    assert as_of_of(version) == "2024-03-31"        # a version of a partition names its date too
+    assert latest_as_of(table) == table / "as_of=2024-05-31"
+    assert latest_as_of(table, keep=is_committed) == table / "as_of=2024-03-31"
+    assert latest_as_of(table, before="2024-03-31", keep=is_committed) == table / "as_of=2024-02-29"
+    assert latest_as_of(table, before="2024-01-31", keep=is_committed) is None
+
+
+def test_no_partition_path_is_split_outside_the_lake() -> None:
+    """as-of dates are passed down, or read back through lake.paths.as_of_of — never by hand."""
+    import re
+
+    repo = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"""\.(r?split|r?partition)\(\s*["']=["']""")
+    offenders = [f"{f.relative_to(repo)}:{i}" for top in ("inference", "medscreen", "medscreen_airflow", "jobs",
+                                                          "bench", "dags", "synth")
+                 for f in sorted((repo / top).rglob("*.py"))
+                 for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders, offenders

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from medscreen_airflow.orchestration import spark_env
+from medscreen_airflow.spark_submit import spark_env
 
 REPO = Path(__file__).resolve().parents[2]
 

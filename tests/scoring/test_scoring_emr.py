@@ -5,7 +5,6 @@ import datetime as dt
 import json
 import socket
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

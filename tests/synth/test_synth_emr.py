@@ -1,7 +1,6 @@
 """The synthetic EMR generator: reproducible, valid where it should be, bad where it says."""
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import re

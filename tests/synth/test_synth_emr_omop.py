@@ -216,7 +216,7 @@ def test_omop_is_byte_identical_per_seed_and_clean_without_bad_share(tmp_path: P
 
 def test_the_truth_beside_the_export_is_never_read_as_input(omop_export, fhir_export) -> None:
     """The ingest job lists its input files; the ground truth must not be among them."""
-    from jobs.emr_ingest import list_inputs
+    from jobs.emr_export import list_inputs
 
     for (out, _), fmt in ((omop_export, "omop"), (fhir_export, "fhir")):
         assert (out / "synth_truth" / "patients.json").is_file()
