@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dag_runs import parse_dag, pipeline_settings
+from dag_runs import key_file, parse_dag, pipeline_settings
 from lake.commit import partition_files, read_manifest
 from lake.paths import LakePaths
 from lake.runs import orchestrated_run_id
@@ -88,7 +88,9 @@ def retried(tmp_path_factory, airflow_db):
 
     # The clean reference: the same CLI, the same engine and timelines, no fault, another lake.
     env = {**os.environ, **scoring_env, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
-           "MEDSCREEN_LAKE__ROOT": str(lakes["clean"])}
+           "MEDSCREEN_LAKE__ROOT": str(lakes["clean"]),
+           # The key the DAG's tasks read (pipeline_settings: a key file beside the lakes).
+           "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file(root))}
     env.pop(FAULT_ENV)
     env.pop("RAY_ADDRESS", None)
     clean = subprocess.run([sys.executable, "-m", "medscreen", "score", "emr", "--lake", str(lakes["clean"]),
