@@ -1,9 +1,13 @@
 """The accuracy gate, which is also the comparator: candidate vs the fp32 ONNX Runtime reference.
 
-Both runners score the same held-out, labelled, stratified lake sample; per
-head we compare AUC and Brier score against the labels and the probabilities
-against each other (max |Δp|). The verdict, with metrics and thresholds, goes
-into the engine's metadata; engines that did not pass are refused for scoring.
+Like Polygraphy's ``Comparator``, it is handed its data and two active
+runners and reads nothing itself (the engine cache's gate role,
+:mod:`engines.cache.gate`, fetches the data). For the EMR model both runners
+score the same held-out, labelled, stratified sample; per head we compare AUC
+and Brier score against the labels and the probabilities against each other
+(max |Δp|). For segmentation models, Dice against known masks. The verdict,
+with metrics and thresholds, goes into the engine's metadata; engines that
+did not pass are refused for scoring.
 """
 from __future__ import annotations
 
@@ -14,12 +18,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from conf.settings import Settings
-from engines import samples
 from engines.metrics import brier, head_metrics, roc_auc  # noqa: F401 (re-exported)
-from engines.model_card import load_card
 from engines.runner import Runner
 from lake.schemas import HEADS
 
@@ -104,32 +105,26 @@ def compare(reference: np.ndarray, candidate: np.ndarray, y: np.ndarray,
             "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
-def holdout_sample(settings: Settings, as_of: str | None, rows: int = DEFAULT_GATE_ROWS,
-                   seed: int = 0, model: str = "emr_risk") -> tuple[str, pa.Table]:
-    """The gate's labelled sample: half 1 of the key split (calibration uses half 0), stratified."""
-    as_of = as_of or samples.latest_as_of(settings.lake.root, with_labels=True)
-    if as_of is None:
-        raise samples.SampleError(
-            f"the accuracy gate needs labelled timelines in lake {settings.lake.root}; run "
-            "`medscreen emr features --as-of D --with-labels` and pass --as-of D")
-    table = samples.read_timelines(settings.lake.root, as_of, labels=True)
-    samples.check_vocabulary(settings.lake.root, as_of, load_card(settings, model))
-    return as_of, samples.stratified_sample(table, rows, seed=seed, half=1)
+@dataclass(frozen=True)
+class GateData:
+    """What the comparator is handed for the EMR model: feeds in batches (row indices, feed), labels
+    ``[rows, heads]`` (-1 unknown), and the as-of date they came from (recorded with the verdict)."""
+
+    batches: list[tuple[np.ndarray, dict[str, np.ndarray]]]
+    labels: np.ndarray
+    rows: int
+    as_of: str | None = None
 
 
-def gate(settings: Settings, reference: Runner, candidate: Runner, precision: str,
-         as_of: str | None = None, rows: int = DEFAULT_GATE_ROWS,
-         model: str = "emr_risk") -> dict[str, Any]:
-    """Score the held-out sample with both (active) runners and return the verdict dict."""
-    as_of, table = holdout_sample(settings, as_of, rows, model=model)
-    y = samples.labels(table)
-    batches = samples.feed_batches(table, settings.features.max_tokens)
-    ref = run_batches(reference, batches, table.num_rows)
-    cand = run_batches(candidate, batches, table.num_rows)
-    verdict = compare(ref, cand, y, thresholds_for(settings, precision))
-    verdict.update({"as_of": as_of, "reference": reference.name, "candidate": candidate.name,
+def gate(reference: Runner, candidate: Runner, precision: str, data: GateData,
+         thresholds: GateThresholds) -> dict[str, Any]:
+    """Score ``data`` with both (active) runners and return the verdict dict."""
+    ref = run_batches(reference, data.batches, data.rows)
+    cand = run_batches(candidate, data.batches, data.rows)
+    verdict = compare(ref, cand, data.labels, thresholds)
+    verdict.update({"as_of": data.as_of, "reference": reference.name, "candidate": candidate.name,
                     "precision": precision})
-    log.info("gate %s vs %s at %s: %s %s", candidate.name, reference.name, as_of,
+    log.info("gate %s vs %s at %s: %s %s", candidate.name, reference.name, data.as_of,
              "PASSED" if verdict["passed"] else "FAILED", "; ".join(verdict["failures"]))
     return verdict
 
@@ -140,30 +135,6 @@ SEGMENTATION_SAMPLE_VOLUMES = 4
 _SEG_FP32_MAX_DELTA_DICE = 0.002
 
 
-def planted_spheres(shape_zyx: tuple[int, int, int], count: int, seed: int = 0
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Windowed [0, 1] patches of lung-like background with planted soft-tissue spheres, and their masks.
-
-    Engines do not read DICOM (that is preprocessing's floor), so the segmentation
-    gate judges candidate vs reference on these known-geometry inputs: lung
-    parenchyma at about -850 HU, nodules at about 0 HU, window -1000..400 HU.
-    """
-    rng = np.random.default_rng(seed)
-    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
-    images = np.empty((count, 1, *shape_zyx), np.float32)
-    masks = np.zeros((count, 1, *shape_zyx), bool)
-    for i in range(count):
-        img = rng.normal(0.107, 0.02, shape_zyx).astype(np.float32)
-        for _ in range(int(rng.integers(1, 4))):
-            r = float(rng.uniform(3, 10))
-            c = [float(rng.uniform(r + 2, s - r - 2)) for s in shape_zyx]
-            sphere = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
-            img[sphere] = rng.normal(0.714, 0.03, int(sphere.sum()))
-            masks[i, 0] |= sphere
-        images[i, 0] = np.clip(img, 0.0, 1.0)
-    return images, masks
-
-
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice overlap of two boolean masks (1.0 when both are empty)."""
     inter, total = np.logical_and(a, b).sum(), a.sum() + b.sum()
@@ -171,18 +142,19 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def segmentation_gate(card: dict[str, Any], reference: Runner, candidate: Runner, precision: str,
-                      count: int = SEGMENTATION_SAMPLE_VOLUMES) -> dict[str, Any]:
-    """Dice of candidate vs reference against planted spheres (ΔDice), their agreement, max |Δp|.
+                      images: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Dice of candidate vs reference against known masks (ΔDice), their agreement, max |Δp|.
 
-    Thresholds come from the card's ``gate.max_abs_delta_dice`` per precision.
+    ``images`` ``[n, 1, z, y, x]`` and their masks ``truth`` are handed in
+    (:func:`engines.samples.planted_spheres`). Thresholds come from the card's
+    ``gate.max_abs_delta_dice`` per precision.
     """
     spec = card["inputs"][0]
-    shape = tuple(int(d) for d in spec["shape"][2:])
+    count = len(images)
     out_name = card["outputs"][0]["name"]
     thr_p = float((card.get("postprocessing") or {}).get("probability_threshold", 0.5))
     limits = (card.get("gate") or {}).get("max_abs_delta_dice") or {}
     max_dd = float(limits.get(precision, _SEG_FP32_MAX_DELTA_DICE))
-    images, truth = planted_spheres(shape, count)
     ref_d, cand_d, agree, max_dp = [], [], [], 0.0
     for i in range(count):
         feed = {spec["name"]: images[i:i + 1]}
@@ -202,7 +174,7 @@ def segmentation_gate(card: dict[str, Any], reference: Runner, candidate: Runner
             "metrics": {"volumes": count, "dice_reference": float(np.mean(ref_d)),
                         "dice_candidate": float(np.mean(cand_d)), "delta_dice": delta,
                         "min_mask_agreement_dice": float(min(agree)), "max_abs_delta_p": max_dp,
-                        "sample": "planted spheres in windowed lung background (engines.gate.planted_spheres)"},
+                        "sample": "planted spheres in windowed lung background (engines.samples.planted_spheres)"},
             "thresholds": {"max_abs_delta_dice": max_dd, "min_mask_agreement_dice": 1 - 2 * max_dd},
             "checked_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "precision": precision, "reference": reference.name, "candidate": candidate.name}

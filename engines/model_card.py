@@ -1,13 +1,13 @@
 """Model cards (conf/models/<model>.yaml): what an exported model is, its I/O, profiles and metrics."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from conf.settings import CONF_DIR, Settings
+from lake.files import file_sha256
 
 # Card paths (onnx.path) are repository-relative so the checkout can live anywhere.
 REPO_ROOT = CONF_DIR.parent
@@ -15,15 +15,6 @@ REPO_ROOT = CONF_DIR.parent
 
 class ModelCardError(ValueError):
     """A model card is missing, malformed, or does not match its artifact."""
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, streamed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def card_path(settings: Settings, model: str) -> Path:

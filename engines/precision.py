@@ -60,10 +60,6 @@ class PrecisionError(ValueError):
     """A precision plan could not be produced or is invalid."""
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # --------------------------------------------------------------------------- fp16
 
 def _float_tensors(model: onnx.ModelProto) -> set[str]:

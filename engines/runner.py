@@ -1,6 +1,8 @@
 """The one runner interface every backend implements (Polygraphy's shape)."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -34,3 +36,14 @@ class Runner(Protocol):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
     def deactivate(self) -> None: ...
+
+
+@contextlib.contextmanager
+def activated(runner: Runner) -> Iterator[Runner]:
+    """``with activated(runner) as r: r.infer(...)`` — activate on entry, deactivate on exit (Polygraphy's
+    ``with runner:``), for any backend behind the :class:`Runner` interface."""
+    runner.activate()
+    try:
+        yield runner
+    finally:
+        runner.deactivate()

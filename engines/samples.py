@@ -1,4 +1,5 @@
-"""Real timelines from the lake as model feeds: stratified samples for calibration and the accuracy gate.
+"""The data engines are calibrated and gated on: real timelines from the lake as model feeds (stratified
+samples for int8 calibration and the accuracy gate), and planted spheres for segmentation models.
 
 Calibration and gate samples come from disjoint halves of the patients (split
 on the pseudonymised key), so the gate judges an int8 plan on rows it was not
@@ -13,8 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conf.settings import Settings
+from engines.model_card import load_card
 from lake.commit import is_committed, partition_files
-from lake.paths import LakePaths, as_of_str
+from lake.paths import LakePaths, as_of_of, as_of_str
 from lake.schemas import LABEL_COLUMNS
 
 SEX_CODES = {"F": 1, "M": 2}  # anything else (U, null) → 0 unknown, as the model contract says
@@ -35,8 +38,7 @@ def latest_as_of(lake_root: Path, with_labels: bool = False) -> str | None:
     base = LakePaths(lake_root).root / "emr" / "timelines"
     if not base.is_dir():
         return None
-    dates = sorted((p.name.split("=", 1)[1] for p in base.glob("as_of=*") if is_committed(p)),
-                   reverse=True)
+    dates = sorted((as_of_of(p) for p in base.glob("as_of=*") if is_committed(p)), reverse=True)
     for d in dates:
         if not with_labels or has_labels(lake_root, d):
             return d
@@ -184,3 +186,42 @@ def labels(table: pa.Table) -> np.ndarray:
         arr = table.column(c).to_numpy(zero_copy_only=False)
         cols.append(np.where(np.isnan(arr.astype(np.float64)), -1, arr).astype(np.int8))
     return np.stack(cols, axis=1)
+
+
+def holdout_sample(settings: Settings, as_of: str | None, rows: int, seed: int = 0,
+                   model: str = "emr_risk") -> tuple[str, pa.Table]:
+    """The gate's labelled sample: half 1 of the key split (calibration uses half 0), stratified."""
+    as_of = as_of or latest_as_of(settings.lake.root, with_labels=True)
+    if as_of is None:
+        raise SampleError(
+            f"the accuracy gate needs labelled timelines in lake {settings.lake.root}; run "
+            "`medscreen emr features --as-of D --with-labels` and pass --as-of D")
+    table = read_timelines(settings.lake.root, as_of, labels=True)
+    check_vocabulary(settings.lake.root, as_of, load_card(settings, model))
+    return as_of, stratified_sample(table, rows, seed=seed, half=1)
+
+
+def planted_spheres(shape_zyx: tuple[int, int, int], count: int, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Windowed [0, 1] patches of lung-like background with planted soft-tissue spheres, and their masks.
+
+    Engines do not read DICOM (that is preprocessing's floor), so the segmentation
+    gate judges candidate vs reference on these known-geometry inputs: lung
+    parenchyma at about -850 HU, nodules at about 0 HU, window -1000..400 HU.
+    """
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:shape_zyx[0], :shape_zyx[1], :shape_zyx[2]]
+    images = np.empty((count, 1, *shape_zyx), np.float32)
+    masks = np.zeros((count, 1, *shape_zyx), bool)
+    for i in range(count):
+        img = rng.normal(0.107, 0.02, shape_zyx).astype(np.float32)
+        for _ in range(int(rng.integers(1, 4))):
+            r = float(rng.uniform(3, 10))
+            c = [float(rng.uniform(r + 2, s - r - 2)) for s in shape_zyx]
+            sphere = (z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r * r
+            img[sphere] = rng.normal(0.714, 0.03, int(sphere.sum()))
+            masks[i, 0] |= sphere
+        images[i, 0] = np.clip(img, 0.0, 1.0)
+    return images, masks
+
+

@@ -1,56 +1,53 @@
-"""The two callables of the EMR scoring pipeline: a CPU packer and the engine actor.
+"""The inference core shared by EMR and CT scoring: one Ray start, one engine-actor lifecycle, one pool size.
 
-``pack_fragments`` runs as plain Ray tasks (CPU): read one fragment of the
-timelines partition, validate, length-sort, pad into token-budget batches,
-and ship them as one row per fragment. ``ScoreActor`` holds one engine for its
-whole life: ``__init__`` loads and activates it once, ``__call__`` feeds a
-fragment's pre-padded arrays to ``infer`` and writes the fragment's scores
-itself (:class:`inference.fragments.FragmentSink`), returning only a small
-marker record: the scored rows never pass through the driver. Both are plain
-Python (Ray is consulted only to name the actor); the pipeline builder in
-:mod:`inference.emr` wires them into Ray Data.
+- :func:`ray_session` connects to ``ray.address`` or starts a local Ray, and
+  shuts down only what it started;
+- :class:`EngineActor` loads its engine from an :class:`engines.source.EngineSource`
+  once in ``__init__``, holds it activated (:func:`engines.runner.activated`)
+  for the actor's life and releases it once;
+- :func:`engine_actor_pool` sizes the actor pool and its per-actor resources.
+
+The stage actors (:class:`inference.emr_actors.ScoreActor`,
+:class:`inference.ct_stages.SegmentSeries`) subclass :class:`EngineActor` and
+add only their ``__call__``.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+from collections.abc import Iterator
+from typing import Any
 
 from conf.settings import Settings
-from engines.runner import Runner
-from inference.batching import batch_from_table, batches_to_table, pack_fragment
-from inference.fragments import FragmentSink
-
-TIMELINE_COLUMNS = ["patient_key", "length", "tokens", "days_before", "age_years", "sex"]
+from engines.runner import Runner, activated
+from engines.source import EngineSource
 
 
-class EngineSource(Protocol):
-    """Where actors get their engine: ``load`` returns a runner (not yet activated) and its metadata."""
+@contextlib.contextmanager
+def ray_session(settings: Settings) -> Iterator[bool]:
+    """Connect to ``settings.ray.address`` (else ``RAY_ADDRESS``) or start a local Ray; shut it down on exit
+    only if started here.
 
-    def load(self, precision: str) -> tuple[Runner, dict[str, Any]]: ...
+    Yields True when this call started Ray. A Ray already initialised in this
+    process (a test fixture, a benchmark) is used as it is.
+    """
+    import ray
 
-
-@dataclass(frozen=True)
-class CachedEngine:
-    """The engine cache (:mod:`engines.cache`): gated engines only, unless forced."""
-
-    settings: Settings
-    model: str = "emr_risk"
-    backend: str | None = None
-    force_ungated: bool = False
-
-    def load(self, precision: str) -> tuple[Runner, dict[str, Any]]:
-        from engines import cache
-
-        return cache.load_runner(self.settings, model=self.model, backend=self.backend,
-                                 precision=precision, force_ungated=self.force_ungated)
+    started = False
+    if not ray.is_initialized():
+        # Local Ray on a laptop/CI has no auth; a cluster address brings its own.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Unset means a Ray of our own: never attach to whatever cluster another program runs here.
+        address = settings.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        started = True
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, float]]:
@@ -67,109 +64,36 @@ def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, flo
     return settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus}
 
 
-PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("n_batches", pa.int32()),
-                           ("batches", pa.large_binary())])
+class EngineActor:
+    """One engine per actor for the actor's whole life: loaded and activated once, released once.
 
-
-def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int,
-                   vocab_size: int | None = None) -> pa.Table:
-    """Ray Data batch fn (CPU task): fragment specs in, one row per fragment out.
-
-    ``batches`` holds the fragment's padded batches (:func:`inference.batching.batches_to_table`)
-    as one Arrow IPC stream, so a fragment reaches one actor whole and that actor can write it.
-    """
-    rows: dict[str, list] = {name: [] for name in PACKED_SCHEMA.names}
-    for row in specs.to_pylist():
-        table = pq.ParquetFile(row["path"]).read_row_groups(list(row["row_groups"]), columns=TIMELINE_COLUMNS)
-        # A fragment cut by a row limit takes only the first num_rows of its row groups.
-        table = table.slice(0, int(row["num_rows"]))
-        batches = batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
-                                                 token_budget, vocab_size))
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batches.schema) as writer:
-            writer.write_table(batches)
-        rows["fragment"].append(int(row["fragment"]))
-        rows["rows_in"].append(int(row["num_rows"]))
-        rows["n_batches"].append(batches.num_rows)
-        rows["batches"].append(sink.getvalue().to_pybytes())
-    return pa.table(rows, schema=PACKED_SCHEMA)
-
-
-MARKER_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_out", pa.int64()),
-                           ("engine_fingerprint", pa.string()), ("record", pa.string())])
-
-
-class ScoreActor:
-    """Holds one activated engine; ``__call__`` scores whole fragments and writes them.
-
-    Each input row is one fragment (:func:`pack_fragments`); each output row is
-    that fragment's marker record (rows, quarantine counts, per-batch timings
-    split into host decode and device ``infer`` time), as JSON, beside the
-    engine fingerprint the driver checks.
+    ``runner`` (active), ``metadata`` and ``fingerprint`` are what subclasses
+    use; ``actor_id`` and ``incarnation`` (fresh when Ray restarts the actor)
+    tag their records.
     """
 
-    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink):
-        self.runner, self.metadata = source.load(precision)
+    def __init__(self, source: EngineSource, precision: str):
+        t0 = time.perf_counter()
+        runner, self.metadata = source.load(precision)
+        self._held = contextlib.ExitStack()
+        self.runner: Runner = self._held.enter_context(activated(runner))
         self.fingerprint = str(self.metadata.get("fingerprint"))
-        self.sink = sink
-        self.runner.activate()
         # A restarted actor runs __init__ again: a fresh incarnation id under the same actor id.
         self.incarnation = uuid.uuid4().hex[:12]
         self.actor_id = _actor_id()
-        self.calls = 0
+        # Start-up as the run's metrics report it: engine load + activation, and when the actor was ready.
+        self.engine_load_s = round(time.perf_counter() - t0, 3)
+        self.ready_at = time.time()
 
-    def __call__(self, block: pa.Table) -> pa.Table:
-        self.calls += 1
-        out: dict[str, list] = {name: [] for name in MARKER_SCHEMA.names}
-        for i in range(block.num_rows):
-            frag = int(block.column("fragment")[i].as_py())
-            record = self._score_fragment(frag, int(block.column("rows_in")[i].as_py()),
-                                          block.column("batches")[i].as_buffer())
-            out["fragment"].append(frag)
-            out["rows_out"].append(record["rows_out"])
-            out["engine_fingerprint"].append(self.fingerprint)
-            out["record"].append(json.dumps(record))
-        return pa.table(out, schema=MARKER_SCHEMA)
-
-    def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> dict[str, Any]:
-        table = pa.ipc.open_stream(packed).read_all()
-        keys, probs, qkeys, qreasons, records = [], [], [], [], []
-        for i in range(table.num_rows):
-            t0 = time.perf_counter()
-            batch = batch_from_table(table, i)
-            feed = batch.feed()
-            t1 = time.perf_counter()
-            if batch.n_rows:
-                p = np.asarray(self.runner.infer(feed)["probs"], dtype=np.float32)
-                if p.shape != (batch.n_rows, 3):
-                    raise ValueError(f"engine returned probs of shape {p.shape} for a batch of "
-                                     f"{batch.n_rows} rows; the model must output [batch, 3]")
-            else:
-                p = np.zeros((0, 3), np.float32)
-            t2 = time.perf_counter()
-            keys.append(batch.keys)
-            probs.append(p)
-            qkeys.append(batch.quarantine_keys)
-            qreasons.append(batch.quarantine_reasons)
-            records.append({"batch_index": batch.batch_index, "n_rows": batch.n_rows,
-                            "seq_len": int(table.column("seq_len")[i].as_py()),
-                            "real_tokens": batch.real_tokens, "prep_s": batch.prep_s,
-                            "host_s": t1 - t0, "device_s": t2 - t1, "done_at": time.time(),
-                            "actor_id": self.actor_id, "incarnation": self.incarnation})
-
-        def cat(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:
-            parts = [a for a in parts if len(a)]
-            return np.concatenate(parts) if parts else empty
-
-        return self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
-                               cat(probs, np.zeros((0, 3), np.float32)),
-                               cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records)
+    def close(self) -> None:
+        """Deactivate the engine (idempotent)."""
+        self._held.close()
 
     def __del__(self) -> None:
-        runner = getattr(self, "runner", None)
-        if runner is not None:
+        held: Any = getattr(self, "_held", None)
+        if held is not None:
             try:
-                runner.deactivate()
+                held.close()
             except Exception:  # noqa: BLE001 — best effort at interpreter teardown
                 pass
 
@@ -178,6 +102,10 @@ def _actor_id() -> str:
     try:
         import ray
 
-        return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-    except Exception:  # noqa: BLE001 — outside Ray (benchmarks, unit use)
-        return f"pid-{os.getpid()}"
+        # Outside a Ray worker (benchmarks, unit use) asking for the runtime context would connect
+        # to whatever cluster runs on this machine.
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
+    except Exception:  # noqa: BLE001 — no Ray here
+        pass
+    return f"pid-{os.getpid()}"

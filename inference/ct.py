@@ -1,20 +1,16 @@
 """CT nodule scoring on Ray Data: DICOM series → findings with provenance.
 
     series (LAKE/imaging/series, eligible, study date ≤ as-of)
-      → PrepareSeries    CPU task: read (pydicom) → 1 mm isotropic → window [0, 1]
-      → SegmentSeries    engine actor: patches in large batches → engine → overlap blending
-      → FindNodules      CPU task: connected components → findings (LPS mm)
+      → PrepareSeries    CPU tasks: read (pydicom) → 1 mm isotropic → window [0, 1]
+      → SegmentSeries    engine actors: patches in large batches → engine → overlap blending
+                         (on the GPU with CuPy where the engine runs on CUDA)
+      → FindNodules      CPU tasks: connected components → findings (LPS mm)
       → LAKE/findings/model=ct_nodule/as_of=D/ (atomic), LAKE/runs/<run_id>/
 
-One series travels as one row, so at most one series' voxels are in flight per
-task. Patches are cut inside the actor, as views of the windowed volume,
-because moving a volume costs several times less than moving its overlapping
-patches (with the default stride each voxel sits in ~8 patches); the actor
-feeds them to the engine in batches of the card's optimal profile batch and
-blends each batch into the volume as it comes back, so the patch set of a
-series is never materialised. A series that cannot become a volume is
-counted in the ledger with its reason code (``SeriesError.reason``); an engine
-failure fails the run.
+The stages themselves are :mod:`inference.ct_stages`; this module selects the
+series, builds the pipeline, reuses stored per-series results and commits. A
+series that cannot become a volume is counted in the ledger with its reason
+code (``SeriesError.reason``); an engine failure fails the run.
 """
 from __future__ import annotations
 
@@ -23,21 +19,20 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from conf.settings import Settings
-from engines.runner import Runner
+from engines.source import CachedEngine, EngineSource, ReferenceEngine
 from inference import qc
-from inference.actors import engine_actor_pool
+from inference.actors import engine_actor_pool, ray_session
+from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, STATUS_OK, FindNodules,
+                                 PrepareSeries, SegmentSeries)
 from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
 from lake.archive import Archive, imaging_archive
@@ -49,22 +44,15 @@ from lake.locks import partition_lock
 from lake.paths import TRIAL, LakePaths, as_of_str, is_trial_run
 from lake.runs import new_run_id
 from lake.schemas import FINDINGS
-from preprocessing.components import find_components
-from preprocessing.patches import extract_patches, pad_to_grid, patch_grid
-from preprocessing.stitching import Stitcher
 
 log = logging.getLogger(__name__)
 
 MODEL = "ct_nodule"
 STAGE = "score_ct"
 
-# Columns of LAKE/imaging/series this stage reads (written by jobs.dicom_index).
-COL_SERIES = "series_key"
-COL_STUDY = "study_key"
-COL_PATIENT = "patient_key"    # the EMR patient, from LAKE/imaging/patient_link (NULL: unlinked)
+# Columns of LAKE/imaging/series this stage reads beside inference.ct_stages' (written by jobs.dicom_index).
 COL_DATE = "study_date"
 COL_VERDICT = "verdict"
-COL_FILES = "paths"
 ELIGIBLE = "eligible"
 
 # Ledger reasons for series this stage deliberately does not score (counted, never silent).
@@ -74,66 +62,12 @@ IGNORED_NO_DATE = "study_date_missing"
 # Eligible series past a --limit (smoke runs): the first N by series_key are scored.
 IGNORED_BEYOND_LIMIT = "beyond_limit"
 
-STATUS_OK = "ok"
-# Reason codes of series that failed between the index and the findings.
-REASON_UNEXPECTED = "preprocessing_error"
-
-
-class EngineSource(Protocol):
-    """Where actors get their engine: ``load`` returns a runner (not yet activated) and its metadata."""
-
-    def load(self, precision: str) -> tuple[Runner, dict[str, Any]]: ...
-
-
-@dataclass(frozen=True)
-class CachedEngine:
-    """The engine cache (:mod:`engines.cache`) for ct_nodule: gated engines only, unless forced."""
-
-    settings: Settings
-    backend: str | None = None
-    force_ungated: bool = False
-
-    def load(self, precision: str) -> tuple[Runner, dict[str, Any]]:
-        from engines import cache
-
-        return cache.load_runner(self.settings, model=MODEL, backend=self.backend,
-                                 precision=precision, force_ungated=self.force_ungated)
-
-
-@dataclass(frozen=True)
-class ReferenceEngine:
-    """The card's fp32 ONNX itself on ONNX Runtime: the reference every candidate is gated against.
-
-    Needs no gate (it is what gates compare to) and no build; the fingerprint
-    names the exact artifact and runtime. ``intra_op_threads`` 0 = ORT's default.
-    """
-
-    settings: Settings
-    intra_op_threads: int = 0
-
-    def load(self, precision: str) -> tuple[Runner, dict[str, Any]]:
-        import onnxruntime as ort
-
-        from engines.model_card import load_card
-        from engines.ort_runner import OrtRunner, default_providers
-
-        if precision != "fp32":
-            raise ValueError(f"the reference engine is fp32; precision {precision!r} needs a built engine "
-                             "(`medscreen engines build --model ct_nodule`)")
-        card = load_card(self.settings, MODEL)
-        providers = default_providers()
-        runner = OrtRunner(Path(card["onnx"]["file"]), providers=providers, name=f"onnxruntime:{MODEL}",
-                           intra_op_threads=self.intra_op_threads)
-        fingerprint = (f"onnxruntime-{ort.__version__}-{providers[0].replace('ExecutionProvider', '').lower()}"
-                       f"-fp32-{card['onnx']['sha256'][:16]}")
-        return runner, {"fingerprint": fingerprint, "precision": "fp32", "backend": "onnxruntime"}
-
 
 def default_source(settings: Settings, force_ungated: bool = False) -> EngineSource:
     """fp32 on ONNX Runtime scores with the reference ONNX itself; anything else with a cached, gated engine."""
     if settings.engines.backend == "onnxruntime" and settings.engines.precision == "fp32":
-        return ReferenceEngine(settings)
-    return CachedEngine(settings, backend=settings.engines.backend, force_ungated=force_ungated)
+        return ReferenceEngine(settings, MODEL)
+    return CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
 
 
 # ------------------------------------------------------- per-series results
@@ -143,7 +77,7 @@ SERIES_RESULTS = "imaging/scored_series"
 # Result fields stored per series (the Ray row minus the volumes).
 _STORED = (COL_SERIES, COL_STUDY, COL_PATIENT, "status", "reason", "findings", "engine_fingerprint",
            "precision", "read_s", "resample_s", "patch_s", "engine_s", "stitch_s", "components_s",
-           "patches", "components", "dropped_small")
+           "patches", "components", "dropped_small", "arrays_on")
 
 
 def series_content_key(row: dict[str, Any], archive: Archive | None = None) -> str:
@@ -179,10 +113,7 @@ def _config_key(card: dict[str, Any], engine_meta: dict[str, Any], precision: st
 
 
 def _store_result(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({k: row.get(k) for k in _STORED}, default=str))
-    os.replace(tmp, path)
+    write_json(path, {k: row.get(k) for k in _STORED}, indent=None)
 
 
 # ---------------------------------------------------------------- selection
@@ -222,185 +153,15 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
     return selected, {k: v for k, v in ignored.items() if v}, total
 
 
-# ---------------------------------------------------------------- the three callables
-
-def _nd_bytes(a: np.ndarray) -> bytes:
-    return np.ascontiguousarray(a).tobytes()
-
-
-class PrepareSeries:
-    """Ray Data batch fn (CPU task): series rows in, one windowed 1 mm volume per row out."""
-
-    def __init__(self, target_spacing_mm: float, window_hu: tuple[float, float],
-                 gantry_tilt: str = "correct", min_slices: int = 2, archive: Archive | None = None):
-        self.archive = archive  # keyed relative paths are resolved here, in the read task
-        self.target_spacing_mm = float(target_spacing_mm)
-        self.window_hu = tuple(window_hu)
-        self.gantry_tilt = gantry_tilt
-        self.min_slices = int(min_slices)
-
-    def __call__(self, rows: pa.Table) -> pa.Table:
-        from preprocessing.dicom_series import SeriesError, load_volume
-        from preprocessing.resample import resample_to_spacing, window_to_unit
-
-        out: list[dict[str, Any]] = []
-        for row in rows.to_pylist():
-            rec = {COL_SERIES: row[COL_SERIES], COL_STUDY: row[COL_STUDY], COL_PATIENT: row[COL_PATIENT],
-                   "status": STATUS_OK, "reason": None, "detail": None, "image": b"",
-                   "shape": [0, 0, 0], "affine": [0.0] * 16, "spacing_mm": [0.0] * 3,
-                   "read_s": 0.0, "resample_s": 0.0}
-            t0 = time.perf_counter()
-            try:
-                files = list(row[COL_FILES] or [])
-                vol = load_volume(self.archive.resolve_all(files) if self.archive else files,
-                                  gantry_tilt=self.gantry_tilt, min_slices=self.min_slices)
-                t1 = time.perf_counter()
-                vol = resample_to_spacing(vol, self.target_spacing_mm)
-                image = window_to_unit(vol.hu, self.window_hu)
-                t2 = time.perf_counter()
-            except SeriesError as exc:
-                # The message can name files; keep only the reason code in the output.
-                rec.update(status="failed", reason=exc.reason, detail=exc.reason)
-                out.append(rec)
-                continue
-            except (OSError, ValueError, MemoryError) as exc:
-                rec.update(status="failed", reason=REASON_UNEXPECTED, detail=type(exc).__name__)
-                out.append(rec)
-                continue
-            rec.update(image=_nd_bytes(image.astype(np.float32)), shape=list(image.shape),
-                       affine=[float(v) for v in vol.affine_zyx_to_lps.ravel()],
-                       spacing_mm=list(vol.spacing_mm), read_s=t1 - t0, resample_s=t2 - t1)
-            out.append(rec)
-        return pa.Table.from_pylist(out, schema=PREPARED)
-
-
-PREPARED = pa.schema([
-    (COL_SERIES, pa.string()), (COL_STUDY, pa.string()), (COL_PATIENT, pa.string()),
-    ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
-    ("image", pa.large_binary()), ("shape", pa.list_(pa.int64())), ("affine", pa.list_(pa.float64())),
-    ("spacing_mm", pa.list_(pa.float64())), ("read_s", pa.float64()), ("resample_s", pa.float64()),
-])
-
-
-def segment_volume(runner: Runner, image: np.ndarray, patch_size: tuple[int, int, int],
-                   stride: tuple[int, int, int], batch_patches: int,
-                   timings: dict[str, float] | None = None) -> np.ndarray:
-    """Sliding-window segmentation of one windowed volume with ``runner`` (batched patches).
-
-    The probability volume (float32, same shape) is blended with
-    :class:`preprocessing.stitching.Stitcher` batch by batch.
-    """
-    t = timings if timings is not None else {}
-    grid = patch_grid(image.shape, patch_size, stride)  # type: ignore[arg-type]
-    stitcher = Stitcher(grid)
-    t0 = time.perf_counter()
-    padded = pad_to_grid(image, grid)
-    t["patch_s"] = t.get("patch_s", 0.0) + (time.perf_counter() - t0)
-    for start in range(0, len(grid), batch_patches):
-        idx = range(start, min(start + batch_patches, len(grid)))
-        t0 = time.perf_counter()
-        patches = extract_patches(padded, grid, idx)[:, None]
-        t1 = time.perf_counter()
-        prob = runner.infer({"image": patches})["prob"]
-        t2 = time.perf_counter()
-        stitcher.add(prob, idx)
-        t3 = time.perf_counter()
-        t["patch_s"] = t.get("patch_s", 0.0) + (t1 - t0)
-        t["engine_s"] = t.get("engine_s", 0.0) + (t2 - t1)
-        t["stitch_s"] = t.get("stitch_s", 0.0) + (t3 - t2)
-        t["patches"] = t.get("patches", 0) + len(idx)
-    t0 = time.perf_counter()
-    out = stitcher.result()
-    t["stitch_s"] = t.get("stitch_s", 0.0) + (time.perf_counter() - t0)
-    return out
-
-
-class SegmentSeries:
-    """Holds one activated engine (``__init__`` loads it once); ``__call__`` segments each prepared series.
-
-    Probabilities leave the actor as float16: they are only thresholded and
-    averaged downstream, and half the bytes move through the object store.
-    """
-
-    def __init__(self, source: EngineSource, precision: str, patch_size: tuple[int, int, int],
-                 stride: tuple[int, int, int], batch_patches: int):
-        self.runner, self.metadata = source.load(precision)
-        self.runner.activate()
-        self.patch_size = tuple(patch_size)
-        self.stride = tuple(stride)
-        self.batch_patches = int(batch_patches)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        probs, engine_s, patch_s, stitch_s, patches = [], [], [], [], []
-        for row in block.select(["status", "image", "shape"]).to_pylist():
-            if row["status"] != STATUS_OK:
-                probs.append(b"")
-                engine_s.append(0.0), patch_s.append(0.0), stitch_s.append(0.0), patches.append(0)
-                continue
-            image = np.frombuffer(row["image"], dtype=np.float32).reshape(row["shape"])
-            t: dict[str, float] = {}
-            prob = segment_volume(self.runner, image, self.patch_size, self.stride,  # type: ignore[arg-type]
-                                  self.batch_patches, t)
-            probs.append(_nd_bytes(prob.astype(np.float16)))
-            engine_s.append(t["engine_s"]), patch_s.append(t["patch_s"])
-            stitch_s.append(t["stitch_s"]), patches.append(int(t["patches"]))
-        n = block.num_rows
-        block = block.drop_columns(["image"])
-        for name, values, typ in (("prob", probs, pa.large_binary()), ("engine_s", engine_s, pa.float64()),
-                                  ("patch_s", patch_s, pa.float64()), ("stitch_s", stitch_s, pa.float64()),
-                                  ("patches", patches, pa.int64()),
-                                  ("engine_fingerprint", [self.metadata["fingerprint"]] * n, pa.string()),
-                                  ("precision", [self.metadata["precision"]] * n, pa.string())):
-            block = block.append_column(name, pa.array(values, typ))
-        return block
-
-    def __del__(self) -> None:
-        runner = getattr(self, "runner", None)
-        if runner is not None:
-            try:
-                runner.deactivate()
-            except Exception:  # noqa: BLE001 — best effort at interpreter teardown
-                pass
-
-
-class FindNodules:
-    """Ray Data batch fn (CPU task): probability volumes in, one summary row per series out."""
-
-    def __init__(self, threshold: float, min_volume_mm3: float):
-        self.threshold = float(threshold)
-        self.min_volume_mm3 = float(min_volume_mm3)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
-        findings_json, components, dropped, comp_s = [], [], [], []
-        for row in block.select(["status", "prob", "shape", "affine", "spacing_mm"]).to_pylist():
-            if row["status"] != STATUS_OK:
-                findings_json.append("[]"), components.append(0), dropped.append(0), comp_s.append(0.0)
-                continue
-            t0 = time.perf_counter()
-            prob = np.frombuffer(row["prob"], dtype=np.float16).reshape(row["shape"])
-            summary = find_components(prob, tuple(row["spacing_mm"]),  # type: ignore[arg-type]
-                                      np.asarray(row["affine"]).reshape(4, 4),
-                                      self.threshold, self.min_volume_mm3)
-            findings_json.append(json.dumps([
-                {"finding_id": f.finding_id, "centre_lps_mm": list(f.centre_lps_mm),
-                 "diameter_mm": f.diameter_mm, "volume_mm3": f.volume_mm3,
-                 "max_prob": f.max_prob, "mean_prob": f.mean_prob} for f in summary.findings]))
-            components.append(summary.components)
-            dropped.append(summary.dropped_small)
-            comp_s.append(time.perf_counter() - t0)
-        block = block.drop_columns(["prob"])
-        for name, values, typ in (("findings", findings_json, pa.string()), ("components", components, pa.int64()),
-                                  ("dropped_small", dropped, pa.int64()), ("components_s", comp_s, pa.float64())):
-            block = block.append_column(name, pa.array(values, typ))
-        return block
-
-
 # ---------------------------------------------------------------- pipeline
 
 def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, precision: str,
-                   batch_patches: int, num_actors: int, actor_resources: dict[str, float],
+                   batch_patches: tuple[int, int], num_actors: int, actor_resources: dict[str, float],
                    archive: Archive | None = None):
-    """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed."""
+    """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed.
+
+    ``batch_patches``: (host batch, device maximum) patches per engine call.
+    """
     import ray.data
 
     im = settings.imaging
@@ -414,26 +175,16 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
-                                             batch_patches),
+                                             *batch_patches, im.device_arrays),
                         **actor_resources)
     ds = ds.map_batches(FindNodules(im.probability_threshold, im.min_finding_volume_mm3),
                         batch_size=1, batch_format="pyarrow", num_cpus=0.5)
     return ds
 
 
-def _ensure_ray(settings: Settings) -> bool:
-    """Connect to the configured cluster or start a local instance; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(address=settings.ray.address, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    return True
-
-
-def _card_patch_check(card: dict[str, Any], settings: Settings) -> int:
-    """The engine batch size; refuse a patch size the model was not exported for."""
+def _card_patch_check(card: dict[str, Any], settings: Settings) -> tuple[int, int]:
+    """The engine batch sizes (profile opt for the host path, profile max for the device path); refuse a
+    patch size the model was not exported for."""
     inputs = card.get("inputs") or []
     shape = list(inputs[0]["shape"]) if inputs else []
     patch = list(settings.imaging.patch_size)
@@ -442,7 +193,8 @@ def _card_patch_check(card: dict[str, Any], settings: Settings) -> int:
                          f"{shape} (card {card.get('card_file')}); set imaging.patch_size to the model's "
                          "patch or re-export the model")
     prof = (card.get("profiles") or {}).get("batch") or {}
-    return int(prof.get("opt", 8))
+    opt = int(prof.get("opt", 8))
+    return opt, max(opt, int(prof.get("max", opt)))
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None,
@@ -474,8 +226,6 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     Limited and forced-ungated runs write under the trial namespace. The run
     holds the findings partition's lock (waiting up to ``lock_wait_s``).
     """
-    from engines.model_card import load_card
-
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1 series, got {limit}")
     as_of = as_of_str(as_of)
@@ -502,7 +252,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
         if is_committed(path)})
     run_dir = lake.run(run_id)
     card = load_card(settings, MODEL)
-    batch_patches = _card_patch_check(card, settings)
+    batch_patches, max_batch_patches = _card_patch_check(card, settings)
     precision = settings.engines.precision
     source = source or default_source(settings, force_ungated)
 
@@ -533,30 +283,24 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
     log.info("ct scoring %s: %d series selected, %d reused from earlier runs, %d to score%s", run_id,
              series.num_rows, len(reused), pending.num_rows, " (full re-score)" if full else "")
 
-    started_ray = _ensure_ray(settings) if pending.num_rows else False
     use_gpu, num_actors, pipe_s = False, 0, 0.0
-    try:
-        t_pipe = time.perf_counter()
-        if pending.num_rows:
-            import ray
+    if pending.num_rows:
+        import ray
 
+        with ray_session(settings):
+            t_pipe = time.perf_counter()
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus >= 1
             num_actors, actor_resources = engine_actor_pool(settings, gpus)
-            ds = build_pipeline(pending, settings, source, precision, batch_patches, num_actors, actor_resources,
-                                archive)
+            ds = build_pipeline(pending, settings, source, precision, (batch_patches, max_batch_patches),
+                                num_actors, actor_resources, archive)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for r in batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
                                              if c in batch.column_names]).to_pylist():
                     # Stored at once: a run killed after this point does not score the series again.
                     _store_result(series_result_path(store, r[COL_SERIES], keys[r[COL_SERIES]]), r)
                     results.append({**r, "reused": False})
-        pipe_s = time.perf_counter() - t_pipe
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
+            pipe_s = time.perf_counter() - t_pipe
 
     results.sort(key=lambda r: r[COL_SERIES])
     rows: list[dict[str, Any]] = []
@@ -624,7 +368,9 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
                "wall_s": round(wall_s, 3), "pipeline_s": round(pipe_s, 3),
                "volumes_per_min": round(ledger.records_out / (pipe_s / 60.0), 3) if pipe_s > 0 else None,
                "stage_s": stage_s, "use_gpu": use_gpu, "num_actors": num_actors,
-               "batch_patches": batch_patches, "failed": failed, "qc": verdict,
+               "batch_patches": batch_patches, "max_batch_patches": max_batch_patches,
+               "series_on_gpu_arrays": sum(1 for r in results if r.get("arrays_on") == "gpu" and not r["reused"]),
+               "failed": failed, "qc": verdict,
                "patient_link": manifest["patient_link"],
                "series_reused": len(reused), "series_scored_this_run": len(results) - len(reused)}
     write_json(run_dir / "metrics.json", metrics)

@@ -11,7 +11,8 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
                           the model card's calibration (engines.calibration: the one place it
                           is applied, whatever the backend)
       → driver            receives one small record per fragment, writes its done marker
-      → QC gate           (FP32 safe mode on a low-precision trip)
+      → QC gate           on the merged per-fragment score summaries the actors made
+                          (inference.score_stats; FP32 safe mode on a low-precision trip)
       → commit            LAKE/scores/model=emr_risk/as_of=D, then screening list
 
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
@@ -22,11 +23,11 @@ so adding GPUs adds writers instead of queueing every score on one process.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -41,11 +42,13 @@ from conf.settings import Settings
 from engines.calibration import Calibration, from_card, reliability
 from engines.model_card import load_card
 from inference import metrics as run_metrics
-from inference import qc, report, screening
-from inference.actors import CachedEngine, EngineSource, ScoreActor, engine_actor_pool, pack_fragments
+from inference import qc, report, score_stats, screening
+from engines.source import CachedEngine, EngineSource
+from inference.actors import engine_actor_pool, ray_session
+from inference.emr_actors import ScoreActor, pack_fragments
 from inference.batching import validate_buckets
-from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, plan_fragments,
-                                 spec_dicts)
+from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, fragment_name,
+                                 plan_fragments, spec_dicts)
 from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
                          read_manifest, reading)
 from lake.files import write_json_atomic
@@ -80,8 +83,11 @@ class Attempt:
     rows_this_attempt: int = 0
     # Driver time: waiting on Ray Data for fragment records vs. writing done markers.
     driver: dict[str, float] = field(default_factory=dict)
-    scores: dict[str, np.ndarray] = field(default_factory=dict)
+    # The merged per-fragment score summaries (inference.score_stats): QC, drift and histograms.
+    stats: dict[str, Any] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
+    # Start-up of this attempt: the driver's engine-metadata load, actor creation and engine loads.
+    startup: dict[str, float] = field(default_factory=dict)
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
@@ -156,29 +162,33 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     log.info("score_emr run %s: %d fragments, %d of %d rows%s", run_id, len(specs),
              sum(s.num_rows for s in specs), available, f" (--limit {limit})" if limit is not None else "")
 
-    started_ray = _ensure_ray(settings)
+    startup: dict[str, float] = {}
+    # The drift reference (the previous committed partition) is read while Ray and the actors start.
+    drift = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-reference")
+    reference = drift.submit(_drift_reference, settings, lake, as_of, calibration)
+    drift.shutdown(wait=False)
     try:
-        attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
-                             final, run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of)]
-        first = attempts[0]
-        if (not first.qc["passed"] and first.precision != "fp32"
-                and settings.scoring.qc.fallback_to_fp32):
-            log.warning("QC failed for the %s engine (%s); re-scoring in FP32 safe mode",
-                        first.precision, "; ".join(first.qc["reasons"]))
-            first.staging.discard()
-            attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
-                                     run_id, actor_cls, on_fragment_done, calibration, lake=lake, as_of=as_of))
+        t_ray = time.perf_counter()
+        with ray_session(settings):
+            startup["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+            attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
+                                 final, run_id, actor_cls, on_fragment_done, calibration,
+                                 as_of=as_of, reference=reference)]
+            first = attempts[0]
+            if (not first.qc["passed"] and first.precision != "fp32"
+                    and settings.scoring.qc.fallback_to_fp32):
+                log.warning("QC failed for the %s engine (%s); re-scoring in FP32 safe mode",
+                            first.precision, "; ".join(first.qc["reasons"]))
+                first.staging.discard()
+                attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
+                                         run_id, actor_cls, on_fragment_done, calibration,
+                                         as_of=as_of, reference=reference))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
         exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
                      f"`medscreen score emr --as-of {as_of} --run-id {run_id}` "
                      f"(inference.emr.score(..., run_id={run_id!r}))")
         raise
-    finally:
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
     chosen = attempts[-1]
     ledger = _ledger(specs, chosen, available)
@@ -189,7 +199,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
         "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,
         "batches_scored_this_attempt": len(chosen.batches_this_attempt),
-        "driver": chosen.driver,
+        "driver": chosen.driver, "startup": {**startup, **chosen.startup},
     })
     safe_mode = len(attempts) > 1
     run_summary: dict[str, Any] = {
@@ -202,7 +212,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "qc": chosen.qc,
         "throughput": summary,
         "throughput_over_time": run_metrics.throughput_series(chosen.batches_this_attempt, chosen.started_at),
-        "histograms": run_metrics.score_histograms(chosen.scores),
+        "histograms": score_stats.histograms(chosen.stats),
         "calibration": _calibration_summary(calibration),
         "ledger": ledger.to_dict(),
         "settings": {"token_budget": settings.scoring.token_budget,
@@ -242,14 +252,16 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     ledger.check()
     files = [p.name for p in chosen.staging.part_files()]
     scores_manifest = {**manifest, "files": files}
-    commit(chosen.staging.seal(), final, scores_manifest, run_id=run_id)
+    _timed(chosen.driver, "commit_s", commit, chosen.staging.seal(), final, scores_manifest, run_id=run_id)
     scores_version = store_dir(final) / scores_manifest["version"]
-    reliability_curves = _reliability_against_labels(scores_version, timelines)
+    reliability_curves = _timed(chosen.driver, "reliability_s", _reliability_against_labels,
+                                scores_version, timelines)
     if reliability_curves is not None:
         run_summary["reliability"] = reliability_curves
     # Handed what this run already holds: the lake, the scores version it committed with its
     # manifest, and the leased timelines version with its manifest (nothing read twice).
-    screening_dir, screening_ledger = screening.build(
+    screening_dir, screening_ledger = _timed(
+        chosen.driver, "screening_s", screening.build,
         settings, as_of, run_id, lake=lake, scores=scores_version, scores_manifest=scores_manifest,
         timelines=timelines, timelines_manifest=in_manifest, trial=trial)
     manifest.update({"status": "ok", "outputs": {
@@ -293,9 +305,12 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
              in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
              on_fragment_done: Callable[[int, int], None] | None,
-             calibration: Calibration | None = None, *, lake: LakePaths, as_of: str) -> Attempt:
+             calibration: Calibration | None = None, *, as_of: str,
+             reference: concurrent.futures.Future) -> Attempt:
+    t_load = time.perf_counter()
     runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
     del runner
+    driver_load_s = round(time.perf_counter() - t_load, 3)
     _check_vocabulary(in_manifest, metadata, timelines,
                       allow_unrecorded=bool(getattr(source, "force_ungated", False)))
     # A fused-graph engine records the reference export it answers for (same weights, same outputs
@@ -314,36 +329,78 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
             "calibration_id": calibration.id if calibration is not None else None}
     done = staging.open(plan)
     attempt = Attempt(precision=precision, metadata=metadata, staging=staging, resumed_fragments=len(done))
+    attempt.startup["driver_engine_metadata_s"] = driver_load_s
     pending = [s for s in specs if s.fragment not in done]
     attempt.started_at = time.time()
     attempt_id = uuid.uuid4().hex[:8]
+    t_ref = time.perf_counter()
+    reference_name, reference_bins, attempt.driver["read_reference_s"] = reference.result()
+    attempt.driver["reference_wait_s"] = round(time.perf_counter() - t_ref, 3)
+    psi_edges = _psi_edges(reference_bins)
     if pending:
         sink = FragmentSink(final=str(final), run_id=run_id, precision=precision, attempt_id=attempt_id,
                             as_of=as_of, model=str(metadata.get("model", MODEL)),
                             model_version=str(metadata.get("model_version")),
                             engine_fingerprint=str(metadata.get("fingerprint")),
-                            calibration=calibration)
+                            calibration=calibration, psi_edges=psi_edges)
         ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
-        attempt.rows_this_attempt, attempt.driver = _mark_fragments(
+        attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
+        attempt.driver.update(marking)
     attempt.wall_s = time.time() - attempt.started_at
     attempt.records = staging.records()
     attempt.batches_this_attempt = [b for r in attempt.records if r["attempt_id"] == attempt_id
                                     for b in r["batches"]]
-    attempt.scores = qc.read_scores(staging.part_files())
+    attempt.startup.update(_actor_startup([r for r in attempt.records if r["attempt_id"] == attempt_id],
+                                          attempt.started_at))
+    attempt.stats = _timed(attempt.driver, "merge_stats_s", _merged_stats, attempt.records, staging, psi_edges)
+    attempt.qc = _timed(attempt.driver, "qc_s", score_stats.qc_verdict, attempt.stats, settings.scoring.qc,
+                        reference_bins, reference_name)
+    return attempt
+
+
+def _drift_reference(settings: Settings, lake: LakePaths, as_of: str, calibration: Calibration | None
+                     ) -> tuple[str | None, dict[str, Any] | None, float]:
+    """The PSI reference: (partition name, per-head bins and counts, seconds to read them), or
+    (None, None, 0) when there is none to judge against."""
+    if not settings.scoring.qc.drift_check:
+        return None, None, 0.0
+    t = time.perf_counter()
     # Drift is judged against real runs only, never a trial run's scores.
-    published = lake.scores(MODEL, as_of)
-    reference = (qc.previous_partition(published.parent, as_of)
-                 if settings.scoring.qc.drift_check else None)
-    if reference is not None and _calibration_id(read_manifest(reference)) != (calibration.id if calibration else None):
+    reference = qc.previous_partition(lake.scores(MODEL, as_of).parent, as_of)
+    if reference is None:
+        return None, None, 0.0
+    ours = calibration.id if calibration else None
+    if _calibration_id(read_manifest(reference)) != ours:
         # Scores on another calibration's scale differ by design, not by drift.
         log.warning("PSI reference %s was scored with calibration %s, this run with %s: no drift check",
-                    reference.name, _calibration_id(read_manifest(reference)), calibration.id if calibration else None)
-        reference = None
-    attempt.qc = qc.evaluate(attempt.scores, settings.scoring.qc,
-                             qc.read_scores(partition_files(reference)) if reference else None,
-                             reference.name if reference else None)
-    return attempt
+                    reference.name, _calibration_id(read_manifest(reference)), ours)
+        return None, None, 0.0
+    scores = qc.read_scores(partition_files(reference))
+    bins = {h: qc.psi_reference(scores[f"score_{h}"]) for h in HEADS}
+    return reference.name, bins, round(time.perf_counter() - t, 3)
+
+
+def _psi_edges(reference_bins: dict[str, Any] | None) -> dict[str, list[float]] | None:
+    if reference_bins is None:
+        return None
+    # A head whose reference has no finite score: one bin, and PSI is NaN as in the full read.
+    return {h: (list(map(float, b["edges"])) if b is not None else []) for h, b in reference_bins.items()}
+
+
+def _merged_stats(records: list[dict[str, Any]], staging: RunStaging,
+                  psi_edges: dict[str, list[float]] | None) -> dict[str, Any]:
+    """Merge the fragments' score summaries; a fragment staged without one over these drift bins
+    (resumed from a run that had another reference) is summarised again from its file."""
+    expected = score_stats.of_scores(np.zeros((0, len(HEADS)), np.float32), psi_edges)["psi_edges"]
+    summaries = []
+    for r in records:
+        stats = r.get("stats")
+        if stats is None or stats["psi_edges"] != expected:
+            scores = qc.read_scores([staging.path / fragment_name(r["fragment"])])
+            stats = score_stats.of_scores(np.stack([scores[f"score_{h}"] for h in HEADS], axis=1), psi_edges)
+        summaries.append(stats)
+    return score_stats.merge(summaries)
 
 
 def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint: str,
@@ -384,6 +441,26 @@ def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint
                            f"(first: {missing[:5]}); rerun with the same run_id to resume")
     return rows, {"wait_s": round(wait_s, 3), "mark_s": round(mark_s, 3),
                   "actor_write_s": round(actor_write_s, 3)}
+
+
+def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str, float]:
+    """Actor start-up of one attempt from its fragment records: the slowest engine load, and when the
+    last actor was ready (seconds after the attempt started; Ray starts the pool's actors in parallel)."""
+    actors = {(r["actor"]["id"], r["actor"]["incarnation"]): r["actor"] for r in records if r.get("actor")}
+    if not actors:
+        return {}
+    return {"actors": len(actors),
+            "engine_load_s_max": max(a["engine_load_s"] for a in actors.values()),
+            "actors_ready_s": round(max(a["ready_at"] for a in actors.values()) - started_at, 3)}
+
+
+def _timed(timings: dict[str, float], name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call ``fn`` and add its wall time to ``timings[name]`` (the driver's post-scoring stages)."""
+    t = time.perf_counter()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t, 3)
 
 
 def _all_batches(attempt: Attempt) -> list[dict[str, Any]]:
@@ -487,21 +564,6 @@ def _engine_summary(metadata: dict[str, Any], precision: str) -> dict[str, Any]:
     gate = metadata.get("gate") or {}
     out["gate_passed"] = gate.get("passed")
     return out
-
-
-def _ensure_ray(settings: Settings) -> bool:
-    """Connect to settings.ray.address, or start a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # Local Ray on a laptop/CI has no auth; a cluster address brings its own.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if settings.ray.address:
-        ray.init(address=settings.ray.address, configure_logging=False)
-    else:
-        ray.init(include_dashboard=False, configure_logging=False)
-    return True
 
 
 def _iso(ts: float) -> str:

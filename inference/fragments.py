@@ -9,7 +9,9 @@ run-scoped staging directory beside the final partition as
 its ``_work/NNNNN.done.json`` marker. Only marked fragments count: a driver
 that crashed is resumed with the same ``run_id`` and re-scores only fragments
 without a marker (their stray files are dropped). The final commit
-(lake.commit.commit) swaps the whole directory in at once.
+(lake.commit.commit) swaps the whole directory in at once. The record
+carries the fragment's score summary (inference.score_stats), so QC, drift
+and the report's histograms never read the scores back.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from inference import score_stats
 from lake.commit import partition_files
 from lake.files import write_bytes_atomic
 from lake.schemas import HEADS, SCORES
@@ -186,6 +189,8 @@ class FragmentSink:
     # The model card's calibration (engines.calibration.Calibration), applied to the engine's
     # raw outputs before they are written; None writes raw outputs.
     calibration: Any = None
+    # The drift reference's PSI bin edges per head (inference.qc.psi_reference); None: no drift check.
+    psi_edges: Any = None
 
     def staging(self) -> RunStaging:
         return RunStaging(Path(self.final), self.run_id, self.precision)
@@ -204,6 +209,8 @@ class FragmentSink:
         def const(value: Any, typ: pa.DataType) -> pa.Array:
             return pa.repeat(pa.scalar(value, typ), n)
 
+        # What QC, drift and the report need, summarised here so the driver never reads the scores back.
+        stats = score_stats.of_scores(probs.astype(np.float32, copy=False), self.psi_edges)
         table = pa.table({
             "patient_key": _utf8(keys[order]),
             "as_of": const(dt.date.fromisoformat(self.as_of), pa.date32()),
@@ -220,7 +227,7 @@ class FragmentSink:
         self.staging().write_parts(fragment, table, quarantine)
         return {"fragment": fragment, "rows_in": rows_in, "rows_out": n,
                 "quarantined": {r.decode(): int(c) for r, c in zip(reasons, counts)},
-                "attempt_id": self.attempt_id, "batches": batches,
+                "attempt_id": self.attempt_id, "batches": batches, "stats": stats,
                 "write_s": round(time.perf_counter() - t0, 6)}
 
 

@@ -23,7 +23,8 @@ from lake.schemas import HEADS
 
 SCORE_COLUMNS = tuple(f"score_{h}" for h in HEADS)
 PSI_BINS = 10
-# PSI is a distribution statistic: a deterministic stride sample of this size is plenty.
+# The reference's quantiles (the PSI bins) come from a deterministic stride sample of at most this
+# many values: a sort of every reference score buys nothing. The current scores are counted in full.
 PSI_MAX_ROWS = 2_000_000
 
 
@@ -50,33 +51,78 @@ def previous_partition(model_dir: Path, as_of: str) -> Path | None:
     return latest_as_of(model_dir, before=as_of, keep=is_committed)
 
 
-def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:
-    """Population stability index of ``current`` against ``reference`` over reference-quantile bins."""
-    reference = _finite(reference)
-    current = _finite(current)
-    if len(reference) == 0 or len(current) == 0:
+def psi_reference(reference: np.ndarray, bins: int = PSI_BINS) -> dict[str, list] | None:
+    """The drift reference of one head: reference-quantile bin edges and the reference's counts in them.
+
+    The quantiles come from a deterministic stride sample of at most
+    ``PSI_MAX_ROWS`` finite values; None when the reference has no finite value.
+    """
+    ref = _finite(reference)
+    if len(ref) > PSI_MAX_ROWS:
+        ref = ref[:: int(np.ceil(len(ref) / PSI_MAX_ROWS))]
+    if len(ref) == 0:
+        return None
+    edges = np.unique(np.quantile(ref, np.linspace(0, 1, bins + 1)[1:-1]))
+    return {"edges": edges.tolist(), "counts": bin_counts(edges, ref).tolist()}
+
+
+def bin_counts(edges: Any, values: np.ndarray) -> np.ndarray:
+    """Counts of the finite ``values`` in the bins that ``edges`` (sorted) cut."""
+    edges = np.asarray(edges, dtype=np.float64)
+    return np.bincount(np.searchsorted(edges, _finite(values), side="right"), minlength=len(edges) + 1)
+
+
+def psi_from_counts(reference_counts: Any, current_counts: Any) -> float:
+    """Population stability index from the counts of reference and current in the same bins."""
+    ref = np.asarray(reference_counts, dtype=np.float64)
+    cur = np.asarray(current_counts, dtype=np.float64)
+    if ref.sum() == 0 or cur.sum() == 0:
         return float("nan")
-    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)[1:-1]))
-    ref_frac = np.bincount(np.searchsorted(edges, reference, side="right"), minlength=len(edges) + 1)
-    cur_frac = np.bincount(np.searchsorted(edges, current, side="right"), minlength=len(edges) + 1)
     # A small floor keeps empty bins finite; 1e-4 is the customary choice.
-    ref_p = np.maximum(ref_frac / ref_frac.sum(), 1e-4)
-    cur_p = np.maximum(cur_frac / cur_frac.sum(), 1e-4)
+    ref_p = np.maximum(ref / ref.sum(), 1e-4)
+    cur_p = np.maximum(cur / cur.sum(), 1e-4)
     return float(np.sum((cur_p - ref_p) * np.log(cur_p / ref_p)))
+
+
+def psi(reference: np.ndarray, current: np.ndarray, bins: int = PSI_BINS) -> float:
+    """Population stability index of ``current`` (every finite value) against ``reference``
+    over reference-quantile bins (:func:`psi_reference`)."""
+    ref = psi_reference(reference, bins)
+    if ref is None:
+        return float("nan")
+    return psi_from_counts(ref["counts"], bin_counts(ref["edges"], current))
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
-    a = a[np.isfinite(a)]
-    if len(a) > PSI_MAX_ROWS:
-        a = a[:: int(np.ceil(len(a) / PSI_MAX_ROWS))]
-    return a
+    return a[np.isfinite(a)]
 
 
 def evaluate(scores: dict[str, np.ndarray], settings: QCSettings,
              reference: dict[str, np.ndarray] | None = None, reference_name: str | None = None
              ) -> dict[str, Any]:
-    """Run every check; return ``{passed, reasons, checks, reference}`` (never raises)."""
+    """Every check on scores held in memory; ``{passed, reasons, checks, reference}`` (never raises).
+
+    Scoring runs judge merged per-fragment summaries instead
+    (inference.score_stats.qc_verdict); this full read is their reference.
+    """
+    heads = {}
+    for head in HEADS:
+        s = np.asarray(scores[f"score_{head}"], dtype=np.float64)
+        fin = s[np.isfinite(s)]
+        heads[head] = {"n": len(s), "finite": len(fin),
+                       "abs_max": float(np.abs(fin).max()) if len(fin) else None,
+                       "min": float(fin.min()) if len(fin) else None,
+                       "max": float(fin.max()) if len(fin) else None,
+                       "std": float(fin.std()) if len(fin) else float("nan"),
+                       "psi": psi(reference[f"score_{head}"], s) if reference is not None else None}
+    return verdict_of(heads, settings, reference is not None, reference_name)
+
+
+def verdict_of(heads: dict[str, dict[str, Any]], settings: QCSettings, psi_checked: bool,
+               reference_name: str | None) -> dict[str, Any]:
+    """The checks and verdict from per-head facts: n, finite, abs_max, min, max, std (finite values)
+    and psi (against the reference; only read when ``psi_checked``)."""
     checks: list[dict[str, Any]] = []
 
     def check(name: str, head: str, value: float | None, threshold: float | None, ok: bool,
@@ -85,36 +131,35 @@ def evaluate(scores: dict[str, np.ndarray], settings: QCSettings,
                        "passed": bool(ok), "reason": None if ok else reason})
 
     for head in HEADS:
-        s = np.asarray(scores[f"score_{head}"], dtype=np.float64)
-        n = len(s)
-        bad = int(n - np.isfinite(s).sum())
+        f = heads[head]
+        n, finite = int(f["n"]), int(f["finite"])
+        bad = n - finite
         check("non_finite", head, bad, 0, bad == 0,
               f"{bad} of {n} {head} scores are NaN or infinite")
-        fin = s[np.isfinite(s)]
         if n == 0:
             continue
-        all_zero = bool(len(fin) and np.all(fin == 0))
-        check("all_zero", head, float(np.abs(fin).max()) if len(fin) else None, 0.0, not all_zero,
+        all_zero = bool(finite and f["abs_max"] == 0)
+        check("all_zero", head, f["abs_max"] if finite else None, 0.0, not all_zero,
               f"every {head} score is exactly 0")
-        constant = bool(n > 1 and len(fin) and fin.min() == fin.max())
+        constant = bool(n > 1 and finite and f["min"] == f["max"])
         # value = range of the scores: 0 means one value for everybody
-        check("constant", head, float(fin.max() - fin.min()) if len(fin) else None, 0.0,
+        check("constant", head, f["max"] - f["min"] if finite else None, 0.0,
               not constant or all_zero,
-              f"every {head} score is the same value {fin.min() if len(fin) else float('nan'):.6g}")
-        std = float(fin.std()) if len(fin) else float("nan")
+              f"every {head} score is the same value {f['min'] if finite else float('nan'):.6g}")
+        std = f["std"]
         collapsed = n > 1 and not (std >= settings.min_std)
         check("collapsed", head, std, settings.min_std, not collapsed,
               f"{head} score std {std:.3g} is below scoring.qc.min_std {settings.min_std:g} "
               "(the distribution has collapsed)")
-        if reference is not None:
-            value = psi(reference[f"score_{head}"], s)
+        if psi_checked:
+            value = f["psi"]
             ok = not (value > settings.max_psi)
             check("psi", head, value, settings.max_psi, ok,
                   f"{head} PSI {value:.3f} against {reference_name} exceeds scoring.qc.max_psi "
                   f"{settings.max_psi:g} (the score distribution moved)")
     reasons = [c["reason"] for c in checks if not c["passed"]]
     return {"passed": not reasons, "reasons": reasons, "checks": checks,
-            "reference": reference_name, "psi_checked": reference is not None}
+            "reference": reference_name, "psi_checked": psi_checked}
 
 
 def raise_if_failed(verdict: dict[str, Any], what: str) -> None:

@@ -39,6 +39,7 @@ from preprocessing import eligibility as elig
 from preprocessing.timelines import LABEL_GROUPS
 
 MODEL = "emr_risk"
+PROVENANCE = ("model", "model_version", "engine_fingerprint", "precision", "run_id")
 # Ledger reasons of the patient-level stage, for patients flagged on no head (first that applies):
 # outside every head's age range; in some head's range but without the minimum history there;
 # would have been flagged on a head where eligible but for being already diagnosed.
@@ -73,18 +74,23 @@ def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
         raise ValueError(f"scoring.screening_thresholds names unknown heads {sorted(unknown)}; "
                          f"heads are {list(HEADS)}")
     scores = scores.combine_chunks()  # one chunk per column: gathers below are plain array takes
-    # Patients in key order once (Arrow sorts strings in C++); a stable sort by score over that
-    # order breaks ties by patient_key without comparing strings again for every head.
-    by_key = pc.sort_indices(scores.column("patient_key")).to_numpy()
+    # Patients in key order (Arrow sorts strings in C++); a stable sort by score over that order
+    # breaks ties by patient_key. Top k orders everybody, once; a threshold orders only the rows
+    # at or above it, per head (the same order, a fraction of the rows).
+    keys = scores.column("patient_key")
+    by_key = pc.sort_indices(keys).to_numpy() if top_k is not None else None
     parts, excluded = [], {}
     for head in HEADS:
         if top_k is None and head not in thresholds:
             continue
         s = scores.column(f"score_{head}").to_numpy().astype(np.float32)
         # Highest score first; NaN never qualifies; ties by patient_key.
-        finite = np.isfinite(s)
-        order = by_key[np.argsort(-np.where(finite, s, -np.inf)[by_key], kind="stable")]
-        order = order[finite[order]]
+        if by_key is not None:
+            keyed = by_key[np.isfinite(s)[by_key]]
+        else:
+            rows = np.flatnonzero(np.isfinite(s) & (s >= thresholds[head]))
+            keyed = rows[pc.sort_indices(keys.take(pa.array(rows))).to_numpy()]
+        order = keyed[np.argsort(-s[keyed], kind="stable")]
         if eligible is not None:
             order = order[eligible[head][order]]
         out = prevalent[head][order] if prevalent is not None else np.zeros(len(order), bool)
@@ -109,8 +115,7 @@ def screen(scores: pa.Table, thresholds: dict[str, float], top_k: int | None,
             "score": pa.array(s[chosen], pa.float32()),
             "rank": pa.array(np.arange(1, n + 1, dtype=np.int32)),
             "criterion": pa.repeat(pa.scalar(criterion, pa.string()), n),
-            **{c: scores.column(c).take(take) for c in
-               ("model", "model_version", "engine_fingerprint", "precision", "run_id")},
+            **{c: scores.column(c).take(take) for c in PROVENANCE},
         }, schema=SCREENING))
     return (pa.concat_tables(parts) if parts else SCREENING.empty_table()), excluded
 
@@ -294,7 +299,9 @@ def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, 
         raise ValueError(f"scores version {scores_dir.name} of as-of {as_of} come from a limited or "
                          "forced-ungated run; their list belongs under the trial namespace, never the "
                          "outreach list")
-    scores = read_partition(scores_dir)
+    # Provenance columns hold one value per run: read them dictionary-encoded (the list's rows are
+    # cast back to plain strings by its schema), which is most of what reading every score costs.
+    scores = read_partition(scores_dir, read_dictionary=list(PROVENANCE))
     cfg = settings.scoring
     rules = head_rules(settings)
     source = scores_manifest.get("input") or {}

@@ -519,19 +519,21 @@ def partition_files(partition: Path) -> list[Path]:
     return sorted(p for p in version.glob("*.parquet") if not p.name.startswith((".", "_")))
 
 
-def read_partition(path: Path, columns: list[str] | None = None):
+def read_partition(path: Path, columns: list[str] | None = None, read_dictionary: list[str] | None = None):
     """A committed partition as one Arrow table (its Parquet files only, never the manifest).
 
     Reads one version, under a lease, whatever commits happen meanwhile. The
     partition's own ``as_of=`` directory name is not turned into a column: the
-    files already carry ``as_of`` where the schema has it.
+    files already carry ``as_of`` where the schema has it. ``read_dictionary``
+    columns stay dictionary-encoded (a column of a few distinct strings, cheap to hold).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     with reading(path) as version:
         read_manifest(version)  # refuses an uncommitted partition with a clear message
-        tables = [pq.read_table(f, columns=columns, partitioning=None) for f in partition_files(version)]
+        tables = [pq.read_table(f, columns=columns, partitioning=None, read_dictionary=read_dictionary)
+                  for f in partition_files(version)]
     if not tables:
         raise FileNotFoundError(f"committed partition {path} holds no Parquet files")
     return pa.concat_tables(tables) if len(tables) > 1 else tables[0]

@@ -8,10 +8,9 @@ import numpy as np
 
 from conf.settings import Settings
 from lake.archive import imaging_archive
-from preprocessing.dicom_series import load_volume
+from preprocessing.ct_chain import Compose, LoadSeries, ResampleToSpacing
 from preprocessing.imaging_index import series_record
 from preprocessing.nifti import ras_affine, write_nifti
-from preprocessing.resample import resample_to_spacing
 
 STAGES = ("raw", "resampled")
 
@@ -35,10 +34,11 @@ def export_series(settings: Settings, series_key: str, out: Path, stage: str = "
                          f"{rec['detail']}); only eligible series can be exported")
     archive = imaging_archive(settings)  # keyed relative paths → files under the archive root
     files = archive.resolve_all(rec["paths"]) if archive else [Path(p) for p in rec["paths"]]
-    volume = load_volume(files, gantry_tilt=settings.imaging.gantry_tilt,
-                         min_slices=settings.imaging.min_slices)
+    steps = [LoadSeries(settings.imaging.gantry_tilt, settings.imaging.min_slices)]
     if stage == "resampled":
-        volume = resample_to_spacing(volume, settings.imaging.target_spacing_mm)
+        steps.append(ResampleToSpacing(settings.imaging.target_spacing_mm))
+    volume = Compose(*steps)(files)
+    if stage == "resampled":
         path = write_nifti(volume, out, dtype=np.float32)
     else:
         path = write_nifti(volume, out, dtype=np.int16)

@@ -9,7 +9,8 @@ default, 0.0 = air after windowing) puts a slab of air against whatever tissue
 the series ends in, and a segmentation network reads tissue bounded by air as
 a blob (seen: a thin series' whole top soft tissue scored as one "nodule").
 
-Pure numpy: the same code runs in a Ray task, a Spark UDF or a unit test.
+Pure numpy: the same code runs in a Ray task, a Spark UDF or a unit test, and on CuPy
+arrays on the GPU (:mod:`preprocessing.array_module`).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+
+from preprocessing.array_module import array_module
 
 Zyx = tuple[int, int, int]
 
@@ -93,10 +96,11 @@ def pad_to_grid(volume: np.ndarray, grid: PatchGrid, pad_mode: str = "edge",
         raise ValueError(f"volume of shape {volume.shape} does not match its patch grid "
                          f"(built for {grid.volume_shape})")
     pad = [(0, p - n) for n, p in zip(grid.volume_shape, grid.padded_shape)]
+    xp = array_module(volume)
     if pad_mode == "edge":
-        return np.pad(volume, pad, mode="edge")
+        return xp.pad(volume, pad, mode="edge")
     if pad_mode == "constant":
-        return np.pad(volume, pad, mode="constant", constant_values=pad_value)
+        return xp.pad(volume, pad, mode="constant", constant_values=pad_value)
     raise ValueError(f"pad mode {pad_mode!r} is not one of 'edge', 'constant'")
 
 
@@ -110,7 +114,7 @@ def extract_patches(volume: np.ndarray, grid: PatchGrid, indices: list[int] | ra
     """
     padded = pad_to_grid(volume, grid, pad_mode, pad_value)
     idx = range(len(grid)) if indices is None else indices
-    out = np.empty((len(idx), *grid.patch_size), dtype=np.float32)
+    out = array_module(padded).empty((len(idx), *grid.patch_size), dtype=np.float32)
     for k, i in enumerate(idx):
         out[k] = padded[grid.slices(i)]
     return out

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from preprocessing.array_module import array_module
 from preprocessing.volume import Volume
 
 HU_AIR_FILL = -1024.0
@@ -28,7 +29,8 @@ def resample_to_spacing(volume: Volume, target_spacing_mm: float | Sequence[floa
     """Resample ``volume`` to ``target_spacing_mm`` (one value = isotropic; or z, y, x), linear by default.
 
     Output voxel (k, j, i) samples input index (k·tz/sz, j·ty/sy, i·tx/sx), so
-    the origin and every LPS position are unchanged. Returns float32 HU.
+    the origin and every LPS position are unchanged. Returns float32 HU, on the
+    device the input lives on (linear order runs on CuPy arrays as well).
     """
     if np.isscalar(target_spacing_mm):
         target = (float(target_spacing_mm),) * 3  # type: ignore[arg-type]
@@ -39,6 +41,8 @@ def resample_to_spacing(volume: Volume, target_spacing_mm: float | Sequence[floa
     shape = resampled_shape(volume.shape, volume.spacing_mm, target)
     ratio = np.array([t / s for t, s in zip(target, volume.spacing_mm)])
     hu = volume.hu if volume.hu.dtype == np.float32 else volume.hu.astype(np.float32)
+    if array_module(hu) is not np and order != 1:
+        raise ValueError(f"resampling order {order} runs on the host only; pass a numpy volume")
     if np.allclose(ratio, 1.0):
         out = hu.copy()
     elif order == 1:
@@ -61,14 +65,15 @@ def _linear_along_axis(a: np.ndarray, axis: int, n_out: int, ratio: float) -> np
     n = a.shape[axis]
     if n_out == n and ratio == 1.0:
         return a
+    xp = array_module(a)
     pos = np.arange(n_out, dtype=np.float64) * ratio
     i0 = np.clip(np.floor(pos).astype(np.intp), 0, n - 1)
     i1 = np.minimum(i0 + 1, n - 1)
     shape = [1, 1, 1]
     shape[axis] = n_out
-    w = np.clip(pos - i0, 0.0, 1.0).astype(np.float32).reshape(shape)
-    lo = np.take(a, i0, axis=axis)
-    hi = np.take(a, i1, axis=axis)
+    w = xp.asarray(np.clip(pos - i0, 0.0, 1.0).astype(np.float32).reshape(shape))
+    lo = xp.take(a, xp.asarray(i0), axis=axis)
+    hi = xp.take(a, xp.asarray(i1), axis=axis)
     lo *= 1.0 - w
     hi *= w
     lo += hi
@@ -76,9 +81,10 @@ def _linear_along_axis(a: np.ndarray, axis: int, n_out: int, ratio: float) -> np
 
 
 def window_to_unit(hu: np.ndarray, window_hu: Sequence[float] = (-1000.0, 400.0)) -> np.ndarray:
-    """Clip HU to ``window_hu`` (low, high) and scale to [0, 1] float32."""
+    """Clip HU to ``window_hu`` (low, high) and scale to [0, 1] float32 (on the input's device)."""
     lo, hi = float(window_hu[0]), float(window_hu[1])
     if not hi > lo:
         raise ValueError(f"window_hu must be (low, high) with high > low; got {tuple(window_hu)}")
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
-    return np.clip(out, 0.0, 1.0, out=out)
+    xp = array_module(hu)
+    out = (xp.asarray(hu, dtype=np.float32) - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return xp.clip(out, 0.0, 1.0, out=out)

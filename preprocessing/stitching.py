@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from preprocessing.array_module import array_module
 from preprocessing.patches import PatchGrid
 
 BlendMode = Literal["gaussian", "constant"]
@@ -58,17 +59,25 @@ class Stitcher:
 
     ``add`` takes predictions ``[k, pz, py, px]`` (or ``[k, 1, pz, py, px]``)
     for the grid indices ``indices`` in any order and any batch size.
+    ``xp`` is the array module the buffers live in (numpy; CuPy keeps them on the GPU).
     """
 
-    def __init__(self, grid: PatchGrid, mode: BlendMode = "gaussian", sigma_scale: float = 0.125):
+    def __init__(self, grid: PatchGrid, mode: BlendMode = "gaussian", sigma_scale: float = 0.125,
+                 xp=np):
         self.grid = grid
-        self.weights = importance_map(grid.patch_size, mode, sigma_scale)
-        self._acc = np.zeros(grid.padded_shape, dtype=np.float32)
-        self._wsum = np.zeros(grid.padded_shape, dtype=np.float32)
+        self.xp = xp
+        self.weights = xp.asarray(importance_map(grid.patch_size, mode, sigma_scale))
+        self._acc = xp.zeros(grid.padded_shape, dtype=np.float32)
+        self._wsum = xp.zeros(grid.padded_shape, dtype=np.float32)
         self._seen = np.zeros(len(grid), dtype=bool)
 
+    @staticmethod
+    def buffer_bytes(grid: PatchGrid) -> int:
+        """Device or host bytes the two blend buffers of ``grid`` take."""
+        return 2 * 4 * int(np.prod(grid.padded_shape))
+
     def add(self, preds: np.ndarray, indices: list[int] | range | np.ndarray) -> None:
-        preds = np.asarray(preds)
+        preds = self.xp.asarray(preds)
         if preds.ndim == 5:
             if preds.shape[1] != 1:
                 raise ValueError(f"patch predictions have {preds.shape[1]} channels; stitching takes one")

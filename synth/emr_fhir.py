@@ -1,4 +1,5 @@
-"""Render a simulated cohort as a FHIR R4 Bulk Data export (NDJSON per type + manifest.json)."""
+"""Render a simulated cohort as a FHIR R4 Bulk Data export (NDJSON per type + manifest.json),
+with the defects of synth.emr_fhir_defects planted among the good records."""
 from __future__ import annotations
 
 import base64
@@ -6,15 +7,15 @@ import json
 import random
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from synth.emr_codes import (BMI, BP_PANEL, DBP, EGFR_CKDEPI, EGFR_MDRD, GLUCOSE, HBA1C,
-                                       INVALID_ICD10, MALFORMED_CODES, NTPROBNP, SBP, SMOKING,
-                                       SMOKING_VALUES, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC,
-                                       SYSTEM_SNOMED, SYSTEM_UCUM, ConditionCode, LoincCode)
+from synth.emr_codes import (BMI, BP_PANEL, DBP, EGFR_CKDEPI, EGFR_MDRD, GLUCOSE, HBA1C, NTPROBNP, SBP,
+                             SMOKING, SMOKING_VALUES, SYSTEM_ICD9CM, SYSTEM_ICD10CM, SYSTEM_LOINC, SYSTEM_SNOMED,
+                             SYSTEM_UCUM, ConditionCode, LoincCode)
 from synth.emr_cohort import START_MONTH, Cohort
+from synth.emr_fhir_defects import bad_line, write_unused
 
 TRANSACTION_TIME = "2026-01-02T04:00:00Z"
 BASE_URL = "https://ehr.example.org/fhir"
@@ -197,7 +198,7 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
     def emit(sink: _Sink, rtype: str, i: int, line: str) -> None:
         sink.write(line)
         for kind in plan[rtype].get(i, ()):
-            sink.write(_bad_line(kind, rtype, line, new_id, brnd, dumps))
+            sink.write(bad_line(kind, rtype, line, new_id, brnd, dumps))
 
     sinks = {t: _Sink(out_dir, t, n_good[t] + bad_lines[t]) for t in CORE_TYPES}
     s = sinks["Patient"]
@@ -313,7 +314,7 @@ def write_fhir(c: Cohort, out_dir: Path, bad_share: float) -> dict[str, Any]:
         sink.close()
 
     files = [(t, name, n) for t in CORE_TYPES for name, n in sinks[t].files]
-    files += _write_unused(c, out_dir, bad["unused_resource"], pids, eids, starts, new_id, brnd,
+    files += write_unused(c, out_dir, bad["unused_resource"], pids, eids, starts, new_id, brnd,
                            dumps)
     manifest = {
         "transactionTime": TRANSACTION_TIME,
@@ -382,104 +383,3 @@ def _patient(c: Cohort, p: int, pid: str, prnd: random.Random) -> dict[str, Any]
 
 def _age_at_start(c: Cohort, p: int) -> float:
     return (START_MONTH - c.birth_date[p]).days / 365.25
-
-
-def _future(brnd: random.Random) -> str:
-    return (f"{brnd.randint(2026, 2031):04d}-{brnd.randint(6, 12):02d}-{brnd.randint(1, 28):02d}"
-            f"T{brnd.randint(0, 23):02d}:00:00Z")
-
-
-def _bad_line(kind: str, rtype: str, line: str, new_id: Callable[[], str],
-              brnd: random.Random, dumps: Callable[[Any], str]) -> str:
-    if kind == "duplicate_id":
-        return line  # the same resource twice, as a retried page of an export produces
-    if kind == "malformed_json":
-        return line[: max(10, int(len(line) * (0.3 + 0.5 * brnd.random())))]
-    bad = json.loads(line)
-    bad["id"] = new_id()
-    if kind == "invalid_icd10":
-        for cd in bad["code"]["coding"]:
-            if cd["system"] == SYSTEM_ICD10CM:
-                cd["code"] = brnd.choice(INVALID_ICD10)
-    elif kind == "malformed_code":
-        for cd in bad["code"]["coding"]:
-            if cd["system"] == SYSTEM_ICD10CM:
-                cd["code"] = brnd.choice(MALFORMED_CODES)
-    elif kind == "unknown_patient":
-        bad["subject"]["reference"] = f"Patient/{new_id()}"
-    elif kind in ("missing_date", "future_date"):
-        when = _future(brnd) if kind == "future_date" else None
-        for fld in DATE_FIELDS[rtype]:
-            if when is None:
-                _drop(bad, fld)
-            else:
-                _set(bad, fld, when)
-    else:
-        raise ValueError(f"unknown bad-record kind {kind!r}")
-    return dumps(bad)
-
-
-# Dotted paths of the date fields per type: all removed (missing_date) or all moved past
-# the export's transactionTime (future_date).
-DATE_FIELDS: dict[str, tuple[str, ...]] = {
-    "Encounter": ("period.start", "period.end"),
-    "Condition": ("onsetDateTime", "abatementDateTime", "recordedDate"),
-    "Observation": ("effectiveDateTime", "issued"),
-    "DocumentReference": ("date",),
-}
-
-
-def _drop(d: dict[str, Any], path: str) -> None:
-    *head, last = path.split(".")
-    for h in head:
-        d = d[h]
-    d.pop(last, None)
-
-
-def _set(d: dict[str, Any], path: str, value: str) -> None:
-    *head, last = path.split(".")
-    for h in head:
-        d = d[h]
-    d[last] = value
-
-
-def _write_unused(c: Cohort, out_dir: Path, n: int, pids: list[str], eids: list[str],
-                  starts: list[str], new_id: Callable[[], str], brnd: random.Random,
-                  dumps: Callable[[Any], str]) -> list[tuple[str, str, int]]:
-    """Claim and Immunization resources: real Synthea-style exports carry them; we don't use them."""
-    if n <= 0 or not c.encounters:
-        return []
-    n_claim = n // 2
-    out = []
-    for rtype, count in (("Claim", n_claim), ("Immunization", n - n_claim)):
-        if not count:
-            continue
-        with open(out_dir / f"{rtype}.ndjson", "w", encoding="utf-8", newline="\n") as fh:
-            for _ in range(count):
-                e = brnd.randrange(len(c.encounters))
-                p = c.encounters[e][0]
-                if rtype == "Claim":
-                    res = {"resourceType": "Claim", "id": new_id(), "status": "active",
-                           "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type",
-                                                "code": "professional"}]},
-                           "use": "claim", "patient": {"reference": f"Patient/{pids[p]}"},
-                           "created": starts[e], "provider": {"display": "Example Clinic"},
-                           "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority",
-                                                    "code": "normal"}]},
-                           "item": [{"sequence": 1,
-                                     "encounter": [{"reference": f"Encounter/{eids[e]}"}],
-                                     "productOrService": {"coding": [{"system": SYSTEM_SNOMED,
-                                                                      "code": "185349003"}]}}],
-                           "total": {"value": round(80 + 400 * brnd.random(), 2), "currency": "USD"}}
-                else:
-                    res = {"resourceType": "Immunization", "id": new_id(), "status": "completed",
-                           "vaccineCode": {"coding": [{"system": "http://hl7.org/fhir/sid/cvx",
-                                                       "code": "140",
-                                                       "display": "Influenza, seasonal, injectable, preservative free"}]},
-                           "patient": {"reference": f"Patient/{pids[p]}"},
-                           "encounter": {"reference": f"Encounter/{eids[e]}"},
-                           "occurrenceDateTime": starts[e], "primarySource": True}
-                fh.write(dumps(res))
-                fh.write("\n")
-        out.append((rtype, f"{rtype}.ndjson", count))
-    return out

@@ -36,9 +36,8 @@ from lake.files import file_sha256
 from synth.ct_phantom import ChestAnatomy, default_origin_lps_mm, make_phantom, random_nodules
 from models.ct_nodule.export import export_onnx
 from models.ct_nodule.model import UNet3D
-from preprocessing.patches import PatchExtractor
-from preprocessing.resample import resample_to_spacing, window_to_unit
-from preprocessing.stitching import stitch
+from preprocessing.ct_chain import Compose, ResampleToSpacing, WindowToUnit
+from preprocessing.sliding_window import sliding_window_inference
 from preprocessing.volume import Volume
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,6 +50,8 @@ SPACING_MM = 1.0
 PATCH_ZYX = (64, 128, 128)
 STRIDE_ZYX = (32, 64, 64)
 CROP_ZYX = (64, 128, 128)
+# A phantom's HU volume → the model's input: the steps scoring runs after reading the DICOM files.
+MODEL_INPUT = Compose(ResampleToSpacing(SPACING_MM), WindowToUnit(WINDOW_HU))
 
 
 def phantom_volume(rng: np.random.Generator, z_extent_mm: float = 96.0,
@@ -66,10 +67,9 @@ def phantom_volume(rng: np.random.Generator, z_extent_mm: float = 96.0,
     anatomy = ChestAnatomy.for_grid(shape, spacing, origin)
     nodules = random_nodules(rng, n_nodules, anatomy, diameter_range_mm=(4.0, 28.0))
     hu, mask = make_phantom(shape, spacing, nodules, rng, origin)
-    # The pipeline's own resampling and windowing, so training sees what scoring sees.
-    vol = resample_to_spacing(Volume(hu, spacing, origin), SPACING_MM)
-    img = window_to_unit(vol.hu, WINDOW_HU)
-    m = resample_to_spacing(Volume(mask.astype(np.float32), spacing, origin), SPACING_MM).hu >= 0.5
+    # The pipeline's own chain (resample, then window), so training sees what scoring sees.
+    img = MODEL_INPUT(Volume(hu, spacing, origin)).image
+    m = ResampleToSpacing(SPACING_MM)(Volume(mask.astype(np.float32), spacing, origin)).hu >= 0.5
     return img, m.astype(np.uint8), nodules
 
 
@@ -97,14 +97,12 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def predict_volume(model: UNet3D, img: np.ndarray, batch: int = 2, device: str = "cpu") -> np.ndarray:
-    """Sliding-window prediction with the pipeline's own patching and blending."""
-    grid, patches = PatchExtractor(PATCH_ZYX, STRIDE_ZYX)(img)
-    preds = np.empty_like(patches)
-    with torch.no_grad():
-        for i in range(0, len(patches), batch):
-            x = torch.from_numpy(patches[i:i + batch]).to(device)
-            preds[i:i + batch] = model(x).cpu().numpy()
-    return stitch(preds, grid)
+    """Sliding-window prediction with the pipeline's own patching and blending (the torch model as predictor)."""
+    def predict(patches: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(np.ascontiguousarray(patches)).to(device)).cpu().numpy()
+
+    return sliding_window_inference(img, predict, PATCH_ZYX, STRIDE_ZYX, batch)
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:

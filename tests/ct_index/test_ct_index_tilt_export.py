@@ -95,7 +95,8 @@ SCORE_CASES = {"philips": StackCase(16.5, "agree", 1, "with_normal"),
 @pytest.mark.parametrize("name", sorted(SCORE_CASES))
 def test_ct_scoring_finds_a_nodule_planted_in_a_tilted_series_within_1mm(name: str, tmp_path: Path) -> None:
     from conf.settings import load_settings
-    from inference.ct import FindNodules, PrepareSeries, ReferenceEngine, SegmentSeries
+    from engines.source import ReferenceEngine
+    from inference.ct_stages import FindNodules, PrepareSeries, SegmentSeries
 
     zs = [-31.0 + 2.0 * k for k in range(32)]
     if name == "ge_gap":

@@ -17,7 +17,7 @@ AS_OF = "2024-06-30"  # the engines lake fixture's partition (tests/engines/conf
 
 
 def _lake_batches(settings, rows: int = 300):
-    _, table = gate_mod.holdout_sample(settings, AS_OF, rows)
+    _, table = samples.holdout_sample(settings, AS_OF, rows)
     return table, samples.feed_batches(table, settings.features.max_tokens)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,7 +26,8 @@ from ray import cloudpickle
 
 from engines.model_card import file_sha256
 from engines.ort_runner import OrtRunner
-from inference.actors import CachedEngine, ScoreActor
+from engines.source import CachedEngine
+from inference.emr_actors import ScoreActor
 from lake.commit import atomic_partition
 from lake.paths import LakePaths
 from lake.schemas import PREVALENT_COLUMNS, TIMELINES
@@ -246,3 +248,17 @@ def marked_parts(final: Path) -> dict[str, int]:
     marked = {f"part-{m.name.split('.')[0]}.parquet" for m in final.parent.glob(".staging-*/_work/*.done.json")}
     return {p.name: p.stat().st_mtime_ns for p in final.parent.glob(".staging-*/part-*.parquet")
             if p.name in marked}
+
+
+def same_verdict(merged: dict, full: dict) -> None:
+    """Identical verdicts and reasons; the same numbers (std and mean to float rounding)."""
+    assert (merged["passed"], merged["reasons"], merged["reference"], merged["psi_checked"]) == \
+        (full["passed"], full["reasons"], full["reference"], full["psi_checked"])
+    assert len(merged["checks"]) == len(full["checks"])
+    for a, b in zip(merged["checks"], full["checks"]):
+        assert {k: v for k, v in a.items() if k != "value"} == {k: v for k, v in b.items() if k != "value"}
+        if a["check"] == "collapsed":
+            assert a["value"] == pytest.approx(b["value"], rel=1e-9, nan_ok=True)
+        else:
+            assert a["value"] == b["value"] or (a["value"] != a["value"] and b["value"] != b["value"]), a
+

@@ -13,13 +13,13 @@ import pytest
 
 from conf.settings import Settings
 from inference import emr
-from inference.actors import CachedEngine
+from engines.source import CachedEngine
 from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths
 from lake.schemas import HEADS, SCORES
 from scoring_fixtures import (BrokenLowPrecision, commit_timelines, crash_once_actor, marked_parts, random_timelines,
-                              reference_scores)
+                              reference_scores, same_verdict)
 
 AS_OF = "2024-06-30"
 N = 400
@@ -215,22 +215,28 @@ def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_m
     assert "FP32 safe mode" in (run_dir / "report.html").read_text()
 
 
+def _commit_previous_scores(settings: Settings, scoring_models, table: pa.Table, previous: str = "2024-03-31") -> str:
+    """Commit the good model's scores (engine alone) of ``table`` as the ``previous`` as-of's partition."""
+    good = reference_scores(scoring_models["good"], table)
+    keys = sorted(good)
+    probs = np.stack([good[k] for k in keys])
+    n = len(keys)
+    prev = pa.table({"patient_key": keys, "as_of": pa.array([dt.date.fromisoformat(previous)] * n, pa.date32()),
+                     "model": ["emr_risk"] * n, "model_version": ["test-1"] * n,
+                     "engine_fingerprint": ["onn-fp32-previous"] * n, "precision": ["fp32"] * n,
+                     "run_id": ["previous-run"] * n,
+                     **{f"score_{h}": pa.array(probs[:, j], pa.float32()) for j, h in enumerate(HEADS)}},
+                    schema=SCORES)
+    with atomic_partition(LakePaths(settings.lake.root).scores("emr_risk", previous), {"run_id": "previous-run"}) as st:
+        pq.write_table(prev, st / "part-00000.parquet")
+    return previous
+
+
 def test_scoring_psi_drift_fails_the_run_and_commits_nothing(scoring_settings, scoring_models):
     shifted = scoring_settings("shift_card")
     table = random_timelines(N, seed=11)
     # The previous as-of's committed scores: the good model (engine alone) on the same population.
-    previous = "2024-03-31"
-    good = reference_scores(scoring_models["good"], table)
-    keys = sorted(good)
-    probs = np.stack([good[k] for k in keys])
-    prev = pa.table({"patient_key": keys, "as_of": pa.array([dt.date(2024, 3, 31)] * N, pa.date32()),
-                     "model": ["emr_risk"] * N, "model_version": ["test-1"] * N,
-                     "engine_fingerprint": ["onn-fp32-previous"] * N, "precision": ["fp32"] * N,
-                     "run_id": ["previous-run"] * N,
-                     **{f"score_{h}": pa.array(probs[:, j], pa.float32()) for j, h in enumerate(HEADS)}},
-                    schema=SCORES)
-    with atomic_partition(LakePaths(shifted.lake.root).scores("emr_risk", previous), {"run_id": "previous-run"}) as st:
-        pq.write_table(prev, st / "part-00000.parquet")
+    previous = _commit_previous_scores(shifted, scoring_models, table)
     commit_timelines(shifted.lake.root, AS_OF, table)
     with pytest.raises(QCFailed, match="PSI") as err:
         emr.score(shifted, AS_OF, run_id="run-drift", fragment_rows=200)
@@ -243,6 +249,32 @@ def test_scoring_psi_drift_fails_the_run_and_commits_nothing(scoring_settings, s
     m = json.loads((lake.run("run-drift") / "metrics.json").read_text())
     assert m["status"] == "failed_qc" and not m["qc"]["passed"] and not m["fp32_safe_mode"]
     assert "FAIL" in (lake.run("run-drift") / "report.html").read_text()
+
+
+def test_scoring_qc_and_histograms_from_fragment_summaries_equal_a_full_read(scoring_settings, scoring_models):
+    from inference import qc
+    from inference.metrics import score_histograms
+
+    settings = scoring_settings()
+    lake = LakePaths(settings.lake.root)
+    # The previous as-of's committed scores (the drift reference): the same engine on another population.
+    previous = _commit_previous_scores(settings, scoring_models, random_timelines(N, seed=12))
+    commit_timelines(settings.lake.root, AS_OF, random_timelines(N, seed=11, bad_rows=True))
+    run_dir = emr.score(settings, AS_OF, fragment_rows=64)
+
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["qc"]["psi_checked"] and m["throughput"]["fragments"] > 3
+    # The independent reference: every committed score and every reference score read back.
+    committed = qc.read_scores(sorted(lake.scores("emr_risk", AS_OF).glob("part-*.parquet")))
+    reference = qc.read_scores(sorted(lake.scores("emr_risk", previous).glob("part-*.parquet")))
+    same_verdict(m["qc"], qc.evaluate(committed, settings.scoring.qc, reference, f"as_of={previous}"))
+    full = score_histograms(committed)
+    for h in HEADS:
+        assert m["histograms"][h]["counts"] == full[h]["counts"]
+        assert (m["histograms"][h]["n"], m["histograms"][h]["non_finite"]) == (full[h]["n"], full[h]["non_finite"])
+        assert m["histograms"][h]["std"] == pytest.approx(full[h]["std"], rel=1e-9)
+    assert {"read_reference_s", "qc_s", "commit_s", "screening_s"} <= set(m["throughput"]["driver"])
+    assert {"ray_init_s", "engine_load_s_max", "actors_ready_s"} <= set(m["throughput"]["startup"])
 
 
 def test_scoring_applies_the_cards_calibration_after_the_engine_and_reports_reliability(scoring_settings,

@@ -10,6 +10,7 @@ import pytest
 from conf.settings import QCSettings
 from inference import qc
 from inference.screening import select
+from scoring_fixtures import same_verdict
 from lake.schemas import SCORES
 
 
@@ -107,3 +108,51 @@ def test_scoring_screening_list_is_the_same_whatever_the_row_order_or_file_split
         for scores in (table, split, table.take(pa.array(rng.permutation(table.num_rows)))):
             flagged = select(scores, thresholds, top_k)
             assert [(r["head"], r["patient_key"], r["rank"]) for r in flagged.to_pylist()] == expected
+
+
+def test_scoring_qc_merged_fragment_summaries_judge_as_the_full_read():
+    from inference import score_stats
+    from inference.metrics import score_histograms
+
+    rng = np.random.default_rng(3)
+    ref = _scores(rng.beta(2, 8, 3000), rng.beta(2, 5, 3000), np.full(3000, np.nan))
+    cases = {
+        "healthy": _scores(rng.beta(2, 8, 2500), rng.beta(2, 5, 2500), rng.beta(1, 9, 2500)),
+        "nan, constant, zero": _scores(np.where(rng.random(2500) < 0.01, np.nan, rng.random(2500)),
+                                       np.full(2500, 0.3), np.zeros(2500)),
+        "drifted": _scores(np.clip(rng.beta(2, 8, 2500) + 0.3, 0, 1), rng.beta(2, 5, 2500), rng.random(2500)),
+    }
+    bins = {h: qc.psi_reference(ref[f"score_{h}"]) for h in ("t2d", "ckd", "hf")}
+    edges = {h: (b["edges"] if b is not None else []) for h, b in bins.items()}
+    for name, scores in cases.items():
+        probs = np.stack([scores[f"score_{h}"] for h in ("t2d", "ckd", "hf")], axis=1)
+        # Uneven fragments, one of them empty, merged in plan order.
+        cuts = [0, 1, 700, 700, 1900, 2500]
+        merged = score_stats.merge(score_stats.of_scores(probs[a:b], edges) for a, b in zip(cuts, cuts[1:]))
+        same_verdict(score_stats.qc_verdict(merged, QCSettings(), bins, "as_of=2024-03-31"),
+                      qc.evaluate(scores, QCSettings(), ref, "as_of=2024-03-31"))
+        full, ours = score_histograms(scores), score_stats.histograms(merged)
+        for h in full:
+            assert {k: v for k, v in ours[h].items() if k not in ("mean", "std")} == \
+                {k: v for k, v in full[h].items() if k not in ("mean", "std")}, name
+            assert ours[h]["mean"] == pytest.approx(full[h]["mean"], rel=1e-12)
+            assert ours[h]["std"] == pytest.approx(full[h]["std"], rel=1e-9)
+
+
+def test_scoring_qc_summarises_again_a_fragment_staged_without_a_summary_over_these_bins(tmp_path):
+    """A resumed fragment marked by a run with another drift reference (or none) is summarised from its file."""
+    from inference import emr, score_stats
+    from inference.fragments import FragmentSink
+
+    rng = np.random.default_rng(7)
+    sink = FragmentSink(final=str(tmp_path / "as_of=2024-06-30"), run_id="r", precision="fp32", attempt_id="a",
+                        as_of="2024-06-30", model="emr_risk", model_version="1", engine_fingerprint="onn-x")
+    sink.staging().open({"plan": 1})
+    probs = rng.random((300, 3)).astype(np.float32)
+    keys = np.array([f"{i:032x}".encode() for i in range(300)])
+    record = sink.write(0, 300, keys, probs, np.zeros(0, "S1"), np.zeros(0, "S1"), [])
+    assert record["stats"]["psi_edges"] is None
+    edges = {h: [0.25, 0.5, 0.75] for h in ("t2d", "ckd", "hf")}
+    merged = emr._merged_stats([record], sink.staging(), edges)
+    assert merged["psi_edges"] == edges
+    assert merged == score_stats.merge([score_stats.of_scores(probs, edges)])

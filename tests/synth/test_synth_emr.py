@@ -13,7 +13,7 @@ import pytest
 import simple_icd_10_cm as icd
 
 from synth.emr import generate
-from synth.emr_fhir import DATE_FIELDS
+from synth.emr_fhir_defects import DATE_FIELDS
 from synth_published_codes import ICD9, ICD10, SNOMED, group_of
 
 

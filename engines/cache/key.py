@@ -1,0 +1,168 @@
+"""Engine cache, the key role: which entry (model, backend, precision, platform) the settings call for,
+where it lives, and its JSON sidecar (read, written atomically, locked while written).
+
+Key = sha256 over (model, source graph and its ONNX sha256, backend, backend
+module + version, platform id (GPU model + compute capability, or
+"cpu"/"cpu-aot"), precision, optimisation profiles, and for int8 the
+calibration method and size).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conf.settings import Settings
+from engines import hardware
+from engines.model_card import load_card, profiles as card_profiles
+from engines.runner import PRECISIONS
+from lake.files import write_json_atomic
+from lake.locks import hold
+
+BACKENDS = ("onnxruntime", "tensorrt")
+METADATA_FORMAT = 1
+class EngineCacheError(ValueError):
+    """An engine is missing, stale, corrupted or built for another platform (an input problem:
+    the CLI reports it as an error with its fix, not a crash)."""
+
+
+class UngatedEngineError(EngineCacheError):
+    """The engine has not passed its accuracy gate."""
+
+
+def backend_identity(backend: str) -> tuple[str, str]:
+    """(module, version) of the backend installed here."""
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        return "onnxruntime", onnxruntime.__version__
+    if backend == "tensorrt":
+        from engines.trt_builder import import_tensorrt
+
+        trt = import_tensorrt()
+        return trt.__name__, trt.__version__
+    raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
+
+
+def cache_key(components: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of the key components."""
+    return hashlib.sha256(json.dumps(components, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Where the engine for (model, backend, precision) on this platform lives, and why."""
+
+    model: str
+    backend: str
+    precision: str
+    components: dict[str, Any]
+    key: str
+    plan_path: Path
+
+    @property
+    def meta_path(self) -> Path:
+        return metadata_path(self.plan_path)
+
+
+def metadata_path(plan_path: Path) -> Path:
+    return Path(str(plan_path) + ".json")
+
+
+GRAPHS = ("reference", "fused")
+
+
+def graph_for(settings: Settings, card: dict[str, Any], backend: str, precision: str,
+              platform_id: str, graph: str | None = None) -> str:
+    """Which exported graph a plan is built from: ``fused`` or ``reference``.
+
+    Fused graphs are ONNX Runtime contrib-op graphs of a fixed precision (the card's
+    ``fused_onnx.graphs``): only ONNX Runtime runs them (TensorRT's parser has no
+    com.microsoft ops), and int8 is quantized from the reference. ``auto`` takes the
+    fused graph on a GPU execution provider, the reference elsewhere.
+    """
+    wanted = graph or settings.engines.graph
+    available = backend == "onnxruntime" and precision in ((card.get("fused_onnx") or {}).get("graphs") or {})
+    if wanted == "reference" or (wanted == "auto" and (not available or platform_id in ("cpu", "cpu-aot"))):
+        return "reference"
+    if not available:
+        raise EngineCacheError(
+            f"no fused {precision} graph for {backend} in model card {card.get('card_file')}: fused graphs "
+            "exist for ONNX Runtime fp32/fp16 only (re-export with python -m models.emr_risk.export_fused), "
+            "or set engines.graph: reference")
+    return "fused"
+
+
+def source_onnx(card: dict[str, Any], graph: str, precision: str) -> tuple[Path, str]:
+    """(file, sha256) of the ONNX a plan of ``graph``/``precision`` is built from."""
+    if graph == "fused":
+        entry = card["fused_onnx"]["graphs"][precision]
+        return Path(entry["file"]), entry["sha256"]
+    return Path(card["onnx"]["file"]), card["onnx"]["sha256"]
+
+
+def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = None,
+            precision: str | None = None, providers: list[str] | None = None,
+            card: dict[str, Any] | None = None, graph: str | None = None) -> EngineSpec:
+    """The cache entry the current settings, model card and machine call for.
+
+    ``graph`` (``fused``/``reference``) overrides ``engines.graph`` for this call.
+    """
+    backend = backend or settings.engines.backend
+    precision = precision or settings.engines.precision
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} unknown; use one of {PRECISIONS}")
+    card = card or load_card(settings, model)
+    module, version = backend_identity(backend)
+    platform_id = hardware.platform_for(backend, providers)["id"]
+    chosen = graph_for(settings, card, backend, precision, platform_id, graph)
+    components: dict[str, Any] = {
+        "model": model, "onnx_sha256": source_onnx(card, chosen, precision)[1], "backend": backend,
+        "backend_module": module, "backend_version": version,
+        "platform": platform_id, "precision": precision,
+        "profiles": card_profiles(card)}
+    if chosen != "reference":  # reference keys stay what they were: existing caches remain valid
+        components["graph"] = chosen
+    if precision == "int8":
+        components["calibration"] = {"method": settings.engines.calibration_method,
+                                     "rows": settings.engines.calibration_rows}
+    key = cache_key(components)
+    ext = ".onnx" if backend == "onnxruntime" else ".plan"
+    label = precision if chosen == "reference" else f"{chosen}-{precision}"
+    path = settings.engine_cache_dir / model / f"{backend}-{label}-{key[:16]}{ext}"
+    return EngineSpec(model, backend, precision, components, key, path)
+
+
+def read_metadata(plan_path: Path) -> dict[str, Any]:
+    """The sidecar metadata of a plan; FileNotFoundError naming it when absent."""
+    meta = metadata_path(plan_path)
+    if not meta.is_file():
+        raise FileNotFoundError(f"engine metadata {meta} does not exist; {plan_path} is not a "
+                                "cached engine (build one with `medscreen engines build`)")
+    return json.loads(meta.read_text())
+
+
+def write_metadata_file(path: Path, data: dict[str, Any]) -> None:
+    """Replace a sidecar atomically (readers see the old or the new file, never half of one)."""
+    write_json_atomic(path, data)
+
+
+@contextlib.contextmanager
+def plan_lock(plan_path: Path) -> Iterator[None]:
+    """Held while a plan or its sidecar is written."""
+    # Several actors or DAG tasks may ensure the same engine at once; one builds, the others wait
+    # (the lake's one flock, holder recorded beside the plan).
+    with hold(Path(str(plan_path) + ".lock"), f"engine-build-{os.getpid()}", math.inf,
+              f"engine plan {plan_path.name}", reentrant=False):
+        yield
+
+

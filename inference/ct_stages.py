@@ -1,0 +1,252 @@
+"""The three stages of CT scoring as Ray Data callables: prepare (CPU), segment (engine actor), find (CPU).
+
+    PrepareSeries  CPU task: files → decode + geometry → 1 mm grid → window [0, 1]
+                   (the one chain, :func:`preprocessing.ct_chain.model_input`)
+    SegmentSeries  engine actor (:class:`inference.actors.EngineActor`): sliding-window
+                   segmentation (:func:`preprocessing.sliding_window.sliding_window_inference`)
+    FindNodules    CPU task: connected components → findings (LPS mm)
+
+One series travels as one row. Patches are cut inside the actor, as views of
+the windowed volume, because moving a volume costs several times less than
+moving its overlapping patches (each voxel sits in ~8 with the default
+stride); blended batch by batch, a series' patch set is never materialised.
+
+On a GPU actor whose engine runs on the CUDA execution provider and where
+CuPy is installed (the ``gpu`` extra), the windowed volume is copied to the
+device once, and padding, patch cutting, the engine (I/O bound to device
+memory) and blending all stay there; only the float16 probabilities come
+back. Patch batches then go up to the model card's maximum, bounded by the
+device's free memory, and a series too large for what is free is segmented
+on the host path instead of failing the actor.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from engines.source import EngineSource
+from inference.actors import EngineActor
+from lake.archive import Archive
+from preprocessing.components import find_components
+from preprocessing.ct_chain import model_input
+from preprocessing.patches import patch_grid
+from preprocessing.sliding_window import runner_predictor, sliding_window_inference
+from preprocessing.stitching import Stitcher
+
+log = logging.getLogger(__name__)
+
+# Columns of LAKE/imaging/series this stage reads (written by jobs.dicom_index).
+COL_SERIES = "series_key"
+COL_STUDY = "study_key"
+COL_PATIENT = "patient_key"    # the EMR patient, from LAKE/imaging/patient_link (NULL: unlinked)
+COL_FILES = "paths"
+
+STATUS_OK = "ok"
+# Reason code of series that failed between the index and the findings for a reason the chain does not name.
+REASON_UNEXPECTED = "preprocessing_error"
+
+# Share of the device's free memory one actor may plan for (ray.actors_per_gpu actors share a GPU).
+DEVICE_MEMORY_SHARE = 0.4
+# Engine activations per patch voxel, in float32 values, for the 3-D U-Net (measured peak / voxels, rounded up).
+ACTIVATION_FLOATS_PER_VOXEL = 48
+
+
+def _nd_bytes(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a).tobytes()
+
+
+PREPARED = pa.schema([
+    (COL_SERIES, pa.string()), (COL_STUDY, pa.string()), (COL_PATIENT, pa.string()),
+    ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("image", pa.large_binary()), ("shape", pa.list_(pa.int64())), ("affine", pa.list_(pa.float64())),
+    ("spacing_mm", pa.list_(pa.float64())), ("read_s", pa.float64()), ("resample_s", pa.float64()),
+])
+
+
+class PrepareSeries:
+    """Ray Data batch fn (CPU task): series rows in, one windowed 1 mm volume per row out."""
+
+    def __init__(self, target_spacing_mm: float, window_hu: tuple[float, float],
+                 gantry_tilt: str = "correct", min_slices: int = 2, archive: Archive | None = None):
+        # Keyed relative paths are resolved here, in the read task.
+        self.chain = model_input(float(target_spacing_mm), tuple(window_hu), gantry_tilt, int(min_slices),
+                                 archive.resolve_all if archive is not None else None)
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        from preprocessing.dicom_series import SeriesError
+
+        out: list[dict[str, Any]] = []
+        for row in rows.to_pylist():
+            rec = {COL_SERIES: row[COL_SERIES], COL_STUDY: row[COL_STUDY], COL_PATIENT: row[COL_PATIENT],
+                   "status": STATUS_OK, "reason": None, "detail": None, "image": b"",
+                   "shape": [0, 0, 0], "affine": [0.0] * 16, "spacing_mm": [0.0] * 3,
+                   "read_s": 0.0, "resample_s": 0.0}
+            t: dict[str, float] = {}
+            try:
+                prepared = self.chain(list(row[COL_FILES] or []), t)
+            except SeriesError as exc:
+                # The message can name files; keep only the reason code in the output.
+                rec.update(status="failed", reason=exc.reason, detail=exc.reason)
+                out.append(rec)
+                continue
+            except (OSError, ValueError, MemoryError) as exc:
+                rec.update(status="failed", reason=REASON_UNEXPECTED, detail=type(exc).__name__)
+                out.append(rec)
+                continue
+            vol = prepared.volume
+            rec.update(image=_nd_bytes(prepared.image.astype(np.float32, copy=False)),
+                       shape=list(prepared.image.shape),
+                       affine=[float(v) for v in vol.affine_zyx_to_lps.ravel()],
+                       spacing_mm=list(vol.spacing_mm), read_s=t.get("read_s", 0.0),
+                       resample_s=t.get("resample_s", 0.0) + t.get("window_s", 0.0))
+            out.append(rec)
+        return pa.Table.from_pylist(out, schema=PREPARED)
+
+
+class SegmentSeries(EngineActor):
+    """Segments each prepared series with the actor's engine; probabilities leave as float16.
+
+    float16 is enough: probabilities are only thresholded and averaged
+    downstream, and half the bytes move through the object store.
+    ``batch_patches`` is the host path's batch (the card's optimal profile
+    batch); ``max_batch_patches`` (the profile's maximum) bounds the device path's.
+    """
+
+    def __init__(self, source: EngineSource, precision: str, patch_size: tuple[int, int, int],
+                 stride: tuple[int, int, int], batch_patches: int, max_batch_patches: int | None = None,
+                 device_arrays: str = "auto"):
+        super().__init__(source, precision)
+        self.patch_size = tuple(int(v) for v in patch_size)
+        self.stride = tuple(int(v) for v in stride)
+        self.batch_patches = int(batch_patches)
+        self.max_batch_patches = int(max_batch_patches or batch_patches)
+        self.on_device = device_arrays == "auto" and _device_arrays_usable(self.runner)
+        self._predict_host = runner_predictor(self.runner)
+        self._device_batch = self.max_batch_patches
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        probs, engine_s, patch_s, stitch_s, patches, where = [], [], [], [], [], []
+        for row in block.select(["status", "image", "shape"]).to_pylist():
+            if row["status"] != STATUS_OK:
+                probs.append(b"")
+                engine_s.append(0.0), patch_s.append(0.0), stitch_s.append(0.0), patches.append(0)
+                where.append(None)
+                continue
+            image = np.frombuffer(row["image"], dtype=np.float32).reshape(row["shape"])
+            t: dict[str, float] = {}
+            prob, device = self.segment(image, t)
+            probs.append(_nd_bytes(prob))
+            engine_s.append(t["engine_s"]), patch_s.append(t["patch_s"])
+            stitch_s.append(t["stitch_s"]), patches.append(int(t["patches"])), where.append(device)
+        n = block.num_rows
+        block = block.drop_columns(["image"])
+        for name, values, typ in (("prob", probs, pa.large_binary()), ("engine_s", engine_s, pa.float64()),
+                                  ("patch_s", patch_s, pa.float64()), ("stitch_s", stitch_s, pa.float64()),
+                                  ("patches", patches, pa.int64()), ("arrays_on", where, pa.string()),
+                                  ("engine_fingerprint", [self.metadata["fingerprint"]] * n, pa.string()),
+                                  ("precision", [self.metadata["precision"]] * n, pa.string())):
+            block = block.append_column(name, pa.array(values, typ))
+        return block
+
+    def segment(self, image: np.ndarray, timings: dict[str, float]) -> tuple[np.ndarray, str]:
+        """float16 probabilities of one windowed volume, and where its arrays lived ("gpu" or "host")."""
+        if self.on_device:
+            batch = device_batch(image.shape, self.patch_size, self.stride, self.max_batch_patches)
+            if batch:
+                import cupy
+
+                self._device_batch = batch
+                t0 = time.perf_counter()
+                image_d = cupy.asarray(image)  # the volume's one host→device copy
+                timings["patch_s"] = time.perf_counter() - t0
+                prob_d = sliding_window_inference(image_d, self._predict_device, self.patch_size, self.stride,
+                                                  batch, timings=timings)
+                t0 = time.perf_counter()
+                prob = prob_d.astype(cupy.float16).get()
+                timings["stitch_s"] += time.perf_counter() - t0
+                return prob, "gpu"
+            log.warning("series of %s voxels does not fit the device's free memory; segmenting on the host",
+                        "×".join(map(str, image.shape)))
+        prob = sliding_window_inference(image, self._predict_host, self.patch_size, self.stride,
+                                        self.batch_patches, timings=timings)
+        return prob.astype(np.float16), "host"
+
+    def _predict_device(self, patches: Any) -> Any:
+        # A short last batch is padded to the full one: the engine then sees one input shape, so the
+        # CUDA EP's convolution algorithm search runs once per actor, not once per remainder size.
+        n = len(patches)
+        if n < self._device_batch:
+            import cupy
+
+            pad = cupy.zeros((self._device_batch - n, *patches.shape[1:]), dtype=patches.dtype)
+            patches = cupy.concatenate([patches, pad])
+        return self.runner.infer_device({"image": patches})["prob"][:n]  # type: ignore[attr-defined]
+
+
+def _device_arrays_usable(runner: Any) -> bool:
+    """CuPy importable and the engine bound to CUDA device memory (ONNX Runtime's CUDA EP)."""
+    if not getattr(runner, "runs_on_gpu", False) or not hasattr(runner, "infer_device"):
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 — no CuPy, or no driver: the host path
+        return False
+
+
+def device_batch(shape_zyx: tuple[int, ...], patch_size: tuple[int, int, int], stride: tuple[int, int, int],
+                 max_batch: int, free_bytes: int | None = None) -> int:
+    """Patches per engine call on the device for a volume of ``shape_zyx``, or 0 when it does not fit.
+
+    Budget: :data:`DEVICE_MEMORY_SHARE` of the device's free memory (``free_bytes``,
+    read from the device when None). The volume, its padded copy and the two
+    blend buffers come first; each patch in a batch then needs its input, its
+    output, one blend temporary and the engine's activations.
+    """
+    if free_bytes is None:
+        import cupy
+
+        free_bytes = int(cupy.cuda.runtime.memGetInfo()[0])
+    budget = DEVICE_MEMORY_SHARE * free_bytes
+    grid = patch_grid(tuple(int(v) for v in shape_zyx), patch_size, stride)  # type: ignore[arg-type]
+    volume_bytes = 4 * int(np.prod(shape_zyx)) + 4 * int(np.prod(grid.padded_shape)) + Stitcher.buffer_bytes(grid)
+    per_patch = 4 * int(np.prod(patch_size)) * (3 + ACTIVATION_FLOATS_PER_VOXEL)
+    return int(max(0, min(max_batch, (budget - volume_bytes) // per_patch)))
+
+
+class FindNodules:
+    """Ray Data batch fn (CPU task): probability volumes in, one summary row per series out."""
+
+    def __init__(self, threshold: float, min_volume_mm3: float):
+        self.threshold = float(threshold)
+        self.min_volume_mm3 = float(min_volume_mm3)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        findings_json, components, dropped, comp_s = [], [], [], []
+        for row in block.select(["status", "prob", "shape", "affine", "spacing_mm"]).to_pylist():
+            if row["status"] != STATUS_OK:
+                findings_json.append("[]"), components.append(0), dropped.append(0), comp_s.append(0.0)
+                continue
+            t0 = time.perf_counter()
+            prob = np.frombuffer(row["prob"], dtype=np.float16).reshape(row["shape"])
+            summary = find_components(prob, tuple(row["spacing_mm"]),  # type: ignore[arg-type]
+                                      np.asarray(row["affine"]).reshape(4, 4),
+                                      self.threshold, self.min_volume_mm3)
+            findings_json.append(json.dumps([
+                {"finding_id": f.finding_id, "centre_lps_mm": list(f.centre_lps_mm),
+                 "diameter_mm": f.diameter_mm, "volume_mm3": f.volume_mm3,
+                 "max_prob": f.max_prob, "mean_prob": f.mean_prob} for f in summary.findings]))
+            components.append(summary.components)
+            dropped.append(summary.dropped_small)
+            comp_s.append(time.perf_counter() - t0)
+        block = block.drop_columns(["prob"])
+        for name, values, typ in (("findings", findings_json, pa.string()), ("components", components, pa.int64()),
+                                  ("dropped_small", dropped, pa.int64()), ("components_s", comp_s, pa.float64())):
+            block = block.append_column(name, pa.array(values, typ))
+        return block
