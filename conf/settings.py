@@ -202,6 +202,8 @@ class ImagingSettings(_Section):
     gantry_tilt: Literal["correct", "reject"] = "correct"
     probability_threshold: float = Field(0.5, gt=0, lt=1)
     min_finding_volume_mm3: float = 15.0
+    # Stored per-series results no CT run has used for this long are removed (lake.result_store).
+    scored_series_retention_days: float = Field(30.0, gt=0)
     # "auto": where the engine runs on CUDA and CuPy is installed, patches and blending stay on the GPU;
     # "off": always the host (numpy) path.
     device_arrays: Literal["auto", "off"] = "auto"

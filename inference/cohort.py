@@ -32,8 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from lake.commit import atomic_partition, is_committed, partition_files, read_manifest, reading
+from conf.settings import PseudonymSettings
+from lake.commit import (atomic_partition, is_committed, partition_files, read_manifest, reading,
+                         reading_together)
 from lake.files import write_json_atomic
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.paths import LakePaths, as_of_date, as_of_str
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
@@ -196,15 +199,17 @@ def select_members(lake_root: Path, definition: CohortDefinition, as_of: str) ->
         if not is_committed(table_dir):
             raise FileNotFoundError(f"{table_dir} is not committed; run `medscreen emr ingest` "
                                     "(the emr_ingest task) first")
-    # One version of each table, resolved once: a commit during the selection cannot mix versions.
-    events = ds.dataset(partition_files(lake.events), format="parquet", exclude_invalid_files=True)
-    included = _patients_with_groups(events, as_of, definition.include_groups)
-    excluded = _patients_with_groups(events, as_of, definition.exclude_groups)
-    candidates = sorted(included - excluded)
-    patients = ds.dataset(partition_files(lake.patients), format="parquet",
-                          exclude_invalid_files=True).to_table(
-        columns=["patient_key", "birth_date", "sex"],
-        filter=ds.field("patient_key").isin(candidates) if candidates else None)
+    # Events and patients of one ingest (one reading of its set pointer), leased while read: a
+    # commit during the selection cannot mix versions.
+    with reading_together(lake.events, lake.patients) as (events_version, patients_version):
+        events = ds.dataset(partition_files(events_version), format="parquet", exclude_invalid_files=True)
+        included = _patients_with_groups(events, as_of, definition.include_groups)
+        excluded = _patients_with_groups(events, as_of, definition.exclude_groups)
+        candidates = sorted(included - excluded)
+        patients = ds.dataset(partition_files(patients_version), format="parquet",
+                              exclude_invalid_files=True).to_table(
+            columns=["patient_key", "birth_date", "sex"],
+            filter=ds.field("patient_key").isin(candidates) if candidates else None)
     if not candidates:
         patients = patients.slice(0, 0)
     index_day = as_of_date(as_of)
@@ -231,15 +236,22 @@ def _read_committed(path: Path, keys: pa.Array) -> tuple[pa.Table, dict[str, Any
 
 
 def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str,
-                     trial: bool = False, run_id: str | None = None) -> dict[str, Any]:
+                     trial: bool = False, run_id: str | None = None,
+                     pseudonym: PseudonymSettings | None = None) -> dict[str, Any]:
     """Select members at ``as_of`` and commit ``LAKE/cohorts/<name>/index_date=D/``.
 
     The partition holds ``members.parquet`` (members left-joined to their EMR
     scores for D) and, when CT was scored, ``findings.parquet`` (members'
-    findings for D). Returns counts for the summary.
+    findings for D). Returns counts for the summary. ``pseudonym``: the key
+    settings (default: the environment's key); every input must have been
+    written with that key (:class:`lake.keys.LakeKeyMismatch` otherwise).
     """
     lake = LakePaths(lake_root)
     as_of = as_of_str(as_of)
+    pseudonym = pseudonym if pseudonym is not None else PseudonymSettings()
+    key_fp = stage_key_fingerprint(pseudonym, lake.root, {
+        name: read_manifest(path) for name, path in (("emr/events", lake.events), ("emr/patients", lake.patients))
+        if is_committed(path)})
     members = select_members(lake_root, definition, as_of)
     counts: dict[str, Any] = {"index_date": as_of}
     versions: dict[str, Any] = {}
@@ -251,6 +263,7 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str,
             raise FileNotFoundError(f"{findings_dir} is not committed; the score_ct task for {as_of} "
                                     "must succeed first")
         findings, findings_manifest = read
+        stage_key_fingerprint(pseudonym, lake.root, {f"{findings_dir.relative_to(lake.root)}": findings_manifest})
         versions["findings"] = findings_manifest.get("version")
         if definition.require_ct_findings:
             # Findings of unlinked series have no patient_key and match no member.
@@ -268,6 +281,7 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str,
             raise FileNotFoundError(f"{scores_dir} is not committed; the score_emr task for {as_of} "
                                     "must succeed first")
         scores, scores_manifest = read
+        stage_key_fingerprint(pseudonym, lake.root, {f"{scores_dir.relative_to(lake.root)}": scores_manifest})
         score_cols = [c for c in scores.column_names if c != "patient_key" and c != "as_of"]
         members = members.join(scores.select(["patient_key", *score_cols]), "patient_key",
                                join_type="left outer").sort_by("patient_key")
@@ -277,7 +291,7 @@ def write_index_date(lake_root: Path, definition: CohortDefinition, as_of: str,
     final = lake.cohort(definition.name) / f"index_date={as_of}"
     with atomic_partition(final, {"cohort": definition.name, "index_date": as_of,
                                   "definition": definition.to_dict(), "scores_run_id": scores_run,
-                                  "input_versions": versions, "trial": trial, **counts},
+                                  "input_versions": versions, "trial": trial, KEY_FIELD: key_fp, **counts},
                           run_id=run_id) as staging:
         pq.write_table(members, staging / "members.parquet")
         if findings is not None:

@@ -14,6 +14,7 @@ code (``SeriesError.reason``); an engine failure fails the run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -33,9 +34,11 @@ from inference.actors import engine_actor_pool, ray_session
 from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, STATUS_OK, FindNodules,
                                  PrepareSeries, SegmentSeries)
 from inference.patient_link import attach_patients, link_counts, read_link
+from lake import result_store
 from lake.archive import Archive, imaging_archive
-from lake.commit import atomic_partition, is_committed, partition_files
+from lake.commit import atomic_partition, is_committed, partition_files, read_manifest
 from lake.files import write_json_atomic as write_json
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.locks import partition_lock
 from lake.paths import TRIAL, LakePaths, as_of_str, is_trial_run
@@ -228,16 +231,25 @@ def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: s
     as_of = as_of_str(as_of)
     run_id = run_id or new_run_id(STAGE)
     final = LakePaths(settings.lake.root).findings(MODEL, as_of, trial=is_trial_run(limit, force_ungated))
-    with partition_lock(final, run_id, wait_s=lock_wait_s):
-        return _score(settings, as_of, force_ungated, run_id, source, limit, full, final)
+    with partition_lock(final, run_id, wait_s=lock_wait_s), contextlib.ExitStack() as held:
+        run_dir = _score(settings, as_of, force_ungated, run_id, source, limit, full, final, held)
+    # Stored results of series that changed and of retired configurations, unused for the retention
+    # period; never a configuration a run holds (this one released its own above).
+    result_store.collect_garbage(LakePaths(settings.lake.root).root / SERIES_RESULTS / f"model={MODEL}",
+                                 settings.imaging.scored_series_retention_days * 86400.0)
+    return run_dir
 
 
 def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, source: EngineSource | None,
-           limit: int | None, full: bool, final: Path) -> Path:
+           limit: int | None, full: bool, final: Path, held: contextlib.ExitStack) -> Path:
     from engines.model_card import load_card
 
     t_start = time.perf_counter()
     lake = LakePaths(settings.lake.root)
+    key_fp = stage_key_fingerprint(settings.pseudonym, lake.root, {
+        name: read_manifest(path) for name, path in (("imaging/series", lake.dicom_series),
+                                                     ("imaging/patient_link", lake.imaging_link))
+        if is_committed(path)})
     run_dir = lake.run(run_id)
     card = load_card(settings, MODEL)
     batch_patches, max_batch_patches = _card_patch_check(card, settings)
@@ -257,6 +269,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
     ledger = StageLedger(STAGE, records_in=total, ignored=dict(ignored), unit="series")
 
     store = lake.root / SERIES_RESULTS / f"model={MODEL}" / _config_key(card, engine_meta, precision, settings)
+    held.enter_context(result_store.holding(store))  # the store's collector skips what this run uses
     keys = {r[COL_SERIES]: series_content_key(r, archive) for r in series.to_pylist()}
     results: list[dict[str, Any]] = []
     if not full:
@@ -264,6 +277,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             stored = series_result_path(store, key, content)
             if stored.is_file():
                 results.append({**json.loads(stored.read_text()), "reused": True})
+                result_store.touch(stored)
     reused = {r[COL_SERIES] for r in results}
     pending = series.filter(pc.invert(pc.is_in(series.column(COL_SERIES), pa.array(sorted(reused), pa.string()))))
     log.info("ct scoring %s: %d series selected, %d reused from earlier runs, %d to score%s", run_id,
@@ -334,6 +348,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
                      "batch_patches": batch_patches},
         "forced_ungated": bool(force_ungated),
         "engine": {k: engine_meta.get(k) for k in ("fingerprint", "precision", "backend")},
+        KEY_FIELD: key_fp,
     }
     verdict = qc.evaluate_ct(table, ledger.records_out, ledger.quarantined_total, settings.imaging.qc)
     manifest["qc_passed"] = verdict["passed"]

@@ -52,6 +52,7 @@ from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSp
 from lake.commit import (STALE_STAGING_AGE_S, clean_stale_staging, commit, is_committed, partition_files,
                          read_manifest, reading)
 from lake.files import write_json_atomic
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str, is_trial_run
@@ -144,6 +145,8 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
            on_fragment_done: Callable[[int, int], None] | None, timelines: Path, final: Path,
            trial: bool) -> Path:
     in_manifest = read_manifest(timelines)  # the one read of the timelines manifest in this run
+    key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
+                                   {f"emr/timelines/as_of={as_of} version {timelines.name}": in_manifest})
     validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
     run_dir = lake.run(run_id)
     source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
@@ -195,6 +198,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     summary.update({
         "fragments": len(specs), "fragments_resumed": chosen.resumed_fragments,
         "fragments_scored_this_attempt": len(specs) - chosen.resumed_fragments,
+        "batches_scored_this_attempt": len(chosen.batches_this_attempt),
         "driver": chosen.driver, "startup": {**startup, **chosen.startup},
     })
     safe_mode = len(attempts) > 1
@@ -237,6 +241,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "limit": limit, "rows_available": available,
         # Never published: a limited or forced-ungated run (its partitions live under trial/).
         "trial": trial, "force_ungated": bool(force_ungated),
+        KEY_FIELD: key_fp,
     }
     if not chosen.qc["passed"]:
         chosen.staging.discard()

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from conf.settings import Settings
 from lake.commit import (atomic_partition, partition_files, read_manifest, read_partition, reading,
                          resolve_partition)
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.locks import partition_lock, store_dir
 from lake.ledger import StageLedger
 from lake.paths import TRIAL, LakePaths, as_of_str
@@ -303,6 +304,8 @@ def build(settings: Settings, as_of: str, run_id: str | None = None, *, lake: La
 def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, scores_dir: Path,
            scores_manifest: dict[str, Any], final: Path, handed_timelines: Path | None,
            timelines_manifest: dict[str, Any] | None) -> tuple[Path, StageLedger]:
+    key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
+                                   {f"scores version {scores_dir.name}": scores_manifest})
     if scores_manifest.get("trial") and not final.is_relative_to(lake.root / TRIAL):
         raise ValueError(f"scores version {scores_dir.name} of as-of {as_of} come from a limited or "
                          "forced-ungated run; their list belongs under the trial namespace, never the "
@@ -413,6 +416,7 @@ def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, 
         "rows": flagged.num_rows, "patients": n_flagged,
         "per_head": per_head,
         "ledger": ledger.to_dict(),
+        KEY_FIELD: key_fp,
     }
     with atomic_partition(final, manifest, run_id=run_id) as staging:
         pq.write_table(flagged, staging / "part-00000.parquet", compression="zstd")

@@ -30,9 +30,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from conf.settings import PseudonymSettings
 from lake.commit import atomic_partition, is_committed, read_manifest, read_partition
 from lake.files import write_json_atomic
 from lake.ledger import StageLedger, write_ledger
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id
 from lake.schemas import HEADS, WORKLIST
@@ -94,15 +96,25 @@ def _required(path: Path, what: str, fix: str) -> dict[str, Any]:
     return read_manifest(path)
 
 
-def build(lake_root: Path, as_of: str, run_id: str | None = None) -> tuple[Path, dict[str, int]]:
+def build(lake_root: Path, as_of: str, run_id: str | None = None,
+          pseudonym: PseudonymSettings | None = None) -> tuple[Path, dict[str, int]]:
     """Commit LAKE/worklist/as_of=D from the committed screening list, scores, timelines and
-    (when CT was scored for D) findings; return the partition and its counts."""
+    (when CT was scored for D) findings; return the partition and its counts.
+
+    ``pseudonym``: the key settings (default: the environment's key); every
+    input must have been written with that key (LakeKeyMismatch otherwise)."""
     as_of = as_of_str(as_of)
     lake = LakePaths(lake_root)
     screening_m = _required(lake.screening(as_of), "the screening list", "`medscreen score emr`")
     scores_m = _required(lake.scores(EMR_MODEL, as_of), "the EMR scores", "`medscreen score emr`")
     timelines_m = _required(lake.timelines(as_of), "the timelines", "`medscreen emr features`")
     findings_dir = lake.findings(CT_MODEL, as_of)
+    inputs = {f"screening/as_of={as_of}": screening_m, f"scores/model={EMR_MODEL}/as_of={as_of}": scores_m,
+              f"emr/timelines/as_of={as_of}": timelines_m}
+    if is_committed(findings_dir):
+        inputs[f"findings/model={CT_MODEL}/as_of={as_of}"] = read_manifest(findings_dir)
+    key_fp = stage_key_fingerprint(pseudonym if pseudonym is not None else PseudonymSettings(), lake.root,
+                                   inputs)
     findings = read_partition(findings_dir) if is_committed(findings_dir) else None
     population = set(read_partition(lake.timelines(as_of), columns=["patient_key"])
                      .column("patient_key").to_pylist())
@@ -117,7 +129,8 @@ def build(lake_root: Path, as_of: str, run_id: str | None = None) -> tuple[Path,
     manifest = {"stage": STAGE, "run_id": run_id, "as_of": as_of, "counts": counts,
                 "inputs": {"screening": screening_m.get("run_id"), "scores": scores_m.get("run_id"),
                            "timelines": timelines_m.get("run_id"),
-                           "findings": read_manifest(findings_dir).get("run_id") if findings is not None else None}}
+                           "findings": read_manifest(findings_dir).get("run_id") if findings is not None else None},
+                KEY_FIELD: key_fp}
     final = lake.worklist(as_of)
     with atomic_partition(final, manifest) as staging:
         pq.write_table(table, staging / "part-00000.parquet")

@@ -43,7 +43,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import from_arrow_schema
 
 from conf.settings import Settings, load_settings
-from lake.commit import commit, staging_dir
+from lake.commit import commit_set, staging_dir
 from lake.archive import PATH_SCHEME
 from lake.files import write_json_atomic
 from lake.keys import KeyFile, bind_lake, executor_key_file, key_relative_path, mrn_key, pseudonymise
@@ -231,9 +231,10 @@ def run(settings: Settings, input_dir: Path, run_id: str | None = None,
                     "files": len(files), "instances": int(n_instances),
                     "series": int(n_series_in), "eligible_series": v_counts.get(ELIGIBLE, 0),
                     "gantry_tilt": settings.imaging.gantry_tilt, "min_slices": settings.imaging.min_slices}
-        for name, final in (("series", paths.dicom_series), ("instances", paths.dicom_instances),
-                            ("quarantine", paths.imaging_quarantine)):
-            commit(stagings.pop(name), final, {**manifest, "table": name})
+        # One set: a reader gets the series, instances and quarantine of one index run together.
+        commit_set({paths.dicom_series: stagings["series"], paths.dicom_instances: stagings["instances"],
+                    paths.imaging_quarantine: stagings["quarantine"]}, "dicom_index", manifest, run_id=run_id)
+        stagings.clear()
     finally:
         rows.unpersist()
         for p in stagings.values():

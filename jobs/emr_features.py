@@ -43,9 +43,10 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from jobs.timeline_frames import (PATIENT_IGNORED, PATIENT_QUARANTINE, build_timelines, ledger_stats,
                                   timelines_output, vocabulary_frame)
-from lake.commit import commit, read_manifest, reading, staging_dir
+from lake.commit import commit, read_manifest, reading_together, staging_dir
 from lake.files import write_json_atomic
 from lake.locks import partition_lock
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths, as_of_str
 from lake.runs import new_run_id
@@ -146,6 +147,8 @@ def _merge_run_manifest(run_dir: Path, entry: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("stages", {})[STAGE] = entry
     data["run_id"] = entry["run_id"]
+    if KEY_FIELD in entry:
+        data[KEY_FIELD] = entry[KEY_FIELD]
     write_json_atomic(path, data)
 
 
@@ -166,9 +169,10 @@ def run(settings: Settings, as_of: str, with_labels: bool = False, run_id: str |
     run_id = run_id or new_run_id(STAGE)
     # One writer of this date's timelines at a time; the events and patients versions read are
     # resolved once and leased for the whole job, so a concurrent ingest cannot change them.
-    with partition_lock(paths.timelines(as_of_date), run_id), reading(paths.events) as events_version, \
-            reading(paths.patients) as patients_version, reading(paths.observation_periods) as periods_version:
-        return _run(settings, as_of_date, with_labels, run_id, events_version, patients_version, periods_version)
+    # One reading of ingest's set pointer: events, patients and periods of the same ingest.
+    with partition_lock(paths.timelines(as_of_date), run_id), \
+            reading_together(paths.events, paths.patients, paths.observation_periods) as versions:
+        return _run(settings, as_of_date, with_labels, run_id, *versions)
 
 
 def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str, events_path: Path,
@@ -180,6 +184,9 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
     events_manifest = _require_committed(events_path, "events")
     patients_manifest = _require_committed(patients_path, "patients")
     periods_manifest = _require_committed(periods_path, "observation periods")
+    key_fp = stage_key_fingerprint(settings.pseudonym, paths.root,
+                                   {"emr/events": events_manifest, "emr/patients": patients_manifest,
+                                    "emr/observation_periods": periods_manifest})
     _check_columns(events_path, EVENTS, "events")
     _check_columns(patients_path, PATIENTS, "patients")
     _check_columns(periods_path, OBSERVATION_PERIODS, "observation periods")
@@ -261,6 +268,7 @@ def _run(settings: Settings, as_of_date: dt.date, with_labels: bool, run_id: str
                                            "version": periods_manifest.get("version")}},
         # Left out of the as-of population, by reason (also in the ledger's "ignored").
         "not_in_population": {r: patient_ledger.ignored.get(r, 0) for r in NOT_IN_POPULATION},
+        KEY_FIELD: key_fp,
     }
     commit(staging, final, manifest, run_id=run_id)
     summary = {

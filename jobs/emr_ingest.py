@@ -46,7 +46,7 @@ from conf.settings import Settings, load_settings
 from jobs.emr_export import (FORMATS, MALFORMED, export_time_us, fingerprint, list_inputs, omop_vocabulary,
                              read_fhir, read_omop_table, with_vocabulary)
 from jobs.spark_session import get_spark
-from lake.commit import clean_stale_staging, commit, staging_dir
+from lake.commit import clean_stale_staging, commit_set, staging_dir
 from lake.files import file_sha256, write_json_atomic
 from lake.keys import bind_lake, executor_key_file
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
@@ -433,10 +433,14 @@ def run(settings: Settings, input_dir: Path | str, fmt: str, run_id: str | None 
                        **{f"{k}_rows": v for k, v in written.items()}},
             "started_utc": started.isoformat(), "key_fingerprint": key_file.fingerprint,
         }
-        outputs = {"events": str(commit(staging_events, paths.events, manifest)),
-                   "patients": str(commit(staging_patients, paths.patients, manifest)),
-                   "quarantine": str(commit(staging_quarantine, paths.emr_quarantine, manifest)),
-                   "observation_periods": str(commit(staging_periods, paths.observation_periods, manifest))}
+        # One set: a reader gets the four tables of one export, never events of this one with
+        # patients or observation periods of the last.
+        commit_set({paths.events: staging_events, paths.patients: staging_patients,
+                    paths.emr_quarantine: staging_quarantine, paths.observation_periods: staging_periods},
+                   STAGE, manifest, run_id=run_id)
+        outputs = {"events": str(paths.events), "patients": str(paths.patients),
+                   "quarantine": str(paths.emr_quarantine),
+                   "observation_periods": str(paths.observation_periods)}
         stagings.clear()
     finally:
         final.unpersist()

@@ -35,6 +35,7 @@ from pyspark.sql.pandas.types import from_arrow_schema
 from conf.settings import Settings, load_settings
 from lake.commit import commit, read_manifest, staging_dir
 from lake.files import write_json_atomic
+from lake.keys import KEY_FIELD, stage_key_fingerprint
 from lake.ledger import LedgerImbalance, StageLedger, write_ledger
 from lake.paths import LakePaths
 from lake.runs import new_run_id
@@ -92,6 +93,8 @@ def run(settings: Settings, run_id: str | None = None) -> dict[str, Any]:
                                  "`medscreen dicom index` (the dicom_index task)")
     patients_manifest = _committed(paths.patients, "the EMR patients table",
                                    "`medscreen emr ingest` (the emr_ingest task)")
+    key_fp = stage_key_fingerprint(settings.pseudonym, paths.root,
+                                   {"imaging/series": series_manifest, "emr/patients": patients_manifest})
     run_id = run_id or new_run_id(STAGE)
     run_dir = paths.run(run_id)
     spark = get_spark(settings.spark, f"medscreen-{STAGE}")
@@ -121,7 +124,7 @@ def run(settings: Settings, run_id: str | None = None) -> dict[str, Any]:
                     "inputs": {"series": {"run_id": series_manifest.get("run_id")},
                                "patients": {"run_id": patients_manifest.get("run_id")}},
                     "series": n_series, "linked": counts.get(LINK_LINKED, 0),
-                    "unlinked": {s: n for s, n in counts.items() if s != LINK_LINKED}}
+                    "unlinked": {s: n for s, n in counts.items() if s != LINK_LINKED}, KEY_FIELD: key_fp}
         commit(staging, paths.imaging_link, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -34,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,26 +85,214 @@ def commit(staging: Path, final: Path, manifest: dict[str, Any] | None = None, *
     """
     staging, final = Path(staging), Path(final)
     manifest = manifest if manifest is not None else {}
+    version = _seal(staging, manifest)
+    with partition_lock(final, run_id or str(manifest.get("run_id") or f"commit-{version}"),
+                        wait_s=COMMIT_LOCK_WAIT_S):
+        target = _move_into_store(staging, final, version)
+        previous = _switch(final, target)
+        if previous is not None:
+            _mark_superseded(previous)
+        collect_garbage(final, retention_s)
+    return final
+
+
+def _seal(staging: Path, manifest: dict[str, Any]) -> str:
+    """Write manifest.json (with a new ``version``) and _SUCCESS into ``staging``, durably; return the version."""
     version = new_version_id()
     manifest["version"] = version
     _write_durably(staging / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str).encode())
     _write_durably(staging / SUCCESS, b"")
     _fsync_dir(staging)
-    with partition_lock(final, run_id or str(manifest.get("run_id") or f"commit-{version}"),
-                        wait_s=COMMIT_LOCK_WAIT_S):
-        store = store_dir(final)
+    return version
+
+
+def _move_into_store(staging: Path, final: Path, version: str) -> Path:
+    """Move a sealed staging directory into ``final``'s version store (invisible to readers until a switch)."""
+    store = store_dir(final)
+    store.mkdir(parents=True, exist_ok=True)
+    target = store / version
+    _lease_file(target).touch()
+    os.rename(staging, target)
+    _fsync_dir(store)
+    return target
+
+
+def _mark_superseded(version: Path) -> None:
+    # When it stopped being current: the start of its retention period.
+    (version.parent / (version.name + SUPERSEDED)).write_text(dt.datetime.now(dt.timezone.utc).isoformat())
+
+
+# ------------------------------------------------------------------------ table sets
+#
+# Some stages write several tables that are only right together (ingest: events, patients,
+# quarantine, observation periods). Each table of such a set is a link through ONE set pointer:
+#
+#   parent/<table>                          -> .versions/.set-<name>/CURRENT/<table>
+#   parent/.versions/.set-<name>/CURRENT    -> <set version>
+#   parent/.versions/.set-<name>/<set version>/<table> -> ../../<table>/<table version>
+#
+# so one rename of CURRENT switches every table at once, and a reader that resolves the tables
+# through one reading of CURRENT (reading_together) gets all new or all old, never a mix.
+
+SET_PREFIX = ".set-"
+SET_CURRENT = "CURRENT"
+
+
+def set_store(parent: Path, name: str) -> Path:
+    """The store of table set ``name`` under ``parent``: its set versions and its CURRENT pointer."""
+    return Path(parent) / STORE / f"{SET_PREFIX}{name}"
+
+
+def commit_set(stagings: dict[Path, Path], name: str, manifest: dict[str, Any] | None = None, *,
+               run_id: str | None = None, retention_s: float = DEFAULT_RETENTION_S,
+               on_stored: Callable[[str], None] | None = None) -> list[Path]:
+    """Commit several tables (``{final: staging}``, all in one folder) as set ``name``; return the finals.
+
+    Every table gets its own manifest (``manifest`` plus ``table``, ``version``
+    and ``set_version``) and version, moved into its store; then ONE rename of
+    the set pointer makes all of them current together. A crash before that
+    rename leaves every table as it was. Takes every table's partition lock
+    (in name order). ``on_stored(table)`` is called after each table is moved
+    into its store (fault tests kill the writer there). The caller's
+    ``manifest`` receives ``set_version``.
+    """
+    parents = {Path(f).parent for f in stagings}
+    if len(parents) != 1:
+        raise ValueError(f"the tables of set {name!r} must share one folder, got {sorted(map(str, parents))}")
+    parent = parents.pop()
+    manifest = manifest if manifest is not None else {}
+    set_version = new_version_id()
+    manifest["set_version"] = set_version
+    finals = {Path(f).name: Path(f) for f in sorted(stagings, key=lambda f: Path(f).name)}
+    stagings = {Path(f).name: Path(s) for f, s in stagings.items()}
+    holder = run_id or str(manifest.get("run_id") or f"commit-{set_version}")
+    with contextlib.ExitStack() as locks:
+        for final in finals.values():
+            locks.enter_context(partition_lock(final, holder, wait_s=COMMIT_LOCK_WAIT_S))
+        store = set_store(parent, name)
         store.mkdir(parents=True, exist_ok=True)
-        target = store / version
-        _lease_file(target).touch()
-        os.rename(staging, target)
-        _fsync_dir(store)
-        previous = _switch(final, target)
-        if previous is not None:
-            # When it stopped being current: the start of its retention period.
-            (store / (previous.name + SUPERSEDED)).write_text(
-                dt.datetime.now(dt.timezone.utc).isoformat())
-        collect_garbage(final, retention_s)
-    return final
+        targets = {}
+        for table, final in finals.items():
+            table_manifest = {**manifest, "table": table}
+            targets[table] = _move_into_store(Path(stagings[table]), final, _seal(Path(stagings[table]),
+                                                                                   table_manifest))
+            if on_stored is not None:
+                on_stored(table)
+        _join_set(finals, store, targets)
+        current = store / SET_CURRENT
+        previous = _set_members(current)
+        new = store / set_version
+        new.mkdir()
+        for table, final in finals.items():
+            # Tables of the set this commit does not write stay at their current version.
+            os.symlink(os.path.relpath(targets[table], new), new / table)
+        for table, version in previous.items():
+            if table not in targets:
+                os.symlink(os.path.relpath(version, new), new / table)
+        _fsync_dir(new)
+        old_set = _replace_link(current, new)
+        if old_set is not None:
+            _mark_superseded(old_set)
+        for table, version in previous.items():
+            if table in targets and version.name != targets[table].name:
+                _mark_superseded(version)
+        for final in finals.values():
+            collect_garbage(final, retention_s)
+        _collect_sets(store, retention_s)
+    return list(finals.values())
+
+
+def _set_members(current: Path) -> dict[str, Path]:
+    """The table versions the set pointer ``current`` names now ({} when there is none)."""
+    if not current.is_symlink():
+        return {}
+    version = (current.parent / os.readlink(current))
+    return {p.name: (version / os.readlink(p)).resolve() for p in version.iterdir() if p.is_symlink()}
+
+
+def _replace_link(link: Path, target: Path) -> Path | None:
+    """Point ``link`` at ``target`` with one rename(2); return what it pointed at before."""
+    previous = (link.parent / os.readlink(link)) if link.is_symlink() else None
+    tmp = link.parent / f".link-{link.name}-{uuid.uuid4().hex[:12]}"
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.rename(tmp, link)
+    _fsync_dir(link.parent)
+    return previous
+
+
+def _join_set(finals: dict[str, Path], store: Path, targets: dict[str, Path]) -> None:
+    """Make every table a link through the set pointer, without changing what any reader sees.
+
+    Done once per table (the first set commit after per-table commits): the
+    set pointer first names a set of the tables' current versions, then each
+    table's own link is replaced by one through the pointer — the same version.
+    A plain directory from before versioning cannot be named by a set before
+    it is moved; it is switched to its new version ahead of the set (logged).
+    """
+    current = store / SET_CURRENT
+    if current.exists() and not current.is_symlink():
+        # A lake copied without its links (cp -r, copytree): the tables are plain copies, which is what
+        # readers see; the dereferenced pointer is a stale duplicate of them.
+        doomed = store / f".gc-{SET_CURRENT}-{uuid.uuid4().hex[:12]}"
+        os.rename(current, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    through = {table: os.path.relpath(current / table, final.parent) for table, final in finals.items()}
+    joining = {t: f for t, f in finals.items() if not (f.is_symlink() and os.readlink(f) == through[t])}
+    if not joining:
+        return
+    members = _set_members(current)
+    for table, final in joining.items():
+        if final.exists() and not final.is_symlink():
+            log.warning("%s is a plain directory from before versioning: it switches to its new version "
+                        "ahead of its set, once", final.name)
+            previous = _switch(final, targets[table])
+            if previous is not None:
+                _mark_superseded(previous)
+        if final.is_symlink() and final.exists():
+            members[table] = resolve_partition(final)
+    initial = store / new_version_id()
+    initial.mkdir()
+    for table, version in members.items():
+        os.symlink(os.path.relpath(version, initial), initial / table)
+    _fsync_dir(initial)
+    old = _replace_link(current, initial)
+    if old is not None:
+        _mark_superseded(old)
+    for table, final in joining.items():
+        _replace_link_text(final, through[table])
+
+
+def _replace_link_text(final: Path, target_text: str) -> None:
+    tmp = final.parent / f".link-{final.name}-{uuid.uuid4().hex[:12]}"
+    os.symlink(target_text, tmp)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _collect_sets(store: Path, retention_s: float) -> None:
+    """Remove set versions (links only) replaced more than ``retention_s`` ago; never the current one."""
+    current = os.readlink(store / SET_CURRENT) if (store / SET_CURRENT).is_symlink() else None
+    for entry in _expired_versions(store, current, retention_s):
+        shutil.rmtree(entry, ignore_errors=True)
+        (store / (entry.name + SUPERSEDED)).unlink(missing_ok=True)
+
+
+def _expired_versions(store: Path, current: str | None, retention_s: float) -> list[Path]:
+    """Versions in ``store`` other than ``current`` that stopped being current ``retention_s`` ago or more."""
+    now = time.time()
+    expired = []
+    for entry in sorted(store.iterdir()):
+        if not entry.is_dir() or entry.is_symlink() or entry.name == current or entry.name.startswith("."):
+            continue
+        marker = store / (entry.name + SUPERSEDED)
+        try:
+            since = marker.stat().st_mtime
+        except FileNotFoundError:
+            # Never current (a crash between moving it in and switching) or marker lost: its own age.
+            since = entry.stat().st_mtime
+        if now - since >= retention_s:
+            expired.append(entry)
+    return expired
 
 
 def _switch(final: Path, target: Path) -> Path | None:
@@ -218,6 +406,60 @@ def reading(path: Path) -> Iterator[Path]:
     yield resolve_partition(path)
 
 
+@contextlib.contextmanager
+def reading_together(*paths: Path) -> Iterator[list[Path]]:
+    """Like :func:`reading` for several partitions at once; yields their version directories.
+
+    Tables of one set (:func:`commit_set`) are resolved through ONE reading of
+    the set pointer, so they come from the same commit, never a mix of two;
+    other paths are resolved one by one. Every version is leased while the
+    block runs.
+    """
+    for _ in range(100):
+        versions = _resolve_together([Path(p) for p in paths])
+        fds: list[int] = []
+        try:
+            for path, version in zip(paths, versions):
+                if not Path(path).is_symlink():
+                    continue  # a plain directory from before versioning: nothing to lease
+                try:
+                    fds.append(os.open(_lease_file(version), os.O_RDONLY))
+                except FileNotFoundError:
+                    break  # collected after the pointer moved on, or never committed
+                fcntl.flock(fds[-1], fcntl.LOCK_SH)
+                if not (version / SUCCESS).is_file():
+                    break  # being collected (renamed to .gc-*): resolve again
+            else:
+                for version in versions:
+                    read_manifest(version)  # an uncommitted partition fails here, naming it
+                yield versions
+                return
+        finally:
+            for fd in fds:
+                os.close(fd)
+    for p in paths:
+        read_manifest(Path(p))  # an uncommitted path fails here, naming it
+    raise RuntimeError(f"could not lease one version of each of {', '.join(Path(p).name for p in paths)}: "
+                       "they kept being replaced and collected while resolving; run again")
+
+
+def _resolve_together(paths: list[Path]) -> list[Path]:
+    """Version directories of ``paths``; members of one table set from one reading of its pointer."""
+    sets: dict[Path, Path] = {}
+    out = []
+    for path in paths:
+        target = os.readlink(path) if path.is_symlink() else None
+        parts = Path(target).parts if target else ()
+        if len(parts) >= 2 and parts[-2] == SET_CURRENT:
+            current = path.parent / Path(target).parent
+            if current not in sets:
+                sets[current] = current.parent / os.readlink(current)
+            out.append((sets[current] / parts[-1]).resolve())
+        else:
+            out.append(resolve_partition(path))
+    return out
+
+
 def collect_garbage(final: Path, retention_s: float = DEFAULT_RETENTION_S) -> list[str]:
     """Remove versions of ``final`` replaced more than ``retention_s`` ago that no reader holds.
 
@@ -229,19 +471,9 @@ def collect_garbage(final: Path, retention_s: float = DEFAULT_RETENTION_S) -> li
     if not store.is_dir():
         return []
     current = resolve_partition(final).name if final.is_symlink() else None
-    now = time.time()
     removed = []
-    for entry in sorted(store.iterdir()):
-        if not entry.is_dir() or entry.is_symlink() or entry.name == current or entry.name.startswith("."):
-            continue
+    for entry in _expired_versions(store, current, retention_s):
         marker = store / (entry.name + SUPERSEDED)
-        try:
-            since = marker.stat().st_mtime
-        except FileNotFoundError:
-            # Never current (a crash between moving it in and switching) or marker lost: its own age.
-            since = entry.stat().st_mtime
-        if now - since < retention_s:
-            continue
         fd = None
         try:
             fd = os.open(_lease_file(entry), os.O_RDONLY)

@@ -256,3 +256,31 @@ def key_relative_path(key: bytes, relative: str) -> str:
     if not parts or PurePosixPath(relative).is_absolute() or ".." in parts:
         raise ValueError("expected a path inside the archive root, relative to it")
     return "/".join(key_path_component(key, p) for p in parts)
+
+
+# ------------------------------------------------------------------ stages reading keyed partitions
+
+KEY_FIELD = "key_fingerprint"
+
+
+def stage_key_fingerprint(settings: PseudonymSettings, lake_root: Path,
+                          inputs: dict[str, dict] | None = None) -> str:
+    """The configured key's fingerprint, for a stage about to read ``inputs`` (``{partition: manifest}``).
+
+    Every stage records it in the manifests it writes (:data:`KEY_FIELD`) and
+    calls this first: an input whose manifest names another key, or a lake
+    bound to another key, is refused with :class:`LakeKeyMismatch` naming it,
+    before anything is read or written — pseudonyms of two keys never join. A
+    manifest without the field (written before fingerprints were recorded) is
+    judged by the lake's record alone.
+    """
+    fingerprint = key_fingerprint(load_key(settings))
+    for partition, manifest in (inputs or {}).items():
+        recorded = (manifest or {}).get(KEY_FIELD)
+        if recorded is not None and recorded != fingerprint:
+            raise LakeKeyMismatch(
+                f"{partition} was written with the pseudonym key of fingerprint {recorded}; the configured key "
+                f"has fingerprint {fingerprint}. Pseudonyms from two keys never join: configure the key that "
+                f"wrote it ({KEY_FILE_ENV}), or rebuild the lake with this one")
+    check_lake_key(lake_root, fingerprint)
+    return fingerprint

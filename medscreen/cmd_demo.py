@@ -127,7 +127,7 @@ def run_demo(args: argparse.Namespace) -> int:
         summary["score_ct_run"] = str(ct_run)
         summary["ct_check"] = demo_checks.check_ct(settings, d.as_of, dicom_dir)
         from inference import worklist
-        summary["worklist"] = worklist.build(settings.lake.root, d.as_of)[1]
+        summary["worklist"] = worklist.build(settings.lake.root, d.as_of, pseudonym=settings.pseudonym)[1]
 
     from medscreen.phi_audit import audit
     audit_inputs = [emr_dir, dicom_dir] if ct else [emr_dir]

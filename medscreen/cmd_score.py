@@ -59,9 +59,11 @@ def _settings(args: argparse.Namespace):
 def _emr(args: argparse.Namespace) -> int:
     settings = _settings(args)
     from inference import emr
+    from medscreen.fault_injection import sigkill_after_fragments
 
     run_dir = emr.score(settings, args.as_of, force_ungated=args.force_ungated, run_id=args.run_id,
-                        limit=args.limit, lock_wait_s=args.lock_wait_s)
+                        limit=args.limit, lock_wait_s=args.lock_wait_s,
+                        on_fragment_done=sigkill_after_fragments())
     print(run_dir)
     return 0
 

@@ -18,6 +18,6 @@ def _worklist(args: argparse.Namespace) -> int:
     from inference import worklist
 
     settings = settings_from_args(args)
-    final, counts = worklist.build(settings.lake.root, args.as_of)
+    final, counts = worklist.build(settings.lake.root, args.as_of, pseudonym=settings.pseudonym)
     print(json.dumps({"output": str(final), **counts}, indent=2, sort_keys=True))
     return 0

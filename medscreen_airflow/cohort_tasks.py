@@ -34,7 +34,7 @@ def cohort_index_date(context: Any, as_of: str) -> dict[str, Any]:
     settings = load_settings()
     return cohort.write_index_date(settings.lake.root, _stored_definition(context, settings), as_of,
                                    trial=bool(context["params"].get("force_ungated")),
-                                   run_id=task_run_id(context, "cohort_select"))
+                                   run_id=task_run_id(context, "cohort_select"), pseudonym=settings.pseudonym)
 
 
 def cohort_summary(context: Any, per_date: list[dict[str, Any]]) -> Path:

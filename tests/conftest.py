@@ -14,6 +14,14 @@ from conf.settings import Settings, load_settings
 TEST_KEY = "test-pseudonym-key-not-for-production-0001"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_pseudonym_key() -> str:
+    """The test key for module- and session-scoped fixtures too: every stage checks the key at entry."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", TEST_KEY)
+        yield TEST_KEY
+
+
 @pytest.fixture(autouse=True)
 def _pseudonym_key(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", TEST_KEY)

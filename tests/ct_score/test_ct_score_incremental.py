@@ -59,6 +59,32 @@ def test_nightly_run_after_one_new_study_scores_only_its_series(tiny_ct, series_
     assert read_manifest(LakePaths(tmp_path).findings("ct_nodule", AS_OF))["full_rescore"] is True
 
 
+def test_a_run_keeps_the_results_it_reuses_and_collects_what_no_run_used_for_the_retention(
+        tiny_ct, series_index_writer, ray_local, tmp_path):
+    from inference import ct
+
+    settings = load_settings({"lake.root": str(tmp_path), "imaging.scored_series_retention_days": 30})
+    series_index_writer(tmp_path, KEY, [tiny_ct["rows"][0]])
+    ct.score(settings, AS_OF)
+    scope = tmp_path / ct.SERIES_RESULTS / "model=ct_nodule"
+    (config,) = [p for p in scope.iterdir() if p.is_dir()]
+    (result,) = [p for p in config.iterdir() if p.suffix == ".json"]
+    long_ago = time.time() - 60 * 86400
+    os.utime(result, (long_ago, long_ago))      # last used 60 days ago, but still this series' result
+    changed = config / f"{result.name.split('.')[0]}.0000000000000000000000.json"
+    changed.write_text(result.read_text())      # the series before its files changed
+    retired = scope / "0123456789abcdef"        # results of an engine no run uses any more
+    retired.mkdir()
+    (retired / "x.y.json").write_text("{}")
+    for p in (changed, retired / "x.y.json"):
+        os.utime(p, (long_ago, long_ago))
+
+    night2 = run_summary(ct.score(settings, AS_OF))
+    assert (night2["series_reused"], night2["series_scored_this_run"]) == (1, 0)
+    assert result.is_file() and result.stat().st_mtime > time.time() - 3600, "a reused result was not kept fresh"
+    assert not changed.exists() and not retired.exists()
+
+
 def test_a_driver_killed_mid_run_is_resumed_by_its_retry(tiny_ct, series_index_writer, ray_local, tmp_path):
     from inference import ct
 

@@ -86,8 +86,10 @@ def test_findings_carry_the_emr_patient_key(linked) -> None:
     assert manifest["patient_link"] == {"linked": 1, "mrn_not_in_emr": 1, "no_patient_id": 1}
 
 
-def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked) -> None:
+def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked, monkeypatch) -> None:
     from inference import cohort
+
+    monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", KEY)  # the key the lake was written with
 
     params = {"cohort_name": "htn-with-ct", "include_groups": ["hypertension"], "exclude_groups": [],
               "age_min_years": 18, "age_max_years": 90, "index_start": AS_OF, "index_end": AS_OF,
@@ -108,9 +110,11 @@ def test_cohort_restricted_to_patients_with_ct_findings_returns_them(linked) -> 
         cohort.define_cohort({**params, "models": ["emr_risk"]}, groups)
 
 
-def test_worklist_puts_risk_heads_beside_ct_findings(linked) -> None:
+def test_worklist_puts_risk_heads_beside_ct_findings(linked, monkeypatch) -> None:
     from inference import worklist
     from lake.schemas import SCREENING
+
+    monkeypatch.setenv("MEDSCREEN_PSEUDONYM_KEY", KEY)  # the key the lake was written with
 
     lp = LakePaths(linked["lake"])
     day = dt.date.fromisoformat(AS_OF)

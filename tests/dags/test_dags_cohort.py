@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lake import schemas
-from lake.commit import atomic_partition, is_committed
+from lake.commit import atomic_partition, is_committed, read_manifest
+from lake.keys import key_fingerprint
 from lake.paths import LakePaths
 from inference import cohort
 
@@ -104,7 +105,7 @@ def test_selection_is_point_in_time(lake: Path) -> None:
     assert cohort.select_members(lake, htn, "2024-01-31").num_rows == 0
 
 
-def test_index_date_partition_joins_scores_and_stores_definition(lake: Path) -> None:
+def test_index_date_partition_joins_scores_and_stores_definition(lake: Path, _pseudonym_key: str) -> None:
     d = cohort.define_cohort(_params(), GROUPS)
     cohort.store_definition(lake, d)
     lp = LakePaths(lake)
@@ -119,6 +120,8 @@ def test_index_date_partition_joins_scores_and_stores_definition(lake: Path) -> 
     assert counts == {"index_date": "2024-02-01", "members": 3, "members_scored": 1}  # a, c, f
     part = lp.cohort(d.name) / "index_date=2024-02-01"
     assert is_committed(part)
+    # The cohort's manifest names the key its members' pseudonyms were made with.
+    assert read_manifest(part)["key_fingerprint"] == key_fingerprint(_pseudonym_key.encode())
     members = pq.read_table(part / "members.parquet").to_pylist()
     assert [(m["patient_key"][0], m["score_t2d"]) for m in members] == [("a", pytest.approx(0.9)),
                                                                        ("c", None), ("f", None)]

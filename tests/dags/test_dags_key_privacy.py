@@ -69,13 +69,25 @@ class SessionWatch:
             time.sleep(0.02)
 
 
-def _run_task(env: dict[str, str]) -> tuple[subprocess.CompletedProcess, SessionWatch]:
-    proc = subprocess.Popen([AIRFLOW, "tasks", "test", "nightly_screening", "emr_ingest", DAY],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def _run_watched(argv: list[str], env: dict[str, str],
+                 timeout_s: float = 900) -> tuple[subprocess.CompletedProcess, SessionWatch]:
+    """Run ``argv`` in a session of its own, every process of which the returned watch saw."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     with SessionWatch(proc.pid) as watch:
-        out, err = proc.communicate(timeout=900)
+        out, err = proc.communicate(timeout=timeout_s)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), watch
+
+
+def _run_task(env: dict[str, str]) -> tuple[subprocess.CompletedProcess, SessionWatch]:
+    return _run_watched([AIRFLOW, "tasks", "test", "nightly_screening", "emr_ingest", DAY], env)
+
+
+def _env_with_key_file(key_file: Path) -> dict[str, str]:
+    """This process's environment (inside pipeline_settings) with the key in a file, never in a variable."""
+    env = {**os.environ, "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file)}
+    env.pop("MEDSCREEN_PSEUDONYM_KEY", None)
+    return env
 
 
 def _files_holding(root: Path, needle: bytes) -> list[str]:
@@ -88,9 +100,7 @@ def test_emr_ingest_task_never_shows_the_key(airflow_db, tiny_inputs, tmp_path: 
     key_file = _private_key_file(tmp_path, key)
     lake = tmp_path / "lake"
     with pipeline_settings(lake, tiny_inputs["emr"]):
-        env = {**os.environ, "MEDSCREEN_PSEUDONYM__KEY_FILE": str(key_file)}
-        env.pop("MEDSCREEN_PSEUDONYM_KEY", None)
-        done, watch = _run_task(env)
+        done, watch = _run_task(_env_with_key_file(key_file))
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     manifest = read_manifest(LakePaths(lake).events)
     assert manifest["key_fingerprint"] == key_fingerprint(key.encode())
@@ -107,6 +117,37 @@ def test_emr_ingest_task_never_shows_the_key(airflow_db, tiny_inputs, tmp_path: 
     assert "spark-submit" in done.stdout + done.stderr  # the operator's own log of the command it ran
     assert not _files_holding(airflow_db, needle)  # Airflow's home: logs, config, database
     assert not _files_holding(lake, needle)
+
+
+@pytest.mark.slow
+def test_a_whole_nightly_dag_run_never_shows_the_key(airflow_db, tiny_inputs, tmp_path: Path) -> None:
+    """Every task of one nightly run (`airflow dags test`): Spark jobs, engine build, Ray scoring
+    through the CLI, QC, publish, report — every process's argv and environment, the run's output,
+    Airflow's logs and the lake."""
+    key = "dag-run-key-privacy-" + secrets.token_hex(16)
+    key_file = _private_key_file(tmp_path, key)
+    lake = tmp_path / "lake"
+    with pipeline_settings(lake, tiny_inputs["emr"]):
+        done, watch = _run_watched([AIRFLOW, "dags", "test", "nightly_screening", DAY, "--conf",
+                                    '{"models": ["emr_risk"]}'], _env_with_key_file(key_file), 1500)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 0, (out + err)[-4000:]
+    lp = LakePaths(lake)
+    assert is_committed(lp.scores("emr_risk", DAY)) and is_committed(lp.screening(DAY)), (out + err)[-4000:]
+    # The check saw the run's processes: Spark, the scoring CLI and its Ray workers.
+    commands = [c for (_, c) in watch.seen]
+    assert any(b"SparkSubmit" in c for c in commands), "no spark-submit process was seen"
+    assert any(b"medscreen" in c and b"score" in c for c in commands), "no scoring CLI process was seen"
+    assert any(b"ray" in c.lower() for c in commands), "no Ray process was seen"
+    needle = key.encode()
+    in_argv = [c[:200] for c in commands if needle in c]
+    in_env = [c[:200] for (_, c), e in watch.seen.items() if needle in e]
+    assert not in_argv and not in_env, (in_argv, in_env)
+    assert key not in out and key not in err
+    assert not _files_holding(airflow_db, needle)  # Airflow's home: task logs, config, database
+    assert not _files_holding(lake, needle)
+    # What does travel is the fingerprint, in the manifests.
+    assert read_manifest(lp.scores("emr_risk", DAY))["key_fingerprint"] == key_fingerprint(key.encode())
 
 
 @pytest.mark.slow

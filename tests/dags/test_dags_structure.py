@@ -100,7 +100,7 @@ def test_retries_back_off_exponentially(dagbag) -> None:
     for task_id in ("emr_ingest", "emr_features", "engines_ensure", "score_emr", "score_ct"):
         task = dag.get_task(task_id)
         assert task.retries >= 1 and task.retry_exponential_backoff > 1
-        assert task.max_retry_delay is not None
+        assert task.max_retry_delay == dt.timedelta(minutes=30)
     # A QC verdict does not change on retry: the gate fails at once.
     assert dag.get_task("qc_gate").retries == 0
 

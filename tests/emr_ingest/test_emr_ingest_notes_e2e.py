@@ -43,7 +43,9 @@ def notes_lake(spark, tmp_path_factory):
 
     assert not list(EXPORT.glob("Condition*")), "the export must carry no Condition file"
     out = ingest(spark, tmp_path_factory, "fhir", EXPORT)
-    summary = emr_features.run(out["settings"], AS_OF)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDSCREEN_PSEUDONYM_KEY", INGEST_KEY)  # the key the lake was ingested with
+        summary = emr_features.run(out["settings"], AS_OF)
     files = sorted(Path(summary["output"]).glob("*.parquet"))
     rows = pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
     return out, {r["patient_key"]: r for r in rows}

@@ -8,12 +8,19 @@
   commit_loop FINAL READY        commit versions of FINAL forever (to be killed mid-commit)
   disk_full MOUNT OUT            on a small tmpfs at MOUNT: commit, fail a big commit on ENOSPC,
                                  enlarge the tmpfs, retry; write what happened to OUT (JSON)
+  hold_store CONFIG_DIR READY    hold a result store configuration (lake.result_store), touch READY, sleep
+  set_writer PARENT N RETENTION_S  commit N versions of the table set SET_TABLES under PARENT; in
+                                 version k every table's rows hold k
+  set_reader PARENT SECONDS OUT  read the set's tables together in a loop; write what it saw to OUT
+  set_killed PARENT K            commit set version K, dying by SIGKILL after two of its tables are
+                                 in their stores (before the set pointer moves)
 """
 from __future__ import annotations
 
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +33,16 @@ from lake import commit as lc
 from lake.locks import partition_lock
 
 ROWS = 50
+REPO = Path(__file__).resolve().parents[2]
+SET_NAME = "ingest"
+SET_TABLES = ("events", "observation_periods", "patients", "quarantine")
+
+
+def spawn(*args: object) -> subprocess.Popen:
+    """This script as a child process playing the role ``args`` names (output captured)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, __file__, *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def write_version(final: Path, k: int, retention_s: float = lc.DEFAULT_RETENTION_S) -> None:
@@ -93,6 +110,51 @@ def disk_full(mount: Path, out: Path) -> None:
     out.write_text(json.dumps(result))
 
 
+def write_set(parent: Path, k: int, retention_s: float = lc.DEFAULT_RETENTION_S, on_stored=None) -> None:
+    stagings = {}
+    for j, table in enumerate(SET_TABLES):
+        stagings[parent / table] = staging = lc.staging_dir(parent / table)
+        # Tables of one version differ in size, as ingest's do.
+        rows = ROWS * (1 + (k + j) % 3)
+        pq.write_table(pa.table({"v": pa.array([k] * rows, pa.int64())}), staging / "part-00000.parquet")
+    lc.commit_set(stagings, SET_NAME, {"run_id": f"set-writer-{k}", "k": k}, retention_s=retention_s,
+                  on_stored=on_stored)
+
+
+def read_set(parent: Path) -> dict[str, int]:
+    """The version each table of the set holds, read together (raises on a half-read table)."""
+    with lc.reading_together(*(parent / t for t in SET_TABLES)) as versions:
+        seen = {}
+        for table, version in zip(SET_TABLES, versions):
+            values = set(pq.read_table(version / "part-00000.parquet").column("v").to_pylist())
+            if len(values) != 1:
+                raise AssertionError(f"{table}: values {sorted(values)} in one version")
+            seen[table] = values.pop()
+            if lc.read_manifest(version)["k"] != seen[table]:
+                raise AssertionError(f"{table}: manifest and data disagree")
+    return seen
+
+
+def set_reader(parent: Path, seconds: float, out: Path) -> None:
+    errors: list[str] = []
+    seen: set[int] = set()
+    reads = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        reads += 1
+        try:
+            got = read_set(parent)
+        except Exception as exc:  # any failure is what the test counts
+            errors.append(f"{type(exc).__name__}: {exc}")
+            continue
+        if len(set(got.values())) != 1:
+            errors.append(f"mixed set {got}")
+            continue
+        seen.add(next(iter(got.values())))
+    out.write_text(json.dumps({"reads": reads, "errors": errors[:20], "n_errors": len(errors),
+                               "versions_seen": sorted(seen)}))
+
+
 def main(argv: list[str]) -> None:
     role, final = argv[0], Path(argv[1])
     if role == "writer":
@@ -114,6 +176,26 @@ def main(argv: list[str]) -> None:
         while True:
             write_version(final, k, 0.0)
             k += 1
+    elif role == "hold_store":
+        from lake.result_store import holding
+
+        with holding(final):
+            Path(argv[2]).touch()
+            time.sleep(600)
+    elif role == "set_writer":
+        for k in range(int(argv[2])):
+            write_set(final, k, float(argv[3]))
+    elif role == "set_reader":
+        set_reader(final, float(argv[2]), Path(argv[3]))
+    elif role == "set_killed":
+        stored: list[str] = []
+
+        def die_after_two(table: str) -> None:
+            stored.append(table)
+            if len(stored) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        write_set(final, int(argv[2]), on_stored=die_after_two)
     elif role == "disk_full":
         disk_full(final, Path(argv[2]))
     else:

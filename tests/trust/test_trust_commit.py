@@ -20,12 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("lake_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import lake_worker  # noqa: E402
-
-
-def spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+from lake_worker import spawn  # noqa: E402
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
