@@ -189,3 +189,22 @@ def test_patient_limit_becomes_a_limit_the_score_cli_takes(tmp_path: Path) -> No
     with pytest.raises(errors.PublishRefused, match="limited to 5"):
         publishing.publish_screening(tmp_path, "2024-06-30")
     assert not (tmp_path / "screening" / "LATEST.json").exists()
+
+def test_the_dags_ray_address_comes_from_the_variable_then_the_connection_then_settings(
+        make_settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the scoring tasks hand the CLI (whose --ray-address runs on a real cluster in tests/cluster):
+    Airflow's own Variable and Connection lookups (environment secrets backend), in that order."""
+    from medscreen.cli import build_parser
+
+    def address_on_the_cli(settings) -> str | None:
+        argv = cli_calls.score_args("emr", tmp_path, "2024-06-30", cli_calls.ray_address(settings))
+        return build_parser().parse_args(argv).ray_address
+
+    monkeypatch.delenv("AIRFLOW_VAR_MEDSCREEN_RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("AIRFLOW_CONN_MEDSCREEN_RAY", raising=False)
+    assert address_on_the_cli(make_settings()) is None  # nothing configured: a local Ray
+    assert address_on_the_cli(make_settings(**{"ray.address": "10.0.0.9:6379"})) == "10.0.0.9:6379"
+    monkeypatch.setenv("AIRFLOW_CONN_MEDSCREEN_RAY", "ray://head.example:6379")
+    assert address_on_the_cli(make_settings(**{"ray.address": "10.0.0.9:6379"})) == "head.example:6379"
+    monkeypatch.setenv("AIRFLOW_VAR_MEDSCREEN_RAY_ADDRESS", "ray://client.example:10001")
+    assert address_on_the_cli(make_settings(**{"ray.address": "10.0.0.9:6379"})) == "ray://client.example:10001"
