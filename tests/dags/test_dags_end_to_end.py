@@ -124,10 +124,12 @@ def _rows(path: Path) -> list[dict]:
 
 
 def _partitions(root: Path) -> set[str]:
-    # Partitions are pointers to versions (lake.commit): list the pointers, not the version store.
+    # Partitions are pointers to versions (lake.commit): list the pointers, not the version stores
+    # (dot folders; a table set's versions there are named by random ids).
     return {str(p.relative_to(root)) for p in root.rglob("*")
             if p.is_symlink() and (p / "_SUCCESS").is_file()
-            and p.relative_to(root).parts[0] in ("emr", "imaging", "scores", "findings", "screening")}
+            and p.relative_to(root).parts[0] in ("emr", "imaging", "scores", "findings", "screening")
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 def test_dag_runs_equal_direct_cli_runs(runs) -> None:
