@@ -55,8 +55,9 @@ from preprocessing.dicom_header import ELIGIBLE, judge_series, read_instance_hea
 
 log = logging.getLogger(__name__)
 
-STAGE_FILES = "dicom_index_files"
-STAGE_SERIES = "dicom_index_series"
+STAGE = "dicom_index"
+STAGE_FILES = f"{STAGE}.files"
+STAGE_SERIES = f"{STAGE}.series"
 # Verdict for a series whose headers break the judging code itself (never expected; counted, not fatal).
 REASON_INVALID_HEADERS = "invalid_headers"
 # Instance columns that travel from header reading to the series verdict.
@@ -197,9 +198,9 @@ def run(settings: Settings, input_dir: Path, run_id: str | None = None,
     bind_lake(settings.lake.root, key_file.fingerprint)
     archive_root = str(Path(input_dir).resolve())
     files = list_input_files(Path(archive_root))
-    run_id = run_id or new_run_id("dicom_index")
+    run_id = run_id or new_run_id(STAGE)
     paths = LakePaths(settings.lake.root)
-    spark = spark or get_spark(settings.spark, "medscreen-dicom-index")
+    spark = spark or get_spark(settings.spark, f"medscreen-{STAGE}")
     instances, series, quarantine, rows = index_frames(spark, files, key_file, settings, run_id,
                                                       archive_root)
     stagings: dict[str, Path] = {}

@@ -256,7 +256,7 @@ def test_ledger_accounts_for_every_file_and_series(real_archive: dict[str, Any])
     counts = real_archive["summary"]["counts"]
     ledger = json.loads(Path(real_archive["summary"]["ledger"]).read_text())
     assert ledger["balanced"] is True
-    files = ledger["stages"]["dicom_index_files"]
+    files = ledger["stages"]["dicom_index.files"]
     assert files["records_in"] == n_files == counts["files"]
     assert files["records_out"] == len(real_archive["instances"])
     assert files["quarantined_total"] == len(real_archive["quarantine"])
@@ -267,7 +267,7 @@ def test_ledger_accounts_for_every_file_and_series(real_archive: dict[str, Any])
                                                                     if o.startswith("file:")]:
         want[reason] = want.get(reason, 0) + 1
     assert files["quarantined"] == want
-    series = ledger["stages"]["dicom_index_series"]
+    series = ledger["stages"]["dicom_index.series"]
     assert series["records_in"] == len(real_archive["series"]) == series["records_out"] + series["quarantined_total"]
     assert series["quarantined"]["multiframe"] == 1
 

@@ -41,9 +41,9 @@ def test_index_ledger_balances_and_counts(indexed: dict[str, Any], synth_dir: Pa
     assert counts["quarantined_files"] == expected_q
     ledger = json.loads(Path(indexed["summary"]["ledger"]).read_text())
     assert ledger["balanced"] is True
-    files = ledger["stages"]["dicom_index_files"]
+    files = ledger["stages"]["dicom_index.files"]
     assert files["records_in"] == files["records_out"] + files["quarantined_total"] == n_files
-    series = ledger["stages"]["dicom_index_series"]
+    series = ledger["stages"]["dicom_index.series"]
     assert series["records_in"] == len(truth["series"]) == series["records_out"] + series["quarantined_total"]
     lp = LakePaths(indexed["lake"])
     for table in (lp.dicom_series, lp.dicom_instances, lp.imaging_quarantine):
