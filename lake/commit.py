@@ -179,20 +179,9 @@ def commit_set(stagings: dict[Path, Path], name: str, manifest: dict[str, Any] |
             if on_stored is not None:
                 on_stored(table)
         _join_set(finals, store, targets)
-        current = store / SET_CURRENT
-        previous = _set_members(current)
-        new = store / set_version
-        new.mkdir()
-        for table, final in finals.items():
-            # Tables of the set this commit does not write stay at their current version.
-            os.symlink(os.path.relpath(targets[table], new), new / table)
-        for table, version in previous.items():
-            if table not in targets:
-                os.symlink(os.path.relpath(version, new), new / table)
-        _fsync_dir(new)
-        old_set = _replace_link(current, new)
-        if old_set is not None:
-            _mark_superseded(old_set)
+        previous = _set_members(store / SET_CURRENT)
+        # Tables of the set this commit does not write stay at their current version.
+        _switch_set(store, set_version, {**previous, **targets})
         for table, version in previous.items():
             if table in targets and version.name != targets[table].name:
                 _mark_superseded(version)
@@ -250,16 +239,22 @@ def _join_set(finals: dict[str, Path], store: Path, targets: dict[str, Path]) ->
                 _mark_superseded(previous)
         if final.is_symlink() and final.exists():
             members[table] = resolve_partition(final)
-    initial = store / new_version_id()
-    initial.mkdir()
-    for table, version in members.items():
-        os.symlink(os.path.relpath(version, initial), initial / table)
-    _fsync_dir(initial)
-    old = _replace_link(current, initial)
-    if old is not None:
-        _mark_superseded(old)
+    _switch_set(store, new_version_id(), members)
     for table, final in joining.items():
         _replace_link_text(final, through[table])
+
+
+def _switch_set(store: Path, set_version: str, members: dict[str, Path]) -> None:
+    """Write set version ``set_version`` naming ``members`` ({table: table version}) and make it the
+    set's CURRENT with one rename; the set version it replaces is marked superseded."""
+    new = store / set_version
+    new.mkdir()
+    for table, version in members.items():
+        os.symlink(os.path.relpath(version, new), new / table)
+    _fsync_dir(new)
+    old = _replace_link(store / SET_CURRENT, new)
+    if old is not None:
+        _mark_superseded(old)
 
 
 def _replace_link_text(final: Path, target_text: str) -> None:
