@@ -281,7 +281,7 @@ def run_pipeline(settings: Settings, precision: str, recs: list[dict[str, Any]])
 
     settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": precision})})
     gate = None
-    if precision != "fp32" or settings.engines.backend != "onnxruntime":
+    if precision != "fp32" or settings.engines.backend not in ("auto", "onnxruntime"):
         t0 = time.perf_counter()
         plan = cache.ensure(settings, "ct_nodule", settings.engines.backend, precision)
         meta = cache.read_metadata(plan)

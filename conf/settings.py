@@ -105,7 +105,9 @@ class GateSettings(_Section):
 
 class EnginesSettings(_Section):
     cache_dir: Path | None = None  # default: <lake root>/engines
-    backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    # auto: the inductor plan for emr_risk where torch sees a CUDA GPU and the plan builds and
+    # passes its gate, ONNX Runtime otherwise (CPU machines, CT; engines.cache.backend_candidates).
+    backend: Literal["auto", "onnxruntime", "tensorrt", "inductor"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     calibration_rows: int = Field(1000, ge=16)
     # minmax: see the measurements in conf/defaults.yaml.

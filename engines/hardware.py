@@ -63,9 +63,11 @@ def platform_for(backend: str, providers: list[str] | None = None) -> dict[str, 
     """The platform an engine of ``backend`` built or run here is bound to.
 
     ``id`` is the part that enters cache keys: ``"<gpu> sm<cc>"`` on a GPU,
-    ``"cpu"`` for ONNX Runtime's CPU EP, ``"cpu-aot"`` for a TensorRT(-RTX)
-    plan built ahead-of-time without a GPU.
+    ``"cpu"`` for ONNX Runtime's CPU EP (and torch without CUDA), ``"cpu-aot"``
+    for a TensorRT(-RTX) plan built ahead-of-time without a GPU.
     """
+    if backend == "inductor":
+        return torch_platform()
     gpu = gpu_info()
     if backend == "onnxruntime":
         from engines.ort_runner import default_providers
@@ -78,3 +80,27 @@ def platform_for(backend: str, providers: list[str] | None = None) -> dict[str, 
         return {"kind": "cpu-aot", "id": "cpu-aot"}
     cc = gpu["compute_capability"].replace(".", "")
     return {"kind": "gpu", **gpu, "id": f"{gpu['gpu']} sm{cc}"}
+
+
+def torch_platform() -> dict[str, Any]:
+    """The device torch runs on here: ``"<gpu> sm<cc>"`` of CUDA device 0, or ``"cpu"`` (Inductor plans)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"kind": "cpu", "id": "cpu"}
+    major, minor = torch.cuda.get_device_capability(0)
+    name = torch.cuda.get_device_name(0)
+    return {"kind": "gpu", "gpu": name, "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda,
+            "id": f"{name} sm{major}{minor}"}
+
+
+def cuda_torch_available() -> bool:
+    """True when a GPU answers and torch, installed here, can use it (checked without importing torch
+    on machines with no GPU)."""
+    import importlib.util
+
+    if gpu_info() is None or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())

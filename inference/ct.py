@@ -64,8 +64,9 @@ IGNORED_BEYOND_LIMIT = "beyond_limit"
 
 
 def default_source(settings: Settings, force_ungated: bool = False) -> EngineSource:
-    """fp32 on ONNX Runtime scores with the reference ONNX itself; anything else with a cached, gated engine."""
-    if settings.engines.backend == "onnxruntime" and settings.engines.precision == "fp32":
+    """fp32 on ONNX Runtime (which ``auto`` is for CT) scores with the reference ONNX itself; anything else
+    with a cached, gated engine."""
+    if settings.engines.backend in ("auto", "onnxruntime") and settings.engines.precision == "fp32":
         return ReferenceEngine(settings, MODEL)
     return CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
 

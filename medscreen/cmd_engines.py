@@ -17,7 +17,7 @@ def _common(p: argparse.ArgumentParser, engine_flags: bool = True) -> None:
     p.add_argument("--cache", type=Path, help="engine cache directory (default: settings.engine_cache_dir)")
     if engine_flags:
         p.add_argument("--model", default="emr_risk")
-        p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+        p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "inductor"])
         p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
         p.add_argument("--as-of", dest="as_of",
                        help="timelines partition for int8 calibration and the gate (labelled)")

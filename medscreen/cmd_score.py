@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_lake_flag(c)
         add_as_of_flag(c)
         c.add_argument("--ray-address", help="Ray cluster address (default: ray.address; local Ray when unset)")
-        c.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+        c.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt", "inductor"])
         c.add_argument("--precision", choices=["fp32", "fp16", "int8"])
         c.add_argument("--force-ungated", action="store_true",
                        help="score with an engine that has not passed its accuracy gate")

@@ -1,4 +1,4 @@
-"""The engine cache: precision plans and TensorRT plans keyed by everything that makes them valid.
+"""The engine cache: precision plans, TensorRT plans and Inductor plans keyed by everything that makes them valid.
 
 Key = sha256 over (model, source graph and its ONNX sha256, backend, backend
 module + version, platform id (GPU model + compute capability, or
@@ -6,7 +6,9 @@ module + version, platform id (GPU model + compute capability, or
 calibration method and size). For ``onnxruntime`` the plan is the
 precision-converted ``.onnx`` — or, for the ``fused`` graph, the card's fused
 graph of that precision, whose precision was decided at export — and for
-``tensorrt`` the serialized ``.plan``. Beside each plan a JSON sidecar
+``tensorrt`` the serialized ``.plan``; for ``inductor`` the ``torch.export``
+program (``.pt2``, keyed also by the torch weights and the scoring shapes)
+with its Inductor compile artefacts beside it. Beside each plan a JSON sidecar
 (``<plan>.json``) records versions, platform, build time, calibration hash,
 vocabulary, the gate verdict and the short ``fingerprint`` that score rows
 carry as ``engine_fingerprint``.
@@ -23,14 +25,14 @@ from pathlib import Path
 from conf.settings import Settings
 from engines.cache.build import CALIBRATION_BATCH_ROWS, build, calibration_set
 from engines.cache.gate import gate_plan
-from engines.cache.key import (BACKENDS, GRAPHS, METADATA_FORMAT, EngineCacheError, EngineSpec,
-                               UngatedEngineError, backend_identity, cache_key, graph_for, metadata_path,
-                               plan_lock, read_metadata, resolve, source_onnx, write_metadata_file)
+from engines.cache.key import (AUTO, BACKENDS, GRAPHS, METADATA_FORMAT, EngineCacheError, EngineSpec,
+                               UngatedEngineError, backend_candidates, backend_identity, cache_key,
+                               compile_cache_path, graph_for, metadata_path, plan_lock, read_metadata, resolve, source_onnx, write_metadata_file)
 from engines.cache.load import load_runner, reference_runner, runner_for, verify
 from engines.model_card import file_sha256
 
-__all__ = ["BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError", "EngineSpec",
-           "UngatedEngineError", "backend_identity", "build", "cache_key", "calibration_set", "ensure",
+__all__ = ["AUTO", "BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError", "EngineSpec",
+           "UngatedEngineError", "backend_candidates", "backend_identity", "compile_cache_path", "ensure_first", "build", "cache_key", "calibration_set", "ensure",
            "file_sha256", "gate_plan", "graph_for", "load_runner", "metadata_path", "read_metadata",
            "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
 
@@ -47,8 +49,37 @@ def ensure(settings: Settings, model: str = "emr_risk", backend: str | None = No
     A cached plan that fails verification (corrupted, other platform or
     backend version) raises EngineCacheError unless ``rebuild``. A TensorRT
     plan built on a machine without a usable GPU stays ungated (its gate runs
-    where it can execute).
+    where it can execute). With ``backend`` ``auto`` the candidates of
+    :func:`backend_candidates` are tried in order (:func:`ensure_first`).
     """
+    return ensure_first(settings, backend_candidates(settings, model, backend), model, precision, as_of, rebuild)
+
+
+def ensure_first(settings: Settings, backends: list[str], model: str = "emr_risk", precision: str | None = None,
+                 as_of: str | None = None, rebuild: bool = False) -> Path:
+    """Ensure the first of ``backends`` that can be built and passes its gate here; return its plan path.
+
+    Every backend but the last must pass its gate to be chosen; one that cannot be built or
+    fails its gate is passed over with a WARNING giving the reason (as a fused graph falls back
+    to the reference). The last is ensured as :func:`ensure` ensures any plan.
+    """
+    for backend, fallback in zip(backends, backends[1:]):
+        try:
+            path = _ensure_backend(settings, model, backend, precision, as_of, rebuild)
+            verdict = read_metadata(path)["gate"]
+            if verdict.get("passed") is not True:
+                raise EngineCacheError(f"{path.name} did not pass its gate: "
+                                       + "; ".join(verdict.get("failures") or [str(verdict.get("pending"))]))
+            return path
+        except Exception as exc:  # noqa: BLE001 - any failure of the preferred backend falls back, said why
+            log.warning("%s %s engine for %s unavailable here (%s); falling back to %s", backend,
+                        precision or settings.engines.precision, model, f"{type(exc).__name__}: {exc}"[:500],
+                        fallback)
+    return _ensure_backend(settings, model, backends[-1], precision, as_of, rebuild)
+
+
+def _ensure_backend(settings: Settings, model: str, backend: str, precision: str | None, as_of: str | None,
+                    rebuild: bool) -> Path:
     spec = resolve(settings, model, backend, precision)
     if spec.components.get("graph") == "fused" and settings.engines.graph == "auto":
         try:

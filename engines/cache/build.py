@@ -14,7 +14,8 @@ from typing import Any
 
 from conf.settings import Settings
 from engines import hardware
-from engines.cache.key import EngineSpec, plan_lock, resolve, source_onnx, write_metadata_file, METADATA_FORMAT
+from engines.cache.key import (METADATA_FORMAT, EngineSpec, compile_cache_path, plan_lock, resolve, source_onnx,
+                               write_metadata_file)
 from engines.model_card import file_sha256, load_card
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ def build(settings: Settings, model: str = "emr_risk", backend: str | None = Non
     card = load_card(settings, model)
     spec = resolve(settings, model, backend, precision, providers, card, graph)
     with plan_lock(spec.plan_path):
+        if spec.backend == "inductor":
+            return _build_inductor_locked(spec, card)
         return _build_locked(settings, spec, card, as_of, providers)
 
 
@@ -92,25 +95,71 @@ def _build_locked(settings: Settings, spec: EngineSpec, card: dict[str, Any], as
         for t in (tmp_onnx, tmp_plan):
             t.unlink(missing_ok=True)
     meta = {
-        "format": METADATA_FORMAT, "model": spec.model, "model_version": card["version"],
-        "backend": spec.backend, "backend_module": spec.components["backend_module"],
-        "backend_version": spec.components["backend_version"], "precision": spec.precision,
-        "graph": graph, "onnx_sha256": onnx_sha, "reference_onnx_sha256": card["onnx"]["sha256"],
-        "plan_sha256": plan_sha,
-        "plan_file": spec.plan_path.name, "plan_bytes": spec.plan_path.stat().st_size,
-        "profiles": spec.components["profiles"],
-        "platform": hardware.platform_for(spec.backend, providers), "providers": providers,
-        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "build_seconds": round(time.perf_counter() - started, 3),
-        "calibration": calibration, "vocab": card.get("vocab"),
-        "vocab_sha256": (card.get("vocab") or {}).get("sha256"),
-        "cache_key": spec.key, "key_components": spec.components,
-        "fingerprint": f"{spec.backend[:3]}-{spec.precision}-{plan_sha[:12]}",
-        "io": extra.get("io"),
-        "gate": {"passed": None, "pending": "not gated yet; run `medscreen engines gate`"},
+        **_sidecar(spec, card, plan_sha, started, hardware.platform_for(spec.backend, providers)),
+        "graph": graph, "onnx_sha256": onnx_sha, "profiles": spec.components["profiles"], "providers": providers,
+        "calibration": calibration, "io": extra.get("io"),
     }
     write_metadata_file(spec.meta_path, meta)
     log.info("built %s engine %s in %.1fs", spec.backend, spec.plan_path.name, meta["build_seconds"])
     return spec.plan_path
 
 
+def _sidecar(spec: EngineSpec, card: dict[str, Any], plan_sha: str, started: float,
+             platform: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar fields every backend's plan carries (ungated)."""
+    return {
+        "format": METADATA_FORMAT, "model": spec.model, "model_version": card["version"],
+        "backend": spec.backend, "backend_module": spec.components["backend_module"],
+        "backend_version": spec.components["backend_version"], "precision": spec.precision,
+        # Scores take the card's calibration, fitted for the reference ONNX (inference.emr checks this).
+        "reference_onnx_sha256": card["onnx"]["sha256"], "plan_sha256": plan_sha,
+        "plan_file": spec.plan_path.name, "plan_bytes": spec.plan_path.stat().st_size, "platform": platform,
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "vocab": card.get("vocab"), "vocab_sha256": (card.get("vocab") or {}).get("sha256"),
+        "cache_key": spec.key, "key_components": spec.components,
+        "fingerprint": f"{spec.backend[:3]}-{spec.precision}-{plan_sha[:12]}",
+        "gate": {"passed": None, "pending": "not gated yet; run `medscreen engines gate`"},
+    }
+
+
+def _build_inductor_locked(spec: EngineSpec, card: dict[str, Any]) -> Path:
+    """Export the torch model (the plan), compile it for the scoring shapes, keep the compile artefacts."""
+    from engines import inductor_export
+    from engines.inductor_runner import default_device, scoring_shapes
+
+    started = time.perf_counter()
+    _, weights_sha = inductor_export.weights_file(card)
+    if weights_sha != spec.components["weights_sha256"]:
+        raise inductor_export.InductorBuildError(
+            f"torch weights of {spec.model} hash to {weights_sha[:12]}…, the card records "
+            f"{str(spec.components['weights_sha256'])[:12]}…")
+    device = default_device()
+    shapes = scoring_shapes(spec.components["shapes"]["token_budget"], spec.components["shapes"]["length_buckets"])
+    tag = uuid.uuid4().hex[:8]
+    tmp_plan = spec.plan_path.with_name(f".{spec.plan_path.name}.{tag}.tmp")
+    cache_file = compile_cache_path(spec.plan_path)
+    tmp_cache = cache_file.with_name(f".{cache_file.name}.{tag}.tmp")
+    try:
+        inductor_export.export_program(card, spec.precision, device, tmp_plan)
+        export_s = round(time.perf_counter() - started, 3)
+        artefacts, compile_s = inductor_export.compile_artifacts(tmp_plan, shapes, device)
+        tmp_cache.write_bytes(artefacts)
+        plan_sha = file_sha256(tmp_plan)
+        os.replace(tmp_cache, cache_file)
+        os.replace(tmp_plan, spec.plan_path)
+    finally:
+        for t in (tmp_plan, tmp_cache):
+            t.unlink(missing_ok=True)
+    meta = {
+        **_sidecar(spec, card, plan_sha, started, hardware.platform_for("inductor")),
+        "graph": "torch-export", "onnx_sha256": card["onnx"]["sha256"], "weights_sha256": weights_sha,
+        "device": device, "shapes": [list(s) for s in shapes],
+        "compile_cache": {"file": cache_file.name, "sha256": file_sha256(cache_file),
+                          "bytes": cache_file.stat().st_size},
+        "export_seconds": export_s, "compile_seconds": compile_s,
+    }
+    write_metadata_file(spec.meta_path, meta)
+    log.info("built inductor engine %s (%s, shapes %s) in %.1fs", spec.plan_path.name, device, shapes,
+             meta["build_seconds"])
+    return spec.plan_path

@@ -25,7 +25,11 @@ from engines.runner import PRECISIONS
 from lake.files import write_json_atomic
 from lake.locks import hold
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "tensorrt", "inductor")
+# engines.backend may also be "auto": see backend_candidates.
+AUTO = "auto"
+# Models the inductor backend can export (it needs the torch model definition and weights).
+INDUCTOR_MODELS = ("emr_risk",)
 METADATA_FORMAT = 1
 class EngineCacheError(ValueError):
     """An engine is missing, stale, corrupted or built for another platform (an input problem:
@@ -47,7 +51,26 @@ def backend_identity(backend: str) -> tuple[str, str]:
 
         trt = import_tensorrt()
         return trt.__name__, trt.__version__
+    if backend == "inductor":
+        import torch
+
+        return "torch", torch.__version__
     raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
+
+
+def backend_candidates(settings: Settings, model: str, backend: str | None = None) -> list[str]:
+    """The backends to try for ``model``, best first; more than one only for ``auto``.
+
+    ``auto``: for emr_risk on a machine where torch sees a CUDA GPU, the inductor plan, then ONNX
+    Runtime (used where the inductor plan cannot be built, fails its gate or is missing); ONNX
+    Runtime alone everywhere else (CPU machines, CT). Any other value is that backend alone.
+    """
+    backend = backend or settings.engines.backend
+    if backend != AUTO:
+        return [backend]
+    if model in INDUCTOR_MODELS and hardware.cuda_torch_available():
+        return ["inductor", "onnxruntime"]
+    return ["onnxruntime"]
 
 
 def cache_key(components: dict[str, Any]) -> str:
@@ -115,13 +138,15 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
 
     ``graph`` (``fused``/``reference``) overrides ``engines.graph`` for this call.
     """
-    backend = backend or settings.engines.backend
+    backend = backend_candidates(settings, model, backend)[0]
     precision = precision or settings.engines.precision
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r} unknown; use one of {PRECISIONS}")
     card = card or load_card(settings, model)
+    if backend == "inductor":
+        return _resolve_inductor(settings, model, precision, card)
     module, version = backend_identity(backend)
     platform_id = hardware.platform_for(backend, providers)["id"]
     chosen = graph_for(settings, card, backend, precision, platform_id, graph)
@@ -140,6 +165,33 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
     label = precision if chosen == "reference" else f"{chosen}-{precision}"
     path = settings.engine_cache_dir / model / f"{backend}-{label}-{key[:16]}{ext}"
     return EngineSpec(model, backend, precision, components, key, path)
+
+
+def _resolve_inductor(settings: Settings, model: str, precision: str, card: dict[str, Any]) -> EngineSpec:
+    """The inductor entry: keyed by torch version, platform, precision, the scoring shapes, the weights
+    and the reference ONNX (whose calibration the plan's scores take)."""
+    if model not in INDUCTOR_MODELS:
+        raise EngineCacheError(f"the inductor backend exports {INDUCTOR_MODELS} only, not {model!r}; "
+                               "use backend onnxruntime")
+    if precision not in ("fp32", "fp16"):
+        raise EngineCacheError(f"the inductor backend builds fp32 and fp16 plans, not {precision}; "
+                               "use backend onnxruntime for int8")
+    module, version = backend_identity("inductor")
+    components: dict[str, Any] = {
+        "model": model, "onnx_sha256": card["onnx"]["sha256"], "backend": "inductor",
+        "backend_module": module, "backend_version": version,
+        "platform": hardware.platform_for("inductor")["id"], "precision": precision,
+        "weights_sha256": (card.get("torch") or {}).get("sha256"),
+        "shapes": {"token_budget": settings.scoring.token_budget,
+                   "length_buckets": sorted(set(int(b) for b in settings.scoring.length_buckets))}}
+    key = cache_key(components)
+    path = settings.engine_cache_dir / model / f"inductor-{precision}-{key[:16]}.pt2"
+    return EngineSpec(model, "inductor", precision, components, key, path)
+
+
+def compile_cache_path(plan_path: Path) -> Path:
+    """The Inductor compile artefacts (Mega-Cache) beside an inductor plan."""
+    return Path(str(plan_path) + ".inductor-cache")
 
 
 def read_metadata(plan_path: Path) -> dict[str, Any]:

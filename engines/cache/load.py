@@ -13,8 +13,8 @@ from typing import Any
 
 from conf.settings import Settings
 from engines import hardware
-from engines.cache.key import (EngineCacheError, UngatedEngineError, backend_identity, metadata_path,
-                               read_metadata, resolve, source_onnx)
+from engines.cache.key import (EngineCacheError, UngatedEngineError, backend_candidates, backend_identity,
+                               compile_cache_path, metadata_path, read_metadata, resolve, source_onnx)
 from engines.model_card import file_sha256, load_card
 from engines.runner import Runner
 
@@ -55,6 +55,8 @@ def verify(plan_path: Path, settings: Settings | None = None) -> list[str]:
         built = (meta.get("platform") or {}).get("id")
         if here != built:
             problems.append(f"platform mismatch: built for {built!r}, this machine is {here!r}")
+    if backend == "inductor":
+        problems += _inductor_problems(plan_path, meta)
     if settings is not None:
         try:
             card = load_card(settings, meta.get("model", "emr_risk"))
@@ -69,7 +71,24 @@ def verify(plan_path: Path, settings: Settings | None = None) -> list[str]:
             if expected != meta.get("onnx_sha256"):
                 problems.append(f"stale: built from {graph} ONNX {str(meta.get('onnx_sha256'))[:12]}…, the "
                                 f"model card now names {str(expected)[:12]}…")
+            weights = (card.get("torch") or {}).get("sha256")
+            if backend == "inductor" and weights != meta.get("weights_sha256"):
+                problems.append(f"stale: exported from torch weights {str(meta.get('weights_sha256'))[:12]}…, "
+                                f"the model card now names {str(weights)[:12]}…")
     return problems
+
+
+def _inductor_problems(plan_path: Path, meta: dict[str, Any]) -> list[str]:
+    """The compile artefacts beside an inductor plan must be the ones its sidecar records."""
+    cache_file = compile_cache_path(plan_path)
+    recorded = (meta.get("compile_cache") or {}).get("sha256")
+    if not cache_file.is_file():
+        return [f"compile artefacts {cache_file} are missing"]
+    actual = file_sha256(cache_file)
+    if actual != recorded:
+        return [f"compile artefacts sha256 mismatch: file {actual[:16]}… vs metadata {str(recorded)[:16]}… "
+                "(corrupted or replaced)"]
+    return []
 
 
 def runner_for(plan_path: Path, meta: dict[str, Any], providers: list[str] | None = None) -> Runner:
@@ -81,6 +100,11 @@ def runner_for(plan_path: Path, meta: dict[str, Any], providers: list[str] | Non
         return OrtRunner(plan_path, providers=providers or meta.get("providers"),
                          name=f"onnxruntime-{graph}{meta['precision']}:{meta['fingerprint']}",
                          fp16_plan=meta["precision"] == "fp16")
+    if meta["backend"] == "inductor":
+        from engines.inductor_runner import InductorRunner
+
+        return InductorRunner(plan_path, compile_cache_path(plan_path), meta["shapes"],
+                              name=f"inductor-{meta['precision']}:{meta['fingerprint']}", device=meta.get("device"))
     from engines.trt_runner import TrtRunner
 
     return TrtRunner(plan_path, meta["backend_module"],
@@ -103,7 +127,22 @@ def load_runner(settings: Settings, model: str = "emr_risk", backend: str | None
 
     Refuses engines that are missing, fail verification, or have not passed
     their gate (unless ``force_ungated``), naming the command that fixes it.
+    With ``backend`` ``auto`` (:func:`engines.cache.key.backend_candidates`) the
+    first candidate that is there, intact and gated is loaded; each one passed
+    over is logged with its reason.
     """
+    candidates = backend_candidates(settings, model, backend)
+    for candidate in candidates[:-1]:
+        try:
+            return _load_one(settings, model, candidate, precision, False, providers)
+        except (EngineCacheError, FileNotFoundError) as exc:
+            log.warning("%s engine for %s not used (%s); trying %s", candidate, model, exc,
+                        candidates[candidates.index(candidate) + 1])
+    return _load_one(settings, model, candidates[-1], precision, force_ungated, providers)
+
+
+def _load_one(settings: Settings, model: str, backend: str, precision: str | None, force_ungated: bool,
+              providers: list[str] | None) -> tuple[Runner, dict[str, Any]]:
     spec = resolve(settings, model, backend, precision, providers)
     fix = (f"`medscreen engines ensure --model {model} --backend {spec.backend} "
            f"--precision {spec.precision} --cache {settings.engine_cache_dir}`")
