@@ -137,7 +137,8 @@ def _build_inductor_locked(spec: EngineSpec, card: dict[str, Any]) -> Path:
     device = default_device()
     shapes = scoring_shapes(spec.components["shapes"]["token_budget"], spec.components["shapes"]["length_buckets"])
     tag = uuid.uuid4().hex[:8]
-    tmp_plan = spec.plan_path.with_name(f".{spec.plan_path.name}.{tag}.tmp")
+    # torch.export.save/load want the .pt2 suffix.
+    tmp_plan = spec.plan_path.with_name(f".{spec.plan_path.stem}.{tag}.tmp.pt2")
     cache_file = compile_cache_path(spec.plan_path)
     tmp_cache = cache_file.with_name(f".{cache_file.name}.{tag}.tmp")
     try:

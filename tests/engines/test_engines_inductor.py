@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -155,17 +156,24 @@ def test_auto_falls_back_to_onnxruntime_with_its_reason(engines_settings, tmp_pa
 def test_score_emr_end_to_end_with_the_inductor_engine(inductor_fp32, engines_lake, tmp_path, ray_local):
     from inference import emr
 
+    from lake.commit import atomic_partition
+    from lake.paths import LakePaths
+
     settings, path = inductor_fp32
+    # The engines lake's timelines, committed as `emr features` commits them (with their vocabulary).
     lake = tmp_path / "lake"
-    shutil.copytree(engines_lake, lake, ignore=shutil.ignore_patterns("engines"))
+    table = pq.read_table(next(LakePaths(engines_lake).timelines(AS_OF).glob("*.parquet")))
+    vocab = load_card(settings)["vocab"]
+    with atomic_partition(LakePaths(lake).timelines(AS_OF),
+                          {"run_id": "test", "as_of": AS_OF, "vocabulary": vocab}) as staging:
+        pq.write_table(table, staging / "part-00000.parquet")
     settings = settings.model_copy(update={
         "lake": settings.lake.model_copy(update={"root": lake}),
         "engines": settings.engines.model_copy(update={"backend": "inductor"}),
         "ray": settings.ray.model_copy(update={"actor_num_cpus": 0.5})})
     run_dir = emr.score(settings, AS_OF, fragment_rows=400)
-    from lake.paths import LakePaths
-
-    scores = pq.read_table(LakePaths(lake).scores("emr_risk", AS_OF))
+    scores = pa.concat_tables(pq.read_table(f) for f in sorted(LakePaths(lake).scores("emr_risk", AS_OF)
+                                                                .glob("*.parquet")))
     assert scores.num_rows > 700
     assert set(scores.column("engine_fingerprint").to_pylist()) == {cache.read_metadata(path)["fingerprint"]}
     metrics = json.loads((run_dir / "metrics.json").read_text())
