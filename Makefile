@@ -15,7 +15,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip==$$(grep -E '^pip==' constraints.txt | cut -d= -f3)"
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[airflow,dev,tensorrt,train]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[airflow,dev,inductor,tensorrt,train]'
 	@# The Spark provider pulls pyspark-client, whose files overwrite pyspark's own
 	@# (pyspark/version.py then reports the client's version). Reinstall the pinned
 	@# pyspark last so the Python side matches its jars.

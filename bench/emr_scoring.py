@@ -13,7 +13,7 @@ Compares, in one run and on the same engine and data:
 
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
 and on a GPU machine with onnxruntime-gpu (CUDA EP, ray.actors_per_gpu actors per
-GPU). It generates its own timelines and uses the committed model
+GPU); ``--backend inductor`` (or ``auto`` on a GPU) scores with the inductor plan. It generates its own timelines and uses the committed model
 (models/emr_risk/emr_risk.onnx, via the engine cache) or, when that is
 absent, a small model it builds. Prints one JSON object last.
 
@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="committed: models/emr_risk (a stand-in when absent); standin: the tiny stand-in, "
                         "so pipeline overhead rather than the engine dominates")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Ray Data baseline")
+    p.add_argument("--backend", choices=["auto", "inductor", "onnxruntime"], default="auto",
+                   help="engines.backend: auto = inductor where torch sees a GPU and its plan passes the gate, "
+                        "else ONNX Runtime; the engine used is named in the JSON")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
@@ -324,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"bench": "emr_scoring", "rows": rows, "quick": args.quick,
                               "fragment_rows": args.fragment_rows,
-                              "precision": args.precision, "machine": machine()}
+                              "precision": args.precision, "backend_requested": args.backend,
+                              "machine": machine()}
     import ray
 
     try:
@@ -332,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides: dict[str, Any] = {"lake.root": str(workdir / "lake"), "models": {"emr_risk": str(card)},
                                      "engines.cache_dir": str(workdir / "engines"),
                                      "engines.precision": args.precision, "ray.address": args.ray_address,
-                                     "scoring.token_budget": args.token_budget, "engines.graph": args.graph}
+                                     "scoring.token_budget": args.token_budget, "engines.graph": args.graph,
+                                     "engines.backend": args.backend}
         if model_source.startswith("bench stand-in"):
             # The stand-in's card has no operating points: the screening list needs thresholds.
             overrides["scoring.screening_thresholds"] = {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         with cache.reference_runner(settings) as reference:
             generate_timelines(settings.lake.root, GATE_ROWS, vocab, settings.features.max_tokens, files=1,
                                seed=1, as_of=GATE_AS_OF, labels_from=reference)
-        log(f"building/gating {args.precision} ({settings.engines.graph} graph) in the engine cache")
+        log(f"building/gating {args.precision} ({args.backend} backend, {settings.engines.graph} graph) "
+            "in the engine cache")
         cache.ensure(settings, precision=args.precision, as_of=GATE_AS_OF)
         log(f"generating {rows} timelines")
         timelines = generate_timelines(settings.lake.root, rows, vocab, settings.features.max_tokens,
@@ -352,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         eng = engine_only(settings, timelines, args.precision)
         meta = eng.pop("metadata")
         result["engine"] = {"model": model_source, "backend": meta.get("backend"), "graph": meta.get("graph"),
+                            "shapes": meta.get("shapes"), "gate_passed": (meta.get("gate") or {}).get("passed"),
                             "precision": meta.get("precision"), "fingerprint": meta.get("fingerprint"),
                             "providers": eng.pop("providers"), "platform": (meta.get("platform") or {}).get("id")}
         result["engine_only_records_per_s"] = round(eng["records_per_s"], 1)

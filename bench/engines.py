@@ -5,7 +5,8 @@
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP vs torch eager on CPU) and
 on a GPU machine (it detects CUDA: ORT CUDA EP with I/O binding, TensorRT when
 `tensorrt`/`tensorrt_rtx` and cuda-python are installed and can execute there,
-torch eager on CUDA as the baseline). Every number names the engine that
+the inductor plan (torch.export + Inductor kernels, CUDA graphs per shape) where
+torch is installed, torch eager on CUDA as the baseline). Every number names the engine that
 produced it; a configuration that cannot run is recorded with its reason, not
 fatal. The last line printed is one JSON object.
 
@@ -128,6 +129,34 @@ def ort_cuda_graph_engine(plan: Path, feed_shapes: dict[str, np.ndarray]) -> tup
                  "cuda_graph": True, "fixed_shape": {k: list(v.shape) for k, v in feed_shapes.items()}}
 
 
+def inductor_engine(tmp: Path, precision: str, batch_sizes: list[int], seq: int
+                    ) -> tuple[Callable, dict[str, Any]]:
+    """The engine cache's inductor plan (torch.export program + Mega-Cache), compiled for the bench shapes.
+
+    Built through the cache (its fingerprint is the one scoring would carry) with one scoring shape,
+    (max batch, seq); the runner then compiles every bench batch size at ``seq`` — the exported
+    program is shape-independent, each shape is its own compiled graph (and CUDA graph on a GPU).
+    """
+    from conf.settings import load_settings
+    from engines import cache
+    from engines.inductor_runner import InductorRunner
+
+    settings = load_settings({"engines.cache_dir": str(tmp / "engines"), "scoring.length_buckets": [seq],
+                              "scoring.token_budget": max(batch_sizes) * seq})
+    t0 = time.perf_counter()
+    plan = cache.build(settings, backend="inductor", precision=precision)
+    build_s = time.perf_counter() - t0
+    meta = cache.read_metadata(plan)
+    runner = InductorRunner(plan, cache.compile_cache_path(plan), [(b, seq) for b in batch_sizes],
+                            name=f"inductor-{precision}:{meta['fingerprint']}")
+    t0 = time.perf_counter()
+    runner.activate()
+    return (lambda feed: runner.infer(feed)["probs"]), {
+        "backend": "inductor", "fingerprint": meta["fingerprint"], "torch_version": meta["backend_version"],
+        "platform": meta["platform"]["id"], "build_s": round(build_s, 1),
+        "activate_s": round(time.perf_counter() - t0, 1), **runner.describe()}
+
+
 def main(argv: list[str] | None = None) -> int:
     from conf.settings import load_settings
     from engines import hardware, precision
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cuda-graph", action="store_true", help="skip the ORT CUDA-graph variants (GPU only)")
     p.add_argument("--no-fused", action="store_true", help="skip the card's fused contrib-op graphs")
     p.add_argument("--eps", default="cuda,cpu", help="ONNX Runtime execution providers to time (cuda, cpu)")
+    p.add_argument("--no-inductor", action="store_true", help="skip the inductor engines (torch.export + Inductor)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     budget = args.budget_s or (0.3 if args.quick else 2.0)
@@ -213,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
                     "backend": "onnxruntime", "providers": r.active_providers,
                     "io_binding": r.active_providers[0] == "CUDAExecutionProvider"}
             add(f"onnxruntime-{ep_name}-{prec}", build)
+
+    if not args.no_inductor:
+        for prec in (p for p in precisions if p in ("fp32", "fp16")):
+            add(f"inductor-{prec}", lambda prec=prec: inductor_engine(tmp, prec, batch_sizes, seq))
 
     from engines.trt_runner import execution_blocker
 

@@ -32,6 +32,10 @@ for bench in "$@"; do
     engines)      run engines $PY bench/engines.py --budget-s 1 --max-seconds 200 ;;
     emr_scoring)  run emr_scoring $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp32 ;;
     emr_fp16)     run emr_scoring_fp16 $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp16 --skip-baseline ;;
+    # The inductor plan (torch.export + Inductor, CUDA graphs per scoring shape): built and gated on
+    # the bench's synthetic labelled lake, then ROWS rows scored; PRECISION fp16 (default) or fp32.
+    emr_inductor) run "emr_scoring_inductor_${PRECISION:-fp16}" $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" \
+                    --precision "${PRECISION:-fp16}" --backend inductor --skip-baseline ;;
     ct)           run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" ;;
     scaling)      # EMR scoring on one GPU, then on all of them, per token budget (no naive baseline)
       for gpus in ${GPU_SETS:-0 0,1}; do
@@ -40,6 +44,6 @@ for bench in "$@"; do
             --rows "${ROWS:-2000000}" --token-budget "$tb" --skip-baseline
         done
       done ;;
-    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, ct, scaling)" >&2; exit 2 ;;
+    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, emr_inductor, ct, scaling)" >&2; exit 2 ;;
   esac
 done

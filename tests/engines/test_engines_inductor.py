@@ -178,3 +178,26 @@ def test_score_emr_end_to_end_with_the_inductor_engine(inductor_fp32, engines_la
     assert set(scores.column("engine_fingerprint").to_pylist()) == {cache.read_metadata(path)["fingerprint"]}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["qc"]["passed"] is True
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_serve_calls_from_another_thread(engines_settings, tmp_path):
+    """Ray Data may call an actor from another thread than the one that activated its engine: CUDA
+    graphs are thread-local, so that thread gets its own (recorded from the compiled kernels) and the
+    answers are the activating thread's."""
+    import threading
+
+    settings = engines_settings(tmp_path, **TINY)
+    cache.ensure(settings, backend="inductor", precision="fp16", as_of=AS_OF)
+    runner, _ = cache.load_runner(settings, backend="inductor", precision="fp16")
+    table, batches = _lake_batches(settings, 100)
+    with runner:
+        assert runner.describe()["device"] == "cuda"
+        here = gate_mod.run_batches(runner, batches, table.num_rows)
+        there: dict = {}
+        worker = threading.Thread(target=lambda: there.update(p=gate_mod.run_batches(runner, batches,
+                                                                                     table.num_rows)))
+        worker.start()
+        worker.join()
+        assert runner.eager_calls == 0
+    np.testing.assert_array_equal(there["p"], here)
