@@ -29,7 +29,7 @@ run() {
 [ $# -eq 0 ] && set -- engines emr_scoring ct
 for bench in "$@"; do
   case $bench in
-    engines)      run engines $PY bench/engines.py --budget-s 1 --max-seconds 200 ;;
+    engines)      run engines $PY bench/engines.py --budget-s 1 --max-seconds "${ENGINES_MAX_S:-200}" ;;
     emr_scoring)  run emr_scoring $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp32 ;;
     emr_fp16)     run emr_scoring_fp16 $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp16 --skip-baseline ;;
     # The inductor plan (torch.export + Inductor, CUDA graphs per scoring shape): built and gated on
