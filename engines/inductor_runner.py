@@ -13,11 +13,12 @@ whose outputs are discarded; no call recompiles. A sequence longer than every
 compiled length runs uncompiled on the exported module (logged once).
 
 CUDA graphs are recorded per thread (torch's CUDA-graph trees keep their state
-in thread-local storage), and Ray Data may call an actor from a thread other
-than the one that ran ``__init__``: the first ``infer`` on a new thread runs
-every shape there once more, which records that thread's graphs from the
-already compiled kernels (no recompilation), instead of recording them lazily
-in the middle of scoring.
+in thread-local storage), and Ray Data calls an actor from another thread than
+the one that ran ``__init__`` (Ray 2.60: ``__init__`` on ``MainThread``,
+``__call__`` on a ``ThreadPoolExecutor`` thread, measured): the first ``infer``
+on a new thread runs every shape there once more, which records that thread's
+graphs from the already compiled kernels (no recompilation), instead of
+recording them lazily in the middle of scoring. Calls are serialised (one lock).
 
 Imports torch only, never the model definition.
 """
@@ -72,6 +73,8 @@ class InductorRunner:
         self._compiled = None
         self._warm_threads: set[int] = set()
         self._warned_eager = False
+        # One call at a time: a thread's first call records its CUDA graphs, and replays share buffers.
+        self._lock = threading.Lock()
 
     @property
     def is_active(self) -> bool:
@@ -118,17 +121,18 @@ class InductorRunner:
         rows, seq = arrays["tokens"].shape
         if rows == 0:
             return {"probs": np.zeros((0, 3), np.float32)}
-        if self.device == "cuda" and threading.get_ident() not in self._warm_threads:
-            self._warm_thread()
-        shape = next(((b, s) for b, s in self.shapes if s >= seq), None)
-        if shape is None:
-            return {"probs": self._eager(arrays, seq)}
-        batch, length = shape
-        out = np.empty((rows, 3), np.float32)
-        for start in range(0, rows, batch):
-            chunk = {k: v[start:start + batch] for k, v in arrays.items()}
-            out[start:start + batch] = self._run(_pad(chunk, batch, length))[:len(chunk["tokens"])]
-        return {"probs": out}
+        with self._lock:
+            if self.device == "cuda" and threading.get_ident() not in self._warm_threads:
+                self._warm_thread()
+            shape = next(((b, s) for b, s in self.shapes if s >= seq), None)
+            if shape is None:
+                return {"probs": self._eager(arrays, seq)}
+            batch, length = shape
+            out = np.empty((rows, 3), np.float32)
+            for start in range(0, rows, batch):
+                chunk = {k: v[start:start + batch] for k, v in arrays.items()}
+                out[start:start + batch] = self._run(_pad(chunk, batch, length))[:len(chunk["tokens"])]
+            return {"probs": out}
 
     def deactivate(self) -> None:
         self._compiled = None
