@@ -109,10 +109,10 @@ def _contract_module():
         def __init__(self, inner: torch.nn.Module, half: bool):
             super().__init__()
             self.inner = inner.half() if half else inner
-            self.half = half
+            self.fp16 = half  # not `half`: that would shadow Module.half()
 
         def forward(self, tokens, days_before, age_years, sex):
-            if self.half:
+            if self.fp16:
                 return self.inner(tokens, days_before.half(), age_years.half(), sex).float()
             return self.inner(tokens, days_before, age_years, sex)
 
