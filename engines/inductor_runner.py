@@ -62,7 +62,6 @@ class InductorRunner:
                  name: str | None = None, device: str | None = None):
         self.plan = Path(plan)
         self.compile_cache = Path(compile_cache) if compile_cache else None
-        # Ascending length: the first that holds a batch is the smallest.
         self.shapes = sorted((int(b), int(s)) for b, s in shapes)
         self.name = name or f"inductor:{self.plan.name}"
         self.device = device
@@ -124,7 +123,7 @@ class InductorRunner:
         with self._lock:
             if self.device == "cuda" and threading.get_ident() not in self._warm_threads:
                 self._warm_thread()
-            shape = next(((b, s) for b, s in self.shapes if s >= seq), None)
+            shape = self.shape_for(rows, seq)
             if shape is None:
                 return {"probs": self._eager(arrays, seq)}
             batch, length = shape
@@ -133,6 +132,19 @@ class InductorRunner:
                 chunk = {k: v[start:start + batch] for k, v in arrays.items()}
                 out[start:start + batch] = self._run(_pad(chunk, batch, length))[:len(chunk["tokens"])]
             return {"probs": out}
+
+    def shape_for(self, rows: int, seq: int) -> tuple[int, int] | None:
+        """The compiled (batch, length) a batch of ``rows`` × ``seq`` runs as; None: longer than all of them.
+
+        The smallest compiled length that holds ``seq``; of its batch sizes the smallest that holds
+        ``rows``, else the largest (the rows then run in chunks of it).
+        """
+        lengths = [s for _, s in self.shapes if s >= seq]
+        if not lengths:
+            return None
+        length = min(lengths)
+        batches = sorted(b for b, s in self.shapes if s == length)
+        return next((b for b in batches if b >= rows), batches[-1]), length
 
     def deactivate(self) -> None:
         self._compiled = None

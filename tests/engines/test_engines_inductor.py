@@ -77,6 +77,9 @@ def test_padding_to_compiled_shapes_gives_the_unpadded_answer(inductor_fp32):
     program = torch.export.load(str(path)).module()
     runner, _ = cache.load_runner(settings, backend="inductor", precision="fp32")
     with runner:
+        # Each batch hits the compiled shape of the smallest length that holds it.
+        assert [runner.shape_for(r, s) for r, s in ((5, 40), (37, 64), (3, 200), (9, 256), (1, 300))] == \
+            [(16, 64), (16, 64), (4, 256), (4, 256), None]
         for rows, seq in ((5, 40), (37, 64), (3, 200), (9, 256)):
             feed = samples.to_feed(table.slice(0, rows), seq, pad_to=seq)
             got = runner.infer(feed)["probs"]
