@@ -128,17 +128,26 @@ def test_verify_refuses_a_tampered_or_foreign_inductor_plan(inductor_fp32, tmp_p
     assert any("torch weights" in p for p in cache.verify(stale, settings))
 
 
-def test_auto_is_onnxruntime_without_a_gpu(engines_settings, tmp_path):
-    settings = engines_settings(tmp_path)
-    assert settings.engines.backend == "auto"
+def test_auto_is_onnxruntime_without_a_gpu(engines_settings, engines_lake, tmp_path, capsys):
+    """`engines ensure` (CLI, as the DAGs run it) and the scoring actors' engine source resolve the
+    default backend, auto, alike: ONNX Runtime on a machine without a GPU."""
     from engines.hardware import cuda_torch_available
+    from engines.source import CachedEngine
+    from medscreen.cli import main
 
+    settings = engines_settings(tmp_path / "cache")
+    assert settings.engines.backend == "auto"
     if cuda_torch_available():
         pytest.skip("this machine has a CUDA GPU torch can use")
     assert cache.backend_candidates(settings, "emr_risk") == ["onnxruntime"]
     assert cache.backend_candidates(settings, "ct_nodule") == ["onnxruntime"]
-    assert cache.resolve(settings, precision="fp32").backend == "onnxruntime"
     assert cache.backend_candidates(settings, "emr_risk", "inductor") == ["inductor"]
+    assert main(["engines", "ensure", "--model", "emr_risk", "--lake", str(engines_lake),
+                 "--cache", str(tmp_path / "cache"), "--as-of", AS_OF]) == 0
+    plan = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert plan.name.startswith("onnxruntime-fp32-")
+    _, meta = CachedEngine(settings, "emr_risk", settings.engines.backend).load("fp32")
+    assert meta["fingerprint"] == cache.read_metadata(plan)["fingerprint"]
 
 
 def test_auto_falls_back_to_onnxruntime_with_its_reason(engines_settings, tmp_path, caplog):
