@@ -67,6 +67,8 @@ def platform_for(backend: str, providers: list[str] | None = None) -> dict[str, 
     for a TensorRT(-RTX) plan built ahead-of-time without a GPU.
     """
     if backend == "inductor":
+        from engines.inductor_runner import torch_platform
+
         return torch_platform()
     gpu = gpu_info()
     if backend == "onnxruntime":
@@ -81,26 +83,3 @@ def platform_for(backend: str, providers: list[str] | None = None) -> dict[str, 
     cc = gpu["compute_capability"].replace(".", "")
     return {"kind": "gpu", **gpu, "id": f"{gpu['gpu']} sm{cc}"}
 
-
-def torch_platform() -> dict[str, Any]:
-    """The device torch runs on here: ``"<gpu> sm<cc>"`` of CUDA device 0, or ``"cpu"`` (Inductor plans)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"kind": "cpu", "id": "cpu"}
-    major, minor = torch.cuda.get_device_capability(0)
-    name = torch.cuda.get_device_name(0)
-    return {"kind": "gpu", "gpu": name, "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda,
-            "id": f"{name} sm{major}{minor}"}
-
-
-def cuda_torch_available() -> bool:
-    """True when a GPU answers and torch, installed here, can use it (checked without importing torch
-    on machines with no GPU)."""
-    import importlib.util
-
-    if gpu_info() is None or importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())

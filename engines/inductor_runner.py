@@ -55,6 +55,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def torch_identity() -> tuple[str, str]:
+    """(module, version) of the torch installed here: the inductor backend's identity."""
+    import torch
+
+    return "torch", torch.__version__
+
+
+def torch_platform() -> dict[str, Any]:
+    """The device torch runs on here: ``"<gpu> sm<cc>"`` of CUDA device 0, or ``"cpu"``."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"kind": "cpu", "id": "cpu"}
+    major, minor = torch.cuda.get_device_capability(0)
+    name = torch.cuda.get_device_name(0)
+    return {"kind": "gpu", "gpu": name, "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda,
+            "id": f"{name} sm{major}{minor}"}
+
+
+def cuda_available() -> bool:
+    """True when a GPU answers and torch, installed here, can use it (torch is not imported on
+    machines without a GPU)."""
+    import importlib.util
+
+    from engines.hardware import gpu_info
+
+    if gpu_info() is None or importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class InductorRunner:
     """Runs a ``torch.export`` plan compiled per shape. ``activate`` loads and compiles, ``infer`` runs."""
 

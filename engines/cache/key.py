@@ -52,9 +52,9 @@ def backend_identity(backend: str) -> tuple[str, str]:
         trt = import_tensorrt()
         return trt.__name__, trt.__version__
     if backend == "inductor":
-        import torch
+        from engines.inductor_runner import torch_identity
 
-        return "torch", torch.__version__
+        return torch_identity()
     raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
 
 
@@ -68,7 +68,9 @@ def backend_candidates(settings: Settings, model: str, backend: str | None = Non
     backend = backend or settings.engines.backend
     if backend != AUTO:
         return [backend]
-    if model in INDUCTOR_MODELS and hardware.cuda_torch_available():
+    from engines.inductor_runner import cuda_available
+
+    if model in INDUCTOR_MODELS and cuda_available():
         return ["inductor", "onnxruntime"]
     return ["onnxruntime"]
 

@@ -131,13 +131,13 @@ def test_verify_refuses_a_tampered_or_foreign_inductor_plan(inductor_fp32, tmp_p
 def test_auto_is_onnxruntime_without_a_gpu(engines_settings, engines_lake, tmp_path, capsys):
     """`engines ensure` (CLI, as the DAGs run it) and the scoring actors' engine source resolve the
     default backend, auto, alike: ONNX Runtime on a machine without a GPU."""
-    from engines.hardware import cuda_torch_available
+    from engines.inductor_runner import cuda_available
     from engines.source import CachedEngine
     from medscreen.cli import main
 
     settings = engines_settings(tmp_path / "cache")
     assert settings.engines.backend == "auto"
-    if cuda_torch_available():
+    if cuda_available():
         pytest.skip("this machine has a CUDA GPU torch can use")
     assert cache.backend_candidates(settings, "emr_risk") == ["onnxruntime"]
     assert cache.backend_candidates(settings, "ct_nodule") == ["onnxruntime"]
