@@ -105,6 +105,10 @@ class PaddedBatch:
     sex: np.ndarray           # int64 [n]
     real_tokens: int
     prep_s: float
+    # Eligibility facts of the rows (screening, made where the rows are scored): encounter tokens
+    # (-1: null) and the prevalence flags as bits (bit j: head j; bit 7: a flag null or absent).
+    encounters: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    prevalent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
     # Quarantined rows of the fragment ride on its batch 0 so an all-bad fragment still reports.
     quarantine_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="S1"))
     quarantine_reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="S1"))
@@ -180,11 +184,14 @@ def _pad(flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray, rows: np.nda
 
 
 def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int], token_budget: int,
-                  vocab_size: int | None = None) -> list[PaddedBatch]:
+                  vocab_size: int | None = None,
+                  facts: tuple[np.ndarray, np.ndarray] | None = None) -> list[PaddedBatch]:
     """Validate, length-sort and pad one fragment of timelines into token-budget batches.
 
     Returns at least one batch (possibly with zero rows) so the fragment's
-    quarantined rows and completion always reach the writer.
+    quarantined rows and completion always reach the writer. ``facts``
+    (encounters, prevalence bits; one per table row, see :class:`PaddedBatch`)
+    are handed out with each batch's rows.
     """
     t0 = time.perf_counter()
     buckets = validate_buckets(length_buckets, token_budget)
@@ -216,7 +223,8 @@ def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int],
             fragment=fragment, batch_index=i, n_batches=max(1, len(plans)), keys=keys[p.rows],
             tokens=_pad(tok_flat, safe_lens, starts, p.rows, p.seq_len, np.int64),
             days_before=_pad(day_flat, safe_lens, starts, p.rows, p.seq_len, np.float32),
-            age_years=age[p.rows], sex=sex[p.rows], real_tokens=int(safe_lens[p.rows].sum()), prep_s=0.0))
+            age_years=age[p.rows], sex=sex[p.rows], real_tokens=int(safe_lens[p.rows].sum()), prep_s=0.0,
+            **({"encounters": facts[0][p.rows], "prevalent": facts[1][p.rows]} if facts is not None else {})))
     if not batches:
         batches.append(PaddedBatch(
             fragment=fragment, batch_index=0, n_batches=1, keys=np.zeros(0, dtype="S1"),
@@ -236,7 +244,8 @@ def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int],
 # --- Ray Data row encoding -------------------------------------------------------------------
 # One padded batch = one row; arrays as raw buffers so rows of different shapes share a block.
 
-_ARRAY_FIELDS = ("keys", "tokens", "days_before", "age_years", "sex", "quarantine_keys", "quarantine_reasons")
+_ARRAY_FIELDS = ("keys", "tokens", "days_before", "age_years", "sex", "encounters", "prevalent",
+                 "quarantine_keys", "quarantine_reasons")
 
 
 def batches_to_table(batches: Sequence[PaddedBatch]) -> pa.Table:
@@ -285,6 +294,7 @@ def batch_from_table(table: pa.Table, i: int) -> PaddedBatch:
         keys=arr("keys", f"S{table.column('key_width')[i].as_py()}"),
         tokens=arr("tokens", np.int64, (n, seq)), days_before=arr("days_before", np.float32, (n, seq)),
         age_years=arr("age_years", np.float32), sex=arr("sex", np.int64),
+        encounters=arr("encounters", np.int32), prevalent=arr("prevalent", np.uint8),
         real_tokens=table.column("real_tokens")[i].as_py(), prep_s=table.column("prep_s")[i].as_py(),
         quarantine_keys=arr("quarantine_keys", f"S{table.column('qkey_width')[i].as_py()}"),
         quarantine_reasons=arr("quarantine_reasons", f"S{table.column('qreason_width')[i].as_py()}"))
