@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from engines.source import EngineSource
 from inference.actors import EngineActor
-from inference.batching import batch_from_table, batches_to_table, pack_fragment
+from inference.batching import batches_to_table, binary_column, iter_batches, pack_fragment
 from inference.fragments import FragmentSink
 from lake.schemas import PREVALENT_COLUMNS
 from preprocessing.eligibility import encounter_counts
@@ -59,8 +59,9 @@ def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int
         rows["fragment"].append(int(row["fragment"]))
         rows["rows_in"].append(int(row["num_rows"]))
         rows["n_batches"].append(batches.num_rows)
-        rows["batches"].append(sink.getvalue().to_pybytes())
-    return pa.table(rows, schema=PACKED_SCHEMA)
+        rows["batches"].append(sink.getvalue())
+    return pa.table({**{k: pa.array(v, PACKED_SCHEMA.field(k).type) for k, v in rows.items() if k != "batches"},
+                     "batches": binary_column(rows["batches"])}, schema=PACKED_SCHEMA)
 
 
 def eligibility_facts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -119,9 +120,10 @@ class ScoreActor(EngineActor):
     def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> dict[str, Any]:
         table = pa.ipc.open_stream(packed).read_all()
         keys, probs, qkeys, qreasons, records, encounters, prevalent, ages = [], [], [], [], [], [], [], []
-        for i in range(table.num_rows):
+        batches = iter_batches(table)
+        for _ in range(table.num_rows):
             t0 = time.perf_counter()
-            batch = batch_from_table(table, i)
+            batch = next(batches)
             feed = batch.feed()
             t1 = time.perf_counter()
             if batch.n_rows:
@@ -140,7 +142,7 @@ class ScoreActor(EngineActor):
             qkeys.append(batch.quarantine_keys)
             qreasons.append(batch.quarantine_reasons)
             records.append({"batch_index": batch.batch_index, "n_rows": batch.n_rows,
-                            "seq_len": int(table.column("seq_len")[i].as_py()),
+                            "seq_len": batch.seq_len,
                             "real_tokens": batch.real_tokens, "prep_s": batch.prep_s,
                             "host_s": t1 - t0, "device_s": t2 - t1, "done_at": time.time(),
                             "actor_id": self.actor_id, "incarnation": self.incarnation})
@@ -156,5 +158,6 @@ class ScoreActor(EngineActor):
                                  cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records,
                                  facts)
         record["actor"] = {"id": self.actor_id, "incarnation": self.incarnation,
-                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at}
+                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at,
+                           "init_started_at": self.init_started_at}
         return record
