@@ -347,7 +347,7 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             as_of=as_of, model=str(metadata.get("model", MODEL)),
                             model_version=str(metadata.get("model_version")),
                             engine_fingerprint=str(metadata.get("fingerprint")),
-                            calibration=calibration, psi_edges=psi_edges, screening=criteria)
+                            calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
         t_build = time.perf_counter()
         ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
         attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)

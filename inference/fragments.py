@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inference import score_stats
+from inference import score_stats, screening
 from lake.commit import partition_files
 from lake.files import write_bytes_atomic
 from lake.schemas import HEADS, PREVALENT_COLUMNS, SCORES
@@ -206,7 +206,7 @@ class FragmentSink:
     # The drift reference's PSI bin edges per head (inference.qc.psi_reference); None: no drift check.
     psi_edges: Any = None
     # The screening list's criteria (inference.screening.Criteria); None: the list reads every score.
-    screening: Any = None
+    screening_criteria: Any = None
 
     def staging(self) -> RunStaging:
         return RunStaging(Path(self.final), self.run_id, self.precision)
@@ -257,17 +257,15 @@ class FragmentSink:
                     ) -> tuple[pa.Table | None, dict[str, Any] | None]:
         """The fragment's screening candidates and population counts (inference.screening), or
         (None, None) when a fact is missing: the driver then makes them from the files."""
-        from inference import screening
-
-        if self.screening is None or facts is None or any(len(f) != len(order) for f in facts):
+        if self.screening_criteria is None or facts is None or any(len(f) != len(order) for f in facts):
             return None, None
         age, encounters, bits = (f[order] for f in facts)
-        if (encounters < 0).any() or (self.screening.exclude_prevalent and (bits & 0x80).any()):
+        if (encounters < 0).any() or (self.screening_criteria.exclude_prevalent and (bits & 0x80).any()):
             return None, None
         named = {"age_years": age.astype(np.float64), "encounters": encounters.astype(np.int64),
                  **{c: (bits >> j) & 1 == 1 for j, c in enumerate(PREVALENT_COLUMNS)}}
-        candidates, population = screening.fragment_candidates(self.screening, table, named)
-        return candidates, {"criteria": self.screening.to_dict(), "population": population}
+        candidates, population = screening.fragment_candidates(self.screening_criteria, table, named)
+        return candidates, {"criteria": self.screening_criteria.to_dict(), "population": population}
 
 
 def _utf8(values: np.ndarray) -> pa.Array:
