@@ -37,7 +37,6 @@ from lake.ledger import StageLedger
 from lake.paths import TRIAL, LakePaths, as_of_str
 from lake.schemas import HEADS, PREVALENT_COLUMNS, SCORES, SCREENING
 from preprocessing import eligibility as elig
-from preprocessing.timelines import LABEL_GROUPS
 
 MODEL = "emr_risk"
 PROVENANCE = ("model", "model_version", "engine_fingerprint", "precision", "run_id")
@@ -512,6 +511,9 @@ def _build(settings: Settings, lake: LakePaths, as_of: str, run_id: str | None, 
     ledger.check()
     n_excluded = ignored.get(EXCLUDED_PREVALENT, 0)
     if prevalent is not None:
+        # Here, not at module level: the engine actors import this module for fragment_candidates.
+        from preprocessing.timelines import LABEL_GROUPS
+
         exclusion: dict[str, Any] = {
             "enabled": True,
             "rule": ("per head, patients with prevalent_<head> in the timelines partition are left out: an "
