@@ -44,12 +44,19 @@ def _score_then_rebuild(settings, run_id: str | None = None, **kwargs) -> tuple[
     return ours, _list(settings), ledger
 
 
-@pytest.mark.parametrize("criterion", [{"scoring.screening_thresholds": {"t2d": 0.15, "ckd": 0.02, "hf": 0.3}},
-                                       {"scoring.screening_top_k": 9}], ids=["thresholds", "top_k"])
-def test_the_list_from_fragment_candidates_equals_the_list_from_every_score(scoring_settings, criterion):
+@pytest.mark.parametrize("criterion, encounters_column", [
+    ({"scoring.screening_thresholds": {"t2d": 0.15, "ckd": 0.02, "hf": 0.3}}, True),
+    ({"scoring.screening_top_k": 9}, True),
+    # A partition from before the features job counted encounters: both ways count the tokens.
+    ({"scoring.screening_top_k": 9}, False)], ids=["thresholds", "top_k", "top_k_counted_from_tokens"])
+def test_the_list_from_fragment_candidates_equals_the_list_from_every_score(scoring_settings, criterion,
+                                                                            encounters_column):
     settings = scoring_settings(**criterion)
     # Children, empty timelines, the already diagnosed and quarantined rows: every rule has work.
-    commit_timelines(settings.lake.root, AS_OF, random_timelines(N, seed=21, bad_rows=True, min_age_years=5))
+    timelines = random_timelines(N, seed=21, bad_rows=True, min_age_years=5)
+    if not encounters_column:
+        timelines = timelines.drop_columns(["encounters"])
+    commit_timelines(settings.lake.root, AS_OF, timelines)
     ours, full, ledger = _score_then_rebuild(settings)
     rows, manifest = ours
     assert manifest["built_from"]["source"] == "fragment candidates"
