@@ -77,6 +77,8 @@ class EngineActor:
 
     def __init__(self, source: EngineSource, precision: str):
         t0 = time.perf_counter()
+        # Start-up before the engine load: actor scheduling, imports, unpickling the arguments.
+        self.init_started_at = time.time()
         runner, self.metadata = source.load(precision)
         self._held = contextlib.ExitStack()
         self.runner: Runner = self._held.enter_context(activated(runner))

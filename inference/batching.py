@@ -16,7 +16,7 @@ can hold batches of different shapes and the actor reads them zero-copy.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,6 +105,10 @@ class PaddedBatch:
     sex: np.ndarray           # int64 [n]
     real_tokens: int
     prep_s: float
+    # Eligibility facts of the rows (screening, made where the rows are scored): encounter tokens
+    # (-1: null) and the prevalence flags as bits (bit j: head j; bit 7: a flag null or absent).
+    encounters: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))
+    prevalent: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
     # Quarantined rows of the fragment ride on its batch 0 so an all-bad fragment still reports.
     quarantine_keys: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="S1"))
     quarantine_reasons: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="S1"))
@@ -159,32 +163,41 @@ def _check_rows(table: pa.Table, max_len: int, vocab_size: int | None) -> tuple[
 
 
 def _flat_values(col: pa.ChunkedArray) -> np.ndarray:
-    """All list values in row order (nulls contribute nothing)."""
+    """All list values in row order, in their stored dtype (nulls contribute nothing)."""
     arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    return np.asarray(pc.list_flatten(arr).to_numpy(), dtype=np.int64)
+    return np.asarray(pc.list_flatten(arr).to_numpy())
 
 
-def _pad(flat: np.ndarray, lengths: np.ndarray, starts: np.ndarray, rows: np.ndarray, seq_len: int,
-         dtype: np.dtype) -> np.ndarray:
-    """Scatter the chosen rows' values into a zero-padded [len(rows), seq_len] matrix (no per-row Python)."""
-    n = len(rows)
-    out = np.zeros((n, seq_len), dtype=dtype)
+def _gather_rows(flats: Sequence[np.ndarray], lengths: np.ndarray, starts: np.ndarray,
+                 rows: np.ndarray) -> list[np.ndarray]:
+    """Each flat list column's values of ``rows``, in that order, back to back: one gather per
+    column for the whole fragment, after which each batch's values are one contiguous slice."""
     lens = lengths[rows]
     total = int(lens.sum())
-    if total:
-        r = np.repeat(np.arange(n), lens)
-        within = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-        src = np.repeat(starts[rows], lens) + within
-        out[r, within] = flat[src]
+    if not total:
+        return [f[:0] for f in flats]
+    src = np.arange(total, dtype=np.int64) + np.repeat(starts[rows] - (np.cumsum(lens) - lens), lens)
+    return [f[src] for f in flats]
+
+
+def _pad(values: np.ndarray, lens: np.ndarray, seq_len: int, dtype: np.dtype) -> np.ndarray:
+    """Rows of ``lens`` values each (``values`` back to back) into a zero-padded [len(lens), seq_len] matrix."""
+    out = np.zeros((len(lens), seq_len), dtype=dtype)
+    if len(values):
+        # A boolean mask fills row-major: each row's values land left-aligned, in order.
+        out[np.arange(seq_len) < lens[:, None]] = values
     return out
 
 
 def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int], token_budget: int,
-                  vocab_size: int | None = None) -> list[PaddedBatch]:
+                  vocab_size: int | None = None,
+                  facts: tuple[np.ndarray, np.ndarray] | None = None) -> list[PaddedBatch]:
     """Validate, length-sort and pad one fragment of timelines into token-budget batches.
 
     Returns at least one batch (possibly with zero rows) so the fragment's
-    quarantined rows and completion always reach the writer.
+    quarantined rows and completion always reach the writer. ``facts``
+    (encounters, prevalence bits; one per table row, see :class:`PaddedBatch`)
+    are handed out with each batch's rows.
     """
     t0 = time.perf_counter()
     buckets = validate_buckets(length_buckets, token_budget)
@@ -198,7 +211,6 @@ def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int],
     keys = np.asarray(keys_col.to_numpy(zero_copy_only=False)).astype(np.bytes_)
     tok_flat = _flat_values(table.column("tokens"))
     day_flat = _flat_values(table.column("days_before"))
-    day_flat = day_flat.astype(np.float32)
     tok_lens = np.asarray(pc.list_value_length(table.column("tokens")).fill_null(0).to_numpy(),
                           dtype=np.int64)
     starts = np.cumsum(tok_lens) - tok_lens
@@ -210,13 +222,23 @@ def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int],
         sex[sex_str == code] = value
 
     safe_lens = np.where(ok, lengths, 0)
+    # The fragment's scored rows in batch order, values gathered once; batch i is a slice of each.
+    in_order = np.concatenate([p.rows for p in plans]) if plans else np.zeros(0, np.int64)
+    tok_vals, day_vals = _gather_rows([tok_flat, day_flat], safe_lens, starts, in_order)
+    value_end = np.cumsum(safe_lens[in_order])
     batches = []
+    first = 0
     for i, p in enumerate(plans):
+        last = first + len(p.rows)
+        lo, hi = (int(value_end[first - 1]) if first else 0), int(value_end[last - 1])
+        lens = safe_lens[p.rows]
         batches.append(PaddedBatch(
             fragment=fragment, batch_index=i, n_batches=max(1, len(plans)), keys=keys[p.rows],
-            tokens=_pad(tok_flat, safe_lens, starts, p.rows, p.seq_len, np.int64),
-            days_before=_pad(day_flat, safe_lens, starts, p.rows, p.seq_len, np.float32),
-            age_years=age[p.rows], sex=sex[p.rows], real_tokens=int(safe_lens[p.rows].sum()), prep_s=0.0))
+            tokens=_pad(tok_vals[lo:hi], lens, p.seq_len, np.int64),
+            days_before=_pad(day_vals[lo:hi], lens, p.seq_len, np.float32),
+            age_years=age[p.rows], sex=sex[p.rows], real_tokens=hi - lo, prep_s=0.0,
+            **({"encounters": facts[0][p.rows], "prevalent": facts[1][p.rows]} if facts is not None else {})))
+        first = last
     if not batches:
         batches.append(PaddedBatch(
             fragment=fragment, batch_index=0, n_batches=1, keys=np.zeros(0, dtype="S1"),
@@ -236,7 +258,8 @@ def pack_fragment(table: pa.Table, fragment: int, length_buckets: Sequence[int],
 # --- Ray Data row encoding -------------------------------------------------------------------
 # One padded batch = one row; arrays as raw buffers so rows of different shapes share a block.
 
-_ARRAY_FIELDS = ("keys", "tokens", "days_before", "age_years", "sex", "quarantine_keys", "quarantine_reasons")
+_ARRAY_FIELDS = ("keys", "tokens", "days_before", "age_years", "sex", "encounters", "prevalent",
+                 "quarantine_keys", "quarantine_reasons")
 
 
 def batches_to_table(batches: Sequence[PaddedBatch]) -> pa.Table:
@@ -256,35 +279,57 @@ def batches_to_table(batches: Sequence[PaddedBatch]) -> pa.Table:
         cols["qkey_width"].append(b.quarantine_keys.dtype.itemsize)
         cols["qreason_width"].append(b.quarantine_reasons.dtype.itemsize)
         for name in _ARRAY_FIELDS:
-            cols[name].append(np.ascontiguousarray(getattr(b, name)).tobytes())
+            cols[name].append(getattr(b, name))
     types = {"fragment": pa.int32(), "batch_index": pa.int32(), "n_batches": pa.int32(),
              "n_rows": pa.int32(), "seq_len": pa.int32(), "real_tokens": pa.int64(), "prep_s": pa.float64(),
              "key_width": pa.int32(), "qkey_width": pa.int32(), "qreason_width": pa.int32()}
-    arrays = {k: pa.array(v, type=types.get(k, pa.large_binary())) for k, v in cols.items()}
+    arrays = {k: binary_column(v) if k in _ARRAY_FIELDS else pa.array(v, type=types[k]) for k, v in cols.items()}
     return pa.table(arrays)
 
 
-def _buf(table: pa.Table, name: str, i: int) -> memoryview:
-    # as_buffer() hands out the Arrow memory itself (zero-copy) rather than a Python bytes copy.
-    return table.column(name)[i].as_buffer()
+def binary_column(values: Sequence[np.ndarray | pa.Buffer]) -> pa.Array:
+    """A large_binary array, one value per array (its raw bytes) or Arrow buffer: the bytes are laid
+    back to back once (a single value is used as it is), never copied into Python bytes objects."""
+    views = [np.frombuffer(v, np.uint8) if isinstance(v, pa.Buffer)
+             else np.ascontiguousarray(v).view(np.uint8).reshape(-1) for v in values]
+    offsets = np.zeros(len(views) + 1, np.int64)
+    np.cumsum([v.size for v in views], out=offsets[1:])
+    if len(values) == 1 and isinstance(values[0], pa.Buffer):
+        data = values[0]
+    else:
+        data = pa.py_buffer(np.concatenate(views) if views else np.zeros(0, np.uint8))
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(views), [None, pa.py_buffer(offsets), data])
 
 
-def batch_from_table(table: pa.Table, i: int) -> PaddedBatch:
-    """Decode row ``i`` of a table made by :func:`batches_to_table` (zero-copy views)."""
-    n = table.column("n_rows")[i].as_py()
-    seq = table.column("seq_len")[i].as_py()
+def _binary_values(column: pa.ChunkedArray) -> Callable[[int], pa.Buffer | None]:
+    """Row i's value of a large_binary column as a zero-copy slice of its data buffer (the column's
+    buffers are looked up once, not per row: a scalar lookup per value costs more than the batch)."""
+    chunk = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    _, offsets_buf, data = chunk.buffers()
+    offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset:chunk.offset + len(chunk) + 1]
+    return lambda i: data.slice(int(offsets[i]), int(offsets[i + 1] - offsets[i])) if data is not None else None
 
-    def arr(name: str, dtype, shape=None) -> np.ndarray:
-        buf = _buf(table, name, i)
-        a = np.frombuffer(buf, dtype=dtype) if buf is not None and buf.size else np.zeros(0, dtype=dtype)
-        return a.reshape(shape) if shape is not None else a
 
-    return PaddedBatch(
-        fragment=table.column("fragment")[i].as_py(), batch_index=table.column("batch_index")[i].as_py(),
-        n_batches=table.column("n_batches")[i].as_py(),
-        keys=arr("keys", f"S{table.column('key_width')[i].as_py()}"),
-        tokens=arr("tokens", np.int64, (n, seq)), days_before=arr("days_before", np.float32, (n, seq)),
-        age_years=arr("age_years", np.float32), sex=arr("sex", np.int64),
-        real_tokens=table.column("real_tokens")[i].as_py(), prep_s=table.column("prep_s")[i].as_py(),
-        quarantine_keys=arr("quarantine_keys", f"S{table.column('qkey_width')[i].as_py()}"),
-        quarantine_reasons=arr("quarantine_reasons", f"S{table.column('qreason_width')[i].as_py()}"))
+def iter_batches(table: pa.Table) -> Iterator[PaddedBatch]:
+    """Decode the rows of a table made by :func:`batches_to_table`, in order (zero-copy views)."""
+    meta = {name: table.column(name).to_pylist() for name in (
+        "fragment", "batch_index", "n_batches", "n_rows", "seq_len", "real_tokens", "prep_s",
+        "key_width", "qkey_width", "qreason_width")}
+    values = {name: _binary_values(table.column(name)) for name in _ARRAY_FIELDS}
+    for i in range(table.num_rows):
+        n, seq = meta["n_rows"][i], meta["seq_len"][i]
+
+        def arr(name: str, dtype, shape=None) -> np.ndarray:
+            buf = values[name](i)
+            a = np.frombuffer(buf, dtype=dtype) if buf is not None and buf.size else np.zeros(0, dtype=dtype)
+            return a.reshape(shape) if shape is not None else a
+
+        yield PaddedBatch(
+            fragment=meta["fragment"][i], batch_index=meta["batch_index"][i], n_batches=meta["n_batches"][i],
+            keys=arr("keys", f"S{meta['key_width'][i]}"),
+            tokens=arr("tokens", np.int64, (n, seq)), days_before=arr("days_before", np.float32, (n, seq)),
+            age_years=arr("age_years", np.float32), sex=arr("sex", np.int64),
+            encounters=arr("encounters", np.int32), prevalent=arr("prevalent", np.uint8),
+            real_tokens=meta["real_tokens"][i], prep_s=meta["prep_s"][i],
+            quarantine_keys=arr("quarantine_keys", f"S{meta['qkey_width'][i]}"),
+            quarantine_reasons=arr("quarantine_reasons", f"S{meta['qreason_width'][i]}"))

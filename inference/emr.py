@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from conf.settings import Settings
 from engines.calibration import Calibration, from_card, reliability
@@ -154,6 +155,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     if calibration is None:
         log.warning("model card %s has no calibration: scores are the engine's raw outputs, and the "
                     "screening list needs configured thresholds", settings.models.get(MODEL))
+    criteria = _screening_criteria(settings, calibration)
     specs = plan_fragments(timelines, fragment_rows)
     available = sum(s.num_rows for s in specs)
     if limit is not None:
@@ -173,7 +175,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
             startup["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
             attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
                                  final, run_id, actor_cls, on_fragment_done, calibration,
-                                 as_of=as_of, reference=reference)]
+                                 as_of=as_of, reference=reference, criteria=criteria)]
             first = attempts[0]
             if (not first.qc["passed"] and first.precision != "fp32"
                     and settings.scoring.qc.fallback_to_fp32):
@@ -182,7 +184,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
                 first.staging.discard()
                 attempts.append(_attempt(settings, source, "fp32", specs, in_manifest, timelines, final,
                                          run_id, actor_cls, on_fragment_done, calibration,
-                                         as_of=as_of, reference=reference))
+                                         as_of=as_of, reference=reference, criteria=criteria))
     except BaseException as exc:
         # Finished fragments stay staged: the same run_id picks up where this one stopped.
         exc.add_note(f"score_emr run {run_id} stopped; finished fragments are kept — resume with "
@@ -226,8 +228,6 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if quarantine is not None:
-        import pyarrow.parquet as pq
-
         pq.write_table(quarantine, run_dir / "quarantine.parquet")
     manifest: dict[str, Any] = {
         "run_id": run_id, "stage": STAGE, "model": MODEL, "as_of": as_of,
@@ -250,6 +250,9 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         qc.raise_if_failed(chosen.qc, f"{MODEL} as-of {as_of} (run {run_id}; see {run_dir / 'report.html'})")
 
     ledger.check()
+    # The actors' screening candidates live beside the resume bookkeeping that sealing removes.
+    staged = _timed(chosen.driver, "read_candidates_s", _staged_candidates, chosen.records, chosen.staging,
+                    criteria)
     files = [p.name for p in chosen.staging.part_files()]
     scores_manifest = {**manifest, "files": files}
     _timed(chosen.driver, "commit_s", commit, chosen.staging.seal(), final, scores_manifest, run_id=run_id)
@@ -260,10 +263,12 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         run_summary["reliability"] = reliability_curves
     # Handed what this run already holds: the lake, the scores version it committed with its
     # manifest, and the leased timelines version with its manifest (nothing read twice).
+    candidates = _timed(chosen.driver, "screening_s", _candidates, criteria, staged, specs, scores_version,
+                        as_of, timelines.name)
     screening_dir, screening_ledger = _timed(
         chosen.driver, "screening_s", screening.build,
         settings, as_of, run_id, lake=lake, scores=scores_version, scores_manifest=scores_manifest,
-        timelines=timelines, timelines_manifest=in_manifest, trial=trial)
+        timelines=timelines, timelines_manifest=in_manifest, trial=trial, candidates=candidates)
     manifest.update({"status": "ok", "outputs": {
         "scores": final.relative_to(lake.root).as_posix(), "scores_version": scores_manifest["version"],
         "screening": screening_dir.relative_to(lake.root).as_posix()},
@@ -306,7 +311,7 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
              in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
              on_fragment_done: Callable[[int, int], None] | None,
              calibration: Calibration | None = None, *, as_of: str,
-             reference: concurrent.futures.Future) -> Attempt:
+             reference: concurrent.futures.Future, criteria: screening.Criteria | None = None) -> Attempt:
     t_load = time.perf_counter()
     runner, metadata = source.load(precision)  # metadata only; actors activate their own runner
     del runner
@@ -342,8 +347,10 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             as_of=as_of, model=str(metadata.get("model", MODEL)),
                             model_version=str(metadata.get("model_version")),
                             engine_fingerprint=str(metadata.get("fingerprint")),
-                            calibration=calibration, psi_edges=psi_edges)
+                            calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
+        t_build = time.perf_counter()
         ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
+        attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
         attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
         attempt.driver.update(marking)
@@ -403,6 +410,51 @@ def _merged_stats(records: list[dict[str, Any]], staging: RunStaging,
     return score_stats.merge(summaries)
 
 
+def _screening_criteria(settings: Settings, calibration: Calibration | None) -> screening.Criteria | None:
+    """The list's criteria, known before scoring, for the actors to keep each fragment's candidates;
+    None when the thresholds are not usable (the list then reads every score and says why)."""
+    try:
+        return screening.criteria_of(settings, {"calibration": _calibration_summary(calibration)})
+    except screening.ThresholdsNotUsable:
+        return None
+
+
+def _staged_candidates(records: list[dict[str, Any]], staging: RunStaging,
+                       criteria: screening.Criteria | None) -> dict[int, tuple[pa.Table, dict[str, Any]] | None]:
+    """Per fragment, the screening candidates and population counts its actor staged under these
+    criteria; None for a fragment staged without them (a fact missing, or resumed from a run under
+    other criteria), made again from the files by :func:`_candidates`."""
+    if criteria is None:
+        return {}
+    ours = json.loads(json.dumps(criteria.to_dict()))
+    out: dict[int, tuple[pa.Table, dict[str, Any]] | None] = {}
+    for r in records:
+        made = r.get("screening")
+        ok = made is not None and made["criteria"] == ours
+        out[r["fragment"]] = (staging.candidates(r["fragment"]), made["population"]) if ok else None
+    return out
+
+
+def _candidates(criteria: screening.Criteria | None, staged: dict[int, tuple[pa.Table, dict[str, Any]] | None],
+                specs: list[FragmentSpec], scores_version: Path, as_of: str,
+                timelines_name: str) -> screening.Candidates | None:
+    """The merged screening candidates of every fragment: those its actor staged, else made from its
+    committed scores file and its timelines rows (the same rule); None without criteria."""
+    if criteria is None:
+        return None
+    parts = []
+    for spec in specs:
+        part = staged.get(spec.fragment)
+        if part is None:
+            scores = pq.read_table(scores_version / fragment_name(spec.fragment))
+            rows = screening.read_facts(spec.path, criteria.exclude_prevalent, list(spec.row_groups), spec.num_rows)
+            facts = screening.facts_of(scores.column("patient_key"), rows, timelines_name, as_of,
+                                       criteria.exclude_prevalent)
+            part = screening.fragment_candidates(criteria, scores, facts)
+        parts.append(part)
+    return screening.Candidates(criteria, *screening.merge_candidates(parts))
+
+
 def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint: str,
                     on_fragment_done: Callable[[int, int], None] | None) -> tuple[int, dict[str, float]]:
     """Drain the pipeline's fragment records; mark each fragment done once, in arrival order.
@@ -449,9 +501,15 @@ def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str
     actors = {(r["actor"]["id"], r["actor"]["incarnation"]): r["actor"] for r in records if r.get("actor")}
     if not actors:
         return {}
-    return {"actors": len(actors),
-            "engine_load_s_max": max(a["engine_load_s"] for a in actors.values()),
-            "actors_ready_s": round(max(a["ready_at"] for a in actors.values()) - started_at, 3)}
+    out = {"actors": len(actors),
+           "engine_load_s_max": max(a["engine_load_s"] for a in actors.values()),
+           "actors_ready_s": round(max(a["ready_at"] for a in actors.values()) - started_at, 3)}
+    # Of which: until the last actor's __init__ began (pipeline start, actor scheduling on a worker
+    # process, imports, unpickling the engine source and sink); the rest is its engine load.
+    last = max(actors.values(), key=lambda a: a["ready_at"])
+    if last.get("init_started_at") is not None:
+        out["actor_init_started_s"] = round(last["init_started_at"] - started_at, 3)
+    return out
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -501,7 +559,6 @@ def _reliability_against_labels(scores_dir: Path, timelines: Path) -> dict[str, 
     """Per head, the reliability curve of the committed scores against the timelines' labels;
     None when the timelines carry no labels (nightly runs)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     files = partition_files(timelines)
     label_cols = [f"label_{h}" for h in HEADS]

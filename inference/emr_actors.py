@@ -21,10 +21,15 @@ import pyarrow.parquet as pq
 
 from engines.source import EngineSource
 from inference.actors import EngineActor
-from inference.batching import batch_from_table, batches_to_table, pack_fragment
+from inference.batching import batches_to_table, binary_column, iter_batches, pack_fragment
 from inference.fragments import FragmentSink
+from lake.schemas import PREVALENT_COLUMNS
+from preprocessing.eligibility import encounter_counts
 
 TIMELINE_COLUMNS = ["patient_key", "length", "tokens", "days_before", "age_years", "sex"]
+# Read beside them where the partition has them: the eligibility facts screening needs.
+FACT_COLUMNS = ["encounters", *PREVALENT_COLUMNS]
+UNKNOWN_FACT = np.uint8(0x80)
 
 
 PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("n_batches", pa.int32()),
@@ -40,19 +45,44 @@ def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int
     """
     rows: dict[str, list] = {name: [] for name in PACKED_SCHEMA.names}
     for row in specs.to_pylist():
-        table = pq.ParquetFile(row["path"]).read_row_groups(list(row["row_groups"]), columns=TIMELINE_COLUMNS)
+        f = pq.ParquetFile(row["path"])
+        present = set(f.schema_arrow.names)
+        table = f.read_row_groups(list(row["row_groups"]),
+                                  columns=TIMELINE_COLUMNS + [c for c in FACT_COLUMNS if c in present])
         # A fragment cut by a row limit takes only the first num_rows of its row groups.
         table = table.slice(0, int(row["num_rows"]))
         batches = batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
-                                                 token_budget, vocab_size))
+                                                 token_budget, vocab_size, facts=eligibility_facts(table)))
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, batches.schema) as writer:
             writer.write_table(batches)
         rows["fragment"].append(int(row["fragment"]))
         rows["rows_in"].append(int(row["num_rows"]))
         rows["n_batches"].append(batches.num_rows)
-        rows["batches"].append(sink.getvalue().to_pybytes())
-    return pa.table(rows, schema=PACKED_SCHEMA)
+        rows["batches"].append(sink.getvalue())
+    return pa.table({**{k: pa.array(v, PACKED_SCHEMA.field(k).type) for k, v in rows.items() if k != "batches"},
+                     "batches": binary_column(rows["batches"])}, schema=PACKED_SCHEMA)
+
+
+def eligibility_facts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Per timeline row, encounter tokens (int32, -1 where null) and the prevalence flags as bits
+    (bit j: ``prevalent_<HEADS[j]>``; :data:`UNKNOWN_FACT` where one is null or the partition
+    predates them): what screening needs of each scored patient, for the actor that scores them."""
+    n = table.num_rows
+    if "encounters" in table.column_names:
+        encounters = np.asarray(table.column("encounters").cast(pa.int32()).fill_null(-1).to_numpy(), np.int32)
+    else:
+        # A partition written before the features job counted encounters: count the tokens.
+        encounters = encounter_counts(table.column("tokens")).astype(np.int32)
+    bits = np.zeros(n, np.uint8)
+    for j, col in enumerate(PREVALENT_COLUMNS):
+        if col not in table.column_names:
+            bits |= UNKNOWN_FACT
+            continue
+        values = table.column(col)
+        bits |= np.asarray(values.fill_null(False).to_numpy(zero_copy_only=False), bool).astype(np.uint8) << j
+        bits[np.asarray(values.is_null().to_numpy(zero_copy_only=False), bool)] |= UNKNOWN_FACT
+    return encounters, bits
 
 
 MARKER_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_out", pa.int64()),
@@ -89,10 +119,11 @@ class ScoreActor(EngineActor):
 
     def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> dict[str, Any]:
         table = pa.ipc.open_stream(packed).read_all()
-        keys, probs, qkeys, qreasons, records = [], [], [], [], []
-        for i in range(table.num_rows):
+        keys, probs, qkeys, qreasons, records, encounters, prevalent, ages = [], [], [], [], [], [], [], []
+        batches = iter_batches(table)
+        for _ in range(table.num_rows):
             t0 = time.perf_counter()
-            batch = batch_from_table(table, i)
+            batch = next(batches)
             feed = batch.feed()
             t1 = time.perf_counter()
             if batch.n_rows:
@@ -105,10 +136,13 @@ class ScoreActor(EngineActor):
             t2 = time.perf_counter()
             keys.append(batch.keys)
             probs.append(p)
+            ages.append(batch.age_years)
+            encounters.append(batch.encounters)
+            prevalent.append(batch.prevalent)
             qkeys.append(batch.quarantine_keys)
             qreasons.append(batch.quarantine_reasons)
             records.append({"batch_index": batch.batch_index, "n_rows": batch.n_rows,
-                            "seq_len": int(table.column("seq_len")[i].as_py()),
+                            "seq_len": batch.seq_len,
                             "real_tokens": batch.real_tokens, "prep_s": batch.prep_s,
                             "host_s": t1 - t0, "device_s": t2 - t1, "done_at": time.time(),
                             "actor_id": self.actor_id, "incarnation": self.incarnation})
@@ -117,9 +151,13 @@ class ScoreActor(EngineActor):
             parts = [a for a in parts if len(a)]
             return np.concatenate(parts) if parts else empty
 
+        facts = (cat(ages, np.zeros(0, np.float32)), cat(encounters, np.zeros(0, np.int32)),
+                 cat(prevalent, np.zeros(0, np.uint8)))
         record = self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
                                  cat(probs, np.zeros((0, 3), np.float32)),
-                                 cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records)
+                                 cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records,
+                                 facts)
         record["actor"] = {"id": self.actor_id, "incarnation": self.incarnation,
-                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at}
+                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at,
+                           "init_started_at": self.init_started_at}
         return record

@@ -29,10 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from inference import score_stats
+from inference import score_stats, screening
 from lake.commit import partition_files
 from lake.files import write_bytes_atomic
-from lake.schemas import HEADS, SCORES
+from lake.schemas import HEADS, PREVALENT_COLUMNS, SCORES
 
 DEFAULT_FRAGMENT_ROWS = 65_536
 WORK = "_work"
@@ -120,8 +120,10 @@ class RunStaging:
                 part.unlink()
         return done
 
-    def write_parts(self, fragment: int, scores: pa.Table, quarantine: pa.Table) -> None:
-        """Write one fragment's data files; they count only once :meth:`mark_done` writes its marker.
+    def write_parts(self, fragment: int, scores: pa.Table, quarantine: pa.Table,
+                    candidates: pa.Table | None = None) -> None:
+        """Write one fragment's data files (and its screening candidates, beside the resume bookkeeping);
+        they count only once :meth:`mark_done` writes its marker.
 
         Safe to repeat (a retried actor task rewrites the same content): each
         file is written under a unique temporary name and renamed into place.
@@ -135,17 +137,29 @@ class RunStaging:
             qtmp = self.work / f".{fragment:05d}.quarantine.{unique}.tmp"
             pq.write_table(quarantine, qtmp)
             os.replace(qtmp, self._quarantine_file(fragment))
+        if candidates is not None:
+            ctmp = self.work / f".{fragment:05d}.candidates.{unique}.tmp"
+            pq.write_table(candidates, ctmp)
+            os.replace(ctmp, self._candidates_file(fragment))
 
     def mark_done(self, fragment: int, record: dict[str, Any]) -> None:
         write_bytes_atomic(self.work / f"{fragment:05d}.done.json", json.dumps(record).encode())
 
     def drop_parts(self, fragment: int) -> None:
         """Remove data files of a fragment that was never marked done (a resume redoes it)."""
-        for path in (self.path / fragment_name(fragment), self._quarantine_file(fragment)):
+        for path in (self.path / fragment_name(fragment), self._quarantine_file(fragment),
+                     self._candidates_file(fragment)):
             path.unlink(missing_ok=True)
 
     def _quarantine_file(self, fragment: int) -> Path:
         return self.work / f"{fragment:05d}.quarantine.parquet"
+
+    def _candidates_file(self, fragment: int) -> Path:
+        return self.work / f"{fragment:05d}.candidates.parquet"
+
+    def candidates(self, fragment: int) -> pa.Table:
+        """The screening candidates a fragment's actor staged (read before :meth:`seal` removes them)."""
+        return pq.read_table(self._candidates_file(fragment))
 
     def records(self) -> list[dict[str, Any]]:
         """Every done marker's record, in fragment order."""
@@ -191,14 +205,21 @@ class FragmentSink:
     calibration: Any = None
     # The drift reference's PSI bin edges per head (inference.qc.psi_reference); None: no drift check.
     psi_edges: Any = None
+    # The screening list's criteria (inference.screening.Criteria); None: the list reads every score.
+    screening_criteria: Any = None
 
     def staging(self) -> RunStaging:
         return RunStaging(Path(self.final), self.run_id, self.precision)
 
     def write(self, fragment: int, rows_in: int, keys: np.ndarray, probs: np.ndarray,
               quarantine_keys: np.ndarray, quarantine_reasons: np.ndarray,
-              batches: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write one fragment's scores (sorted by key) and quarantine; return its marker record."""
+              batches: list[dict[str, Any]],
+              facts: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+        """Write one fragment's scores (sorted by key) and quarantine; return its marker record.
+
+        ``facts`` (age, encounters, prevalence bits of each scored row; inference.emr_actors.eligibility_facts)
+        let the fragment's screening candidates be staged beside it, so the list never reads every score.
+        """
         t0 = time.perf_counter()
         if self.calibration is not None:
             probs = self.calibration.apply(probs, HEADS)
@@ -224,11 +245,27 @@ class FragmentSink:
         quarantine = pa.table({"patient_key": _utf8(quarantine_keys), "reason": _utf8(quarantine_reasons)})
         reasons, counts = (np.unique(quarantine_reasons, return_counts=True) if len(quarantine_reasons)
                            else ([], []))
-        self.staging().write_parts(fragment, table, quarantine)
+        candidates, screening_record = self._candidates(table, order, facts)
+        self.staging().write_parts(fragment, table, quarantine, candidates)
         return {"fragment": fragment, "rows_in": rows_in, "rows_out": n,
                 "quarantined": {r.decode(): int(c) for r, c in zip(reasons, counts)},
                 "attempt_id": self.attempt_id, "batches": batches, "stats": stats,
-                "write_s": round(time.perf_counter() - t0, 6)}
+                "screening": screening_record, "write_s": round(time.perf_counter() - t0, 6)}
+
+    def _candidates(self, table: pa.Table, order: np.ndarray,
+                    facts: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+                    ) -> tuple[pa.Table | None, dict[str, Any] | None]:
+        """The fragment's screening candidates and population counts (inference.screening), or
+        (None, None) when a fact is missing: the driver then makes them from the files."""
+        if self.screening_criteria is None or facts is None or any(len(f) != len(order) for f in facts):
+            return None, None
+        age, encounters, bits = (f[order] for f in facts)
+        if (encounters < 0).any() or (self.screening_criteria.exclude_prevalent and (bits & 0x80).any()):
+            return None, None
+        named = {"age_years": age.astype(np.float64), "encounters": encounters.astype(np.int64),
+                 **{c: (bits >> j) & 1 == 1 for j, c in enumerate(PREVALENT_COLUMNS)}}
+        candidates, population = screening.fragment_candidates(self.screening_criteria, table, named)
+        return candidates, {"criteria": self.screening_criteria.to_dict(), "population": population}
 
 
 def _utf8(values: np.ndarray) -> pa.Array:

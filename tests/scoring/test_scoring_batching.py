@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from inference.batching import (Q_INVALID_SEX, Q_LENGTH_MISMATCH, Q_MISSING_AGE, Q_TOO_LONG, batch_from_table,
+from inference.batching import (Q_INVALID_SEX, Q_LENGTH_MISMATCH, Q_MISSING_AGE, Q_TOO_LONG, iter_batches,
                                 batches_to_table, pack_fragment, plan_batches, validate_buckets)
 from scoring_fixtures import random_timelines
 
@@ -65,13 +65,21 @@ def test_scoring_pack_pads_exactly_and_quarantines_bad_rows():
 
 
 def test_scoring_batches_roundtrip_through_arrow_rows():
-    batches = pack_fragment(random_timelines(120, seed=5, bad_rows=True), 2, BUCKETS, 512)
+    timelines = random_timelines(120, seed=5, bad_rows=True)
+    # Facts of each row (what screening needs) travel with that row, whatever batch it lands in.
+    facts = (np.arange(120, dtype=np.int32) * 3, (np.arange(120) % 7).astype(np.uint8))
+    batches = pack_fragment(timelines, 2, BUCKETS, 512, facts=facts)
+    row_of = {k.encode(): i for i, k in enumerate(timelines.column("patient_key").to_pylist())}
+    for b in batches:
+        rows = [row_of[k] for k in b.keys]
+        assert b.encounters.tolist() == facts[0][rows].tolist() and b.prevalent.tolist() == facts[1][rows].tolist()
     table = batches_to_table(batches)
     assert table.num_rows == len(batches)
-    for i, b in enumerate(batches):
-        back = batch_from_table(table, i)
-        for name in ("keys", "tokens", "days_before", "age_years", "sex", "quarantine_keys",
-                     "quarantine_reasons"):
+    decoded = list(iter_batches(table))
+    assert len(decoded) == len(batches)
+    for b, back in zip(batches, decoded):
+        for name in ("keys", "tokens", "days_before", "age_years", "sex", "encounters", "prevalent",
+                     "quarantine_keys", "quarantine_reasons"):
             assert np.array_equal(getattr(back, name), getattr(b, name)), name
         assert (back.fragment, back.batch_index, back.n_batches, back.real_tokens) == \
             (b.fragment, b.batch_index, b.n_batches, b.real_tokens)
@@ -84,7 +92,7 @@ def test_scoring_all_bad_fragment_still_reports():
     # The report survives the trip through Arrow that carries it to the driver: each key with its reason.
     rows = batches_to_table(batches)
     assert rows.num_rows == 1
-    back = batch_from_table(rows, 0)
+    back, = iter_batches(rows)
     keys = table.column("patient_key").to_pylist()
     assert dict(zip(back.quarantine_keys.astype(str), back.quarantine_reasons.astype(str))) == {
         keys[0]: Q_LENGTH_MISMATCH, keys[1]: Q_MISSING_AGE, keys[2]: Q_INVALID_SEX, keys[3]: Q_TOO_LONG}
