@@ -199,6 +199,11 @@ class ImagingSettings(_Section):
     patch_size: tuple[int, int, int] = (64, 128, 128)  # z, y, x voxels
     patch_stride: tuple[int, int, int] = (32, 64, 64)
     min_slices: int = Field(16, ge=2)
+    # Crop each resampled volume to the body before the sliding window (preprocessing.body_crop):
+    # voxels above body_threshold_hu, projected per axis, plus body_margin_mm of air.
+    crop_to_body: bool = True
+    body_threshold_hu: float = -500.0
+    body_margin_mm: float = Field(16.0, ge=0)
     gantry_tilt: Literal["correct", "reject"] = "correct"
     probability_threshold: float = Field(0.5, gt=0, lt=1)
     min_finding_volume_mm3: float = 15.0

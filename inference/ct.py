@@ -32,7 +32,7 @@ from engines.source import CachedEngine, EngineSource, ReferenceEngine
 from inference import qc
 from inference.actors import engine_actor_pool, ray_session
 from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, STATUS_OK, FindNodules,
-                                 PrepareSeries, SegmentSeries)
+                                 PrepareSeries, SegmentSeries, body_crop)
 from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
 from lake.archive import Archive, imaging_archive
@@ -108,7 +108,8 @@ def _config_key(card: dict[str, Any], engine_meta: dict[str, Any], precision: st
              "patch_size": list(im.patch_size), "stride": list(im.patch_stride),
              "spacing_mm": im.target_spacing_mm, "window_hu": list(im.window_hu),
              "threshold": im.probability_threshold, "min_volume_mm3": im.min_finding_volume_mm3,
-             "gantry_tilt": str(im.gantry_tilt), "min_slices": im.min_slices}
+             "gantry_tilt": str(im.gantry_tilt), "min_slices": im.min_slices,
+             "crop_to_body": [im.crop_to_body, im.body_threshold_hu, im.body_margin_mm]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -168,7 +169,8 @@ def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, p
     ds = ray.data.from_arrow(series)
     # One series per block: each read task holds one series, and blocks spread over tasks.
     ds = ds.repartition(max(1, series.num_rows))
-    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive),
+    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive,
+                                      body_crop(im)),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
     # Actors sharing a GPU: one patches and stitches its series on the host while
     # another's patches run on the device (inference.actors.engine_actor_pool).
@@ -341,6 +343,9 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
         "patient_link": link_counts(series),
         "settings": {"patch_size": list(settings.imaging.patch_size),
                      "patch_stride": list(settings.imaging.patch_stride),
+                     "crop_to_body": settings.imaging.crop_to_body,
+                     "body_threshold_hu": settings.imaging.body_threshold_hu,
+                     "body_margin_mm": settings.imaging.body_margin_mm,
                      "target_spacing_mm": settings.imaging.target_spacing_mm,
                      "window_hu": list(settings.imaging.window_hu),
                      "probability_threshold": settings.imaging.probability_threshold,

@@ -32,6 +32,7 @@ import pyarrow as pa
 from engines.source import EngineSource
 from inference.actors import EngineActor
 from lake.archive import Archive
+from preprocessing.body_crop import CropToBody
 from preprocessing.components import find_components
 from preprocessing.ct_chain import model_input
 from preprocessing.patches import patch_grid
@@ -56,6 +57,15 @@ DEVICE_MEMORY_SHARE = 0.4
 ACTIVATION_FLOATS_PER_VOXEL = 48
 
 
+def body_crop(imaging: Any) -> CropToBody | None:
+    """The crop-to-body step ``imaging`` settings ask for (None: score the whole field of view).
+
+    Grown to at least one patch, so a small body is not padded back to one."""
+    if not imaging.crop_to_body:
+        return None
+    return CropToBody(imaging.body_threshold_hu, imaging.body_margin_mm, tuple(imaging.patch_size))
+
+
 def _nd_bytes(a: np.ndarray) -> bytes:
     return np.ascontiguousarray(a).tobytes()
 
@@ -72,10 +82,11 @@ class PrepareSeries:
     """Ray Data batch fn (CPU task): series rows in, one windowed 1 mm volume per row out."""
 
     def __init__(self, target_spacing_mm: float, window_hu: tuple[float, float],
-                 gantry_tilt: str = "correct", min_slices: int = 2, archive: Archive | None = None):
+                 gantry_tilt: str = "correct", min_slices: int = 2, archive: Archive | None = None,
+                 crop: CropToBody | None = None):
         # Keyed relative paths are resolved here, in the read task.
         self.chain = model_input(float(target_spacing_mm), tuple(window_hu), gantry_tilt, int(min_slices),
-                                 archive.resolve_all if archive is not None else None)
+                                 archive.resolve_all if archive is not None else None, crop)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
         from preprocessing.dicom_series import SeriesError
