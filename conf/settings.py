@@ -212,6 +212,9 @@ class ImagingSettings(_Section):
     # "auto": where the engine runs on CUDA and CuPy is installed, patches and blending stay on the GPU;
     # "off": always the host (numpy) path.
     device_arrays: Literal["auto", "off"] = "auto"
+    # Host memory one engine actor may use for one series on the host path (volume, rolling blend
+    # buffers, float16 result, patch batch, engine activations); the batch shrinks to fit it.
+    host_memory_budget_mb: int = Field(4096, ge=256)
     qc: CTQCSettings = Field(default_factory=CTQCSettings)
 
 

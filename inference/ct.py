@@ -31,7 +31,8 @@ from conf.settings import Settings
 from engines.source import CachedEngine, EngineSource, ReferenceEngine
 from inference import qc
 from inference.actors import engine_actor_pool, ray_session
-from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, STATUS_OK, FindNodules,
+from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, GRID_MODEL, GRID_SCANNER,
+                                 STATUS_OK, FindNodules,
                                  PrepareSeries, SegmentSeries, body_crop)
 from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
@@ -158,26 +159,32 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
 
 def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, precision: str,
                    batch_patches: tuple[int, int], num_actors: int, actor_resources: dict[str, float],
-                   archive: Archive | None = None):
+                   archive: Archive | None = None, ship: str = GRID_MODEL):
     """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed.
 
-    ``batch_patches``: (host batch, device maximum) patches per engine call.
+    ``batch_patches``: (host batch, device maximum) patches per engine call. ``ship``: what the
+    read tasks hand the engine actors — the windowed model input (GRID_MODEL) or, for actors on a
+    GPU, the scanner grid as int16 (GRID_SCANNER; the actors resample, crop and window on the device).
     """
     import ray.data
+
+    from preprocessing.ct_chain import to_model_input
 
     im = settings.imaging
     ds = ray.data.from_arrow(series)
     # One series per block: each read task holds one series, and blocks spread over tasks.
     ds = ds.repartition(max(1, series.num_rows))
     ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive,
-                                      body_crop(im)),
+                                      body_crop(im), ship),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
     # Actors sharing a GPU: one patches and stitches its series on the host while
     # another's patches run on the device (inference.actors.engine_actor_pool).
     ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
-                                             *batch_patches, im.device_arrays),
+                                             *batch_patches, im.device_arrays,
+                                             to_model_input(im.target_spacing_mm, im.window_hu, body_crop(im)),
+                                             im.host_memory_budget_mb << 20),
                         **actor_resources)
     ds = ds.map_batches(FindNodules(im.probability_threshold, im.min_finding_volume_mm3),
                         batch_size=1, batch_format="pyarrow", num_cpus=0.5)
@@ -294,8 +301,10 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus >= 1
             num_actors, actor_resources = engine_actor_pool(settings, gpus)
+            # Actors on a GPU get the scanner grid (int16) and resample on the device; CPU actors the model input.
+            ship = GRID_SCANNER if use_gpu and settings.imaging.device_arrays == "auto" else GRID_MODEL
             ds = build_pipeline(pending, settings, source, precision, (batch_patches, max_batch_patches),
-                                num_actors, actor_resources, archive)
+                                num_actors, actor_resources, archive, ship)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for r in batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
                                              if c in batch.column_names]).to_pylist():
