@@ -10,6 +10,9 @@ environment (``MEDSCREEN_IMAGING__PATCH_STRIDE='[32,64,64]'``,
 
     medscreen demo --workdir W --patients 300      # once: the EMR half the CT half links to
     python bench/demo_ct.py --workdir W
+
+It imports medscreen from ``PYTHONPATH`` first, so the same script times another checkout's code
+(``PYTHONPATH=/other/checkout python bench/demo_ct.py …``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,11 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = timed("ct_scoring_s", lambda: ct_inference.score(settings, d.as_of, full=True))
     check = demo_checks.check_ct(settings, d.as_of, dicom_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    im = settings.imaging
     print(json.dumps({
         "benchmark": "demo_ct_half", "cpus": os.cpu_count(), "load_average": os.getloadavg(),
-        "imaging": {"patch_stride": list(im.patch_stride), "crop_to_body": im.crop_to_body,
-                    "body_threshold_hu": im.body_threshold_hu, "body_margin_mm": im.body_margin_mm},
+        "imaging": settings.imaging.model_dump(include={"patch_size", "patch_stride", "crop_to_body",
+                                                        "body_threshold_hu", "body_margin_mm"}),
         "ct_half_s": round(time.perf_counter() - t_all, 2), "steps_s": steps,
         "series_scored": metrics["series_scored"], "patches": metrics["patches"], "findings": metrics["findings"],
         "pipeline_s": metrics["pipeline_s"], "stage_s": metrics["stage_s"], "ct_check": check,

@@ -32,7 +32,9 @@ for bench in "$@"; do
     engines)      run engines $PY bench/engines.py --budget-s 1 --max-seconds 200 ;;
     emr_scoring)  run emr_scoring $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp32 ;;
     emr_fp16)     run emr_scoring_fp16 $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" --precision fp16 --skip-baseline ;;
-    ct)           run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" ;;
+    ct)           # VARIANTS: a JSON list of imaging settings scored beside the configured ones (bench/ct.py --variants)
+      run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" \
+        ${VARIANTS:+--variants "$VARIANTS"} ;;
     scaling)      # EMR scoring on one GPU, then on all of them, per token budget (no naive baseline)
       for gpus in ${GPU_SETS:-0 0,1}; do
         for tb in ${TOKEN_BUDGETS:-65536 262144}; do

@@ -197,7 +197,7 @@ class ImagingSettings(_Section):
     target_spacing_mm: float = Field(1.0, gt=0)
     window_hu: tuple[float, float] = (-1000.0, 400.0)
     patch_size: tuple[int, int, int] = (64, 128, 128)  # z, y, x voxels
-    patch_stride: tuple[int, int, int] = (32, 64, 64)
+    patch_stride: tuple[int, int, int] = (48, 96, 96)
     min_slices: int = Field(16, ge=2)
     # Crop each resampled volume to the body before the sliding window (preprocessing.body_crop):
     # voxels above body_threshold_hu, projected per axis, plus body_margin_mm of air.
