@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.append(str(REPO))
+# PYTHONPATH first (the code timed), then this checkout; never bench/ itself (bench/engines.py would
+# shadow the engines package).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent] + [str(REPO)]
 
 
 def main(argv: list[str] | None = None) -> int:
