@@ -21,6 +21,13 @@ DICOM index writes it. Prints one JSON object last.
 
     python bench/ct.py --quick
     python bench/ct.py --series 10 --precisions fp32,fp16
+    python bench/ct.py --small --series 10 --skip-baseline --only-variants \
+        --variants '[{"patch_stride": [32, 64, 64], "crop_to_body": false}]'
+
+``--variants`` scores the same series again with imaging settings changed
+(stride, crop to the body) and reports, per run, planted nodules found, false
+positives (findings near no planted nodule) and centre errors, and each
+variant's findings against the first pipeline's.
 """
 from __future__ import annotations
 
