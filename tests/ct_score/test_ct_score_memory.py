@@ -68,3 +68,35 @@ def test_the_patch_batch_is_sized_from_the_budget_and_everything_counted_fits_it
     assert held <= budget < held + patch_bytes(patch)  # the largest batch that fits, no larger
     # Too small a budget for the volume itself: no batch (the caller goes one patch at a time or elsewhere).
     assert batch_for_budget(shape, patch, stride, 8, 512 << 20) == 0
+
+
+def test_the_engine_actor_scores_a_1000_slice_series_within_its_host_budget(tmp_path):
+    from conf.settings import load_settings
+    from engines.source import ReferenceEngine
+    from inference.ct_stages import SegmentSeries
+
+    patch, stride = (64, 128, 128), (48, 96, 96)
+    shape = (SLICES, 128, 128)  # small in-plane so the real engine runs 21 patches
+    fixed = 4 * int(np.prod(shape)) + window_bytes(shape, patch, stride, 0, 2)
+    budget = fixed + 2 * patch_bytes(patch) + patch_bytes(patch) // 2  # room for two patches, not three
+    settings = load_settings({"lake.root": str(tmp_path / "lake")})
+    actor = SegmentSeries(ReferenceEngine(settings, "ct_nodule", intra_op_threads=1), "fp32", patch, stride,
+                          8, 8, host_budget_bytes=budget)
+    try:
+        assert actor.host_batch(shape) == 2
+        image = np.full(shape, 0.1, np.float32)
+        timings: dict[str, float] = {}
+        tracemalloc.start()
+        try:
+            prob, where = actor.segment(image, timings)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    finally:
+        actor.close()
+    assert where == "host" and prob.shape == shape and prob.dtype == np.float16
+    assert timings["patches"] == len(patch_grid(shape, patch, stride)) == 21
+    # Host arrays besides the image stay within what the budget allowed the sliding window
+    # (the engine's own activations live in ONNX Runtime's arena, outside numpy).
+    assert peak <= window_bytes(shape, patch, stride, 2, 2) + 4 * int(np.prod(patch)) + (1 << 20), peak
+    assert peak < Stitcher.buffer_bytes(patch_grid(shape, patch, stride))  # whole-volume sums would not fit
