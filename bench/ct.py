@@ -21,6 +21,13 @@ DICOM index writes it. Prints one JSON object last.
 
     python bench/ct.py --quick
     python bench/ct.py --series 10 --precisions fp32,fp16
+    python bench/ct.py --small --series 10 --skip-baseline --only-variants \
+        --variants '[{"patch_stride": [32, 64, 64], "crop_to_body": false}]'
+
+``--variants`` scores the same series again with imaging settings changed
+(stride, crop to the body) and reports, per run, planted nodules found, false
+positives (findings near no planted nodule) and centre errors, and each
+variant's findings against the first pipeline's.
 """
 from __future__ import annotations
 
@@ -159,13 +166,14 @@ def _baseline_runner(settings: Settings):
 
 def run_baseline(settings: Settings, recs: list[dict[str, Any]]) -> dict[str, Any]:
     """Sequential sliding window, batch 1: read → resample → window → patch-by-patch → blend → components."""
+    from inference.ct_stages import body_crop
     from preprocessing.components import find_components
     from preprocessing.ct_chain import model_input
     from preprocessing.sliding_window import runner_predictor, sliding_window_inference
 
     im = settings.imaging
     runner = _baseline_runner(settings)
-    chain = model_input(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices)
+    chain = model_input(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, crop=body_crop(im))
     stage = {"read_s": 0.0, "resample_s": 0.0, "patch_s": 0.0, "engine_s": 0.0, "stitch_s": 0.0,
              "components_s": 0.0}
     findings, patches = 0, 0
@@ -206,20 +214,28 @@ def h2d_seconds(settings: Settings, batch: int) -> float | None:
     return (time.perf_counter() - t0) / 5
 
 
-def nodule_recall(lake_root: Path, recs: list[dict[str, Any]], tol_mm: float = 5.0) -> str:
-    """``found/planted``: planted nodules with a finding centre within ``tol_mm`` (a sanity check, not a metric)."""
-    part = LakePaths(lake_root).findings("ct_nodule", AS_OF)
-    rows = pq.read_table([str(p) for p in sorted(part.glob("*.parquet"))], partitioning=None).to_pylist()
-    found = planted = 0
+def nodule_match(lake_root: Path, recs: list[dict[str, Any]], tol_mm: float = 5.0) -> dict[str, Any]:
+    """Findings against the planted nodules: ``found`` (``found/planted``: a finding centre within
+    ``tol_mm``), findings near no planted nodule (false positives) and the found ones' centre errors."""
+    centres_by_series = read_findings(lake_root)
+    found = planted = false_pos = 0
+    errors: list[float] = []
     for r in recs:
-        key = pseudonymise(BENCH_KEY, r["series_instance_uid"])
-        centres = np.array([[f["centre_x_mm"], f["centre_y_mm"], f["centre_z_mm"]]
-                            for f in rows if f["series_key"] == key]).reshape(-1, 3)
-        for n in r["nodules"]:
-            planted += 1
-            if len(centres) and np.linalg.norm(centres - np.array(n["centre_lps_mm"]), axis=1).min() <= tol_mm:
-                found += 1
-    return f"{found}/{planted}"
+        centres = np.asarray(centres_by_series.get(pseudonymise(BENCH_KEY, r["series_instance_uid"]), []),
+                             dtype=np.float64).reshape(-1, 3)
+        truth = np.asarray([n["centre_lps_mm"] for n in r["nodules"]], dtype=np.float64).reshape(-1, 3)
+        planted += len(truth)
+        d = np.linalg.norm(centres[:, None, :] - truth[None, :, :], axis=2)  # findings × planted
+        if d.size:
+            hit = d.min(axis=0) <= tol_mm
+            found += int(hit.sum())
+            errors += [float(v) for v in d.min(axis=0)[hit]]
+            false_pos += int((d.min(axis=1) > tol_mm).sum())
+        else:
+            false_pos += len(centres)
+    return {"found": f"{found}/{planted}", "false_positives": false_pos,
+            "centre_error_mm_mean": round(float(np.mean(errors)), 3) if errors else None,
+            "centre_error_mm_max": round(float(np.max(errors)), 3) if errors else None}
 
 
 class GpuBusy:
@@ -274,12 +290,16 @@ def compare_findings(ref: dict[str, list[list[float]]], cand: dict[str, list[lis
             "passed": counts_equal and worst <= tol_mm, "tolerance_mm": tol_mm}
 
 
-def run_pipeline(settings: Settings, precision: str, recs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Score every series with ``precision`` (building and gating its engine first when needed)."""
+def run_pipeline(settings: Settings, precision: str, recs: list[dict[str, Any]],
+                 imaging: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score every series with ``precision`` (building and gating its engine first when needed) and the
+    ``imaging`` settings changed as given (variants: stride, crop)."""
     from engines import cache
     from inference import ct
 
-    settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": precision})})
+    settings = settings.model_copy(update={
+        "engines": settings.engines.model_copy(update={"precision": precision}),
+        "imaging": settings.imaging.model_validate({**settings.imaging.model_dump(), **(imaging or {})})})
     gate = None
     if precision != "fp32" or settings.engines.backend not in ("auto", "onnxruntime"):
         t0 = time.perf_counter()
@@ -294,14 +314,17 @@ def run_pipeline(settings: Settings, precision: str, recs: list[dict[str, Any]])
     manifest = json.loads((run_dir / "manifest.json").read_text())
     log(f"pipeline {precision}: {metrics['volumes_per_min']} volumes/min, {metrics['findings']} findings")
     stage = dict(metrics["stage_s"])
-    return {"precision": precision, "engine_fingerprints": manifest["engine_fingerprints"], "gate": gate,
+    match = nodule_match(settings.lake.root, recs)
+    return {"precision": precision, "imaging": imaging or {},
+            "engine_fingerprints": manifest["engine_fingerprints"], "gate": gate,
             "volumes_per_min": metrics["volumes_per_min"], "pipeline_s": metrics["pipeline_s"],
             "stage_s": stage, "gpu_busy_share": busy.share, "use_gpu": metrics["use_gpu"],
             "num_actors": metrics["num_actors"], "batch_patches": metrics["batch_patches"],
             "max_batch_patches": metrics.get("max_batch_patches"),
             "series_on_gpu_arrays": metrics.get("series_on_gpu_arrays"),
             "patches": metrics["patches"], "findings": metrics["findings"],
-            "planted_nodules_found": nodule_recall(settings.lake.root, recs),
+            "planted_nodules_found": match["found"], "false_positives": match["false_positives"],
+            "centre_error_mm_mean": match["centre_error_mm_mean"], "centre_error_mm_max": match["centre_error_mm_max"],
             "centres": read_findings(settings.lake.root)}
 
 
@@ -311,7 +334,7 @@ def device_vs_host(settings: Settings, rec: dict[str, Any]) -> dict[str, Any] | 
     from engines.source import ReferenceEngine
     from inference.ct import _card_patch_check
     from engines.model_card import load_card
-    from inference.ct_stages import SegmentSeries
+    from inference.ct_stages import SegmentSeries, body_crop
     from preprocessing.components import find_components
     from preprocessing.ct_chain import model_input
 
@@ -322,7 +345,8 @@ def device_vs_host(settings: Settings, rec: dict[str, Any]) -> dict[str, Any] | 
     try:
         if not actor.on_device:
             return None
-        prepared = model_input(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices)(rec["files"])
+        prepared = model_input(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices,
+                               crop=body_crop(im))(rec["files"])
         out = {}
         for where in ("gpu", "host"):
             actor.on_device = where == "gpu"
@@ -347,12 +371,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="one 512x512x120 series over a small (205 mm) field of view: minutes on a CPU")
     p.add_argument("--series", type=int, default=3, help="series to score (full mode; slices 120..300)")
+    p.add_argument("--small", action="store_true",
+                   help="--series series of 256x256 slices over a 205 mm field of view, 100..140 slices of 1 mm "
+                        "(the planted-nodule sets a CPU can score in minutes)")
     p.add_argument("--precisions", default="fp32",
                    help="comma-separated engine precisions to run the pipeline with (fp32 first: the reference)")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing the series")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--variants", default=None,
+                   help="JSON list of imaging settings to score with beside the configured ones, e.g. "
+                        "'[{\"patch_stride\": [32, 64, 64], \"crop_to_body\": false}]': findings of each "
+                        "against the planted nodules and against the first pipeline (first precision)")
+    p.add_argument("--only-variants", action="store_true", help="skip the device-vs-host comparison")
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     precisions = [v.strip() for v in args.precisions.split(",") if v.strip()]
@@ -361,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.quick:
             slices, rows, pixel_mm, slice_mm = [120], 512, 0.4, 1.0
+        elif args.small:
+            slices = [int(v) for v in np.linspace(100, 140, max(args.series, 1)).round()]
+            rows, pixel_mm, slice_mm = 256, 0.8, 1.0
         else:
             slices = [int(v) for v in np.linspace(120, 300, max(args.series, 1)).round()]
             rows, pixel_mm, slice_mm = 512, 0.7, 1.25
@@ -378,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
 
         with ray_session(settings):  # one Ray for every pipeline run below
             runs = [run_pipeline(settings, prec, recs) for prec in precisions]
+            variants = [run_pipeline(settings, precisions[0], recs, v) for v in json.loads(args.variants or "[]")]
             ray_resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        paths_compared = device_vs_host(settings, recs[0])
+        paths_compared = None if args.only_variants else device_vs_host(settings, recs[0])
         baseline = None if args.skip_baseline else run_baseline(settings, recs)
         if baseline:
             log(f"baseline ({baseline['name']}): {baseline['volumes_per_min']} volumes/min")
@@ -387,7 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         comparisons = {f"{r['precision']}_vs_{first['precision']}": compare_findings(first["centres"], r["centres"])
                        for r in runs[1:]}
         h2d = h2d_seconds(settings, first["batch_patches"])
-        for r in runs:
+        variant_vs_first = [{"imaging": v["imaging"], **compare_findings(first["centres"], v["centres"])}
+                            for v in variants]
+        for r in runs + variants:
             r.pop("centres")
         best = max(runs, key=lambda r: r["volumes_per_min"] or 0.0)
         result = {
@@ -397,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             "series": len(recs), "slices": slices, "rows": rows, "pixel_mm": pixel_mm, "slice_mm": slice_mm,
             "pipelines": runs,
             "comparisons": comparisons,
+            "imaging": settings.imaging.model_dump(include={"patch_size", "patch_stride", "crop_to_body",
+                                                            "body_threshold_hu", "body_margin_mm"}),
+            "variants": variants, "variants_vs_first": variant_vs_first,
             "device_vs_host_path": paths_compared,
             "volumes_per_min": best["volumes_per_min"], "best_precision": best["precision"],
             "engine_fingerprints": best["engine_fingerprints"],

@@ -36,7 +36,9 @@ for bench in "$@"; do
     # the bench's synthetic labelled lake, then ROWS rows scored; PRECISION fp16 (default) or fp32.
     emr_inductor) run "emr_scoring_inductor_${PRECISION:-fp16}" $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" \
                     --precision "${PRECISION:-fp16}" --backend inductor --skip-baseline ;;
-    ct)           run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" ;;
+    ct)           # VARIANTS: a JSON list of imaging settings scored beside the configured ones (bench/ct.py --variants)
+      run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" \
+        ${VARIANTS:+--variants "$VARIANTS"} ;;
     scaling)      # EMR scoring on one GPU, then on all of them, per token budget (no naive baseline)
       for gpus in ${GPU_SETS:-0 0,1}; do
         for tb in ${TOKEN_BUDGETS:-65536 262144}; do

@@ -199,8 +199,13 @@ class ImagingSettings(_Section):
     target_spacing_mm: float = Field(1.0, gt=0)
     window_hu: tuple[float, float] = (-1000.0, 400.0)
     patch_size: tuple[int, int, int] = (64, 128, 128)  # z, y, x voxels
-    patch_stride: tuple[int, int, int] = (32, 64, 64)
+    patch_stride: tuple[int, int, int] = (48, 96, 96)
     min_slices: int = Field(16, ge=2)
+    # Crop each resampled volume to the body before the sliding window (preprocessing.body_crop):
+    # voxels above body_threshold_hu, projected per axis, plus body_margin_mm of air.
+    crop_to_body: bool = True
+    body_threshold_hu: float = -500.0
+    body_margin_mm: float = Field(16.0, ge=0)
     gantry_tilt: Literal["correct", "reject"] = "correct"
     probability_threshold: float = Field(0.5, gt=0, lt=1)
     min_finding_volume_mm3: float = 15.0
@@ -209,6 +214,9 @@ class ImagingSettings(_Section):
     # "auto": where the engine runs on CUDA and CuPy is installed, patches and blending stay on the GPU;
     # "off": always the host (numpy) path.
     device_arrays: Literal["auto", "off"] = "auto"
+    # Host memory one engine actor may use for one series on the host path (volume, rolling blend
+    # buffers, float16 result, patch batch, engine activations); the batch shrinks to fit it.
+    host_memory_budget_mb: int = Field(4096, ge=256)
     qc: CTQCSettings = Field(default_factory=CTQCSettings)
 
 

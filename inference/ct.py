@@ -31,8 +31,9 @@ from conf.settings import Settings
 from engines.source import CachedEngine, EngineSource, ReferenceEngine
 from inference import qc
 from inference.actors import engine_actor_pool, ray_session
-from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, STATUS_OK, FindNodules,
-                                 PrepareSeries, SegmentSeries)
+from inference.ct_stages import (COL_FILES, COL_PATIENT, COL_SERIES, COL_STUDY, GRID_MODEL, GRID_SCANNER,
+                                 STATUS_OK, FindNodules,
+                                 PrepareSeries, SegmentSeries, body_crop)
 from inference.patient_link import attach_patients, link_counts, read_link
 from lake import result_store
 from lake.archive import Archive, imaging_archive
@@ -109,7 +110,8 @@ def _config_key(card: dict[str, Any], engine_meta: dict[str, Any], precision: st
              "patch_size": list(im.patch_size), "stride": list(im.patch_stride),
              "spacing_mm": im.target_spacing_mm, "window_hu": list(im.window_hu),
              "threshold": im.probability_threshold, "min_volume_mm3": im.min_finding_volume_mm3,
-             "gantry_tilt": str(im.gantry_tilt), "min_slices": im.min_slices}
+             "gantry_tilt": str(im.gantry_tilt), "min_slices": im.min_slices,
+             "crop_to_body": [im.crop_to_body, im.body_threshold_hu, im.body_margin_mm]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -158,25 +160,32 @@ def select_series(lake: LakePaths, as_of: str) -> tuple[pa.Table, dict[str, int]
 
 def build_pipeline(series: pa.Table, settings: Settings, source: EngineSource, precision: str,
                    batch_patches: tuple[int, int], num_actors: int, actor_resources: dict[str, float],
-                   archive: Archive | None = None):
+                   archive: Archive | None = None, ship: str = GRID_MODEL):
     """The Ray Data pipeline, read top to bottom; nothing runs until it is consumed.
 
-    ``batch_patches``: (host batch, device maximum) patches per engine call.
+    ``batch_patches``: (host batch, device maximum) patches per engine call. ``ship``: what the
+    read tasks hand the engine actors — the windowed model input (GRID_MODEL) or, for actors on a
+    GPU, the scanner grid as int16 (GRID_SCANNER; the actors resample, crop and window on the device).
     """
     import ray.data
+
+    from preprocessing.ct_chain import to_model_input
 
     im = settings.imaging
     ds = ray.data.from_arrow(series)
     # One series per block: each read task holds one series, and blocks spread over tasks.
     ds = ds.repartition(max(1, series.num_rows))
-    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive),
+    ds = ds.map_batches(PrepareSeries(im.target_spacing_mm, im.window_hu, im.gantry_tilt, im.min_slices, archive,
+                                      body_crop(im), ship),
                         batch_size=1, batch_format="pyarrow", num_cpus=1)
     # Actors sharing a GPU: one patches and stitches its series on the host while
     # another's patches run on the device (inference.actors.engine_actor_pool).
     ds = ds.map_batches(SegmentSeries, batch_size=1, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         fn_constructor_args=(source, precision, tuple(im.patch_size), tuple(im.patch_stride),
-                                             *batch_patches, im.device_arrays),
+                                             *batch_patches, im.device_arrays,
+                                             to_model_input(im.target_spacing_mm, im.window_hu, body_crop(im)),
+                                             im.host_memory_budget_mb << 20),
                         **actor_resources)
     ds = ds.map_batches(FindNodules(im.probability_threshold, im.min_finding_volume_mm3),
                         batch_size=1, batch_format="pyarrow", num_cpus=0.5)
@@ -293,8 +302,10 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus >= 1
             num_actors, actor_resources = engine_actor_pool(settings, gpus)
+            # Actors on a GPU get the scanner grid (int16) and resample on the device; CPU actors the model input.
+            ship = GRID_SCANNER if use_gpu and settings.imaging.device_arrays == "auto" else GRID_MODEL
             ds = build_pipeline(pending, settings, source, precision, (batch_patches, max_batch_patches),
-                                num_actors, actor_resources, archive)
+                                num_actors, actor_resources, archive, ship)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for r in batch.drop_columns([c for c in ("shape", "affine", "spacing_mm")
                                              if c in batch.column_names]).to_pylist():
@@ -342,6 +353,9 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
         "patient_link": link_counts(series),
         "settings": {"patch_size": list(settings.imaging.patch_size),
                      "patch_stride": list(settings.imaging.patch_stride),
+                     "crop_to_body": settings.imaging.crop_to_body,
+                     "body_threshold_hu": settings.imaging.body_threshold_hu,
+                     "body_margin_mm": settings.imaging.body_margin_mm,
                      "target_spacing_mm": settings.imaging.target_spacing_mm,
                      "window_hu": list(settings.imaging.window_hu),
                      "probability_threshold": settings.imaging.probability_threshold,

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from preprocessing.body_crop import CropToBody
 from preprocessing.dicom_series import load_volume
 from preprocessing.resample import resample_to_spacing, window_to_unit
 from preprocessing.volume import Volume
@@ -110,13 +111,21 @@ class Compose:
 
 
 def model_input(spacing_mm: float, window_hu: Sequence[float], gantry_tilt: str = "correct",
-                min_slices: int = 2, resolve: Callable[[Sequence[str]], Sequence[Path | str]] | None = None
-                ) -> Compose:
-    """Files of one series → the segmentation model's input on the host (scoring, benchmark)."""
-    return Compose(LoadSeries(gantry_tilt, min_slices, resolve), ResampleToSpacing(spacing_mm),
-                   WindowToUnit(window_hu))
+                min_slices: int = 2, resolve: Callable[[Sequence[str]], Sequence[Path | str]] | None = None,
+                crop: CropToBody | None = None) -> Compose:
+    """Files of one series → the segmentation model's input on the host (scoring, benchmark).
+
+    ``crop`` (scoring): cut the resampled volume to the body before windowing.
+    """
+    return Compose(LoadSeries(gantry_tilt, min_slices, resolve), *to_model_input(spacing_mm, window_hu, crop).steps)
 
 
-def on_device(spacing_mm: float, window_hu: Sequence[float]) -> Compose:
-    """A host :class:`Volume` → the model's input on the GPU: one copy, then resample and window there."""
-    return Compose(ToDevice(), ResampleToSpacing(spacing_mm), WindowToUnit(window_hu))
+def to_model_input(spacing_mm: float, window_hu: Sequence[float], crop: CropToBody | None = None) -> Compose:
+    """A scanner-grid :class:`Volume` → the model's input, on the device its voxels live on
+    (numpy: the host; CuPy: the GPU): resample, crop to the body (when given), window."""
+    return Compose(ResampleToSpacing(spacing_mm), *([crop] if crop is not None else []), WindowToUnit(window_hu))
+
+
+def on_device(spacing_mm: float, window_hu: Sequence[float], crop: CropToBody | None = None) -> Compose:
+    """A host :class:`Volume` → the model's input on the GPU: one copy, then resample, crop and window there."""
+    return Compose(ToDevice(), *to_model_input(spacing_mm, window_hu, crop).steps)

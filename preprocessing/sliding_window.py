@@ -24,20 +24,21 @@ Predictor = Callable[[Any], Any]
 
 def sliding_window_inference(image: Any, predictor: Predictor, patch_size: tuple[int, int, int],
                              stride: tuple[int, int, int], batch_patches: int, mode: BlendMode = "gaussian",
-                             timings: dict[str, float] | None = None) -> Any:
-    """Probability volume (float32, ``image``'s shape and device) from patches of ``image``.
+                             timings: dict[str, float] | None = None, out_dtype: Any = np.float32) -> Any:
+    """Probability volume (``out_dtype``, ``image``'s shape and device) from patches of ``image``.
 
     Patches are cut ``batch_patches`` at a time from the edge-padded image, given
-    to ``predictor`` and blended into the volume as they come back, so a
-    volume's patch set is never held whole. ``timings`` (when given) gains
-    ``patch_s``, ``engine_s``, ``stitch_s`` and ``patches``.
+    to ``predictor`` and blended as they come back, in grid order, by a rolling
+    :class:`Stitcher`: neither a volume's patch set nor whole-volume blend sums
+    are ever held (:func:`window_bytes` is what it holds besides ``image``).
+    ``timings`` (when given) gains ``patch_s``, ``engine_s``, ``stitch_s`` and ``patches``.
     """
     if batch_patches < 1:
         raise ValueError(f"batch_patches must be at least 1, got {batch_patches}")
     t = timings if timings is not None else {}
     xp = array_module(image)
     grid: PatchGrid = patch_grid(image.shape, patch_size, stride)  # type: ignore[arg-type]
-    stitcher = Stitcher(grid, mode, xp=xp)
+    stitcher = Stitcher(grid, mode, xp=xp, rolling=True, out_dtype=out_dtype)
     t0 = time.perf_counter()
     padded = pad_to_grid(image, grid)
     _add(t, "patch_s", time.perf_counter() - t0)
@@ -58,6 +59,22 @@ def sliding_window_inference(image: Any, predictor: Predictor, patch_size: tuple
     out = stitcher.result()
     _add(t, "stitch_s", time.perf_counter() - t0)
     return out
+
+
+# Arrays of one patch's size a batch holds at once per patch: the cut input, the prediction, the
+# weighted prediction while it is blended.
+PATCH_ARRAYS = 3
+
+
+def window_bytes(shape_zyx: tuple[int, ...], patch_size: tuple[int, int, int], stride: tuple[int, int, int],
+                 batch_patches: int, out_itemsize: int = 4) -> int:
+    """Bytes :func:`sliding_window_inference` holds for a float32 image of ``shape_zyx`` besides the image
+    and the predictor's own working memory: the padded copy (where an axis is shorter than a patch),
+    the rolling blend buffers, the result and ``batch_patches`` patches' arrays."""
+    grid = patch_grid(tuple(int(v) for v in shape_zyx), patch_size, stride)  # type: ignore[arg-type]
+    padded = 4 * int(np.prod(grid.padded_shape)) if grid.padded_shape != grid.volume_shape else 0
+    return (padded + Stitcher.buffer_bytes(grid, rolling=True) + out_itemsize * int(np.prod(shape_zyx))
+            + PATCH_ARRAYS * 4 * int(np.prod(patch_size)) * int(batch_patches))
 
 
 def _add(t: dict[str, float], key: str, value: float) -> None:

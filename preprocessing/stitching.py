@@ -18,7 +18,11 @@ weights w over the patch:
 Because out(v) is a weighted mean, a constant prediction stitches back to that
 constant (up to float32 rounding) whatever the weights. Accumulation is
 incremental (:class:`Stitcher`) so a caller can feed patches in batches and
-never hold all of them at once.
+never hold all of them at once. A rolling stitcher (``rolling=True``, patches
+in grid order) keeps its sums over one patch's depth of slices only and writes
+each slice out as soon as no later patch can reach it, so its buffers do not
+grow with the series' length (a 1 000-slice series blends in the memory of 64
+slices).
 """
 from __future__ import annotations
 
@@ -58,23 +62,37 @@ class Stitcher:
     """Accumulates weighted patch predictions for one volume; :meth:`result` blends them.
 
     ``add`` takes predictions ``[k, pz, py, px]`` (or ``[k, 1, pz, py, px]``)
-    for the grid indices ``indices`` in any order and any batch size.
+    for the grid indices ``indices`` in any order and any batch size; with
+    ``rolling=True`` in grid order (z starts never decrease), and the sums span
+    one patch's depth, each finished slice going to the ``out_dtype`` result at once.
     ``xp`` is the array module the buffers live in (numpy; CuPy keeps them on the GPU).
     """
 
     def __init__(self, grid: PatchGrid, mode: BlendMode = "gaussian", sigma_scale: float = 0.125,
-                 xp=np):
+                 xp=np, rolling: bool = False, out_dtype=np.float32):
         self.grid = grid
         self.xp = xp
+        self.rolling = bool(rolling)
+        self.out_dtype = out_dtype
         self.weights = xp.asarray(importance_map(grid.patch_size, mode, sigma_scale))
-        self._acc = xp.zeros(grid.padded_shape, dtype=np.float32)
-        self._wsum = xp.zeros(grid.padded_shape, dtype=np.float32)
+        shape = self.buffer_shape(grid, self.rolling)
+        self._acc = xp.zeros(shape, dtype=np.float32)
+        self._wsum = xp.zeros(shape, dtype=np.float32)
         self._seen = np.zeros(len(grid), dtype=bool)
+        # Rolling: padded-volume slice held in buffer row 0; slices before it are in _out.
+        self._z0 = 0
+        self._out = xp.empty(grid.volume_shape, dtype=out_dtype) if self.rolling else None
 
     @staticmethod
-    def buffer_bytes(grid: PatchGrid) -> int:
+    def buffer_shape(grid: PatchGrid, rolling: bool = False) -> tuple[int, int, int]:
+        """Shape of each of the two blend buffers (rolling: one patch's depth of slices)."""
+        depth = grid.patch_size[0] if rolling else grid.padded_shape[0]
+        return (int(depth), int(grid.padded_shape[1]), int(grid.padded_shape[2]))
+
+    @staticmethod
+    def buffer_bytes(grid: PatchGrid, rolling: bool = False) -> int:
         """Device or host bytes the two blend buffers of ``grid`` take."""
-        return 2 * 4 * int(np.prod(grid.padded_shape))
+        return 2 * 4 * int(np.prod(Stitcher.buffer_shape(grid, rolling)))
 
     def add(self, preds: np.ndarray, indices: list[int] | range | np.ndarray) -> None:
         preds = self.xp.asarray(preds)
@@ -87,22 +105,54 @@ class Stitcher:
                              f"{len(indices)} patches of size {self.grid.patch_size}")
         for p, i in zip(preds, indices):
             sl = self.grid.slices(int(i))
+            if self.rolling:
+                if sl[0].start < self._z0:
+                    raise ValueError(f"patch {int(i)} starts at slice {sl[0].start}, before slice {self._z0} "
+                                     "that a rolling stitcher has already written out; add patches in grid order")
+                self._advance(sl[0].start)
+                sl = (slice(sl[0].start - self._z0, sl[0].stop - self._z0), sl[1], sl[2])
             self._acc[sl] += p * self.weights
             self._wsum[sl] += self.weights
             self._seen[int(i)] = True
+
+    def _advance(self, z: int) -> None:
+        """Rolling: slices before ``z`` are final (no later patch starts before it); write them out, shift."""
+        n = z - self._z0
+        if n <= 0:
+            return
+        self._emit(min(n, self._acc.shape[0]))
+        depth = self._acc.shape[0]
+        if n < depth:
+            for buf in (self._acc, self._wsum):
+                buf[:depth - n] = buf[n:].copy()
+                buf[depth - n:] = 0.0
+        else:
+            self._acc[:] = 0.0
+            self._wsum[:] = 0.0
+        self._z0 = z
+
+    def _emit(self, rows: int) -> None:
+        z, y, x = self.grid.volume_shape
+        rows = min(rows, z - self._z0)
+        if rows > 0:
+            self._out[self._z0:self._z0 + rows] = (self._acc[:rows, :y, :x] / self._wsum[:rows, :y, :x]
+                                                   ).astype(self.out_dtype)
 
     @property
     def complete(self) -> bool:
         return bool(self._seen.all())
 
     def result(self) -> np.ndarray:
-        """The blended volume, cropped to the original shape (float32)."""
+        """The blended volume, cropped to the original shape (``out_dtype``). Rolling: call it once."""
         if not self.complete:
             missing = int((~self._seen).sum())
             raise ValueError(f"{missing} of {len(self.grid)} patches were never added; "
                              "a stitched volume would have holes")
         z, y, x = self.grid.volume_shape
-        return self._acc[:z, :y, :x] / self._wsum[:z, :y, :x]
+        if self.rolling:
+            self._emit(self._acc.shape[0])
+            return self._out
+        return (self._acc[:z, :y, :x] / self._wsum[:z, :y, :x]).astype(self.out_dtype, copy=False)
 
 
 def stitch(preds: np.ndarray, grid: PatchGrid, mode: BlendMode = "gaussian",
