@@ -214,6 +214,11 @@ class ImagingSettings(_Section):
     # "auto": where the engine runs on CUDA and CuPy is installed, patches and blending stay on the GPU;
     # "off": always the host (numpy) path.
     device_arrays: Literal["auto", "off"] = "auto"
+    # true: GPU actors get the scanner grid as int16 and resample, crop and window on the device.
+    # Off by default: on one H200 (10 series, fp16) it ran at 29.5 volumes/min with 11.2 s of
+    # resampling inside the two engine actors, where read tasks resampling on 16 host cores had fed
+    # the same engine at 74-84 (docs/benchmarks.md, "CT: resampling in the actors").
+    resample_on_device: bool = False
     # Host memory one engine actor may use for one series on the host path (volume, rolling blend
     # buffers, float16 result, patch batch, engine activations); the batch shrinks to fit it.
     host_memory_budget_mb: int = Field(4096, ge=256)

@@ -302,8 +302,10 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus >= 1
             num_actors, actor_resources = engine_actor_pool(settings, gpus)
-            # Actors on a GPU get the scanner grid (int16) and resample on the device; CPU actors the model input.
-            ship = GRID_SCANNER if use_gpu and settings.imaging.device_arrays == "auto" else GRID_MODEL
+            # Read tasks resample on the host cores; with imaging.resample_on_device, actors on a GPU get
+            # the scanner grid (int16) and resample on the device instead.
+            ship = (GRID_SCANNER if use_gpu and settings.imaging.device_arrays == "auto"
+                    and settings.imaging.resample_on_device else GRID_MODEL)
             ds = build_pipeline(pending, settings, source, precision, (batch_patches, max_batch_patches),
                                 num_actors, actor_resources, archive, ship)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

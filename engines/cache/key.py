@@ -61,9 +61,13 @@ def backend_identity(backend: str) -> tuple[str, str]:
 def backend_candidates(settings: Settings, model: str, backend: str | None = None) -> list[str]:
     """The backends to try for ``model``, best first; more than one only for ``auto``.
 
-    ``auto``: for emr_risk on a machine where torch sees a CUDA GPU, the inductor plan, then ONNX
-    Runtime (used where the inductor plan cannot be built, fails its gate or is missing); ONNX
-    Runtime alone everywhere else (CPU machines, CT). Any other value is that backend alone.
+    ``auto``: for emr_risk on a machine where torch sees a CUDA GPU, ONNX Runtime (the card's
+    fused graph), then the inductor plan where ONNX Runtime cannot be built or fails its gate;
+    ONNX Runtime alone everywhere else (CPU machines, CT). Any other value is that backend alone.
+    ONNX Runtime comes first by measurement: on one H200 at 4 M rows the scoring run reached
+    210 k records/s with it and 54 k with the inductor plan, whose actors spent 55 s compiling
+    before the first batch and whose device rate inside the pipeline (220 k) was no better
+    (docs/benchmarks.md, "Inductor in the pipeline"). ``engines.backend: inductor`` chooses it.
     """
     backend = backend or settings.engines.backend
     if backend != AUTO:
@@ -71,7 +75,7 @@ def backend_candidates(settings: Settings, model: str, backend: str | None = Non
     from engines.inductor_runner import cuda_available
 
     if model in INDUCTOR_MODELS and cuda_available():
-        return ["inductor", "onnxruntime"]
+        return ["onnxruntime", "inductor"]
     return ["onnxruntime"]
 
 
