@@ -82,4 +82,3 @@ def platform_for(backend: str, providers: list[str] | None = None) -> dict[str, 
         return {"kind": "cpu-aot", "id": "cpu-aot"}
     cc = gpu["compute_capability"].replace(".", "")
     return {"kind": "gpu", **gpu, "id": f"{gpu['gpu']} sm{cc}"}
-

@@ -24,7 +24,7 @@ from inference.actors import EngineActor
 from inference.batching import batches_to_table, binary_column, iter_batches, pack_fragment
 from inference.fragments import FragmentSink
 from lake.schemas import PREVALENT_COLUMNS
-from preprocessing.eligibility import encounter_counts
+from preprocessing.eligibility import encounters_of
 
 TIMELINE_COLUMNS = ["patient_key", "length", "tokens", "days_before", "age_years", "sex"]
 # Read beside them where the partition has them: the eligibility facts screening needs.
@@ -69,11 +69,7 @@ def eligibility_facts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     (bit j: ``prevalent_<HEADS[j]>``; :data:`UNKNOWN_FACT` where one is null or the partition
     predates them): what screening needs of each scored patient, for the actor that scores them."""
     n = table.num_rows
-    if "encounters" in table.column_names:
-        encounters = np.asarray(table.column("encounters").cast(pa.int32()).fill_null(-1).to_numpy(), np.int32)
-    else:
-        # A partition written before the features job counted encounters: count the tokens.
-        encounters = encounter_counts(table.column("tokens")).astype(np.int32)
+    encounters = np.asarray(encounters_of(table).fill_null(-1).to_numpy(), np.int32)
     bits = np.zeros(n, np.uint8)
     for j, col in enumerate(PREVALENT_COLUMNS):
         if col not in table.column_names:

@@ -174,12 +174,8 @@ def read_facts(path: str | Path, with_prevalence: bool = True, row_groups: list[
     t = f.read(columns=columns) if row_groups is None else f.read_row_groups(row_groups, columns=columns)
     if num_rows is not None:
         t = t.slice(0, num_rows)
-    if counted:
-        return t.set_column(t.schema.get_field_index("encounters"), "encounters",
-                            t.column("encounters").cast(pa.int64()))
-    # A partition written before the features job counted encounters: count the tokens.
-    return t.drop_columns(["tokens"]).append_column(
-        "encounters", pa.array(elig.encounter_counts(t.column("tokens")), pa.int64()))
+    encounters = elig.encounters_of(t)
+    return t.drop_columns(["encounters" if counted else "tokens"]).append_column("encounters", encounters)
 
 
 def facts_of(keys: pa.ChunkedArray | pa.Array, table: pa.Table, timelines_name: str, as_of: str,

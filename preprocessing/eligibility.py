@@ -66,6 +66,14 @@ def encounter_counts(tokens: pa.Array | pa.ChunkedArray | np.ndarray) -> np.ndar
     return np.bincount(parents[hit], minlength=n).astype(np.int64)
 
 
+def encounters_of(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    """Encounter tokens per timeline row (int64): the features job's ``encounters`` column, or, for
+    a partition written before the job counted them, its ``tokens`` counted."""
+    if "encounters" in table.column_names:
+        return table.column("encounters").cast(pa.int64())
+    return pa.array(encounter_counts(table.column("tokens")), pa.int64())
+
+
 def reasons(rule: HeadRule, age_years: np.ndarray, encounters: np.ndarray,
             prevalent: np.ndarray | None = None) -> np.ndarray:
     """Per patient, :data:`ELIGIBLE` or the first reason (code) that keeps them off the head's list.

@@ -132,12 +132,11 @@ def load_runner(settings: Settings, model: str = "emr_risk", backend: str | None
     over is logged with its reason.
     """
     candidates = backend_candidates(settings, model, backend)
-    for candidate in candidates[:-1]:
+    for candidate, fallback in zip(candidates, candidates[1:]):
         try:
             return _load_one(settings, model, candidate, precision, False, providers)
         except (EngineCacheError, FileNotFoundError) as exc:
-            log.warning("%s engine for %s not used (%s); trying %s", candidate, model, exc,
-                        candidates[candidates.index(candidate) + 1])
+            log.warning("%s engine for %s not used (%s); trying %s", candidate, model, exc, fallback)
     return _load_one(settings, model, candidates[-1], precision, force_ungated, providers)
 
 
