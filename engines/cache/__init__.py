@@ -27,14 +27,15 @@ from engines.cache.build import CALIBRATION_BATCH_ROWS, build, calibration_set
 from engines.cache.gate import gate_plan
 from engines.cache.key import (AUTO, BACKENDS, GRAPHS, METADATA_FORMAT, EngineCacheError, EngineSpec,
                                UngatedEngineError, backend_candidates, backend_identity, cache_key,
-                               compile_cache_path, graph_for, metadata_path, plan_lock, read_metadata, resolve, source_onnx, write_metadata_file)
+                               compile_cache_path, graph_for, metadata_path, plan_lock, read_metadata, resolve,
+                               source_onnx, write_metadata_file)
 from engines.cache.load import load_runner, reference_runner, runner_for, verify
 from engines.model_card import file_sha256
 
-__all__ = ["AUTO", "BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError", "EngineSpec",
-           "UngatedEngineError", "backend_candidates", "backend_identity", "compile_cache_path", "ensure_first", "build", "cache_key", "calibration_set", "ensure",
-           "file_sha256", "gate_plan", "graph_for", "load_runner", "metadata_path", "read_metadata",
-           "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
+__all__ = ["AUTO", "BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError",
+           "EngineSpec", "UngatedEngineError", "backend_candidates", "backend_identity", "build", "cache_key",
+           "calibration_set", "compile_cache_path", "ensure", "ensure_first", "file_sha256", "gate_plan",
+           "graph_for", "load_runner", "metadata_path", "read_metadata", "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
 
 log = logging.getLogger(__name__)
 
