@@ -13,7 +13,7 @@ Compares, in one run and on the same engine and data:
 
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
 and on a GPU machine with onnxruntime-gpu (CUDA EP, ray.actors_per_gpu actors per
-GPU); ``--backend inductor`` (or ``auto`` on a GPU) scores with the inductor plan. It generates its own timelines and uses the committed model
+GPU); ``--backend inductor`` scores with the inductor plan (``auto`` tries ONNX Runtime first). It generates its own timelines and uses the committed model
 (models/emr_risk/emr_risk.onnx, via the engine cache) or, when that is
 absent, a small model it builds. Prints one JSON object last.
 
@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                         "so pipeline overhead rather than the engine dominates")
     p.add_argument("--skip-baseline", action="store_true", help="skip the naive Ray Data baseline")
     p.add_argument("--backend", choices=["auto", "inductor", "onnxruntime"], default="auto",
-                   help="engines.backend: auto = inductor where torch sees a GPU and its plan passes the gate, "
-                        "else ONNX Runtime; the engine used is named in the JSON")
+                   help="engines.backend: auto = ONNX Runtime, then the inductor plan where torch sees a GPU "
+                        "(engines.cache.key.backend_candidates); the engine used is named in the JSON")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)

@@ -67,16 +67,20 @@ def export_program(card: dict[str, Any], precision: str, device: str, out: Path)
     return out
 
 
-def compile_artifacts(plan: Path, shapes: list[tuple[int, int]], device: str) -> tuple[bytes, dict[str, float]]:
-    """Compile ``plan`` for every shape as the runtime does; the Mega-Cache bytes and seconds per shape.
+def compile_artifacts(plan: Path, shapes: list[tuple[int, int]],
+                      device: str) -> tuple[bytes, dict[str, float], int]:
+    """Compile ``plan`` for every shape as the runtime does; the Mega-Cache bytes, seconds per shape and
+    torch's intra-op thread count during the compile.
 
     The runtime's own compile path (:class:`engines.inductor_runner.InductorRunner`) is what runs here,
-    so the cache entries it records are the ones a runtime looks up.
+    so the cache entries it records are the ones a runtime looks up. Their keys hold the thread
+    count, so a runtime compiles under the same count (``compile_threads`` in the sidecar).
     """
     import torch
 
     from engines.inductor_runner import InductorRunner
 
+    threads = torch.get_num_threads()
     runner = InductorRunner(plan, None, shapes, name="inductor-build", device=device)
     runner.activate()
     try:
@@ -87,7 +91,7 @@ def compile_artifacts(plan: Path, shapes: list[tuple[int, int]], device: str) ->
     if not saved:
         raise InductorBuildError("torch.compiler.save_cache_artifacts() returned nothing after compiling "
                                  f"{len(shapes)} shapes; the compile cache is disabled in this environment")
-    return saved[0], seconds
+    return saved[0], seconds, threads
 
 
 def example_inputs(batch: int, seq: int, vocab_size: int, device: str) -> tuple:

@@ -92,14 +92,16 @@ class InductorRunner:
     """Runs a ``torch.export`` plan compiled per shape. ``activate`` loads and compiles, ``infer`` runs."""
 
     def __init__(self, plan: Path, compile_cache: Path | None, shapes: list[tuple[int, int]] | list[list[int]],
-                 name: str | None = None, device: str | None = None):
+                 name: str | None = None, device: str | None = None, compile_threads: int | None = None):
         self.plan = Path(plan)
         self.compile_cache = Path(compile_cache) if compile_cache else None
         self.shapes = sorted((int(b), int(s)) for b, s in shapes)
         self.name = name or f"inductor:{self.plan.name}"
         self.device = device
+        self.compile_threads = int(compile_threads) if compile_threads else None
         self.compile_seconds: dict[str, float] = {}
         self.cache_load_s: float | None = None
+        self.compile_cache_counts: dict[str, int] = {}
         self.eager_calls = 0
         self._module = None
         self._compiled = None
@@ -138,13 +140,22 @@ class InductorRunner:
         # One compiled entry per shape; dynamo's default limit (8) would send later shapes to eager.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.shapes) + 2)
         self._compiled = torch.compile(self._module, mode="reduce-overhead", dynamic=False)
-        for batch, seq in self.shapes:
-            t0 = time.perf_counter()
-            self._warm_shape(batch, seq)
-            self.compile_seconds[f"{batch}x{seq}"] = round(time.perf_counter() - t0, 3)
+        threads = torch.get_num_threads()
+        if self.compile_threads and self.compile_threads != threads:
+            # Inductor's FX-graph cache key holds torch's intra-op thread count: compile under the
+            # build's count, or the artefacts miss (a Ray actor runs with OMP_NUM_THREADS=1).
+            torch.set_num_threads(self.compile_threads)
+        try:
+            for batch, seq in self.shapes:
+                t0 = time.perf_counter()
+                self._warm_shape(batch, seq)
+                self.compile_seconds[f"{batch}x{seq}"] = round(time.perf_counter() - t0, 3)
+        finally:
+            torch.set_num_threads(threads)
         self._warm_threads = {threading.get_ident()}
-        log.info("inductor plan %s on %s: compiled %s (seconds per shape), cache load %ss", self.plan.name,
-                 self.device, self.compile_seconds, self.cache_load_s)
+        self.compile_cache_counts = _compile_cache_counts()
+        log.info("inductor plan %s on %s: compiled %s (seconds per shape), cache load %ss, compile cache %s",
+                 self.plan.name, self.device, self.compile_seconds, self.cache_load_s, self.compile_cache_counts)
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._compiled is None:
@@ -229,7 +240,17 @@ class InductorRunner:
         """What this runner did at load: device, shapes, compile seconds per shape, cache load seconds."""
         return {"device": self.device, "shapes": [list(s) for s in self.shapes],
                 "compile_seconds": dict(self.compile_seconds), "cache_load_s": self.cache_load_s,
+                "compile_cache": dict(self.compile_cache_counts),
                 "eager_calls": self.eager_calls}
+
+
+def _compile_cache_counts() -> dict[str, int]:
+    """Inductor's FX-graph cache hits, misses and bypasses so far in this process: a load that
+    compiled from the plan's artefacts shows hits only."""
+    from torch._dynamo.utils import counters
+
+    return {k.removeprefix("fxgraph_cache_"): int(v) for k, v in counters["inductor"].items()
+            if k.startswith("fxgraph_cache_")}
 
 
 def _pad(arrays: dict[str, np.ndarray], rows: int, seq: int) -> dict[str, np.ndarray]:

@@ -104,7 +104,8 @@ def runner_for(plan_path: Path, meta: dict[str, Any], providers: list[str] | Non
         from engines.inductor_runner import InductorRunner
 
         return InductorRunner(plan_path, compile_cache_path(plan_path), meta["shapes"],
-                              name=f"inductor-{meta['precision']}:{meta['fingerprint']}", device=meta.get("device"))
+                              name=f"inductor-{meta['precision']}:{meta['fingerprint']}", device=meta.get("device"),
+                              compile_threads=meta.get("compile_threads"))
     from engines.trt_runner import TrtRunner
 
     return TrtRunner(plan_path, meta["backend_module"],

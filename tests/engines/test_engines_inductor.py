@@ -93,6 +93,39 @@ def test_padding_to_compiled_shapes_gives_the_unpadded_answer(inductor_fp32):
         assert runner.infer({k: v[:0] for k, v in feed.items()})["probs"].shape == (0, 3)
 
 
+_LOAD_IN_A_FRESH_PROCESS = """
+import json, sys
+from pathlib import Path
+from engines import cache
+plan = Path(sys.argv[1])
+runner = cache.runner_for(plan, cache.read_metadata(plan))
+with runner:
+    print(json.dumps(runner.describe()))
+"""
+
+
+def test_a_fresh_process_with_another_thread_count_compiles_from_the_plans_artefacts(inductor_fp32, tmp_path):
+    """A Ray actor runs with OMP_NUM_THREADS=1 and an empty compile cache: Inductor's cache key holds
+    torch's thread count, so the runner compiles under the build's count and every shape is a hit
+    in the plan's Mega-Cache artefacts, not a fresh compile."""
+    import os
+    import subprocess
+    import sys
+
+    from engines.model_card import REPO_ROOT
+
+    _, path = inductor_fp32
+    built_with = cache.read_metadata(path)["compile_threads"]
+    assert built_with >= 1
+    env = {**os.environ, "OMP_NUM_THREADS": "2" if built_with == 1 else "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty-inductor-cache")}
+    done = subprocess.run([sys.executable, "-c", _LOAD_IN_A_FRESH_PROCESS, str(path)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    described = json.loads(done.stdout.strip().splitlines()[-1])
+    assert described["compile_cache"] == {"hit": 2}, described
+
+
 def test_verify_refuses_a_tampered_or_foreign_inductor_plan(inductor_fp32, tmp_path):
     settings, path = inductor_fp32
     assert cache.verify(path, settings) == []
