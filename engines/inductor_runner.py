@@ -2,23 +2,26 @@
 
 ``activate`` loads the plan's Mega-Cache artefacts (``torch.compiler.load_cache_artifacts``),
 the exported program (``torch.export.load(plan).module()``), wraps it in
-``torch.compile(mode="reduce-overhead", dynamic=False)`` — generated kernels,
-plus CUDA graphs on a GPU — and runs every compiled shape once so the first
-batches do not stall (``compile_seconds`` records the time per shape).
+``torch.compile(dynamic=False)`` and prepares every compiled shape once
+(``compile_seconds`` records the time per shape), under the thread count the
+plan was built with (Inductor's cache key holds it).
+
+On a GPU each shape is then captured in one CUDA graph of its own, with static
+device inputs and output and page-locked host buffers beside them: a call
+copies the batch into the host buffers (padding in place), issues one
+asynchronous copy per input, replays the graph, copies the probabilities back
+and synchronises once. No guard evaluation, no allocation and no pageable
+copy per call: at small batches these cost more than the model itself. The
+graphs share one memory pool (calls are serialised and every output is copied
+out before the next replay) and, unlike ``mode="reduce-overhead"``'s
+thread-local CUDA-graph trees, replay from any thread (Ray Data calls an actor
+from another thread than the one that ran ``__init__``).
 
 ``infer`` hits a compiled shape on every call: a batch's sequence is padded to
 the smallest compiled length that holds it and its rows are run in chunks of
 that shape's batch size, the last chunk padded with empty timelines (token 0)
 whose outputs are discarded; no call recompiles. A sequence longer than every
 compiled length runs uncompiled on the exported module (logged once).
-
-CUDA graphs are recorded per thread (torch's CUDA-graph trees keep their state
-in thread-local storage), and Ray Data calls an actor from another thread than
-the one that ran ``__init__`` (Ray 2.60: ``__init__`` on ``MainThread``,
-``__call__`` on a ``ThreadPoolExecutor`` thread, measured): the first ``infer``
-on a new thread runs every shape there once more, which records that thread's
-graphs from the already compiled kernels (no recompilation), instead of
-recording them lazily in the middle of scoring. Calls are serialised (one lock).
 
 Imports torch only, never the model definition.
 """
@@ -40,8 +43,10 @@ log = logging.getLogger(__name__)
 INPUTS = [TensorSpec("tokens", "int64", ("batch", "seq")), TensorSpec("days_before", "float32", ("batch", "seq")),
           TensorSpec("age_years", "float32", ("batch",)), TensorSpec("sex", "int64", ("batch",))]
 OUTPUTS = [TensorSpec("probs", "float32", ("batch", 3))]
-# reduce-overhead: the first call of a shape warms up, the second records its CUDA graph, the third replays.
-_WARM_CALLS = 3
+# Calls per shape before capture: the first compiles (or loads from the cache), the second runs warm.
+_WARM_CALLS = 2
+# How the plan is compiled and run: part of the plan's cache key (the compile artefacts hold this recipe).
+COMPILE_RECIPE = "torch.compile(dynamic=False), one CUDA graph per shape"
 
 
 def scoring_shapes(token_budget: int, length_buckets: list[int]) -> list[tuple[int, int]]:
@@ -105,9 +110,9 @@ class InductorRunner:
         self.eager_calls = 0
         self._module = None
         self._compiled = None
-        self._warm_threads: set[int] = set()
+        self._slots: dict[tuple[int, int], _Slot] = {}
         self._warned_eager = False
-        # One call at a time: a thread's first call records its CUDA graphs, and replays share buffers.
+        # One call at a time: the static buffers and the graphs' memory pool are shared.
         self._lock = threading.Lock()
 
     @property
@@ -139,23 +144,24 @@ class InductorRunner:
         self._module = torch.export.load(str(self.plan)).module().to(self.device)
         # One compiled entry per shape; dynamo's default limit (8) would send later shapes to eager.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.shapes) + 2)
-        self._compiled = torch.compile(self._module, mode="reduce-overhead", dynamic=False)
+        self._compiled = torch.compile(self._module, dynamic=False)
         threads = torch.get_num_threads()
         if self.compile_threads and self.compile_threads != threads:
             # Inductor's FX-graph cache key holds torch's intra-op thread count: compile under the
             # build's count, or the artefacts miss (a Ray actor runs with OMP_NUM_THREADS=1).
             torch.set_num_threads(self.compile_threads)
+        pool = torch.cuda.graph_pool_handle() if self.device == "cuda" else None
         try:
             for batch, seq in self.shapes:
                 t0 = time.perf_counter()
-                self._warm_shape(batch, seq)
+                self._slots[(batch, seq)] = self._prepare(batch, seq, pool)
                 self.compile_seconds[f"{batch}x{seq}"] = round(time.perf_counter() - t0, 3)
         finally:
             torch.set_num_threads(threads)
-        self._warm_threads = {threading.get_ident()}
         self.compile_cache_counts = _compile_cache_counts()
-        log.info("inductor plan %s on %s: compiled %s (seconds per shape), cache load %ss, compile cache %s",
-                 self.plan.name, self.device, self.compile_seconds, self.cache_load_s, self.compile_cache_counts)
+        log.info("inductor plan %s on %s: compiled %s (seconds per shape), cache load %ss, compile cache %s, "
+                 "CUDA graphs %d", self.plan.name, self.device, self.compile_seconds, self.cache_load_s,
+                 self.compile_cache_counts, sum(slot.graph is not None for slot in self._slots.values()))
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._compiled is None:
@@ -165,16 +171,15 @@ class InductorRunner:
         if rows == 0:
             return {"probs": np.zeros((0, 3), np.float32)}
         with self._lock:
-            if self.device == "cuda" and threading.get_ident() not in self._warm_threads:
-                self._warm_thread()
             shape = self.shape_for(rows, seq)
             if shape is None:
                 return {"probs": self._eager(arrays, seq)}
-            batch, length = shape
+            slot = self._slots[shape]
             out = np.empty((rows, 3), np.float32)
-            for start in range(0, rows, batch):
-                chunk = {k: v[start:start + batch] for k, v in arrays.items()}
-                out[start:start + batch] = self._run(_pad(chunk, batch, length))[:len(chunk["tokens"])]
+            for start in range(0, rows, slot.batch):
+                chunk = {k: v[start:start + slot.batch] for k, v in arrays.items()}
+                n = len(chunk["tokens"])
+                out[start:start + n] = slot.run(chunk, self._compiled)[:n]
             return {"probs": out}
 
     def shape_for(self, rows: int, seq: int) -> tuple[int, int] | None:
@@ -193,6 +198,7 @@ class InductorRunner:
     def deactivate(self) -> None:
         self._compiled = None
         self._module = None
+        self._slots = {}
 
     def __enter__(self) -> "InductorRunner":
         self.activate()
@@ -203,44 +209,52 @@ class InductorRunner:
 
     # -- internals
 
-    def _run(self, arrays: dict[str, np.ndarray], compiled: bool = True) -> np.ndarray:
+    def _prepare(self, batch: int, seq: int, pool: Any) -> "_Slot":
+        """Compile (or load from the cache) and warm one shape; on a GPU capture its CUDA graph."""
         import torch
 
-        args = [torch.from_numpy(arrays[s.name]).to(self.device, non_blocking=True) for s in INPUTS]
+        slot = _Slot(batch, seq, self.device)
         with torch.inference_mode():
-            if compiled and self.device == "cuda":
-                # The output lives in the CUDA graph's pool: copied out below, before the next replay.
-                torch.compiler.cudagraph_mark_step_begin()
-            out = (self._compiled if compiled else self._module)(*args)
-            return out.float().cpu().numpy()
+            if self.device != "cuda":
+                for _ in range(_WARM_CALLS):
+                    slot.out = self._compiled(*slot.inputs)
+                return slot
+            # Warm on a side stream before capturing, as torch.cuda.graphs documents.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(_WARM_CALLS):
+                    slot.out = self._compiled(*slot.inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    slot.out = self._compiled(*slot.inputs).float()
+            except Exception as exc:  # noqa: BLE001 — the shape still runs compiled, without a graph
+                log.warning("inductor plan %s: CUDA graph capture of shape %dx%d failed (%s: %s); that shape "
+                            "runs compiled without a graph", self.plan.name, batch, seq, type(exc).__name__, exc)
+                return slot
+        slot.graph = graph
+        return slot
 
     def _eager(self, arrays: dict[str, np.ndarray], seq: int) -> np.ndarray:
+        import torch
+
         if not self._warned_eager:
             log.warning("inductor plan %s: sequence length %d is longer than every compiled shape %s; such "
                         "batches run uncompiled (eager) on the exported program", self.plan.name, seq, self.shapes)
             self._warned_eager = True
         self.eager_calls += 1
-        return self._run(arrays, compiled=False)
-
-    def _warm_shape(self, batch: int, seq: int) -> None:
-        feed = {s.name: np.zeros((batch, seq) if len(s.shape) == 2 else (batch,), s.dtype) for s in INPUTS}
-        feed["tokens"][:, 0] = 1  # one real event per row, as real batches have
-        for _ in range(_WARM_CALLS):
-            self._run(feed)
-
-    def _warm_thread(self) -> None:
-        t0 = time.perf_counter()
-        for batch, seq in self.shapes:
-            self._warm_shape(batch, seq)
-        self._warm_threads.add(threading.get_ident())
-        log.info("inductor plan %s: CUDA graphs recorded for thread %s in %.2fs", self.plan.name,
-                 threading.current_thread().name, time.perf_counter() - t0)
+        args = [torch.from_numpy(arrays[s.name]).to(self.device) for s in INPUTS]
+        with torch.inference_mode():
+            return self._module(*args).float().cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         """What this runner did at load: device, shapes, compile seconds per shape, cache load seconds."""
         return {"device": self.device, "shapes": [list(s) for s in self.shapes],
                 "compile_seconds": dict(self.compile_seconds), "cache_load_s": self.cache_load_s,
                 "compile_cache": dict(self.compile_cache_counts),
+                "cuda_graphs": sum(slot.graph is not None for slot in self._slots.values()),
                 "eager_calls": self.eager_calls}
 
 
@@ -253,16 +267,45 @@ def _compile_cache_counts() -> dict[str, int]:
             if k.startswith("fxgraph_cache_")}
 
 
-def _pad(arrays: dict[str, np.ndarray], rows: int, seq: int) -> dict[str, np.ndarray]:
-    """Pad to ``rows`` rows (empty timelines) and ``seq`` positions (token 0 = padding)."""
-    out = {}
-    for s in INPUTS:
-        a = arrays[s.name]
-        if a.shape[0] == rows and (a.ndim == 1 or a.shape[1] == seq):
-            out[s.name] = a
-            continue
-        shape = (rows,) if a.ndim == 1 else (rows, seq)
-        padded = np.zeros(shape, a.dtype)
-        padded[tuple(slice(0, n) for n in a.shape)] = a
-        out[s.name] = padded
-    return out
+class _Slot:
+    """One compiled shape: static device inputs, on a GPU page-locked host buffers and a CUDA graph."""
+
+    def __init__(self, batch: int, seq: int, device: str):
+        import torch
+
+        self.batch, self.seq, self.device = batch, seq, device
+        self.graph: Any = None
+        self.out: Any = None
+        pinned = device == "cuda"
+        self.host = {s.name: torch.zeros((batch, seq) if len(s.shape) == 2 else (batch,), dtype=getattr(torch, s.dtype),
+                                         pin_memory=pinned) for s in INPUTS}
+        self.host["tokens"][:, 0] = 1  # one real event per row while warming, as real batches have
+        self.host_np = {k: v.numpy() for k, v in self.host.items()}
+        self.inputs = [self.host[s.name].to(device) for s in INPUTS]
+        self.host_out = torch.empty((batch, 3), dtype=torch.float32, pin_memory=pinned)
+
+    def run(self, chunk: dict[str, np.ndarray], compiled: Any) -> np.ndarray:
+        """Scores for ``chunk`` (at most ``batch`` rows, at most ``seq`` positions), padded here."""
+        import torch
+
+        for s in INPUTS:
+            a, host = chunk[s.name], self.host_np[s.name]
+            if a.shape == host.shape:
+                np.copyto(host, a)
+            else:  # pad: empty timelines past the rows, token 0 past the positions
+                host.fill(0)
+                host[tuple(slice(0, n) for n in a.shape)] = a
+        if self.device != "cuda":
+            with torch.inference_mode():
+                return compiled(*[self.host[s.name] for s in INPUTS]).float().numpy()
+        for s, static in zip(INPUTS, self.inputs):
+            static.copy_(self.host[s.name], non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            out = self.out
+        else:
+            with torch.inference_mode():
+                out = compiled(*self.inputs).float()
+        self.host_out.copy_(out, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return self.host_out.numpy().copy()

@@ -174,18 +174,20 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
 
 
 def _resolve_inductor(settings: Settings, model: str, precision: str, card: dict[str, Any]) -> EngineSpec:
-    """The inductor entry: keyed by torch version, platform, precision, the scoring shapes, the weights
-    and the reference ONNX (whose calibration the plan's scores take)."""
+    """The inductor entry: keyed by torch version, how it is compiled and run, platform, precision, the
+    scoring shapes, the weights and the reference ONNX (whose calibration the plan's scores take)."""
     if model not in INDUCTOR_MODELS:
         raise EngineCacheError(f"the inductor backend exports {INDUCTOR_MODELS} only, not {model!r}; "
                                "use backend onnxruntime")
     if precision not in ("fp32", "fp16"):
         raise EngineCacheError(f"the inductor backend builds fp32 and fp16 plans, not {precision}; "
                                "use backend onnxruntime for int8")
+    from engines.inductor_runner import COMPILE_RECIPE
+
     module, version = backend_identity("inductor")
     components: dict[str, Any] = {
         "model": model, "onnx_sha256": card["onnx"]["sha256"], "backend": "inductor",
-        "backend_module": module, "backend_version": version,
+        "backend_module": module, "backend_version": version, "compile_recipe": COMPILE_RECIPE,
         "platform": hardware.platform_for("inductor")["id"], "precision": precision,
         "weights_sha256": (card.get("torch") or {}).get("sha256"),
         "shapes": {"token_budget": settings.scoring.token_budget,

@@ -227,9 +227,8 @@ def test_score_emr_end_to_end_with_the_inductor_engine(inductor_fp32, engines_la
 
 @pytest.mark.gpu
 def test_cuda_graphs_serve_calls_from_another_thread(engines_settings, tmp_path):
-    """Ray Data may call an actor from another thread than the one that activated its engine: CUDA
-    graphs are thread-local, so that thread gets its own (recorded from the compiled kernels) and the
-    answers are the activating thread's."""
+    """Ray Data may call an actor from another thread than the one that activated its engine: every
+    shape has its CUDA graph, replayed from that thread with the activating thread's answers."""
     import threading
 
     settings = engines_settings(tmp_path, **TINY)
@@ -238,6 +237,7 @@ def test_cuda_graphs_serve_calls_from_another_thread(engines_settings, tmp_path)
     table, batches = _lake_batches(settings, 100)
     with runner:
         assert runner.describe()["device"] == "cuda"
+        assert runner.describe()["cuda_graphs"] == len(runner.shapes)
         here = gate_mod.run_batches(runner, batches, table.num_rows)
         there: dict = {}
         worker = threading.Thread(target=lambda: there.update(p=gate_mod.run_batches(runner, batches,
