@@ -148,7 +148,7 @@ def inductor_engine(tmp: Path, precision: str, batch_sizes: list[int], seq: int
     build_s = time.perf_counter() - t0
     meta = cache.read_metadata(plan)
     runner = InductorRunner(plan, cache.compile_cache_path(plan), [(b, seq) for b in batch_sizes],
-                            name=f"inductor-{precision}:{meta['fingerprint']}")
+                            name=f"inductor-{precision}:{meta['fingerprint']}", compile_threads=meta.get("compile_threads"))
     t0 = time.perf_counter()
     runner.activate()
     return (lambda feed: runner.infer(feed)["probs"]), {

@@ -89,6 +89,10 @@ class EngineActor:
         # Start-up as the run's metrics report it: engine load + activation, and when the actor was ready.
         self.engine_load_s = round(time.perf_counter() - t0, 3)
         self.ready_at = time.time()
+        # What the engine did at load where it says (the inductor plan: compile-cache hits and misses).
+        described = getattr(self.runner, "describe", None)
+        self.engine_load = {k: v for k, v in (described() if described else {}).items()
+                            if k in ("compile_cache", "cuda_graphs")}
 
     def close(self) -> None:
         """Deactivate the engine (idempotent)."""

@@ -495,7 +495,7 @@ def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint
                   "actor_write_s": round(actor_write_s, 3)}
 
 
-def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str, float]:
+def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str, Any]:
     """Actor start-up of one attempt from its fragment records: the slowest engine load, and when the
     last actor was ready (seconds after the attempt started; Ray starts the pool's actors in parallel)."""
     actors = {(r["actor"]["id"], r["actor"]["incarnation"]): r["actor"] for r in records if r.get("actor")}
@@ -509,6 +509,14 @@ def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str
     last = max(actors.values(), key=lambda a: a["ready_at"])
     if last.get("init_started_at") is not None:
         out["actor_init_started_s"] = round(last["init_started_at"] - started_at, 3)
+    # The inductor plan's compile-cache hits and misses, summed over the actors: misses mean the
+    # actors compiled from scratch instead of from the plan's artefacts.
+    counts: dict[str, int] = {}
+    for actor in actors.values():
+        for k, v in ((actor.get("engine_load") or {}).get("compile_cache") or {}).items():
+            counts[k] = counts.get(k, 0) + int(v)
+    if counts:
+        out["engine_compile_cache"] = counts
     return out
 
 

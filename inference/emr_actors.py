@@ -155,5 +155,5 @@ class ScoreActor(EngineActor):
                                  facts)
         record["actor"] = {"id": self.actor_id, "incarnation": self.incarnation,
                            "engine_load_s": self.engine_load_s, "ready_at": self.ready_at,
-                           "init_started_at": self.init_started_at}
+                           "init_started_at": self.init_started_at, "engine_load": self.engine_load}
         return record

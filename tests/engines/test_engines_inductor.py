@@ -223,6 +223,9 @@ def test_score_emr_end_to_end_with_the_inductor_engine(inductor_fp32, engines_la
     assert set(scores.column("engine_fingerprint").to_pylist()) == {cache.read_metadata(path)["fingerprint"]}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["qc"]["passed"] is True
+    # The actors (OMP_NUM_THREADS=1 under Ray) compiled every shape from the plan's cache entries.
+    startup = metrics["throughput"]["startup"]
+    assert startup["engine_compile_cache"] == {"hit": 2 * startup["actors"]}, startup
 
 
 @pytest.mark.gpu
