@@ -65,9 +65,10 @@ def backend_candidates(settings: Settings, model: str, backend: str | None = Non
     fused graph), then the inductor plan where ONNX Runtime cannot be built or fails its gate;
     ONNX Runtime alone everywhere else (CPU machines, CT). Any other value is that backend alone.
     ONNX Runtime comes first by measurement: on one H200 at 4 M rows the scoring run reached
-    210 k records/s with it and 54 k with the inductor plan, whose actors spent 55 s compiling
-    before the first batch and whose device rate inside the pipeline (220 k) was no better
-    (docs/benchmarks.md, "Inductor in the pipeline"). ``engines.backend: inductor`` chooses it.
+    203 k records/s with it and 66 k with the inductor plan, whose actors still compiled for 44 s
+    before the first batch and whose device rate inside the pipeline (235 k, two actors on one
+    GPU) was no better, although alone it runs 4.9× eager at batch 256 (docs/benchmarks.md,
+    "One H200 … night"). ``engines.backend: inductor`` chooses it.
     """
     backend = backend or settings.engines.backend
     if backend != AUTO:
