@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=["auto", "inductor", "onnxruntime"], default="auto",
                    help="engines.backend: auto = ONNX Runtime, then the inductor plan where torch sees a GPU "
                         "(engines.cache.key.backend_candidates); the engine used is named in the JSON")
+    p.add_argument("--actors-per-gpu", type=int, default=None,
+                   help="override ray.actors_per_gpu (engine actors sharing each GPU)")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "engines.cache_dir": str(workdir / "engines"),
                                      "engines.precision": args.precision, "ray.address": args.ray_address,
                                      "scoring.token_budget": args.token_budget, "engines.graph": args.graph,
-                                     "engines.backend": args.backend}
+                                     "engines.backend": args.backend, "ray.actors_per_gpu": args.actors_per_gpu}
         if model_source.startswith("bench stand-in"):
             # The stand-in's card has no operating points: the screening list needs thresholds.
             overrides["scoring.screening_thresholds"] = {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}
