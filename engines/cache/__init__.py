@@ -27,15 +27,15 @@ from engines.cache.build import CALIBRATION_BATCH_ROWS, build, calibration_set
 from engines.cache.gate import gate_plan
 from engines.cache.key import (AUTO, BACKENDS, GRAPHS, METADATA_FORMAT, EngineCacheError, EngineSpec,
                                UngatedEngineError, backend_candidates, backend_identity, cache_key,
-                               compile_cache_path, graph_for, metadata_path, plan_lock, read_metadata, resolve,
-                               source_onnx, write_metadata_file)
+                               compile_cache_path, describe_spec, graph_for, metadata_path, plan_candidates,
+                               plan_lock, read_metadata, resolve, source_onnx, write_metadata_file)
 from engines.cache.load import load_runner, reference_runner, runner_for, verify
 from engines.model_card import file_sha256
 
 __all__ = ["AUTO", "BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError",
            "EngineSpec", "UngatedEngineError", "backend_candidates", "backend_identity", "build", "cache_key",
            "calibration_set", "compile_cache_path", "ensure", "ensure_first", "file_sha256", "gate_plan",
-           "graph_for", "load_runner", "metadata_path", "read_metadata", "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
+           "graph_for", "load_runner", "metadata_path", "plan_candidates", "read_metadata", "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +50,35 @@ def ensure(settings: Settings, model: str = "emr_risk", backend: str | None = No
     A cached plan that fails verification (corrupted, other platform or
     backend version) raises EngineCacheError unless ``rebuild``. A TensorRT
     plan built on a machine without a usable GPU stays ungated (its gate runs
-    where it can execute). With ``backend`` ``auto`` the candidates of
-    :func:`backend_candidates` are tried in order (:func:`ensure_first`).
+    where it can execute). With ``backend`` ``auto`` (and a fused graph under
+    ``engines.graph: auto``) the entries of :func:`plan_candidates` are tried in
+    order (:func:`ensure_first`).
     """
     return ensure_first(settings, backend_candidates(settings, model, backend), model, precision, as_of, rebuild)
 
 
 def ensure_first(settings: Settings, backends: list[str], model: str = "emr_risk", precision: str | None = None,
                  as_of: str | None = None, rebuild: bool = False) -> Path:
-    """Ensure the first of ``backends`` that can be built and passes its gate here; return its plan path.
+    """Ensure the first entry of :func:`plan_candidates` over ``backends`` that builds and passes its
+    gate here; return its plan path.
 
-    Every backend but the last must pass its gate to be chosen; one that cannot be built or
-    fails its gate is passed over with a WARNING giving the reason (as a fused graph falls back
-    to the reference). The last is ensured as :func:`ensure` ensures any plan.
+    Every entry but the last must pass its gate to be chosen; one that cannot be built or fails
+    its gate is passed over with a WARNING giving the reason. The last is ensured as any plan is.
+    :func:`load_runner` walks the same entries in the same order.
     """
-    for backend, fallback in zip(backends, backends[1:]):
+    specs = plan_candidates(settings, model, backends, precision)
+    for spec, fallback in zip(specs, specs[1:]):
         try:
-            path = _ensure_backend(settings, model, backend, precision, as_of, rebuild)
+            path = _ensure(settings, spec, model, as_of, rebuild)
             verdict = read_metadata(path)["gate"]
             if verdict.get("passed") is not True:
                 raise EngineCacheError(f"{path.name} did not pass its gate: "
                                        + "; ".join(verdict.get("failures") or [str(verdict.get("pending"))]))
             return path
-        except Exception as exc:  # noqa: BLE001 - any failure of the preferred backend falls back, said why
-            log.warning("%s %s engine for %s unavailable here (%s); falling back to %s", backend,
-                        precision or settings.engines.precision, model, f"{type(exc).__name__}: {exc}"[:500],
-                        fallback)
-    return _ensure_backend(settings, model, backends[-1], precision, as_of, rebuild)
-
-
-def _ensure_backend(settings: Settings, model: str, backend: str, precision: str | None, as_of: str | None,
-                    rebuild: bool) -> Path:
-    spec = resolve(settings, model, backend, precision)
-    if spec.components.get("graph") == "fused" and settings.engines.graph == "auto":
-        try:
-            return _ensure(settings, spec, model, as_of, rebuild)
-        except Exception as exc:  # noqa: BLE001 - any failure of the faster graph falls back, said why
-            log.warning("fused %s engine for %s unavailable here (%s); falling back to the reference graph",
-                        spec.precision, model, f"{type(exc).__name__}: {exc}"[:300])
-            spec = resolve(settings, model, backend, precision, graph="reference")
-    return _ensure(settings, spec, model, as_of, rebuild)
+        except Exception as exc:  # noqa: BLE001 - any failure of the preferred entry falls back, said why
+            log.warning("%s engine for %s unavailable here (%s); falling back to %s", describe_spec(spec), model,
+                        f"{type(exc).__name__}: {exc}"[:500], describe_spec(fallback))
+    return _ensure(settings, specs[-1], model, as_of, rebuild)
 
 
 def _ensure(settings: Settings, spec: EngineSpec, model: str, as_of: str | None, rebuild: bool) -> Path:

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from engines.model_card import load_card, profiles as card_profiles
 from engines.runner import PRECISIONS
 from lake.files import write_json_atomic
 from lake.locks import hold
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt", "inductor")
 # engines.backend may also be "auto": see backend_candidates.
@@ -172,6 +175,44 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
     label = precision if chosen == "reference" else f"{chosen}-{precision}"
     path = settings.engine_cache_dir / model / f"{backend}-{label}-{key[:16]}{ext}"
     return EngineSpec(model, backend, precision, components, key, path)
+
+
+def plan_candidates(settings: Settings, model: str = "emr_risk", backends: list[str] | None = None,
+                    precision: str | None = None, providers: list[str] | None = None) -> list[EngineSpec]:
+    """The cache entries to try for ``model`` here, best first: what ``ensure`` builds and ``load_runner``
+    loads, in one order, so a load always finds the plan an ensure fell back to.
+
+    ``backends`` defaults to :func:`backend_candidates` of the configured backend. For each backend,
+    its entry; under ``engines.graph: auto`` an ONNX Runtime fused-graph entry is followed by the
+    reference-graph entry of the same precision. A backend that cannot make an entry for this
+    model or precision (the inductor backend asked for int8) is left out with its reason logged,
+    unless it is the only one.
+    """
+    backends = backends or backend_candidates(settings, model)
+    card = load_card(settings, model)
+    specs: list[EngineSpec] = []
+    for i, backend in enumerate(backends):
+        try:
+            spec = resolve(settings, model, backend, precision, providers, card)
+        except EngineCacheError as exc:
+            if len(backends) == 1:
+                raise
+            log.warning("%s engine for %s left out of the candidates (%s)", backend, model, exc)
+            continue
+        specs.append(spec)
+        if spec.components.get("graph") == "fused" and settings.engines.graph == AUTO:
+            specs.append(resolve(settings, model, backend, precision, providers, card, graph="reference"))
+    if not specs:
+        raise EngineCacheError(f"no backend of {backends} can make a {precision or settings.engines.precision} "
+                               f"engine for {model}")
+    return specs
+
+
+def describe_spec(spec: EngineSpec) -> str:
+    """``onnxruntime fused fp16``: a candidate as logs name it."""
+    graph = spec.components.get("graph")
+    return " ".join(p for p in (spec.backend, graph if graph and graph != "reference" else None, spec.precision)
+                    if p)
 
 
 def _resolve_inductor(settings: Settings, model: str, precision: str, card: dict[str, Any]) -> EngineSpec:

@@ -13,8 +13,9 @@ from typing import Any
 
 from conf.settings import Settings
 from engines import hardware
-from engines.cache.key import (EngineCacheError, UngatedEngineError, backend_candidates, backend_identity,
-                               compile_cache_path, metadata_path, read_metadata, resolve, source_onnx)
+from engines.cache.key import (EngineCacheError, EngineSpec, UngatedEngineError, backend_candidates,
+                               backend_identity, compile_cache_path, describe_spec, metadata_path, plan_candidates,
+                               read_metadata, source_onnx)
 from engines.model_card import file_sha256, load_card
 from engines.runner import Runner
 
@@ -128,22 +129,22 @@ def load_runner(settings: Settings, model: str = "emr_risk", backend: str | None
 
     Refuses engines that are missing, fail verification, or have not passed
     their gate (unless ``force_ungated``), naming the command that fixes it.
-    With ``backend`` ``auto`` (:func:`engines.cache.key.backend_candidates`) the
-    first candidate that is there, intact and gated is loaded; each one passed
-    over is logged with its reason.
+    The entries of :func:`engines.cache.key.plan_candidates` — the ones ``ensure``
+    builds, in its order — are tried in turn: the first that is there, intact
+    and gated is loaded; each one passed over is logged with its reason.
     """
-    candidates = backend_candidates(settings, model, backend)
-    for candidate, fallback in zip(candidates, candidates[1:]):
+    specs = plan_candidates(settings, model, backend_candidates(settings, model, backend), precision, providers)
+    for spec, fallback in zip(specs, specs[1:]):
         try:
-            return _load_one(settings, model, candidate, precision, False, providers)
+            return _load_one(settings, model, spec, False, providers)
         except (EngineCacheError, FileNotFoundError) as exc:
-            log.warning("%s engine for %s not used (%s); trying %s", candidate, model, exc, fallback)
-    return _load_one(settings, model, candidates[-1], precision, force_ungated, providers)
+            log.warning("%s engine for %s not used (%s); trying %s", describe_spec(spec), model, exc,
+                        describe_spec(fallback))
+    return _load_one(settings, model, specs[-1], force_ungated, providers)
 
 
-def _load_one(settings: Settings, model: str, backend: str, precision: str | None, force_ungated: bool,
+def _load_one(settings: Settings, model: str, spec: EngineSpec, force_ungated: bool,
               providers: list[str] | None) -> tuple[Runner, dict[str, Any]]:
-    spec = resolve(settings, model, backend, precision, providers)
     fix = (f"`medscreen engines ensure --model {model} --backend {spec.backend} "
            f"--precision {spec.precision} --cache {settings.engine_cache_dir}`")
     if not spec.plan_path.exists():

@@ -102,3 +102,38 @@ def test_fused_engine_refused_when_its_graph_changes(engines_settings, tmp_path)
     changed.write_text(yaml.safe_dump(raw))
     with pytest.raises(ModelCardError, match="export_fused"):
         load_card(moved)
+
+
+def test_load_takes_the_plan_ensure_fell_back_to(engines_settings, tmp_path, monkeypatch, caplog):
+    """On a GPU, ``engines.graph: auto`` puts the fused graph first. When it fails its gate, ``ensure``
+    falls back to the reference graph, and ``load_runner`` (what scoring actors call) loads that same
+    plan: both walk one candidate list (``plan_candidates``), so scoring finds what ensure built.
+
+    The machine is declared a GPU platform (``hardware.platform_for``); the plans still run on ONNX
+    Runtime's CPU EP. A zero |Δp| limit passes the reference graph (the gate's own reference, so
+    Δp = 0) and fails the fused one (other kernels, Δp > 0)."""
+    import logging
+
+    from engines import hardware
+
+    gpu = {"kind": "gpu", "gpu": "NVIDIA H200", "compute_capability": "9.0", "id": "NVIDIA H200 sm90"}
+    monkeypatch.setattr(hardware, "platform_for", lambda backend, providers=None: gpu)
+    settings = engines_settings(tmp_path / "cache", **{"engines.gate.fp32_max_abs_delta_p": 0.0})
+    specs = cache.plan_candidates(settings, precision="fp32")
+    assert [cache.describe_spec(s) for s in specs] == ["onnxruntime fused fp32", "onnxruntime fp32"]
+
+    with caplog.at_level(logging.WARNING, logger="engines.cache"):
+        path = cache.ensure(settings, precision="fp32", as_of=AS_OF)
+    assert path == specs[1].plan_path
+    assert cache.read_metadata(specs[0].plan_path)["gate"]["passed"] is False
+    assert cache.read_metadata(path)["gate"]["passed"] is True
+    assert any("onnxruntime fused fp32 engine" in m and "falling back to onnxruntime fp32" in m
+               for m in caplog.messages), caplog.messages
+
+    runner, meta = cache.load_runner(settings, precision="fp32")
+    assert meta["fingerprint"] == cache.read_metadata(path)["fingerprint"] and "fused" not in runner.name
+    # Asked for the fused graph explicitly, the failed plan is refused, not replaced.
+    fused_only = engines_settings(tmp_path / "cache", **{"engines.gate.fp32_max_abs_delta_p": 0.0,
+                                                         "engines.graph": "fused"})
+    with pytest.raises(cache.UngatedEngineError, match="failed its accuracy gate"):
+        cache.load_runner(fused_only, precision="fp32")
