@@ -36,6 +36,9 @@ for bench in "$@"; do
     # the bench's synthetic labelled lake, then ROWS rows scored; PRECISION fp16 (default) or fp32.
     emr_inductor) run "emr_scoring_inductor_${PRECISION:-fp16}" $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" \
                     --precision "${PRECISION:-fp16}" --backend inductor --skip-baseline ;;
+    # Does the plan's compile artefact make the compile warm in a fresh process, a Ray task and a Ray Data
+    # actor (the scoring actors' kind)? Hits, misses and how each process pickles a cache-key input.
+    inductor_warm) run inductor_warm_start $PY bench/inductor_warm_start.py --precision "${PRECISION:-fp16}" ;;
     ct)           # VARIANTS: a JSON list of imaging settings scored beside the configured ones (bench/ct.py --variants)
       run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" \
         ${VARIANTS:+--variants "$VARIANTS"} ;;
@@ -46,6 +49,6 @@ for bench in "$@"; do
             --rows "${ROWS:-2000000}" --token-budget "$tb" --skip-baseline
         done
       done ;;
-    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, emr_inductor, ct, scaling)" >&2; exit 2 ;;
+    *) echo "unknown benchmark $bench (engines, emr_scoring, emr_fp16, emr_inductor, inductor_warm, ct, scaling)" >&2; exit 2 ;;
   esac
 done

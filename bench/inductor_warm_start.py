@@ -1,0 +1,143 @@
+"""Inductor plan start-up: does a plan's compile artefact make the compile warm where scoring loads it?
+
+    python bench/inductor_warm_start.py [--precision fp16] [--token-budget 4096] [--buckets 64]
+
+Builds an inductor plan of the committed emr_risk model in this process (as
+``engines ensure`` does), then loads it, each time with an empty Inductor cache
+directory so only the plan's artefacts can help, in:
+
+- ``fresh_process``: a new Python process (as a CLI run would);
+- ``ray_task``: a Ray task (a Ray worker process, ``OMP_NUM_THREADS=1``);
+- ``ray_data_actor``: an actor of a Ray Data actor pool, as the scoring
+  pipeline's engine actors are (``num_gpus`` where the machine has a GPU).
+
+For each it reports the activate seconds, the FX-graph cache hits and misses,
+and a fingerprint of how that process pickles a cache-key input
+(``torch._inductor.codecache`` hashes pickled tensor metadata): the sha256 of
+the pickled metadata of a fake tensor, and the ``copyreg`` reducers registered
+for torch types. Where a loader misses and the build hits, these show what
+differs. Runs on a CPU machine too (Inductor's C++ kernels). Prints one JSON
+object last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def pickling_fingerprint() -> dict[str, Any]:
+    """How this process pickles a cache-key tensor input (see the module docstring)."""
+    import copyreg
+    import hashlib
+    import pickle
+
+    import torch
+    from torch._inductor.codecache import extract_tensor_metadata_for_cache_key
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with FakeTensorMode():
+        fake = torch.empty(1024, 256, dtype=torch.float16, device=device)
+    meta = extract_tensor_metadata_for_cache_key(fake)
+    blob = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    torch_reducers = sorted(f"{getattr(k, '__module__', '?')}.{getattr(k, '__qualname__', k)}"
+                            for k in copyreg.dispatch_table if "torch" in str(getattr(k, "__module__", "")))
+    return {"metadata_sha256": hashlib.sha256(blob).hexdigest()[:16], "metadata_bytes": len(blob),
+            "copyreg_torch_reducers": torch_reducers, "torch_threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def load_plan(plan: str) -> dict[str, Any]:
+    """Activate the plan's runner with an empty Inductor cache directory; what it did."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medscreen-inductor-")
+    sys.path.insert(0, str(REPO))
+    from engines import cache
+
+    path = Path(plan)
+    runner = cache.runner_for(path, cache.read_metadata(path))
+    t0 = time.perf_counter()
+    with runner:
+        described = runner.describe()
+    return {"activate_s": round(time.perf_counter() - t0, 2), "compile_cache": described["compile_cache"],
+            "cuda_graphs": described.get("cuda_graphs"), "pickling": pickling_fingerprint()}
+
+
+class _LoadInActor:
+    """A Ray Data actor that loads the plan once, as an engine actor does in ``__init__``."""
+
+    def __init__(self, plan: str):
+        self.result = load_plan(plan)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"result": [json.dumps(self.result)] * len(batch["id"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16"])
+    p.add_argument("--token-budget", type=int, default=4096)
+    p.add_argument("--buckets", default="64", help="comma-separated scoring.length_buckets")
+    p.add_argument("--workdir", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    import subprocess
+
+    import ray
+
+    from conf.settings import load_settings
+    from engines import cache
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medscreen-bench-"))
+    result: dict[str, Any] = {"bench": "inductor_warm_start", "precision": args.precision}
+    try:
+        settings = load_settings({"engines.cache_dir": str(workdir / "engines"),
+                                  "scoring.token_budget": args.token_budget,
+                                  "scoring.length_buckets": [int(b) for b in args.buckets.split(",")]})
+        t0 = time.perf_counter()
+        plan = cache.build(settings, backend="inductor", precision=args.precision)
+        meta = cache.read_metadata(plan)
+        result["build"] = {"seconds": round(time.perf_counter() - t0, 1), "fingerprint": meta["fingerprint"],
+                           "shapes": meta["shapes"], "compile_threads": meta.get("compile_threads"),
+                           "pickling": pickling_fingerprint()}
+
+        code = ("import json, sys; sys.path.insert(0, sys.argv[2]); "
+                "from inductor_warm_start import load_plan; print(json.dumps(load_plan(sys.argv[1])))")
+        done = subprocess.run([sys.executable, "-c", code, str(plan), str(REPO / "bench")], capture_output=True,
+                              text=True, timeout=900, cwd=REPO)
+        result["fresh_process"] = (json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0
+                                   else {"error": done.stderr[-1500:]})
+
+        ray.init(include_dashboard=False, configure_logging=False)
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        resources = {"num_gpus": 0.5} if gpus else {"num_cpus": 0.5}
+        result["ray_task"] = ray.get(ray.remote(**resources)(load_plan).remote(str(plan)))
+        ds = ray.data.range(1).map_batches(_LoadInActor, fn_constructor_args=(str(plan),), batch_size=1,
+                                           compute=ray.data.ActorPoolStrategy(size=1), **resources)
+        result["ray_data_actor"] = json.loads(ds.take_all()[0]["result"])
+        result["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 — a bench reports what it got, then fails loudly
+        result["status"] = "error"
+        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(result, default=str))
+    return 0 if result["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
