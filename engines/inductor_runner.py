@@ -150,6 +150,7 @@ class InductorRunner:
             # Inductor's FX-graph cache key holds torch's intra-op thread count: compile under the
             # build's count, or the artefacts miss (a Ray actor runs with OMP_NUM_THREADS=1).
             torch.set_num_threads(self.compile_threads)
+        counts_before = _compile_cache_counts()
         pool = torch.cuda.graph_pool_handle() if self.device == "cuda" else None
         try:
             for batch, seq in self.shapes:
@@ -158,7 +159,9 @@ class InductorRunner:
                 self.compile_seconds[f"{batch}x{seq}"] = round(time.perf_counter() - t0, 3)
         finally:
             torch.set_num_threads(threads)
-        self.compile_cache_counts = _compile_cache_counts()
+        # This runner's own lookups: the process's counters may hold earlier compiles (a build, a gate).
+        self.compile_cache_counts = {k: v - counts_before.get(k, 0) for k, v in _compile_cache_counts().items()
+                                     if v - counts_before.get(k, 0)}
         log.info("inductor plan %s on %s: compiled %s (seconds per shape), cache load %ss, compile cache %s, "
                  "CUDA graphs %d", self.plan.name, self.device, self.compile_seconds, self.cache_load_s,
                  self.compile_cache_counts, sum(slot.graph is not None for slot in self._slots.values()))
@@ -179,7 +182,7 @@ class InductorRunner:
             for start in range(0, rows, slot.batch):
                 chunk = {k: v[start:start + slot.batch] for k, v in arrays.items()}
                 n = len(chunk["tokens"])
-                out[start:start + n] = slot.run(chunk, self._compiled)[:n]
+                out[start:start + n] = slot.run(chunk, self._compiled)[:n]  # copied out before the next run
             return {"probs": out}
 
     def shape_for(self, rows: int, seq: int) -> tuple[int, int] | None:
@@ -259,8 +262,8 @@ class InductorRunner:
 
 
 def _compile_cache_counts() -> dict[str, int]:
-    """Inductor's FX-graph cache hits, misses and bypasses so far in this process: a load that
-    compiled from the plan's artefacts shows hits only."""
+    """Inductor's FX-graph cache hits, misses and bypasses so far in this process (cumulative;
+    ``activate`` keeps its own share)."""
     from torch._dynamo.utils import counters
 
     return {k.removeprefix("fxgraph_cache_"): int(v) for k, v in counters["inductor"].items()
@@ -285,7 +288,9 @@ class _Slot:
         self.host_out = torch.empty((batch, 3), dtype=torch.float32, pin_memory=pinned)
 
     def run(self, chunk: dict[str, np.ndarray], compiled: Any) -> np.ndarray:
-        """Scores for ``chunk`` (at most ``batch`` rows, at most ``seq`` positions), padded here."""
+        """Scores for ``chunk`` (at most ``batch`` rows, at most ``seq`` positions), padded here.
+
+        On a GPU the array is a view of the page-locked output buffer, valid until the next run."""
         import torch
 
         for s in INPUTS:
@@ -308,4 +313,4 @@ class _Slot:
                 out = compiled(*self.inputs).float()
         self.host_out.copy_(out, non_blocking=True)
         torch.cuda.current_stream().synchronize()
-        return self.host_out.numpy().copy()
+        return self.host_out.numpy()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,7 +191,7 @@ def plan_candidates(settings: Settings, model: str = "emr_risk", backends: list[
     backends = backends or backend_candidates(settings, model)
     card = load_card(settings, model)
     specs: list[EngineSpec] = []
-    for i, backend in enumerate(backends):
+    for backend in backends:
         try:
             spec = resolve(settings, model, backend, precision, providers, card)
         except EngineCacheError as exc:
