@@ -129,26 +129,28 @@ def ort_cuda_graph_engine(plan: Path, feed_shapes: dict[str, np.ndarray]) -> tup
                  "cuda_graph": True, "fixed_shape": {k: list(v.shape) for k, v in feed_shapes.items()}}
 
 
-def inductor_engine(tmp: Path, precision: str, batch_sizes: list[int], seq: int
+def inductor_engine(tmp: Path, precision: str, batch_sizes: list[int], seq: int, compile_mode: str = "per_shape"
                     ) -> tuple[Callable, dict[str, Any]]:
     """The engine cache's inductor plan (torch.export program + Mega-Cache), compiled for the bench shapes.
 
     Built through the cache (its fingerprint is the one scoring would carry) with one scoring shape,
     (max batch, seq); the runner then compiles every bench batch size at ``seq`` — the exported
-    program is shape-independent, each shape is its own compiled graph (and CUDA graph on a GPU).
+    program is shape-independent, each shape is its own compiled graph (and CUDA graph on a GPU);
+    ``compile_mode`` dynamic: one compile with symbolic shapes serves them all (engines.inductor_compile).
     """
     from conf.settings import load_settings
     from engines import cache
     from engines.inductor_runner import InductorRunner
 
     settings = load_settings({"engines.cache_dir": str(tmp / "engines"), "scoring.length_buckets": [seq],
-                              "scoring.token_budget": max(batch_sizes) * seq})
+                              "scoring.token_budget": max(batch_sizes) * seq, "engines.inductor_compile": compile_mode})
     t0 = time.perf_counter()
     plan = cache.build(settings, backend="inductor", precision=precision)
     build_s = time.perf_counter() - t0
     meta = cache.read_metadata(plan)
     runner = InductorRunner(plan, cache.compile_cache_path(plan), [(b, seq) for b in batch_sizes],
-                            name=f"inductor-{precision}:{meta['fingerprint']}", compile_threads=meta.get("compile_threads"))
+                            name=f"inductor-{precision}:{meta['fingerprint']}", compile_threads=meta.get("compile_threads"),
+                            compile_mode=compile_mode)
     t0 = time.perf_counter()
     runner.activate()
     return (lambda feed: runner.infer(feed)["probs"]), {
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-fused", action="store_true", help="skip the card's fused contrib-op graphs")
     p.add_argument("--eps", default="cuda,cpu", help="ONNX Runtime execution providers to time (cuda, cpu)")
     p.add_argument("--no-inductor", action="store_true", help="skip the inductor engines (torch.export + Inductor)")
+    p.add_argument("--inductor-compile", default="per_shape",
+                   help="comma-separated engines.inductor_compile modes to time (per_shape, dynamic)")
     args = p.parse_args(argv)
     started = time.perf_counter()
     budget = args.budget_s or (0.3 if args.quick else 2.0)
@@ -246,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_inductor:
         for prec in (p for p in precisions if p in ("fp32", "fp16")):
-            add(f"inductor-{prec}", lambda prec=prec: inductor_engine(tmp, prec, batch_sizes, seq))
+            for mode in args.inductor_compile.split(","):
+                suffix = "" if mode == "per_shape" else f"-{mode}"
+                add(f"inductor-{prec}{suffix}",
+                    lambda prec=prec, mode=mode: inductor_engine(tmp, prec, batch_sizes, seq, mode))
 
     from engines.trt_runner import execution_blocker
 

@@ -12,7 +12,8 @@ directory so only the plan's artefacts can help, in:
   pipeline's engine actors are (``num_gpus`` where the machine has a GPU).
 
 For each it reports the activate seconds, the FX-graph cache hits and misses,
-and a fingerprint of how that process pickles a cache-key input
+how its first FX-graph cache key differs from the build's (Inductor's hash lines
+that only one side has, and the pickled bytes of differing example inputs), and a fingerprint of how that process pickles a cache-key input
 (``torch._inductor.codecache`` hashes pickled tensor metadata): the sha256 of
 the pickled metadata of a fake tensor, and the ``copyreg`` reducers registered
 for torch types. Where a loader misses and the build hits, these show what
@@ -58,19 +59,72 @@ def pickling_fingerprint() -> dict[str, Any]:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
+def record_cache_keys() -> list[dict[str, Any]]:
+    """From now on, record each AOTAutograd and FX-graph cache key this process computes: the kind, the
+    key, the cache's own per-component hash lines, and the bytes the cache's pickler makes of the first
+    example inputs (what the per-input hashes are taken over). A lookup that hits the AOTAutograd cache
+    computes no FX-graph key; one that misses computes both."""
+    import torch._functorch._aot_autograd.autograd_cache as autograd_cache
+    import torch._inductor.codecache as codecache
+
+    seen: list[dict[str, Any]] = []
+
+    def wrap(module: Any, name: str, pickler_cls: Any) -> None:
+        original = getattr(module, name)
+
+        def recorded(gm, example_inputs, *args, **kwargs):
+            key, lines = original(gm, example_inputs, *args, **kwargs)
+            graph = gm.gm if hasattr(gm, "gm") else gm
+            raw = []
+            for x in list(example_inputs)[:2]:
+                try:
+                    raw.append(pickler_cls(graph).dumps(x).hex())
+                except Exception as exc:  # noqa: BLE001 — a probe reports what it could not pickle
+                    raw.append(repr(exc))
+            seen.append({"kind": name, "key": key, "lines": list(lines), "raw_inputs": raw})
+            return key, lines
+
+        setattr(module, name, recorded)
+
+    wrap(codecache, "compiled_fx_graph_hash", codecache.FxGraphCachePickler)
+    wrap(autograd_cache, "autograd_cache_key", autograd_cache.AOTAutogradCachePickler)
+    return seen
+
+
 def load_plan(plan: str) -> dict[str, Any]:
     """Activate the plan's runner with an empty Inductor cache directory; what it did."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medscreen-inductor-")
     sys.path.insert(0, str(REPO))
     from engines import cache
 
+    keys = record_cache_keys()
     path = Path(plan)
     runner = cache.runner_for(path, cache.read_metadata(path))
     t0 = time.perf_counter()
     with runner:
         described = runner.describe()
     return {"activate_s": round(time.perf_counter() - t0, 2), "compile_cache": described["compile_cache"],
-            "cuda_graphs": described.get("cuda_graphs"), "pickling": pickling_fingerprint()}
+            "cuda_graphs": described.get("cuda_graphs"), "pickling": pickling_fingerprint(), "keys": keys}
+
+
+def key_difference(build: list[dict[str, Any]], loaded: list[dict[str, Any]]) -> dict[str, Any]:
+    """How a loader's first cache key differs from the build's: the hash lines only one side has, and
+    where an example input's line differs, the pickled bytes of both sides from the first byte that differs."""
+    counts = {"build_keys": [k["kind"] for k in build], "loaded_keys": [k["kind"] for k in loaded]}
+    if not build or not loaded:
+        return counts
+    b, l = build[0], loaded[0]
+    only_build = [x for x in b["lines"] if x not in l["lines"]]
+    only_loaded = [x for x in l["lines"] if x not in b["lines"]]
+    raw = []
+    for rb, rl in zip(b["raw_inputs"], l["raw_inputs"]):
+        first = next((i for i, (x, y) in enumerate(zip(rb, rl)) if x != y), min(len(rb), len(rl)))
+        if rb != rl:
+            start = max(0, first - 80) & ~1
+            raw.append({"first_differing_hex_char": first, "build": rb[start:start + 400],
+                        "loaded": rl[start:start + 400], "build_len": len(rb), "loaded_len": len(rl)})
+    return {**counts, "kind": [b["kind"], l["kind"]], "same_key": b["key"] == l["key"], "only_build": [x[:400] for x in only_build[:6]],
+            "only_loaded": [x[:400] for x in only_loaded[:6]], "raw_inputs_differ": raw}
 
 
 class _LoadInActor:
@@ -105,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings({"engines.cache_dir": str(workdir / "engines"),
                                   "scoring.token_budget": args.token_budget,
                                   "scoring.length_buckets": [int(b) for b in args.buckets.split(",")]})
+        # An empty Inductor cache for the build as well: it computes its keys instead of hitting an old entry.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="medscreen-inductor-")
+        built_keys = record_cache_keys()
         t0 = time.perf_counter()
         plan = cache.build(settings, backend="inductor", precision=args.precision)
         meta = cache.read_metadata(plan)
@@ -126,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         ds = ray.data.range(1).map_batches(_LoadInActor, fn_constructor_args=(str(plan),), batch_size=1,
                                            compute=ray.data.ActorPoolStrategy(size=1), **resources)
         result["ray_data_actor"] = json.loads(ds.take_all()[0]["result"])
+        for where in ("fresh_process", "ray_task", "ray_data_actor"):
+            loaded = result[where].pop("keys", None)
+            if loaded is not None:
+                result[where]["key_vs_build"] = key_difference(built_keys, loaded)
+        result["build"]["keys"] = [k["kind"] for k in built_keys]
         result["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 — a bench reports what it got, then fails loudly
         result["status"] = "error"

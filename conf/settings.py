@@ -117,6 +117,10 @@ class EnginesSettings(_Section):
     # reference export. auto: fused on a GPU execution provider, where it is measured
     # faster (docs/benchmarks.md), reference elsewhere.
     graph: Literal["auto", "fused", "reference"] = "auto"
+    # How the inductor plan is compiled: per_shape (one static compile per scoring shape) or dynamic
+    # (one compile with symbolic batch and length, reused by every shape); either way one CUDA
+    # graph per shape. An actor loads per_shape in one cache lookup per shape, dynamic in one.
+    inductor_compile: Literal["per_shape", "dynamic"] = "per_shape"
     gate: GateSettings = Field(default_factory=GateSettings)
 
 

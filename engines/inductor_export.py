@@ -68,7 +68,7 @@ def export_program(card: dict[str, Any], precision: str, device: str, out: Path)
 
 
 def compile_artifacts(plan: Path, shapes: list[tuple[int, int]],
-                      device: str) -> tuple[bytes, dict[str, float], int]:
+                      device: str, compile_mode: str = "per_shape") -> tuple[bytes, dict[str, float], int]:
     """Compile ``plan`` for every shape as the runtime does; the Mega-Cache bytes, seconds per shape and
     torch's intra-op thread count during the compile.
 
@@ -81,7 +81,7 @@ def compile_artifacts(plan: Path, shapes: list[tuple[int, int]],
     from engines.inductor_runner import InductorRunner
 
     threads = torch.get_num_threads()
-    runner = InductorRunner(plan, None, shapes, name="inductor-build", device=device)
+    runner = InductorRunner(plan, None, shapes, name="inductor-build", device=device, compile_mode=compile_mode)
     runner.activate()
     try:
         seconds = dict(runner.compile_seconds)

@@ -45,8 +45,12 @@ INPUTS = [TensorSpec("tokens", "int64", ("batch", "seq")), TensorSpec("days_befo
 OUTPUTS = [TensorSpec("probs", "float32", ("batch", 3))]
 # Calls per shape before capture: the first compiles (or loads from the cache), the second runs warm.
 _WARM_CALLS = 2
-# How the plan is compiled and run: part of the plan's cache key (the compile artefacts hold this recipe).
-COMPILE_RECIPE = "torch.compile(dynamic=False), one CUDA graph per shape"
+# How the plan is compiled and run, per engines.inductor_compile: part of the plan's cache key (the compile
+# artefacts hold this recipe).
+COMPILE_RECIPES = {
+    "per_shape": "torch.compile(dynamic=False), one CUDA graph per shape, memory formats pickled by name",
+    "dynamic": "torch.compile(dynamic=True), one CUDA graph per shape, memory formats pickled by name",
+}
 
 
 def scoring_shapes(token_budget: int, length_buckets: list[int]) -> list[tuple[int, int]]:
@@ -93,20 +97,58 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def memory_format_named(name: str) -> Any:
+    """``torch.<name>`` (a ``torch.memory_format``): the unpickling side of :func:`pin_cache_key_pickling`."""
+    import torch
+
+    return getattr(torch, name)
+
+
+def _reduce_memory_format(fmt: Any) -> tuple[Any, tuple[str]]:
+    return memory_format_named, (str(fmt).removeprefix("torch."),)
+
+
+def pin_cache_key_pickling() -> None:
+    """Make the bytes of Inductor's cache keys independent of the process's import history.
+
+    Inductor and AOTAutograd hash pickled tensor metadata. A ``torch.memory_format``
+    (``contiguous_format``) has no ``__module__``, so pickle names it after the first
+    module in ``sys.modules`` that holds it: ``torch`` in a fresh process, another
+    module in a Ray GPU worker. Every input's hash then differed, and the plan's
+    artefacts missed in the scoring actors (measured on an H200:
+    ``bench/inductor_warm_start.py``). A ``copyreg`` reducer names it by this
+    function instead, the same in every process; build and load both call this
+    before compiling, so their keys agree. Idempotent.
+    """
+    import copyreg
+
+    import torch
+
+    kind = type(torch.contiguous_format)
+    if copyreg.dispatch_table.get(kind) is not _reduce_memory_format:
+        copyreg.pickle(kind, _reduce_memory_format)
+
+
 class InductorRunner:
     """Runs a ``torch.export`` plan compiled per shape. ``activate`` loads and compiles, ``infer`` runs."""
 
     def __init__(self, plan: Path, compile_cache: Path | None, shapes: list[tuple[int, int]] | list[list[int]],
-                 name: str | None = None, device: str | None = None, compile_threads: int | None = None):
+                 name: str | None = None, device: str | None = None, compile_threads: int | None = None,
+                 compile_mode: str = "per_shape"):
         self.plan = Path(plan)
         self.compile_cache = Path(compile_cache) if compile_cache else None
         self.shapes = sorted((int(b), int(s)) for b, s in shapes)
         self.name = name or f"inductor:{self.plan.name}"
         self.device = device
         self.compile_threads = int(compile_threads) if compile_threads else None
+        if compile_mode not in COMPILE_RECIPES:
+            raise ValueError(f"compile_mode {compile_mode!r}: one of {sorted(COMPILE_RECIPES)}")
+        self.compile_mode = compile_mode
         self.compile_seconds: dict[str, float] = {}
         self.cache_load_s: float | None = None
         self.compile_cache_counts: dict[str, int] = {}
+        # Seconds of activate before the shapes: importing torch, loading the program, moving it to the device.
+        self.load_seconds: dict[str, float] = {}
         self.eager_calls = 0
         self._module = None
         self._compiled = None
@@ -128,23 +170,34 @@ class InductorRunner:
         return list(OUTPUTS)
 
     def activate(self) -> None:
+        t_start = time.perf_counter()
         import torch
         import torch._dynamo.config as dynamo_config
 
         if self._compiled is not None:
             return
+        self.load_seconds = {"import_torch": round(time.perf_counter() - t_start, 3)}
         if not self.plan.is_file():
             raise FileNotFoundError(f"inductor plan {self.plan} does not exist; build it with "
                                     "`medscreen engines ensure --backend inductor`")
         self.device = self.device or default_device()
+        pin_cache_key_pickling()  # before anything computes a cache key (build and load alike)
         if self.compile_cache is not None:
             t0 = time.perf_counter()
             torch.compiler.load_cache_artifacts(self.compile_cache.read_bytes())
             self.cache_load_s = round(time.perf_counter() - t0, 3)
-        self._module = torch.export.load(str(self.plan)).module().to(self.device)
-        # One compiled entry per shape; dynamo's default limit (8) would send later shapes to eager.
+        t0 = time.perf_counter()
+        program = torch.export.load(str(self.plan))
+        self.load_seconds["export_load"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        self._module = program.module().to(self.device)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.load_seconds["module_to_device"] = round(time.perf_counter() - t0, 3)
+        # per_shape: one compiled entry per shape; dynamo's default limit (8) would send later shapes to
+        # eager. dynamic: one entry with symbolic batch and length serves them all.
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.shapes) + 2)
-        self._compiled = torch.compile(self._module, dynamic=False)
+        self._compiled = torch.compile(self._module, dynamic=self.compile_mode == "dynamic")
         threads = torch.get_num_threads()
         if self.compile_threads and self.compile_threads != threads:
             # Inductor's FX-graph cache key holds torch's intra-op thread count: compile under the
@@ -254,8 +307,9 @@ class InductorRunner:
 
     def describe(self) -> dict[str, Any]:
         """What this runner did at load: device, shapes, compile seconds per shape, cache load seconds."""
-        return {"device": self.device, "shapes": [list(s) for s in self.shapes],
+        return {"device": self.device, "shapes": [list(s) for s in self.shapes], "compile_mode": self.compile_mode,
                 "compile_seconds": dict(self.compile_seconds), "cache_load_s": self.cache_load_s,
+                "load_seconds": dict(self.load_seconds),
                 "compile_cache": dict(self.compile_cache_counts),
                 "cuda_graphs": sum(slot.graph is not None for slot in self._slots.values()),
                 "eager_calls": self.eager_calls}

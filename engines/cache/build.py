@@ -144,7 +144,8 @@ def _build_inductor_locked(spec: EngineSpec, card: dict[str, Any]) -> Path:
     try:
         inductor_export.export_program(card, spec.precision, device, tmp_plan)
         export_s = round(time.perf_counter() - started, 3)
-        artefacts, compile_s, threads = inductor_export.compile_artifacts(tmp_plan, shapes, device)
+        compile_mode = spec.components.get("compile_mode", "per_shape")
+        artefacts, compile_s, threads = inductor_export.compile_artifacts(tmp_plan, shapes, device, compile_mode)
         tmp_cache.write_bytes(artefacts)
         plan_sha = file_sha256(tmp_plan)
         os.replace(tmp_cache, cache_file)
@@ -159,6 +160,7 @@ def _build_inductor_locked(spec: EngineSpec, card: dict[str, Any]) -> Path:
         "compile_cache": {"file": cache_file.name, "sha256": file_sha256(cache_file),
                           "bytes": cache_file.stat().st_size},
         "export_seconds": export_s, "compile_seconds": compile_s, "compile_threads": threads,
+        "compile_mode": compile_mode,
     }
     write_metadata_file(spec.meta_path, meta)
     log.info("built inductor engine %s (%s, shapes %s) in %.1fs", spec.plan_path.name, device, shapes,

@@ -224,12 +224,14 @@ def _resolve_inductor(settings: Settings, model: str, precision: str, card: dict
     if precision not in ("fp32", "fp16"):
         raise EngineCacheError(f"the inductor backend builds fp32 and fp16 plans, not {precision}; "
                                "use backend onnxruntime for int8")
-    from engines.inductor_runner import COMPILE_RECIPE
+    from engines.inductor_runner import COMPILE_RECIPES
 
     module, version = backend_identity("inductor")
+    mode = settings.engines.inductor_compile
     components: dict[str, Any] = {
         "model": model, "onnx_sha256": card["onnx"]["sha256"], "backend": "inductor",
-        "backend_module": module, "backend_version": version, "compile_recipe": COMPILE_RECIPE,
+        "backend_module": module, "backend_version": version, "compile_recipe": COMPILE_RECIPES[mode],
+        "compile_mode": mode,
         "platform": hardware.platform_for("inductor")["id"], "precision": precision,
         "weights_sha256": (card.get("torch") or {}).get("sha256"),
         "shapes": {"token_budget": settings.scoring.token_budget,

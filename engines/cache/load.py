@@ -106,7 +106,8 @@ def runner_for(plan_path: Path, meta: dict[str, Any], providers: list[str] | Non
 
         return InductorRunner(plan_path, compile_cache_path(plan_path), meta["shapes"],
                               name=f"inductor-{meta['precision']}:{meta['fingerprint']}", device=meta.get("device"),
-                              compile_threads=meta.get("compile_threads"))
+                              compile_threads=meta.get("compile_threads"),
+                              compile_mode=meta.get("compile_mode", "per_shape"))
     from engines.trt_runner import TrtRunner
 
     return TrtRunner(plan_path, meta["backend_module"],

@@ -66,6 +66,28 @@ def test_inductor_plan_is_built_gated_and_scores_like_the_reference(inductor_fp3
     assert float(np.max(np.abs(got - want))) < 1e-4
 
 
+def test_a_dynamic_plan_compiles_once_for_every_shape_and_scores_like_the_per_shape_plan(inductor_fp32,
+                                                                                        engines_settings,
+                                                                                        tmp_path):
+    """engines.inductor_compile dynamic: one compile with symbolic shapes serves both scoring shapes (one
+    cache lookup at load instead of one per shape), keyed apart from the per-shape plan, gated the same."""
+    settings, static_path = inductor_fp32
+    dyn = engines_settings(tmp_path / "dyn-cache", **TINY, **{"engines.inductor_compile": "dynamic"})
+    path = cache.ensure(dyn, backend="inductor", precision="fp32", as_of=AS_OF)
+    meta = cache.read_metadata(path)
+    assert meta["compile_mode"] == "dynamic" and meta["gate"]["passed"] is True, meta.get("gate")
+    assert meta["fingerprint"] != cache.read_metadata(static_path)["fingerprint"]
+    runner, _ = cache.load_runner(dyn, backend="inductor", precision="fp32")
+    static, _ = cache.load_runner(settings, backend="inductor", precision="fp32")
+    table, batches = _lake_batches(settings)
+    with runner, static:
+        assert runner.describe()["compile_cache"] == {"hit": 1}, runner.describe()
+        got = gate_mod.run_batches(runner, batches, table.num_rows)
+        want = gate_mod.run_batches(static, batches, table.num_rows)
+        assert runner.eager_calls == 0
+    assert float(np.max(np.abs(got - want))) < 1e-4
+
+
 def test_padding_to_compiled_shapes_gives_the_unpadded_answer(inductor_fp32):
     """Rows padded up to the compiled batch, chunked past it, sequences padded to the bucket: the
     outputs are those of the exported program run eagerly on the batch as it came; longer sequences
@@ -94,7 +116,12 @@ def test_padding_to_compiled_shapes_gives_the_unpadded_answer(inductor_fp32):
 
 
 _LOAD_IN_A_FRESH_PROCESS = """
-import json, sys
+import json, sys, types
+# As in a Ray GPU worker: a module ahead of torch in sys.modules holds torch.contiguous_format, so
+# plain pickling would name that module (a memory_format has no __module__) in every cache key.
+decoy = sys.modules["medscreen_test_decoy"] = types.ModuleType("medscreen_test_decoy")
+import torch
+decoy.contiguous_format = torch.contiguous_format
 from pathlib import Path
 from engines import cache
 plan = Path(sys.argv[1])
@@ -105,9 +132,11 @@ with runner:
 
 
 def test_a_fresh_process_with_another_thread_count_compiles_from_the_plans_artefacts(inductor_fp32, tmp_path):
-    """A Ray actor runs with OMP_NUM_THREADS=1 and an empty compile cache: Inductor's cache key holds
-    torch's thread count, so the runner compiles under the build's count and every shape is a hit
-    in the plan's Mega-Cache artefacts, not a fresh compile."""
+    """A Ray actor runs with OMP_NUM_THREADS=1, an empty compile cache and its own import history:
+    Inductor's cache key holds torch's thread count (the runner compiles under the build's count) and
+    pickled tensor metadata (the runner names memory formats itself, not after whichever module in
+    sys.modules holds them first), so every shape is a hit in the plan's Mega-Cache artefacts, not a
+    fresh compile."""
     import os
     import subprocess
     import sys
@@ -124,6 +153,31 @@ def test_a_fresh_process_with_another_thread_count_compiles_from_the_plans_artef
     assert done.returncode == 0, done.stderr[-3000:]
     described = json.loads(done.stdout.strip().splitlines()[-1])
     assert described["compile_cache"] == {"hit": 2}, described
+
+
+def test_cache_keys_name_memory_formats_the_same_in_every_process():
+    """Some torch versions (2.11, the GPU image's) pickle a memory_format by the first module in
+    sys.modules that holds it, so a Ray GPU worker's cache keys named another module than the build's.
+    Pinned, the pickled tensor metadata names the runner's own function and round-trips."""
+    import pickle
+    import sys
+    import types
+
+    import torch
+    from torch._inductor.codecache import extract_tensor_metadata_for_cache_key
+
+    from engines.inductor_runner import pin_cache_key_pickling
+
+    decoy = sys.modules["medscreen_test_decoy"] = types.ModuleType("medscreen_test_decoy")
+    try:
+        decoy.contiguous_format = torch.contiguous_format
+        pin_cache_key_pickling()
+        blob = pickle.dumps(extract_tensor_metadata_for_cache_key(torch.empty(4, 4)))
+        assert b"engines.inductor_runner" in blob and b"memory_format_named" in blob
+        assert b"medscreen_test_decoy" not in blob
+        assert pickle.loads(pickle.dumps(torch.channels_last)) is torch.channels_last
+    finally:
+        del sys.modules["medscreen_test_decoy"]
 
 
 def test_verify_refuses_a_tampered_or_foreign_inductor_plan(inductor_fp32, tmp_path):
