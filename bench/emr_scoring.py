@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                         "(engines.cache.key.backend_candidates); the engine used is named in the JSON")
     p.add_argument("--actors-per-gpu", type=int, default=None,
                    help="override ray.actors_per_gpu (engine actors sharing each GPU)")
+    p.add_argument("--actor-threads", type=int, default=None,
+                   help="override ray.actor_threads (calls one engine actor runs at once; the device one at a time)")
+    p.add_argument("--inductor-compile", choices=["per_shape", "dynamic"], default=None,
+                   help="override engines.inductor_compile (one compile per scoring shape, or one dynamic compile)")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
@@ -339,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                                      "engines.cache_dir": str(workdir / "engines"),
                                      "engines.precision": args.precision, "ray.address": args.ray_address,
                                      "scoring.token_budget": args.token_budget, "engines.graph": args.graph,
-                                     "engines.backend": args.backend, "ray.actors_per_gpu": args.actors_per_gpu}
+                                     "engines.backend": args.backend, "ray.actors_per_gpu": args.actors_per_gpu,
+                                     "ray.actor_threads": args.actor_threads,
+                                     "engines.inductor_compile": args.inductor_compile}
         if model_source.startswith("bench stand-in"):
             # The stand-in's card has no operating points: the screening list needs thresholds.
             overrides["scoring.screening_thresholds"] = {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}
@@ -360,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         eng = engine_only(settings, timelines, args.precision)
         meta = eng.pop("metadata")
         result["engine"] = {"model": model_source, "backend": meta.get("backend"), "graph": meta.get("graph"),
-                            "shapes": meta.get("shapes"), "gate_passed": (meta.get("gate") or {}).get("passed"),
+                            "compile_mode": meta.get("compile_mode"), "shapes": meta.get("shapes"), "gate_passed": (meta.get("gate") or {}).get("passed"),
                             "precision": meta.get("precision"), "fingerprint": meta.get("fingerprint"),
                             "providers": eng.pop("providers"), "platform": (meta.get("platform") or {}).get("id")}
         result["engine_only_records_per_s"] = round(eng["records_per_s"], 1)
@@ -374,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         # Started here, so the pipeline's own start-up (metrics "startup") shows none of it.
         result["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+        result["actors"] = {"actors_per_gpu": settings.ray.actors_per_gpu, "actor_threads": settings.ray.actor_threads,
+                            "num_actors": settings.ray.num_actors}
 
         ours = medscreen_pipeline(settings, args.fragment_rows)
         result["records_per_s"] = round(ours["records_per_s"], 1)
         result["pipeline"] = {k: ours["metrics"].get(k) for k in (
             "records_per_s", "device_records_per_s", "padding_efficiency", "batches", "mean_rows_per_batch",
             "latency", "actors", "actor_restarts", "time_to_first_batch_s", "host_s_total",
-            "prep_s_total", "device_s_total", "driver", "startup")}
+            "prep_s_total", "device_s_total", "device_wait_s_total", "driver", "startup")}
         result["pipeline"]["seconds_end_to_end"] = round(ours["seconds"], 2)
         result["qc_passed"] = ours["qc_passed"]
         log(f"medscreen pipeline: {ours['records_per_s']:,.0f} records/s")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -72,14 +73,18 @@ class EngineActor:
 
     ``runner`` (active), ``metadata`` and ``fingerprint`` are what subclasses
     use; ``actor_id`` and ``incarnation`` (fresh when Ray restarts the actor)
-    tag their records.
+    tag their records. ``device_lock`` serialises engine calls where an actor
+    runs several calls at once (``ray.actor_threads``): one call holds the
+    device while the others do their host work.
     """
 
     def __init__(self, source: EngineSource, precision: str):
         t0 = time.perf_counter()
         # Start-up before the engine load: actor scheduling, imports, unpickling the arguments.
         self.init_started_at = time.time()
+        self.device_lock = threading.Lock()
         runner, self.metadata = source.load(precision)
+        source_load_s = time.perf_counter() - t0
         self._held = contextlib.ExitStack()
         self.runner: Runner = self._held.enter_context(activated(runner))
         self.fingerprint = str(self.metadata.get("fingerprint"))
@@ -92,7 +97,10 @@ class EngineActor:
         # What the engine did at load where it says (the inductor plan: compile-cache hits and misses).
         described = getattr(self.runner, "describe", None)
         self.engine_load = {k: v for k, v in (described() if described else {}).items()
-                            if k in ("compile_cache", "cuda_graphs")}
+                            if k in ("compile_cache", "cuda_graphs", "compile_mode", "compile_seconds",
+                                     "cache_load_s", "load_seconds")}
+        # Finding, verifying and opening the plan (source.load) before its activation.
+        self.engine_load["source_load_s"] = round(source_load_s, 3)
 
     def close(self) -> None:
         """Deactivate the engine (idempotent)."""

@@ -219,7 +219,8 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "ledger": ledger.to_dict(),
         "settings": {"token_budget": settings.scoring.token_budget,
                      "length_buckets": list(settings.scoring.length_buckets),
-                     "actor_num_cpus": settings.ray.actor_num_cpus, "fragment_rows": fragment_rows},
+                     "actor_num_cpus": settings.ray.actor_num_cpus, "actors_per_gpu": settings.ray.actors_per_gpu,
+                     "actor_threads": settings.ray.actor_threads, "fragment_rows": fragment_rows},
         "started_at": _iso(started), "finished_at": _iso(time.time()),
     }
     if settings.scoring.prometheus_port:
@@ -297,12 +298,17 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
                                    "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
     gpus = int(ray.cluster_resources().get("GPU", 0))
     size, resources = engine_actor_pool(settings, gpus)
-    # Several blocks in flight per actor: Ray fetches the next batches while the engine runs.
-    compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=4)
+    # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
+    # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
+    # lock only around infer), so decoding and writing fragments overlap the device.
+    threads = settings.ray.actor_threads
+    compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=max(4, 2 * threads),
+                                         max_concurrent_calls_per_actor=threads,
+                                         enable_true_multi_threading=threads > 1)
     # Each row is one whole fragment. Ray Data insists on an explicit batch_size for
     # GPU stages; one row per call keeps a call = one fragment.
     return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
-                                                            "sink": sink},
+                                                            "sink": sink, "threads": threads},
                           batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
                           compute=compute, **resources)
 
@@ -517,6 +523,11 @@ def _actor_startup(records: list[dict[str, Any]], started_at: float) -> dict[str
             counts[k] = counts.get(k, 0) + int(v)
     if counts:
         out["engine_compile_cache"] = counts
+    # Where the last actor's engine load went, where the engine says (the inductor plan: compile mode,
+    # seconds per shape, the artefacts' load).
+    detail = {k: v for k, v in (last.get("engine_load") or {}).items() if k != "compile_cache"}
+    if detail:
+        out["last_engine_load"] = detail
     return out
 
 

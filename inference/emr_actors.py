@@ -12,6 +12,7 @@ driver. The pipeline builder in :mod:`inference.emr` wires them into Ray Data.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -30,6 +31,11 @@ TIMELINE_COLUMNS = ["patient_key", "length", "tokens", "days_before", "age_years
 # Read beside them where the partition has them: the eligibility facts screening needs.
 FACT_COLUMNS = ["encounters", *PREVALENT_COLUMNS]
 UNKNOWN_FACT = np.uint8(0x80)
+# The GIL switch interval of a threaded engine actor (Python's default is 5 ms). A call leaving the
+# device (a synchronise releases the GIL) waits for the GIL while another call runs Python code, up to
+# one interval (with the default, a batch's device section took 8.5-10 ms in the pipeline on an H200
+# against 4.5 ms for the engine alone; docs/benchmarks.md).
+THREADED_SWITCH_INTERVAL_S = 0.0002
 
 
 PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("n_batches", pa.int32()),
@@ -95,10 +101,12 @@ class ScoreActor(EngineActor):
     engine fingerprint the driver checks.
     """
 
-    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink):
+    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink, threads: int = 1):
         super().__init__(source, precision)
         self.sink = sink
-        self.calls = 0
+        if threads > 1:
+            sys.setswitchinterval(THREADED_SWITCH_INTERVAL_S)
+        self.calls = 0  # calls started (a count only: several may run at once, ray.actor_threads)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.calls += 1
@@ -123,13 +131,17 @@ class ScoreActor(EngineActor):
             feed = batch.feed()
             t1 = time.perf_counter()
             if batch.n_rows:
-                p = np.asarray(self.runner.infer(feed)["probs"], dtype=np.float32)
+                # Other calls of this actor decode or write meanwhile; the device runs one at a time.
+                with self.device_lock:
+                    t_lock = time.perf_counter()
+                    p = np.array(self.runner.infer(feed)["probs"], dtype=np.float32)
+                    t2 = time.perf_counter()
                 if p.shape != (batch.n_rows, 3):
                     raise ValueError(f"engine returned probs of shape {p.shape} for a batch of "
                                      f"{batch.n_rows} rows; the model must output [batch, 3]")
             else:
                 p = np.zeros((0, 3), np.float32)
-            t2 = time.perf_counter()
+                t_lock = t2 = time.perf_counter()
             keys.append(batch.keys)
             probs.append(p)
             ages.append(batch.age_years)
@@ -140,7 +152,8 @@ class ScoreActor(EngineActor):
             records.append({"batch_index": batch.batch_index, "n_rows": batch.n_rows,
                             "seq_len": batch.seq_len,
                             "real_tokens": batch.real_tokens, "prep_s": batch.prep_s,
-                            "host_s": t1 - t0, "device_s": t2 - t1, "done_at": time.time(),
+                            "host_s": t1 - t0, "device_wait_s": t_lock - t1, "device_s": t2 - t_lock,
+                            "done_at": time.time(),
                             "actor_id": self.actor_id, "incarnation": self.incarnation})
 
         def cat(parts: list[np.ndarray], empty: np.ndarray) -> np.ndarray:

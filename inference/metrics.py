@@ -100,6 +100,8 @@ def summarise(batches: Sequence[dict[str, Any]], wall_s: float, rows_this_attemp
         "host_s_total": round(float(sum(host)), 3),
         "prep_s_total": round(float(sum(b["prep_s"] for b in batches)), 3),
         "device_s_total": round(float(sum(device)), 3),
+        # Calls of a threaded actor (ray.actor_threads) waiting for its device lock.
+        "device_wait_s_total": round(float(sum(b.get("device_wait_s", 0.0) for b in batches)), 3),
         "actors": len(incarnations),
         "actor_restarts": int(restarts),
     }

@@ -11,6 +11,8 @@ import datetime as dt
 import hashlib
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -229,15 +231,60 @@ class BrokenLowPrecision:
         return OrtRunner(Path(self.broken_onnx), providers=["CPUExecutionProvider"]), meta
 
 
+@dataclass(frozen=True)
+class SlowEngine:
+    """The real engine cache's engine, each ``infer`` taking ``delay_s`` longer: a device section long
+    enough that an actor running several calls at once (``ray.actor_threads``) must queue for it."""
+
+    inner: CachedEngine
+    delay_s: float = 0.03
+
+    def load(self, precision: str) -> tuple[Any, dict[str, Any]]:
+        runner, meta = self.inner.load(precision)
+        return SlowRunner(runner, self.delay_s), meta
+
+
+class SlowRunner:
+    """Delegates to a real runner; ``infer`` sleeps first and fails if two calls are ever inside at once."""
+
+    def __init__(self, inner: Any, delay_s: float):
+        self.inner, self.delay_s = inner, delay_s
+        self._inside = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def activate(self) -> None:
+        self.inner.activate()
+
+    def deactivate(self) -> None:
+        self.inner.deactivate()
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._inside.acquire(blocking=False):
+            raise RuntimeError("two engine calls ran at once in one actor")
+        try:
+            time.sleep(self.delay_s)
+            return self.inner.infer(feed)
+        finally:
+            self._inside.release()
+
+
 def crash_once_actor(marker: Path, crash_on_call: int) -> type:
-    """A ScoreActor that kills its own process on its Nth call, in its first life only."""
+    """A ScoreActor that kills its own process on its Nth call or later, in its first life only, once an
+    earlier call of that life has returned (with ``ray.actor_threads`` > 1 calls overlap: the crash must
+    not depend on which of them finishes first)."""
 
     class CrashOnceActor(ScoreActor):
+        returned = 0
+
         def __call__(self, block):
-            if self.calls + 1 == crash_on_call and not marker.exists():
+            if self.calls + 1 >= crash_on_call and self.returned and not marker.exists():
                 marker.write_text(str(os.getpid()))
                 os._exit(1)
-            return super().__call__(block)
+            out = super().__call__(block)
+            self.returned += 1
+            return out
 
     return CrashOnceActor
 

@@ -18,8 +18,8 @@ from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths
 from lake.schemas import HEADS, SCORES
-from scoring_fixtures import (BrokenLowPrecision, commit_timelines, crash_once_actor, marked_parts, random_timelines,
-                              reference_scores, same_verdict)
+from scoring_fixtures import (BrokenLowPrecision, SlowEngine, commit_timelines, crash_once_actor, marked_parts,
+                              random_timelines, reference_scores, same_verdict)
 
 AS_OF = "2024-06-30"
 N = 400
@@ -156,6 +156,23 @@ def test_scoring_refuses_uncommitted_timelines(scoring_settings):
     settings = scoring_settings()
     with pytest.raises(FileNotFoundError, match="emr features"):
         emr.score(settings, AS_OF)
+
+
+def test_a_threaded_actor_overlaps_its_calls_and_runs_the_engine_one_call_at_a_time(scoring_settings,
+                                                                                    scoring_models):
+    """ray.actor_threads = 2: while one call holds the device another decodes or writes its fragment; the
+    engine (30 ms a batch here) is never entered twice at once (SlowRunner raises if it is), so calls
+    queue for it, and the scores are the engine's own."""
+    settings = scoring_settings(**{"ray.actor_threads": 2, "ray.num_actors": 1})
+    table = random_timelines(N, seed=12)
+    commit_timelines(settings.lake.root, AS_OF, table)
+    run_dir = emr.score(settings, AS_OF, fragment_rows=40, engine_source=SlowEngine(CachedEngine(settings)))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["throughput"]["actors"] == 1 and m["settings"]["actor_threads"] == 2
+    # Calls queued for the device: only a second call running beside the one inside can wait 10+ ms.
+    assert m["throughput"]["device_wait_s_total"] > 0.01
+    scores = _scores(settings)
+    _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], table))
 
 
 def test_scoring_survives_an_actor_killed_mid_run(timelines, scoring_models, tmp_path):
