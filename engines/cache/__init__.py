@@ -20,6 +20,7 @@ mismatch (``ensure(..., rebuild=True)`` replaces it).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 from conf.settings import Settings
@@ -27,15 +28,18 @@ from engines.cache.build import CALIBRATION_BATCH_ROWS, build, calibration_set
 from engines.cache.gate import gate_plan
 from engines.cache.key import (AUTO, BACKENDS, GRAPHS, METADATA_FORMAT, EngineCacheError, EngineSpec,
                                UngatedEngineError, backend_candidates, backend_identity, cache_key,
-                               compile_cache_path, describe_spec, graph_for, metadata_path, plan_candidates,
-                               plan_lock, read_metadata, resolve, source_onnx, write_metadata_file)
+                               compile_cache_path, describe_spec, graph_for, iter_backend_candidates,
+                               iter_plan_candidates, metadata_path, plan_candidates, plan_lock, read_metadata,
+                               resolve, source_onnx, write_metadata_file)
 from engines.cache.load import load_runner, reference_runner, runner_for, verify
 from engines.model_card import file_sha256
 
 __all__ = ["AUTO", "BACKENDS", "CALIBRATION_BATCH_ROWS", "GRAPHS", "METADATA_FORMAT", "EngineCacheError",
            "EngineSpec", "UngatedEngineError", "backend_candidates", "backend_identity", "build", "cache_key",
            "calibration_set", "compile_cache_path", "ensure", "ensure_first", "file_sha256", "gate_plan",
-           "graph_for", "load_runner", "metadata_path", "plan_candidates", "read_metadata", "reference_runner", "resolve", "runner_for", "source_onnx", "verify", "write_metadata_file"]
+           "graph_for", "iter_backend_candidates", "iter_plan_candidates", "load_runner", "metadata_path",
+           "plan_candidates", "read_metadata", "reference_runner", "resolve", "runner_for", "source_onnx", "verify",
+           "write_metadata_file"]
 
 log = logging.getLogger(__name__)
 
@@ -54,31 +58,42 @@ def ensure(settings: Settings, model: str = "emr_risk", backend: str | None = No
     ``engines.graph: auto``) the entries of :func:`plan_candidates` are tried in
     order (:func:`ensure_first`).
     """
-    return ensure_first(settings, backend_candidates(settings, model, backend), model, precision, as_of, rebuild)
+    return ensure_first(settings, iter_backend_candidates(settings, model, backend), model, precision, as_of,
+                        rebuild)
 
 
-def ensure_first(settings: Settings, backends: list[str], model: str = "emr_risk", precision: str | None = None,
+def ensure_first(settings: Settings, backends: Iterable[str], model: str = "emr_risk", precision: str | None = None,
                  as_of: str | None = None, rebuild: bool = False) -> Path:
-    """Ensure the first entry of :func:`plan_candidates` over ``backends`` that builds and passes its
+    """Ensure the first entry of :func:`iter_plan_candidates` over ``backends`` that builds and passes its
     gate here; return its plan path.
 
     Every entry but the last must pass its gate to be chosen; one that cannot be built or fails
     its gate is passed over with a WARNING giving the reason. The last is ensured as any plan is.
-    :func:`load_runner` walks the same entries in the same order.
+    A later entry is resolved only when the ones before it fail. :func:`load_runner` walks the same
+    entries in the same order.
     """
-    specs = plan_candidates(settings, model, backends, precision)
-    for spec, fallback in zip(specs, specs[1:]):
+    candidates = iter_plan_candidates(settings, model, backends, precision)
+    spec = next(candidates)
+    while True:
         try:
             path = _ensure(settings, spec, model, as_of, rebuild)
-            verdict = read_metadata(path)["gate"]
-            if verdict.get("passed") is not True:
-                raise EngineCacheError(f"{path.name} did not pass its gate: "
-                                       + "; ".join(verdict.get("failures") or [str(verdict.get("pending"))]))
-            return path
         except Exception as exc:  # noqa: BLE001 - any failure of the preferred entry falls back, said why
-            log.warning("%s engine for %s unavailable here (%s); falling back to %s", describe_spec(spec), model,
-                        f"{type(exc).__name__}: {exc}"[:500], describe_spec(fallback))
-    return _ensure(settings, specs[-1], model, as_of, rebuild)
+            fallback = next(candidates, None)
+            if fallback is None:
+                raise
+            why = f"{type(exc).__name__}: {exc}"
+        else:
+            verdict = read_metadata(path)["gate"]
+            if verdict.get("passed") is True:
+                return path
+            fallback = next(candidates, None)
+            if fallback is None:
+                return path  # the last entry is ensured as any plan is, whatever its gate said
+            why = f"{path.name} did not pass its gate: " + "; ".join(verdict.get("failures")
+                                                                      or [str(verdict.get("pending"))])
+        log.warning("%s engine for %s unavailable here (%s); falling back to %s", describe_spec(spec), model,
+                    why[:500], describe_spec(fallback))
+        spec = fallback
 
 
 def _ensure(settings: Settings, spec: EngineSpec, model: str, as_of: str | None, rebuild: bool) -> Path:

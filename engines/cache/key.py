@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,26 +61,37 @@ def backend_identity(backend: str) -> tuple[str, str]:
     raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
 
 
-def backend_candidates(settings: Settings, model: str, backend: str | None = None) -> list[str]:
-    """The backends to try for ``model``, best first; more than one only for ``auto``.
+def iter_backend_candidates(settings: Settings, model: str, backend: str | None = None) -> Iterator[str]:
+    """The backends to try for ``model``, best first, lazily; more than one only for ``auto``.
 
     ``auto``: for emr_risk on a machine where torch sees a CUDA GPU, ONNX Runtime (the card's
     fused graph), then the inductor plan where ONNX Runtime cannot be built or fails its gate;
     ONNX Runtime alone everywhere else (CPU machines, CT). Any other value is that backend alone.
-    ONNX Runtime comes first by measurement: on one H200 at 4 M rows the scoring run reached
-    203 k records/s with it and 66 k with the inductor plan, whose actors still compiled for 44 s
-    before the first batch and whose device rate inside the pipeline (235 k, two actors on one
-    GPU) was no better, although alone it runs 4.9× eager at batch 256 (docs/benchmarks.md,
-    "One H200 … night"). ``engines.backend: inductor`` chooses it.
+    ONNX Runtime comes first by measurement: on one H200 at 4 M rows (one threaded actor) the
+    scoring run reached 219 k records/s with it and 108 k with the inductor plan. The inductor
+    actor now loads its compile artefacts (5/5 hits) but still takes 20 s to start (importing
+    torch and starting CUDA to find the plan 5 s, importing torch._dynamo 5 s, loading the
+    program 2 s, five shapes 5.5 s) against ORT's 0.5 s, and inside the pipeline its device rate
+    (337 k) is no better than ORT's (333 k), although alone it runs 625 k against 424 k
+    (docs/benchmarks.md, "threaded engine actor").
+    ``engines.backend: inductor`` chooses it.
     """
     backend = backend or settings.engines.backend
     if backend != AUTO:
-        return [backend]
+        yield backend
+        return
+    yield "onnxruntime"
+    # Asked only when ONNX Runtime's entries could not be used: asking imports torch and starts CUDA
+    # (5-6 s in a fresh Ray actor on an H200), which a scoring actor loading the ORT plan never needs.
     from engines.inductor_runner import cuda_available
 
     if model in INDUCTOR_MODELS and cuda_available():
-        return ["onnxruntime", "inductor"]
-    return ["onnxruntime"]
+        yield "inductor"
+
+
+def backend_candidates(settings: Settings, model: str, backend: str | None = None) -> list[str]:
+    """All of :func:`iter_backend_candidates` (this asks whether torch sees a GPU)."""
+    return list(iter_backend_candidates(settings, model, backend))
 
 
 def cache_key(components: dict[str, Any]) -> str:
@@ -148,7 +159,7 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
 
     ``graph`` (``fused``/``reference``) overrides ``engines.graph`` for this call.
     """
-    backend = backend_candidates(settings, model, backend)[0]
+    backend = next(iter_backend_candidates(settings, model, backend))
     precision = precision or settings.engines.precision
     if backend not in BACKENDS:
         raise ValueError(f"backend {backend!r} unknown; use one of {BACKENDS}")
@@ -177,35 +188,45 @@ def resolve(settings: Settings, model: str = "emr_risk", backend: str | None = N
     return EngineSpec(model, backend, precision, components, key, path)
 
 
-def plan_candidates(settings: Settings, model: str = "emr_risk", backends: list[str] | None = None,
+def plan_candidates(settings: Settings, model: str = "emr_risk", backends: Iterable[str] | None = None,
                     precision: str | None = None, providers: list[str] | None = None) -> list[EngineSpec]:
+    """Every entry of :func:`iter_plan_candidates` (this resolves every backend, torch's included)."""
+    return list(iter_plan_candidates(settings, model, backends, precision, providers))
+
+
+def iter_plan_candidates(settings: Settings, model: str = "emr_risk", backends: Iterable[str] | None = None,
+                         precision: str | None = None, providers: list[str] | None = None
+                         ) -> Iterator[EngineSpec]:
     """The cache entries to try for ``model`` here, best first: what ``ensure`` builds and ``load_runner``
     loads, in one order, so a load always finds the plan an ensure fell back to.
 
-    ``backends`` defaults to :func:`backend_candidates` of the configured backend. For each backend,
-    its entry; under ``engines.graph: auto`` an ONNX Runtime fused-graph entry is followed by the
-    reference-graph entry of the same precision. A backend that cannot make an entry for this
-    model or precision (the inductor backend asked for int8) is left out with its reason logged,
-    unless it is the only one.
+    Lazy: a later backend is asked for (and resolved: the inductor entry imports torch) only when the
+    caller goes past the entries before it. ``backends`` defaults to :func:`iter_backend_candidates`
+    of the configured backend. For each backend, its entry; under ``engines.graph: auto`` an ONNX
+    Runtime fused-graph entry is followed by the reference-graph entry of the same precision. A
+    backend that cannot make an entry for this model or precision (the inductor backend asked for
+    int8) is left out with its reason logged, unless it is the only one.
     """
-    backends = backends or backend_candidates(settings, model)
+    backends = iter(backends) if backends is not None else iter_backend_candidates(settings, model)
     card = load_card(settings, model)
-    specs: list[EngineSpec] = []
+    tried: list[str] = []
+    errors: list[EngineCacheError] = []
     for backend in backends:
+        tried.append(backend)
         try:
             spec = resolve(settings, model, backend, precision, providers, card)
         except EngineCacheError as exc:
-            if len(backends) == 1:
-                raise
+            errors.append(exc)
             log.warning("%s engine for %s left out of the candidates (%s)", backend, model, exc)
             continue
-        specs.append(spec)
+        yield spec
         if spec.components.get("graph") == "fused" and settings.engines.graph == AUTO:
-            specs.append(resolve(settings, model, backend, precision, providers, card, graph="reference"))
-    if not specs:
-        raise EngineCacheError(f"no backend of {backends} can make a {precision or settings.engines.precision} "
+            yield resolve(settings, model, backend, precision, providers, card, graph="reference")
+    if len(errors) == len(tried):  # nothing was yielded
+        if len(errors) == 1:
+            raise errors[0]
+        raise EngineCacheError(f"no backend of {tried} can make a {precision or settings.engines.precision} "
                                f"engine for {model}")
-    return specs
 
 
 def describe_spec(spec: EngineSpec) -> str:

@@ -13,9 +13,9 @@ from typing import Any
 
 from conf.settings import Settings
 from engines import hardware
-from engines.cache.key import (EngineCacheError, EngineSpec, UngatedEngineError, backend_candidates,
-                               backend_identity, compile_cache_path, describe_spec, metadata_path, plan_candidates,
-                               read_metadata, source_onnx)
+from engines.cache.key import (EngineCacheError, EngineSpec, UngatedEngineError, backend_identity,
+                               compile_cache_path, describe_spec, iter_backend_candidates, iter_plan_candidates,
+                               metadata_path, read_metadata, source_onnx)
 from engines.model_card import file_sha256, load_card
 from engines.runner import Runner
 
@@ -130,18 +130,28 @@ def load_runner(settings: Settings, model: str = "emr_risk", backend: str | None
 
     Refuses engines that are missing, fail verification, or have not passed
     their gate (unless ``force_ungated``), naming the command that fixes it.
-    The entries of :func:`engines.cache.key.plan_candidates` — the ones ``ensure``
+    The entries of :func:`engines.cache.key.iter_plan_candidates` — the ones ``ensure``
     builds, in its order — are tried in turn: the first that is there, intact
-    and gated is loaded; each one passed over is logged with its reason.
+    and gated is loaded; each one passed over is logged with its reason. A later
+    entry is resolved only when the ones before it fail.
     """
-    specs = plan_candidates(settings, model, backend_candidates(settings, model, backend), precision, providers)
-    for spec, fallback in zip(specs, specs[1:]):
+    candidates = iter_plan_candidates(settings, model, iter_backend_candidates(settings, model, backend),
+                                      precision, providers)
+    spec = next(candidates)
+    while True:
         try:
             return _load_one(settings, model, spec, False, providers)
         except (EngineCacheError, FileNotFoundError) as exc:
+            # The next entry is resolved only now: the inductor plan's (torch, CUDA) is never looked
+            # at while an ONNX Runtime plan loads.
+            fallback = next(candidates, None)
+            if fallback is None:
+                if force_ungated and isinstance(exc, UngatedEngineError):
+                    return _load_one(settings, model, spec, True, providers)
+                raise
             log.warning("%s engine for %s not used (%s); trying %s", describe_spec(spec), model, exc,
                         describe_spec(fallback))
-    return _load_one(settings, model, specs[-1], force_ungated, providers)
+            spec = fallback
 
 
 def _load_one(settings: Settings, model: str, spec: EngineSpec, force_ungated: bool,

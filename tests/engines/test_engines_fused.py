@@ -121,6 +121,13 @@ def test_load_takes_the_plan_ensure_fell_back_to(engines_settings, tmp_path, mon
     settings = engines_settings(tmp_path / "cache", **{"engines.gate.fp32_max_abs_delta_p": 0.0})
     specs = cache.plan_candidates(settings, precision="fp32")
     assert [cache.describe_spec(s) for s in specs] == ["onnxruntime fused fp32", "onnxruntime fp32"]
+    # From here torch "sees a GPU": auto's last candidate is the inductor plan, but asking for it imports
+    # torch and starts CUDA (5-6 s in a scoring actor), so neither ensure nor load may ask while an ONNX
+    # Runtime entry serves.
+    from engines import inductor_runner
+
+    asked: list[int] = []
+    monkeypatch.setattr(inductor_runner, "cuda_available", lambda: asked.append(1) or True)
 
     with caplog.at_level(logging.WARNING, logger="engines.cache"):
         path = cache.ensure(settings, precision="fp32", as_of=AS_OF)
@@ -132,6 +139,9 @@ def test_load_takes_the_plan_ensure_fell_back_to(engines_settings, tmp_path, mon
 
     runner, meta = cache.load_runner(settings, precision="fp32")
     assert meta["fingerprint"] == cache.read_metadata(path)["fingerprint"] and "fused" not in runner.name
+    assert asked == [], "the inductor candidate was resolved although an ONNX Runtime plan served"
+    assert cache.backend_candidates(settings, "emr_risk") == ["onnxruntime", "inductor"] and asked == [1]
+    monkeypatch.setattr(inductor_runner, "cuda_available", lambda: False)
     # Asked for the fused graph explicitly, the failed plan is refused, not replaced.
     fused_only = engines_settings(tmp_path / "cache", **{"engines.gate.fp32_max_abs_delta_p": 0.0,
                                                          "engines.graph": "fused"})
