@@ -50,13 +50,14 @@ class RaySettings(_Section):
     # Fractional CPUs per actor so an actor pool cannot starve read tasks on small machines.
     actor_num_cpus: float = Field(0.5, gt=0)
     num_actors: int | None = Field(None, ge=1)
-    # Engine actors sharing one GPU: while one prepares its next feed on the host,
-    # another's kernels run, so a small model's GPU does not idle between batches.
-    actors_per_gpu: int = Field(2, ge=1, le=8)
+    # Engine actors sharing one GPU. None: each pipeline's measured default (EMR 1: its actor
+    # overlaps host and device work in threads, see actor_threads; CT 2: while one actor
+    # stitches a series on the host, another's patches run). docs/benchmarks.md has the runs.
+    actors_per_gpu: int | None = Field(None, ge=1, le=8)
     # Calls one EMR engine actor runs at once (Ray Data threads): one call holds the device
     # (the actor's device lock) while the others decode their fragment or write the last one,
     # so an actor's host work overlaps its own kernels. 1: calls run one after another.
-    actor_threads: int = Field(2, ge=1, le=8)
+    actor_threads: int = Field(3, ge=1, le=8)
     # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
     # cluster only the worker nodes that offer them (GPU worker groups) host engines.
     actor_resources: dict[str, float] = Field(default_factory=dict)

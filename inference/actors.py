@@ -51,18 +51,18 @@ def ray_session(settings: Settings) -> Iterator[bool]:
             ray.shutdown()
 
 
-def engine_actor_pool(settings: Settings, gpus: int) -> tuple[int, dict[str, Any]]:
+def engine_actor_pool(settings: Settings, gpus: int, default_per_gpu: int) -> tuple[int, dict[str, Any]]:
     """Size and per-actor resources of an engine actor pool (EMR and CT scoring).
 
-    With GPUs, ``ray.actors_per_gpu`` actors share each one, so one actor's host
-    work overlaps another's kernels; without, actors take fractional CPUs so a
-    pool cannot starve the read tasks. ``ray.num_actors`` overrides the size.
-    ``ray.actor_resources`` (custom resources) pins the actors to the nodes
-    that offer them.
+    With GPUs, ``ray.actors_per_gpu`` actors share each one (unset: the
+    pipeline's ``default_per_gpu``, what was measured best for it); without,
+    actors take fractional CPUs so a pool cannot starve the read tasks.
+    ``ray.num_actors`` overrides the size. ``ray.actor_resources`` (custom
+    resources) pins the actors to the nodes that offer them.
     """
     extra = {"resources": dict(settings.ray.actor_resources)} if settings.ray.actor_resources else {}
     if gpus:
-        per_gpu = settings.ray.actors_per_gpu
+        per_gpu = settings.ray.actors_per_gpu or default_per_gpu
         return (settings.ray.num_actors or gpus * per_gpu,
                 {"num_gpus": 1 / per_gpu, "num_cpus": settings.ray.actor_num_cpus, **extra})
     return settings.ray.num_actors or 1, {"num_cpus": settings.ray.actor_num_cpus, **extra}

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 MODEL = "ct_nodule"
 STAGE = "score_ct"
+# Engine actors per GPU unless ray.actors_per_gpu says: while one patches and stitches a series on the
+# host, another's patches run (the CT defaults were measured with two, docs/benchmarks.md).
+CT_ACTORS_PER_GPU = 2
 
 # Columns of LAKE/imaging/series this stage reads beside inference.ct_stages' (written by jobs.dicom_index).
 COL_DATE = "study_date"
@@ -301,7 +304,7 @@ def _score(settings: Settings, as_of: str, force_ungated: bool, run_id: str, sou
             t_pipe = time.perf_counter()
             gpus = int(ray.cluster_resources().get("GPU", 0))
             use_gpu = gpus >= 1
-            num_actors, actor_resources = engine_actor_pool(settings, gpus)
+            num_actors, actor_resources = engine_actor_pool(settings, gpus, CT_ACTORS_PER_GPU)
             # Read tasks resample on the host cores; with imaging.resample_on_device, actors on a GPU get
             # the scanner grid (int16) and resample on the device instead.
             ship = (GRID_SCANNER if use_gpu and settings.imaging.device_arrays == "auto"

@@ -5,7 +5,8 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
     fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
       → pack_fragments    CPU tasks: read, validate, length-sort, pad to buckets,
                           cut by token budget; one row per fragment (its padded batches)
-      → ScoreActor        actor pool, one engine per actor (ray.actors_per_gpu actors share a GPU,
+      → ScoreActor        actor pool, one engine per actor (one per GPU, ray.actors_per_gpu overrides;
+                          ray.actor_threads calls at once, the device under the actor's lock;
                           else fractional CPUs); runs infer over a fragment's batches and
                           writes the fragment's Parquet into run staging itself, after
                           the model card's calibration (engines.calibration: the one place it
@@ -61,6 +62,9 @@ from lake.runs import new_run_id
 from lake.schemas import HEADS
 
 MODEL = "emr_risk"
+# Engine actors per GPU unless ray.actors_per_gpu says: one actor running ray.actor_threads calls fed an
+# H200 better than two single-call actors (docs/benchmarks.md, "threaded engine actor").
+EMR_ACTORS_PER_GPU = 1
 STAGE = "score_emr"
 log = logging.getLogger(__name__)
 
@@ -219,7 +223,8 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "ledger": ledger.to_dict(),
         "settings": {"token_budget": settings.scoring.token_budget,
                      "length_buckets": list(settings.scoring.length_buckets),
-                     "actor_num_cpus": settings.ray.actor_num_cpus, "actors_per_gpu": settings.ray.actors_per_gpu,
+                     "actor_num_cpus": settings.ray.actor_num_cpus,
+                     "actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
                      "actor_threads": settings.ray.actor_threads, "fragment_rows": fragment_rows},
         "started_at": _iso(started), "finished_at": _iso(time.time()),
     }
@@ -291,13 +296,16 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     import ray
 
     items = spec_dicts(list(specs))
-    # One fragment per block: a pack task = one fragment, so fragments prepare in parallel.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # One fragment per block: a pack task = one fragment, so fragments prepare in parallel. The blocks
+    # are positions made by read tasks, the specs travel once with the function: from_items put one
+    # object per fragment from the driver before anything ran (245 fragments, 2-core machine: 0.55 s
+    # against 0.27 s, Ray Data imported).
+    ds = ray.data.range(len(items), override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(pack_fragments, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"length_buckets": list(settings.scoring.length_buckets),
+                        fn_kwargs={"specs": items, "length_buckets": list(settings.scoring.length_buckets),
                                    "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    size, resources = engine_actor_pool(settings, gpus)
+    size, resources = engine_actor_pool(settings, gpus, EMR_ACTORS_PER_GPU)
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
     # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
     # lock only around infer), so decoding and writing fragments overlap the device.

@@ -42,15 +42,16 @@ PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("
                            ("batches", pa.large_binary())])
 
 
-def pack_fragments(specs: pa.Table, length_buckets: list[int], token_budget: int,
+def pack_fragments(ids: pa.Table, specs: list[dict[str, Any]], length_buckets: list[int], token_budget: int,
                    vocab_size: int | None = None) -> pa.Table:
-    """Ray Data batch fn (CPU task): fragment specs in, one row per fragment out.
+    """Ray Data batch fn (CPU task): positions in ``specs`` (the ``id`` column of ``ray.data.range``)
+    in, one row per fragment out.
 
     ``batches`` holds the fragment's padded batches (:func:`inference.batching.batches_to_table`)
     as one Arrow IPC stream, so a fragment reaches one actor whole and that actor can write it.
     """
     rows: dict[str, list] = {name: [] for name in PACKED_SCHEMA.names}
-    for row in specs.to_pylist():
+    for row in (specs[int(i)] for i in ids.column("id").to_pylist()):
         f = pq.ParquetFile(row["path"])
         present = set(f.schema_arrow.names)
         table = f.read_row_groups(list(row["row_groups"]),
