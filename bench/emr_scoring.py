@@ -380,10 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         # Started here, so the pipeline's own start-up (metrics "startup") shows none of it.
         result["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        from inference.emr import EMR_ACTORS_PER_GPU
+        from inference.emr import EMR_ACTORS_PER_GPU, actor_threads
 
+        gpus = int(ray.cluster_resources().get("GPU", 0))
         result["actors"] = {"actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
-                            "actor_threads": settings.ray.actor_threads,
+                            "actor_threads": actor_threads(settings, gpus),
                             "num_actors": settings.ray.num_actors}
 
         ours = medscreen_pipeline(settings, args.fragment_rows)

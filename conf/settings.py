@@ -56,8 +56,9 @@ class RaySettings(_Section):
     actors_per_gpu: int | None = Field(None, ge=1, le=8)
     # Calls one EMR engine actor runs at once (Ray Data threads): one call holds the device
     # (the actor's device lock) while the others decode their fragment or write the last one,
-    # so an actor's host work overlaps its own kernels. 1: calls run one after another.
-    actor_threads: int = Field(3, ge=1, le=8)
+    # so an actor's host work overlaps its own kernels. 1: calls run one after another. None:
+    # 3 on GPUs, 1 on CPUs (inference.emr.EMR_ACTOR_THREADS; there the calls share the engine's cores).
+    actor_threads: int | None = Field(None, ge=1, le=8)
     # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
     # cluster only the worker nodes that offer them (GPU worker groups) host engines.
     actor_resources: dict[str, float] = Field(default_factory=dict)

@@ -65,6 +65,15 @@ MODEL = "emr_risk"
 # Engine actors per GPU unless ray.actors_per_gpu says: one actor running ray.actor_threads calls fed an
 # H200 better than two single-call actors (docs/benchmarks.md, "threaded engine actor").
 EMR_ACTORS_PER_GPU = 1
+# Calls an engine actor runs at once unless ray.actor_threads says: 3 on GPUs (one on the device, the
+# others decoding and writing); 1 on CPUs, where the other calls would compete with the engine for the
+# same cores (2-core machine, --quick: 455 records/s with 1 against 424 with 3; docs/benchmarks.md).
+EMR_ACTOR_THREADS = {"gpu": 3, "cpu": 1}
+
+
+def actor_threads(settings: Settings, gpus: int) -> int:
+    """Calls one EMR engine actor runs at once: ``ray.actor_threads``, else :data:`EMR_ACTOR_THREADS`."""
+    return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
 STAGE = "score_emr"
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,8 @@ class Attempt:
     qc: dict[str, Any] = field(default_factory=dict)
     # Start-up of this attempt: the driver's engine-metadata load, actor creation and engine loads.
     startup: dict[str, float] = field(default_factory=dict)
+    # Calls each engine actor ran at once (inference.emr.actor_threads); None when nothing was pending.
+    actor_threads: int | None = None
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
@@ -225,7 +236,8 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
                      "length_buckets": list(settings.scoring.length_buckets),
                      "actor_num_cpus": settings.ray.actor_num_cpus,
                      "actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
-                     "actor_threads": settings.ray.actor_threads, "fragment_rows": fragment_rows},
+                     "actor_threads": chosen.actor_threads or settings.ray.actor_threads,
+                     "fragment_rows": fragment_rows},
         "started_at": _iso(started), "finished_at": _iso(time.time()),
     }
     if settings.scoring.prometheus_port:
@@ -309,7 +321,7 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
     # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
     # lock only around infer), so decoding and writing fragments overlap the device.
-    threads = settings.ray.actor_threads
+    threads = actor_threads(settings, gpus)
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=max(4, 2 * threads),
                                          max_concurrent_calls_per_actor=threads,
                                          enable_true_multi_threading=threads > 1)
@@ -365,6 +377,9 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
         t_build = time.perf_counter()
         ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
         attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
+        import ray
+
+        attempt.actor_threads = actor_threads(settings, int(ray.cluster_resources().get("GPU", 0)))
         attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
         attempt.driver.update(marking)
