@@ -33,8 +33,8 @@ FACT_COLUMNS = ["encounters", *PREVALENT_COLUMNS]
 UNKNOWN_FACT = np.uint8(0x80)
 # The GIL switch interval of a threaded engine actor (Python's default is 5 ms). A call leaving the
 # device (a synchronise releases the GIL) waits for the GIL while another call runs Python code, up to
-# one interval (with the default, a batch's device section took 8.5-10 ms in the pipeline on an H200
-# against 4.5 ms for the engine alone; docs/benchmarks.md).
+# one interval (with the default, on an H200, a batch's device section took 9.3 ms in the pipeline
+# against 6.9 ms for the ORT engine alone, 8.5 ms at 0.2 ms; docs/benchmarks.md).
 THREADED_SWITCH_INTERVAL_S = 0.0002
 
 
