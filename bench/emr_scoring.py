@@ -276,7 +276,8 @@ def medscreen_pipeline(settings: Settings, fragment_rows: int) -> dict[str, Any]
     elapsed = time.perf_counter() - start
     m = json.loads((run_dir / "metrics.json").read_text())
     return {"records_per_s": m["throughput"]["rows_scored"] / elapsed, "seconds": elapsed,
-            "rows": m["throughput"]["rows_scored"], "metrics": m["throughput"], "qc_passed": m["qc"]["passed"]}
+            "rows": m["throughput"]["rows_scored"], "metrics": m["throughput"], "settings": m["settings"],
+            "qc_passed": m["qc"]["passed"]}
 
 
 def machine() -> dict[str, Any]:
@@ -366,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         eng = engine_only(settings, timelines, args.precision)
         meta = eng.pop("metadata")
         result["engine"] = {"model": model_source, "backend": meta.get("backend"), "graph": meta.get("graph"),
-                            "compile_mode": meta.get("compile_mode"), "shapes": meta.get("shapes"), "gate_passed": (meta.get("gate") or {}).get("passed"),
+                            "compile_mode": meta.get("compile_mode"), "shapes": meta.get("shapes"),
+                            "gate_passed": (meta.get("gate") or {}).get("passed"),
                             "precision": meta.get("precision"), "fingerprint": meta.get("fingerprint"),
                             "providers": eng.pop("providers"), "platform": (meta.get("platform") or {}).get("id")}
         result["engine_only_records_per_s"] = round(eng["records_per_s"], 1)
@@ -380,14 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         # Started here, so the pipeline's own start-up (metrics "startup") shows none of it.
         result["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-        from inference.emr import EMR_ACTORS_PER_GPU, actor_threads
-
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        result["actors"] = {"actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
-                            "actor_threads": actor_threads(settings, gpus),
-                            "num_actors": settings.ray.num_actors}
-
         ours = medscreen_pipeline(settings, args.fragment_rows)
+        # What the run itself recorded (its metrics' settings), not what this script expects it to do.
+        result["actors"] = {k: ours["settings"].get(k) for k in ("actors_per_gpu", "actor_threads")}
         result["records_per_s"] = round(ours["records_per_s"], 1)
         result["pipeline"] = {k: ours["metrics"].get(k) for k in (
             "records_per_s", "device_records_per_s", "padding_efficiency", "batches", "mean_rows_per_batch",

@@ -62,6 +62,7 @@ from lake.runs import new_run_id
 from lake.schemas import HEADS
 
 MODEL = "emr_risk"
+STAGE = "score_emr"
 # Engine actors per GPU unless ray.actors_per_gpu says: one actor running ray.actor_threads calls fed an
 # H200 better than two single-call actors (docs/benchmarks.md, "threaded engine actor").
 EMR_ACTORS_PER_GPU = 1
@@ -74,7 +75,8 @@ EMR_ACTOR_THREADS = {"gpu": 3, "cpu": 1}
 def actor_threads(settings: Settings, gpus: int) -> int:
     """Calls one EMR engine actor runs at once: ``ray.actor_threads``, else :data:`EMR_ACTOR_THREADS`."""
     return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
-STAGE = "score_emr"
+
+
 log = logging.getLogger(__name__)
 
 
@@ -299,11 +301,13 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
 
 
 def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
-                   sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None):
+                   sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None
+                   ) -> tuple[Any, int]:
     """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors → staging.
 
     Returns a ``ray.data.Dataset`` whose rows are the marker records of fragments
-    the actors scored and wrote through ``sink`` (see ScoreActor).
+    the actors scored and wrote through ``sink`` (see ScoreActor), and the calls each
+    actor runs at once (:func:`actor_threads`).
     """
     import ray
 
@@ -330,7 +334,7 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
                                                             "sink": sink, "threads": threads},
                           batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
-                          compute=compute, **resources)
+                          compute=compute, **resources), threads
 
 
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
@@ -375,11 +379,9 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             engine_fingerprint=str(metadata.get("fingerprint")),
                             calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
         t_build = time.perf_counter()
-        ds = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
+        ds, attempt.actor_threads = build_pipeline(pending, settings, source, precision, sink, actor_cls,
+                                                   _vocab_size(metadata))
         attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
-        import ray
-
-        attempt.actor_threads = actor_threads(settings, int(ray.cluster_resources().get("GPU", 0)))
         attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
         attempt.driver.update(marking)
