@@ -48,6 +48,7 @@ from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
 from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS  # noqa: E402
 from preprocessing.eligibility import ENCOUNTER_ID  # noqa: E402
+from reporting import emit, reported  # noqa: E402  (bench/, beside this script)
 
 AS_OF = "2024-06-30"
 # A small labelled partition the engines are gated on before the scoring run (the scored
@@ -338,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                               "machine": machine()}
     import ray
 
-    try:
+    with reported(result, workdir, keep_workdir=args.workdir is not None):
         card, vocab, model_source = prepare_model(workdir, args.model)
         overrides: dict[str, Any] = {"lake.root": str(workdir / "lake"), "models": {"emr_risk": str(card)},
                                      "engines.cache_dir": str(workdir / "engines"),
@@ -403,17 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             result["speedup_vs_baseline"] = round(ours["records_per_s"] / naive["records_per_s"], 2)
             log(f"naive baseline: {naive['records_per_s']:,.0f} records/s")
         result["efficiency"] = round(ours["records_per_s"] / eng["records_per_s"], 4)
-        result["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 — a bench reports what it got, then fails loudly
-        result["status"] = "error"
-        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result, default=str))
-    return 0 if result["status"] == "ok" else 1
+    return emit(result)
 
 
 if __name__ == "__main__":

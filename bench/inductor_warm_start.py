@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -34,6 +33,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from reporting import emit, reported  # noqa: E402  (bench/, beside this script)
 
 
 def pickling_fingerprint() -> dict[str, Any]:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="medscreen-bench-"))
     result: dict[str, Any] = {"bench": "inductor_warm_start", "precision": args.precision}
-    try:
+    with reported(result, workdir, keep_workdir=args.workdir is not None):
         settings = load_settings({"engines.cache_dir": str(workdir / "engines"),
                                   "scoring.token_budget": args.token_budget,
                                   "scoring.length_buckets": [int(b) for b in args.buckets.split(",")]})
@@ -188,17 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             if loaded is not None:
                 result[where]["key_vs_build"] = key_difference(built_keys, loaded)
         result["build"]["keys"] = [k["kind"] for k in built_keys]
-        result["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 — a bench reports what it got, then fails loudly
-        result["status"] = "error"
-        result["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(result, default=str))
-    return 0 if result["status"] == "ok" else 1
+    return emit(result)
 
 
 if __name__ == "__main__":
