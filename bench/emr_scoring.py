@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from conf.settings import CONF_DIR, Settings, load_settings  # noqa: E402
+from inference.fragments import DEFAULT_FRAGMENT_ROWS  # noqa: E402
 from lake.commit import atomic_partition  # noqa: E402
 from lake.paths import LakePaths  # noqa: E402
 from lake.schemas import LABEL_COLUMNS, PREVALENT_COLUMNS, TIMELINES, TIMELINES_WITH_LABELS  # noqa: E402
@@ -307,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small run (8k rows) that finishes in minutes even on 2 CPUs")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
     p.add_argument("--token-budget", type=int, default=None, help="override scoring.token_budget")
-    p.add_argument("--fragment-rows", type=int, default=16_384,
-                   help="rows per fragment (unit of CPU packing, output files and resume)")
+    p.add_argument("--fragment-rows", type=int, default=DEFAULT_FRAGMENT_ROWS,
+                   help="rows per fragment (unit of CPU packing, output files and resume; default the "
+                        f"pipeline's, {DEFAULT_FRAGMENT_ROWS})")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     p.add_argument("--model", default="committed", choices=["committed", "standin"],
@@ -322,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override ray.actors_per_gpu (engine actors sharing each GPU)")
     p.add_argument("--actor-threads", type=int, default=None,
                    help="override ray.actor_threads (calls one engine actor runs at once; the device one at a time)")
+    p.add_argument("--fragment-writers", choices=["actor", "tasks"], default=None,
+                   help="override ray.fragment_writers (who writes a scored fragment: the engine actor or "
+                        "CPU tasks beside it)")
     p.add_argument("--inductor-compile", choices=["per_shape", "dynamic"], default=None,
                    help="override engines.inductor_compile (one compile per scoring shape, or one dynamic compile)")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "scoring.token_budget": args.token_budget, "engines.graph": args.graph,
                                      "engines.backend": args.backend, "ray.actors_per_gpu": args.actors_per_gpu,
                                      "ray.actor_threads": args.actor_threads,
+                                     "ray.fragment_writers": args.fragment_writers,
                                      "engines.inductor_compile": args.inductor_compile}
         if model_source.startswith("bench stand-in"):
             # The stand-in's card has no operating points: the screening list needs thresholds.
@@ -385,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         result["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         ours = medscreen_pipeline(settings, args.fragment_rows)
         # What the run itself recorded (its metrics' settings), not what this script expects it to do.
-        result["actors"] = {k: ours["settings"].get(k) for k in ("actors_per_gpu", "actor_threads")}
+        result["actors"] = {k: ours["settings"].get(k) for k in ("actors_per_gpu", "actor_threads",
+                                                                 "fragment_writers")}
         result["records_per_s"] = round(ours["records_per_s"], 1)
         result["pipeline"] = {k: ours["metrics"].get(k) for k in (
             "records_per_s", "device_records_per_s", "padding_efficiency", "batches", "mean_rows_per_batch",

@@ -59,6 +59,10 @@ class RaySettings(_Section):
     # so an actor's host work overlaps its own kernels. 1: calls run one after another. None:
     # 3 on GPUs, 1 on CPUs (inference.emr.EMR_ACTOR_THREADS; there the calls share the engine's cores).
     actor_threads: int | None = Field(None, ge=1, le=8)
+    # Who writes a scored EMR fragment: the engine actor itself ("actor"), or CPU tasks beside it
+    # ("tasks": the actor hands the scores over through the object store, its process only feeds
+    # the device). None: per device (inference.emr.EMR_FRAGMENT_WRITERS, measured in docs/benchmarks.md).
+    fragment_writers: Literal["actor", "tasks"] | None = None
     # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
     # cluster only the worker nodes that offer them (GPU worker groups) host engines.
     actor_resources: dict[str, float] = Field(default_factory=dict)

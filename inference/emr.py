@@ -7,10 +7,12 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
                           cut by token budget; one row per fragment (its padded batches)
       → ScoreActor        actor pool, one engine per actor (one per GPU, ray.actors_per_gpu overrides;
                           ray.actor_threads calls at once, the device under the actor's lock;
-                          else fractional CPUs); runs infer over a fragment's batches and
-                          writes the fragment's Parquet into run staging itself, after
-                          the model card's calibration (engines.calibration: the one place it
-                          is applied, whatever the backend)
+                          else fractional CPUs); runs infer over a fragment's batches
+      → write_fragments   CPU tasks (ray.fragment_writers: tasks, the GPU default) or the actor
+                          itself (actor, the CPU default): the model card's calibration
+                          (engines.calibration: the one place it is applied, whatever the
+                          backend), the fragment's Parquet into run staging, its screening
+                          candidates and score summary
       → driver            receives one small record per fragment, writes its done marker
       → QC gate           on the merged per-fragment score summaries the actors made
                           (inference.score_stats; FP32 safe mode on a low-precision trip)
@@ -19,8 +21,9 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
 no pandas; it gets big numpy views of batches CPU tasks already padded, and
 Ray prefetches its next blocks while it computes. The driver stays off the
-data path: scored rows go from the actor straight to the staging directory,
-so adding GPUs adds writers instead of queueing every score on one process.
+data path: scored rows go from the actor (through its writer task) straight to
+the staging directory, so adding GPUs adds writers instead of queueing every
+score on one process.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ from inference import metrics as run_metrics
 from inference import qc, report, score_stats, screening
 from engines.source import CachedEngine, EngineSource
 from inference.actors import engine_actor_pool, ray_session
-from inference.emr_actors import ScoreActor, pack_fragments
+from inference.emr_actors import ScoreActor, pack_fragments, write_fragments
 from inference.batching import validate_buckets
 from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, fragment_name,
                                  plan_fragments, spec_dicts)
@@ -77,6 +80,17 @@ def actor_threads(settings: Settings, gpus: int) -> int:
     return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
 
 
+# Who writes scored fragments unless ray.fragment_writers says (inference.emr_actors.write_fragments).
+EMR_FRAGMENT_WRITERS = {"gpu": "tasks", "cpu": "actor"}
+# CPUs a writer task asks for: it compresses and writes one fragment, mostly in Arrow's C++ code.
+WRITER_NUM_CPUS = 0.5
+
+
+def fragment_writers(settings: Settings, gpus: int) -> str:
+    """Where EMR fragments are written: ``ray.fragment_writers``, else :data:`EMR_FRAGMENT_WRITERS`."""
+    return settings.ray.fragment_writers or EMR_FRAGMENT_WRITERS["gpu" if gpus else "cpu"]
+
+
 log = logging.getLogger(__name__)
 
 
@@ -104,8 +118,10 @@ class Attempt:
     qc: dict[str, Any] = field(default_factory=dict)
     # Start-up of this attempt: the driver's engine-metadata load, actor creation and engine loads.
     startup: dict[str, float] = field(default_factory=dict)
-    # Calls each engine actor ran at once (inference.emr.actor_threads); None when nothing was pending.
+    # Calls each engine actor ran at once (inference.emr.actor_threads) and who wrote the fragments
+    # (inference.emr.fragment_writers); None when nothing was pending.
     actor_threads: int | None = None
+    fragment_writers: str | None = None
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
@@ -239,6 +255,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
                      "actor_num_cpus": settings.ray.actor_num_cpus,
                      "actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
                      "actor_threads": chosen.actor_threads or settings.ray.actor_threads,
+                     "fragment_writers": chosen.fragment_writers or settings.ray.fragment_writers,
                      "fragment_rows": fragment_rows},
         "started_at": _iso(started), "finished_at": _iso(time.time()),
     }
@@ -300,14 +317,22 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     return run_dir
 
 
+@dataclass(frozen=True)
+class PipelineShape:
+    """How :func:`build_pipeline` laid the pipeline out (recorded in the run's metrics)."""
+
+    actor_threads: int
+    fragment_writers: str
+
+
 def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
                    sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None
-                   ) -> tuple[Any, int]:
+                   ) -> tuple[Any, PipelineShape]:
     """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors → staging.
 
     Returns a ``ray.data.Dataset`` whose rows are the marker records of fragments
-    the actors scored and wrote through ``sink`` (see ScoreActor), and the calls each
-    actor runs at once (:func:`actor_threads`).
+    scored and written through ``sink`` — by the actors, or by writer tasks after
+    them (:func:`fragment_writers`) — and its :class:`PipelineShape`.
     """
     import ray
 
@@ -325,16 +350,24 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
     # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
     # lock only around infer), so decoding and writing fragments overlap the device.
-    threads = actor_threads(settings, gpus)
+    shape = PipelineShape(actor_threads(settings, gpus), fragment_writers(settings, gpus))
+    threads = shape.actor_threads
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=max(4, 2 * threads),
                                          max_concurrent_calls_per_actor=threads,
                                          enable_true_multi_threading=threads > 1)
     # Each row is one whole fragment. Ray Data insists on an explicit batch_size for
     # GPU stages; one row per call keeps a call = one fragment.
-    return ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
-                                                            "sink": sink, "threads": threads},
-                          batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
-                          compute=compute, **resources), threads
+    in_actor = shape.fragment_writers == "actor"
+    ds = ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
+                                                          "sink": sink if in_actor else None, "threads": threads},
+                        batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
+                        compute=compute, **resources)
+    if not in_actor:
+        # The fragment's Parquet, its screening candidates and score summary are made in a CPU task,
+        # off the process whose Python thread feeds the device.
+        ds = ds.map_batches(write_fragments, fn_kwargs={"sink": sink}, batch_size=None,
+                            batch_format="pyarrow", num_cpus=WRITER_NUM_CPUS)
+    return ds, shape
 
 
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
@@ -379,8 +412,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             engine_fingerprint=str(metadata.get("fingerprint")),
                             calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
         t_build = time.perf_counter()
-        ds, attempt.actor_threads = build_pipeline(pending, settings, source, precision, sink, actor_cls,
-                                                   _vocab_size(metadata))
+        ds, shape = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
+        attempt.actor_threads, attempt.fragment_writers = shape.actor_threads, shape.fragment_writers
         attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
         attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)

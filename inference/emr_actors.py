@@ -1,19 +1,23 @@
-"""The EMR scoring pipeline's two callables: a CPU packer and the engine actor.
+"""The EMR scoring pipeline's callables: a CPU packer, the engine actor and a CPU fragment writer.
 
 ``pack_fragments`` runs as plain Ray tasks (CPU): read one fragment of the
 timelines partition, validate, length-sort, pad into token-budget batches,
 and ship them as one row per fragment. ``ScoreActor`` holds one engine for its
 whole life (the shared lifecycle of :class:`inference.actors.EngineActor`);
-``__call__`` feeds a fragment's pre-padded arrays to ``infer`` and writes the
-fragment's scores itself (:class:`inference.fragments.FragmentSink`),
-returning only a small marker record: the scored rows never pass through the
-driver. The pipeline builder in :mod:`inference.emr` wires them into Ray Data.
+``__call__`` feeds a fragment's pre-padded arrays to ``infer``. Where the
+fragment is written depends on ``ray.fragment_writers``: by the actor itself
+(:class:`inference.fragments.FragmentSink`), returning only a small marker
+record, or by ``write_fragments`` CPU tasks beside it, to which the actor
+hands the fragment's scores (:class:`ScoredFragment`) so that its process does
+nothing but feed the device. Either way the scored rows never pass through
+the driver. The pipeline builder in :mod:`inference.emr` wires them into Ray Data.
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -90,19 +94,120 @@ def eligibility_facts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 MARKER_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_out", pa.int64()),
                            ("engine_fingerprint", pa.string()), ("record", pa.string())])
+# What an actor hands a writer task per fragment (ray.fragment_writers: tasks): the scored rows and
+# the quarantine as Arrow IPC streams, and the record (per-batch timings, the actor) as JSON.
+SCORED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()),
+                           ("engine_fingerprint", pa.string()), ("scored", pa.large_binary()),
+                           ("quarantine", pa.large_binary()), ("record", pa.string())])
+
+
+@dataclass
+class ScoredFragment:
+    """One fragment after the engine, before it is written: what :meth:`FragmentSink.write` takes."""
+
+    fragment: int
+    rows_in: int
+    keys: np.ndarray  # numpy S (UTF-8 bytes), one per scored row
+    probs: np.ndarray  # [rows, heads] float32, the engine's raw outputs
+    quarantine_keys: np.ndarray
+    quarantine_reasons: np.ndarray
+    batches: list[dict[str, Any]]
+    # Per scored row: age (float32), encounters (int32, -1 unknown), prevalence bits (uint8).
+    facts: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    def write(self, sink: FragmentSink) -> dict[str, Any]:
+        """Write through ``sink``; return the fragment's marker record."""
+        return sink.write(self.fragment, self.rows_in, self.keys, self.probs, self.quarantine_keys,
+                          self.quarantine_reasons, self.batches, self.facts)
+
+    def to_row(self, fingerprint: str, actor: dict[str, Any]) -> dict[str, Any]:
+        """One row of :data:`SCORED_SCHEMA` (buffers, no per-row Python)."""
+        age, encounters, prevalent = self.facts
+        scored = pa.table({"key": _fixed_binary(self.keys),
+                           **{f"p{j}": pa.array(self.probs[:, j]) for j in range(self.probs.shape[1])},
+                           "age_years": pa.array(age), "encounters": pa.array(encounters),
+                           "prevalent": pa.array(prevalent)})
+        quarantine = pa.table({"key": _fixed_binary(self.quarantine_keys),
+                               "reason": _fixed_binary(self.quarantine_reasons)})
+        return {"fragment": self.fragment, "rows_in": self.rows_in, "engine_fingerprint": fingerprint,
+                "scored": _ipc(scored), "quarantine": _ipc(quarantine),
+                "record": json.dumps({"batches": self.batches, "actor": actor})}
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> tuple["ScoredFragment", dict[str, Any]]:
+        """The fragment and its actor's description back from one :data:`SCORED_SCHEMA` row."""
+        scored = pa.ipc.open_stream(row["scored"]).read_all().combine_chunks()
+        quarantine = pa.ipc.open_stream(row["quarantine"]).read_all().combine_chunks()
+        heads = sorted(c for c in scored.column_names if c.startswith("p") and c[1:].isdigit())
+        probs = np.stack([scored.column(c).to_numpy() for c in heads], axis=1) if heads \
+            else np.zeros((scored.num_rows, 0), np.float32)
+        record = json.loads(row["record"])
+        fragment = cls(int(row["fragment"]), int(row["rows_in"]), _numpy_bytes(scored.column("key")),
+                       probs.astype(np.float32, copy=False), _numpy_bytes(quarantine.column("key")),
+                       _numpy_bytes(quarantine.column("reason")), record["batches"],
+                       (scored.column("age_years").to_numpy(), scored.column("encounters").to_numpy(),
+                        scored.column("prevalent").to_numpy()))
+        return fragment, record["actor"]
+
+
+def _fixed_binary(values: np.ndarray) -> pa.Array:
+    """numpy S as Arrow fixed-size binary over the same bytes (no decode, no per-row objects)."""
+    values = np.ascontiguousarray(values)
+    width = max(values.dtype.itemsize, 1)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values),
+                                                [None, pa.py_buffer(values.astype(f"S{width}").view(np.uint8))])
+
+
+def _numpy_bytes(column: pa.ChunkedArray) -> np.ndarray:
+    """The inverse of :func:`_fixed_binary`: numpy S of the column's width, viewing its data buffer."""
+    width = column.type.byte_width
+    if len(column) == 0:
+        return np.zeros(0, f"S{width}")
+    arr = column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)
+    return np.frombuffer(arr.buffers()[1], dtype=f"S{width}", count=len(arr), offset=arr.offset * width)
+
+
+def _ipc(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def _rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows as a table of ``schema``; binary columns from their Arrow buffers without copies to Python."""
+    return pa.table({f.name: binary_column([r[f.name] for r in rows]) if f.type == pa.large_binary()
+                     else pa.array([r[f.name] for r in rows], f.type) for f in schema}, schema=schema)
+
+
+def write_fragments(block: pa.Table, sink: FragmentSink) -> pa.Table:
+    """Ray Data batch fn (CPU task, ``ray.fragment_writers: tasks``): rows of :data:`SCORED_SCHEMA`
+    in, their fragments written through ``sink``, one :data:`MARKER_SCHEMA` row each out."""
+    rows = []
+    for i in range(block.num_rows):
+        row = {name: (block.column(name)[i].as_buffer() if block.schema.field(name).type == pa.large_binary()
+                      else block.column(name)[i].as_py()) for name in block.column_names}
+        fragment, actor = ScoredFragment.from_row(row)
+        record = fragment.write(sink)
+        record["actor"] = actor
+        rows.append({"fragment": fragment.fragment, "rows_out": record["rows_out"],
+                     "engine_fingerprint": row["engine_fingerprint"], "record": json.dumps(record)})
+    return _rows_table(rows, MARKER_SCHEMA)
 
 
 class ScoreActor(EngineActor):
     """Holds one activated engine (:class:`inference.actors.EngineActor`); ``__call__`` scores whole
-    fragments and writes them.
+    fragments.
 
-    Each input row is one fragment (:func:`pack_fragments`); each output row is
-    that fragment's marker record (rows, quarantine counts, per-batch timings
-    split into host decode and device ``infer`` time), as JSON, beside the
-    engine fingerprint the driver checks.
+    Each input row is one fragment (:func:`pack_fragments`). With a ``sink`` the
+    actor writes the fragment and each output row is its marker record (rows,
+    quarantine counts, per-batch timings split into host decode and device
+    ``infer`` time), as JSON, beside the engine fingerprint the driver checks
+    (:data:`MARKER_SCHEMA`). Without one, each output row is the scored fragment
+    for a :func:`write_fragments` task (:data:`SCORED_SCHEMA`).
     """
 
-    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink, threads: int = 1):
+    def __init__(self, source: EngineSource, precision: str, sink: FragmentSink | None, threads: int = 1):
         super().__init__(source, precision)
         self.sink = sink
         if threads > 1:
@@ -111,18 +216,24 @@ class ScoreActor(EngineActor):
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.calls += 1
-        out: dict[str, list] = {name: [] for name in MARKER_SCHEMA.names}
+        rows = []
         for i in range(block.num_rows):
-            frag = int(block.column("fragment")[i].as_py())
-            record = self._score_fragment(frag, int(block.column("rows_in")[i].as_py()),
+            scored = self._score_fragment(int(block.column("fragment")[i].as_py()),
+                                          int(block.column("rows_in")[i].as_py()),
                                           block.column("batches")[i].as_buffer())
-            out["fragment"].append(frag)
-            out["rows_out"].append(record["rows_out"])
-            out["engine_fingerprint"].append(self.fingerprint)
-            out["record"].append(json.dumps(record))
-        return pa.table(out, schema=MARKER_SCHEMA)
+            actor = {"id": self.actor_id, "incarnation": self.incarnation, "engine_load_s": self.engine_load_s,
+                     "ready_at": self.ready_at, "init_started_at": self.init_started_at,
+                     "engine_load": self.engine_load}
+            if self.sink is None:
+                rows.append(scored.to_row(self.fingerprint, actor))
+                continue
+            record = scored.write(self.sink)
+            record["actor"] = actor
+            rows.append({"fragment": scored.fragment, "rows_out": record["rows_out"],
+                         "engine_fingerprint": self.fingerprint, "record": json.dumps(record)})
+        return _rows_table(rows, MARKER_SCHEMA if self.sink is not None else SCORED_SCHEMA)
 
-    def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> dict[str, Any]:
+    def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> ScoredFragment:
         table = pa.ipc.open_stream(packed).read_all()
         keys, probs, qkeys, qreasons, records, encounters, prevalent, ages = [], [], [], [], [], [], [], []
         batches = iter_batches(table)
@@ -163,11 +274,5 @@ class ScoreActor(EngineActor):
 
         facts = (cat(ages, np.zeros(0, np.float32)), cat(encounters, np.zeros(0, np.int32)),
                  cat(prevalent, np.zeros(0, np.uint8)))
-        record = self.sink.write(frag, rows_in, cat(keys, np.zeros(0, "S1")),
-                                 cat(probs, np.zeros((0, 3), np.float32)),
-                                 cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records,
-                                 facts)
-        record["actor"] = {"id": self.actor_id, "incarnation": self.incarnation,
-                           "engine_load_s": self.engine_load_s, "ready_at": self.ready_at,
-                           "init_started_at": self.init_started_at, "engine_load": self.engine_load}
-        return record
+        return ScoredFragment(frag, rows_in, cat(keys, np.zeros(0, "S1")), cat(probs, np.zeros((0, 3), np.float32)),
+                              cat(qkeys, np.zeros(0, "S1")), cat(qreasons, np.zeros(0, "S1")), records, facts)

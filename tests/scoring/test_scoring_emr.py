@@ -175,6 +175,34 @@ def test_a_threaded_actor_overlaps_its_calls_and_runs_the_engine_one_call_at_a_t
     _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], table))
 
 
+def test_writer_tasks_write_what_the_actor_would_have_written(scoring_settings, scoring_models):
+    """ray.fragment_writers: tasks (the GPU default) hands each scored fragment to a CPU task that writes
+    it: the same scores, quarantine, screening list and balanced ledgers as the actor writing itself,
+    with the writer's timings and the actor's start-up still in every fragment's record."""
+    table = random_timelines(N, seed=13, bad_rows=True)
+    runs = {}
+    for writers in ("actor", "tasks"):
+        settings = scoring_settings(**{"ray.fragment_writers": writers, "scoring.screening_top_k": 10})
+        commit_timelines(settings.lake.root, AS_OF, table)
+        run_dir = emr.score(settings, AS_OF, fragment_rows=64)
+        lake = LakePaths(settings.lake.root)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert m["settings"]["fragment_writers"] == writers
+        assert m["throughput"]["driver"]["actor_write_s"] > 0 and m["throughput"]["startup"]["actors"] >= 1
+        ledger = json.loads((run_dir / "ledger.json").read_text())
+        assert ledger["balanced"] and ledger["stages"]["screening"]["balanced"]
+        runs[writers] = {"scores": _scores(settings).drop_columns(["run_id"]),
+                         "quarantine": pq.read_table(run_dir / "quarantine.parquet").sort_by("patient_key"),
+                         "screening": pq.read_table(lake.screening(AS_OF) / "part-00000.parquet").drop_columns(["run_id"]),
+                         "ledger": ledger["stages"]["score_emr"]}
+    assert runs["tasks"]["scores"].num_rows == N - 4
+    _assert_matches_engine_alone(runs["tasks"]["scores"], reference_scores(
+        scoring_models["good"], table.filter(pa.compute.is_in(table.column("patient_key"),
+                                                               runs["tasks"]["scores"].column("patient_key")))))
+    for part in ("scores", "quarantine", "screening", "ledger"):
+        assert runs["tasks"][part] == runs["actor"][part], part
+
+
 def test_scoring_survives_an_actor_killed_mid_run(timelines, scoring_models, tmp_path):
     settings, table = timelines
     marker = tmp_path / "crashed"
