@@ -359,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
             overrides["scoring.screening_thresholds"] = {"t2d": 0.5, "ckd": 0.5, "hf": 0.5}
         settings = load_settings(overrides)
         from engines import cache
+        from engines.hardware import gpu_info
+
+        # The token budget the pipeline resolves for a cluster with (or without) GPUs, so the engine
+        # alone runs the same batches (inference.emr.on_cluster_devices).
+        settings = settings.model_copy(update={"scoring": settings.scoring.on_device(gpu_info() is not None)})
+        result["token_budget"] = settings.scoring.token_budget
 
         log(f"engine: {model_source}; gating lake of {GATE_ROWS} labelled timelines")
         with cache.reference_runner(settings) as reference:

@@ -184,8 +184,16 @@ DEFAULT_ELIGIBILITY: dict[str, dict[str, Any]] = {
 }
 
 
+# scoring.token_budget when unset, per device: on an H200 the EMR pipeline ran 196 k records/s at
+# 262 144 against 171 k at 65 536 (same call; docs/benchmarks.md, "writer tasks"); on CPUs a batch's
+# padded tokens are its memory, and 65 536 is what the CPU runs were measured with.
+DEFAULT_TOKEN_BUDGET = {"gpu": 262_144, "cpu": 65_536}
+
+
 class ScoringSettings(_Section):
-    token_budget: int = Field(65536, ge=256)
+    # Padded tokens per batch (rows × bucket length). None: DEFAULT_TOKEN_BUDGET for the device
+    # the engines run on (token_budget_for).
+    token_budget: int | None = Field(None, ge=256)
     length_buckets: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
     # Per-head thresholds that OVERRIDE the model card's operating points (empty: the card's,
     # chosen on validation data by a stated rule). An override is recorded in the list's manifest.
@@ -198,6 +206,14 @@ class ScoringSettings(_Section):
     screening_exclude_prevalent: bool = True
     prometheus_port: int | None = None
     qc: QCSettings = Field(default_factory=QCSettings)
+
+    def token_budget_for(self, gpu: bool) -> int:
+        """The token budget scoring uses where engines run on a GPU (``gpu``) or on CPUs."""
+        return self.token_budget or DEFAULT_TOKEN_BUDGET["gpu" if gpu else "cpu"]
+
+    def on_device(self, gpu: bool) -> "ScoringSettings":
+        """These settings with the token budget resolved for the device (:meth:`token_budget_for`)."""
+        return self.model_copy(update={"token_budget": self.token_budget_for(gpu)})
 
 
 class CTQCSettings(_Section):

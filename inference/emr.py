@@ -80,6 +80,17 @@ def actor_threads(settings: Settings, gpus: int) -> int:
     return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
 
 
+def on_cluster_devices(settings: Settings) -> Settings:
+    """``settings`` with what depends on the Ray cluster's devices resolved: the token budget
+    (``scoring.token_budget``, else conf.settings.DEFAULT_TOKEN_BUDGET for GPUs where the cluster has
+    any). Everything after it — the staging plan, the packers, the engine source, the metrics — reads
+    the one value."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    return settings.model_copy(update={"scoring": settings.scoring.on_device(gpus > 0)})
+
+
 # Who writes scored fragments unless ray.fragment_writers says (inference.emr_actors.write_fragments).
 EMR_FRAGMENT_WRITERS = {"gpu": "tasks", "cpu": "actor"}
 # CPUs a writer task asks for: it compresses and writes one fragment, mostly in Arrow's C++ code.
@@ -181,9 +192,9 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     in_manifest = read_manifest(timelines)  # the one read of the timelines manifest in this run
     key_fp = stage_key_fingerprint(settings.pseudonym, lake.root,
                                    {f"emr/timelines/as_of={as_of} version {timelines.name}": in_manifest})
-    validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget)
+    for gpu in (False, True):  # before Ray starts: whichever device the engines turn out to run on
+        validate_buckets(settings.scoring.length_buckets, settings.scoring.token_budget_for(gpu))
     run_dir = lake.run(run_id)
-    source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
     calibration = from_card(load_card(settings, MODEL, verify=False))
     if calibration is None:
         log.warning("model card %s has no calibration: scores are the engine's raw outputs, and the "
@@ -206,6 +217,8 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         t_ray = time.perf_counter()
         with ray_session(settings):
             startup["ray_init_s"] = round(time.perf_counter() - t_ray, 3)
+            settings = on_cluster_devices(settings)
+            source = engine_source or CachedEngine(settings, MODEL, settings.engines.backend, force_ungated)
             attempts = [_attempt(settings, source, settings.engines.precision, specs, in_manifest, timelines,
                                  final, run_id, actor_cls, on_fragment_done, calibration,
                                  as_of=as_of, reference=reference, criteria=criteria)]

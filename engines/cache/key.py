@@ -249,13 +249,15 @@ def _resolve_inductor(settings: Settings, model: str, precision: str, card: dict
 
     module, version = backend_identity("inductor")
     mode = settings.engines.inductor_compile
+    platform = hardware.platform_for("inductor")
     components: dict[str, Any] = {
         "model": model, "onnx_sha256": card["onnx"]["sha256"], "backend": "inductor",
         "backend_module": module, "backend_version": version, "compile_recipe": COMPILE_RECIPES[mode],
         "compile_mode": mode,
-        "platform": hardware.platform_for("inductor")["id"], "precision": precision,
+        "platform": platform["id"], "precision": precision,
         "weights_sha256": (card.get("torch") or {}).get("sha256"),
-        "shapes": {"token_budget": settings.scoring.token_budget,
+        # The shapes scoring forms where this plan runs (its platform's token budget).
+        "shapes": {"token_budget": settings.scoring.token_budget_for(platform["kind"] == "gpu"),
                    "length_buckets": sorted(set(int(b) for b in settings.scoring.length_buckets))}}
     key = cache_key(components)
     path = settings.engine_cache_dir / model / f"inductor-{precision}-{key[:16]}.pt2"

@@ -16,6 +16,15 @@ def test_defaults_load():
     assert s.inputs.emr_format == "fhir"
 
 
+def test_token_budget_unset_is_the_devices_and_a_set_one_wins_everywhere():
+    unset = load_settings().scoring
+    assert unset.token_budget is None
+    assert (unset.token_budget_for(gpu=True), unset.token_budget_for(gpu=False)) == (262_144, 65_536)
+    assert unset.on_device(True).token_budget == 262_144 and unset.on_device(False).token_budget == 65_536
+    chosen = load_settings({"scoring.token_budget": 32_768}).scoring
+    assert chosen.token_budget_for(gpu=True) == chosen.token_budget_for(gpu=False) == 32_768
+
+
 def test_env_overrides_yaml_and_flags_override_env(monkeypatch):
     monkeypatch.setenv("MEDSCREEN_LAKE__ROOT", "/data/lake-from-env")
     monkeypatch.setenv("MEDSCREEN_FEATURES__LOOKBACK_DAYS", "30")

@@ -13,6 +13,7 @@ import pytest
 
 from conf.settings import Settings
 from inference import emr
+from inference.batching import pack_fragment
 from engines.source import CachedEngine
 from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
@@ -201,6 +202,22 @@ def test_writer_tasks_write_what_the_actor_would_have_written(scoring_settings, 
                                                                runs["tasks"]["scores"].column("patient_key")))))
     for part in ("scores", "quarantine", "screening", "ledger"):
         assert runs["tasks"][part] == runs["actor"][part], part
+
+
+def test_an_unset_token_budget_is_resolved_once_for_the_clusters_devices(scoring_settings):
+    """scoring.token_budget unset on a Ray cluster without GPUs: 65 536, in the batches the packers cut
+    and in what the run records (with GPUs it would be 262 144: conf.settings.DEFAULT_TOKEN_BUDGET)."""
+    settings = scoring_settings(**{"scoring.token_budget": None})
+    assert settings.scoring.token_budget is None
+    table = random_timelines(N, seed=14)
+    commit_timelines(settings.lake.root, AS_OF, table, files=1)
+    run_dir = emr.score(settings, AS_OF, fragment_rows=N)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["settings"]["token_budget"] == 65_536 and m["throughput"]["fragments"] == 1
+    # The packers cut the batches the resolved budget makes (the fixture's 2 048 would make many more).
+    buckets = settings.scoring.length_buckets
+    assert m["throughput"]["batches"] == len([b for b in pack_fragment(table, 0, buckets, 65_536) if b.n_rows]) \
+        < len([b for b in pack_fragment(table, 0, buckets, 2_048) if b.n_rows])
 
 
 def test_scoring_survives_an_actor_killed_mid_run(timelines, scoring_models, tmp_path):
