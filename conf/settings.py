@@ -61,8 +61,9 @@ class RaySettings(_Section):
     actor_threads: int | None = Field(None, ge=1, le=8)
     # Who writes a scored EMR fragment: the engine actor itself ("actor"), or CPU tasks beside it
     # ("tasks": the actor hands the scores over through the object store, its process only feeds
-    # the device). None: per device (inference.emr.EMR_FRAGMENT_WRITERS, measured in docs/benchmarks.md).
-    fragment_writers: Literal["actor", "tasks"] | None = None
+    # the device). On an H200 the two ran alike (interleaved runs, docs/benchmarks.md, "writer
+    # tasks"), so the default keeps the pipeline one stage shorter.
+    fragment_writers: Literal["actor", "tasks"] = "actor"
     # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
     # cluster only the worker nodes that offer them (GPU worker groups) host engines.
     actor_resources: dict[str, float] = Field(default_factory=dict)

@@ -8,8 +8,8 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
       → ScoreActor        actor pool, one engine per actor (one per GPU, ray.actors_per_gpu overrides;
                           ray.actor_threads calls at once, the device under the actor's lock;
                           else fractional CPUs); runs infer over a fragment's batches
-      → write_fragments   CPU tasks (ray.fragment_writers: tasks, the GPU default) or the actor
-                          itself (actor, the CPU default): the model card's calibration
+      → write_fragments   the actor itself (ray.fragment_writers: actor, the default) or CPU
+                          tasks beside it (tasks): the model card's calibration
                           (engines.calibration: the one place it is applied, whatever the
                           backend), the fragment's Parquet into run staging, its screening
                           candidates and score summary
@@ -21,8 +21,8 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
 no pandas; it gets big numpy views of batches CPU tasks already padded, and
 Ray prefetches its next blocks while it computes. The driver stays off the
-data path: scored rows go from the actor (through its writer task) straight to
-the staging directory, so adding GPUs adds writers instead of queueing every
+data path: scored rows go from the actor (or a writer task beside it) straight
+to the staging directory, so adding GPUs adds writers instead of queueing every
 score on one process.
 """
 from __future__ import annotations
@@ -91,15 +91,9 @@ def on_cluster_devices(settings: Settings) -> Settings:
     return settings.model_copy(update={"scoring": settings.scoring.on_device(gpus > 0)})
 
 
-# Who writes scored fragments unless ray.fragment_writers says (inference.emr_actors.write_fragments).
-EMR_FRAGMENT_WRITERS = {"gpu": "tasks", "cpu": "actor"}
-# CPUs a writer task asks for: it compresses and writes one fragment, mostly in Arrow's C++ code.
+# CPUs a writer task asks for (ray.fragment_writers: tasks): it compresses and writes one fragment,
+# mostly in Arrow's C++ code.
 WRITER_NUM_CPUS = 0.5
-
-
-def fragment_writers(settings: Settings, gpus: int) -> str:
-    """Where EMR fragments are written: ``ray.fragment_writers``, else :data:`EMR_FRAGMENT_WRITERS`."""
-    return settings.ray.fragment_writers or EMR_FRAGMENT_WRITERS["gpu" if gpus else "cpu"]
 
 
 log = logging.getLogger(__name__)
@@ -129,10 +123,8 @@ class Attempt:
     qc: dict[str, Any] = field(default_factory=dict)
     # Start-up of this attempt: the driver's engine-metadata load, actor creation and engine loads.
     startup: dict[str, float] = field(default_factory=dict)
-    # Calls each engine actor ran at once (inference.emr.actor_threads) and who wrote the fragments
-    # (inference.emr.fragment_writers); None when nothing was pending.
+    # Calls each engine actor ran at once (inference.emr.actor_threads); None when nothing was pending.
     actor_threads: int | None = None
-    fragment_writers: str | None = None
 
 
 def score(settings: Settings, as_of: str, force_ungated: bool = False, run_id: str | None = None, *,
@@ -268,7 +260,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
                      "actor_num_cpus": settings.ray.actor_num_cpus,
                      "actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
                      "actor_threads": chosen.actor_threads or settings.ray.actor_threads,
-                     "fragment_writers": chosen.fragment_writers or settings.ray.fragment_writers,
+                     "fragment_writers": settings.ray.fragment_writers,
                      "fragment_rows": fragment_rows},
         "started_at": _iso(started), "finished_at": _iso(time.time()),
     }
@@ -330,22 +322,15 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     return run_dir
 
 
-@dataclass(frozen=True)
-class PipelineShape:
-    """How :func:`build_pipeline` laid the pipeline out (recorded in the run's metrics)."""
-
-    actor_threads: int
-    fragment_writers: str
-
-
 def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
                    sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None
-                   ) -> tuple[Any, PipelineShape]:
+                   ) -> tuple[Any, int]:
     """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors → staging.
 
     Returns a ``ray.data.Dataset`` whose rows are the marker records of fragments
     scored and written through ``sink`` — by the actors, or by writer tasks after
-    them (:func:`fragment_writers`) — and its :class:`PipelineShape`.
+    them (``ray.fragment_writers``) — and the calls each actor runs at once
+    (:func:`actor_threads`).
     """
     import ray
 
@@ -363,14 +348,13 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
     # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
     # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
     # lock only around infer), so decoding and writing fragments overlap the device.
-    shape = PipelineShape(actor_threads(settings, gpus), fragment_writers(settings, gpus))
-    threads = shape.actor_threads
+    threads = actor_threads(settings, gpus)
     compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=max(4, 2 * threads),
                                          max_concurrent_calls_per_actor=threads,
                                          enable_true_multi_threading=threads > 1)
     # Each row is one whole fragment. Ray Data insists on an explicit batch_size for
     # GPU stages; one row per call keeps a call = one fragment.
-    in_actor = shape.fragment_writers == "actor"
+    in_actor = settings.ray.fragment_writers == "actor"
     ds = ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
                                                           "sink": sink if in_actor else None, "threads": threads},
                         batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
@@ -380,7 +364,7 @@ def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: En
         # off the process whose Python thread feeds the device.
         ds = ds.map_batches(write_fragments, fn_kwargs={"sink": sink}, batch_size=None,
                             batch_format="pyarrow", num_cpus=WRITER_NUM_CPUS)
-    return ds, shape
+    return ds, threads
 
 
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
@@ -425,8 +409,8 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             engine_fingerprint=str(metadata.get("fingerprint")),
                             calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
         t_build = time.perf_counter()
-        ds, shape = build_pipeline(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata))
-        attempt.actor_threads, attempt.fragment_writers = shape.actor_threads, shape.fragment_writers
+        ds, attempt.actor_threads = build_pipeline(pending, settings, source, precision, sink, actor_cls,
+                                                   _vocab_size(metadata))
         attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
         attempt.rows_this_attempt, marking = _mark_fragments(
             ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)

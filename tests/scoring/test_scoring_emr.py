@@ -177,7 +177,7 @@ def test_a_threaded_actor_overlaps_its_calls_and_runs_the_engine_one_call_at_a_t
 
 
 def test_writer_tasks_write_what_the_actor_would_have_written(scoring_settings, scoring_models):
-    """ray.fragment_writers: tasks (the GPU default) hands each scored fragment to a CPU task that writes
+    """ray.fragment_writers: tasks hands each scored fragment to a CPU task that writes
     it: the same scores, quarantine, screening list and balanced ledgers as the actor writing itself,
     with the writer's timings and the actor's start-up still in every fragment's record."""
     table = random_timelines(N, seed=13, bad_rows=True)
