@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The token budget the pipeline resolves for a cluster with (or without) GPUs, so the engine
         # alone runs the same batches (inference.emr.on_cluster_devices).
-        settings = settings.model_copy(update={"scoring": settings.scoring.on_device(gpu_info() is not None)})
+        settings = settings.on_device(gpu_info() is not None)
         result["token_budget"] = settings.scoring.token_budget
 
         log(f"engine: {model_source}; gating lake of {GATE_ROWS} labelled timelines")

@@ -212,9 +212,6 @@ class ScoringSettings(_Section):
         """The token budget scoring uses where engines run on a GPU (``gpu``) or on CPUs."""
         return self.token_budget or DEFAULT_TOKEN_BUDGET["gpu" if gpu else "cpu"]
 
-    def on_device(self, gpu: bool) -> "ScoringSettings":
-        """These settings with the token budget resolved for the device (:meth:`token_budget_for`)."""
-        return self.model_copy(update={"token_budget": self.token_budget_for(gpu)})
 
 
 class CTQCSettings(_Section):
@@ -304,6 +301,12 @@ class Settings(BaseSettings):
     @property
     def engine_cache_dir(self) -> Path:
         return self.engines.cache_dir or (self.lake.root / "engines")
+
+    def on_device(self, gpu: bool) -> "Settings":
+        """These settings with what depends on the engines' device resolved: the token budget
+        (:meth:`ScoringSettings.token_budget_for`)."""
+        scoring = self.scoring.model_copy(update={"token_budget": self.scoring.token_budget_for(gpu)})
+        return self.model_copy(update={"scoring": scoring})
 
 
 class _YamlSource(PydanticBaseSettingsSource):

@@ -88,7 +88,7 @@ def on_cluster_devices(settings: Settings) -> Settings:
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    return settings.model_copy(update={"scoring": settings.scoring.on_device(gpus > 0)})
+    return settings.on_device(gpus > 0)
 
 
 # CPUs a writer task asks for (ray.fragment_writers: tasks): it compresses and writes one fragment,

@@ -64,13 +64,10 @@ def pack_fragments(ids: pa.Table, specs: list[dict[str, Any]], length_buckets: l
         table = table.slice(0, int(row["num_rows"]))
         batches = batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
                                                  token_budget, vocab_size, facts=eligibility_facts(table)))
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, batches.schema) as writer:
-            writer.write_table(batches)
         rows["fragment"].append(int(row["fragment"]))
         rows["rows_in"].append(int(row["num_rows"]))
         rows["n_batches"].append(batches.num_rows)
-        rows["batches"].append(sink.getvalue())
+        rows["batches"].append(_ipc(batches))
     return pa.table({**{k: pa.array(v, PACKED_SCHEMA.field(k).type) for k, v in rows.items() if k != "batches"},
                      "batches": binary_column(rows["batches"])}, schema=PACKED_SCHEMA)
 
@@ -152,10 +149,9 @@ class ScoredFragment:
 
 def _fixed_binary(values: np.ndarray) -> pa.Array:
     """numpy S as Arrow fixed-size binary over the same bytes (no decode, no per-row objects)."""
-    values = np.ascontiguousarray(values)
     width = max(values.dtype.itemsize, 1)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values),
-                                                [None, pa.py_buffer(values.astype(f"S{width}").view(np.uint8))])
+    data = np.ascontiguousarray(values.astype(f"S{width}", copy=False)).view(np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(values), [None, pa.py_buffer(data)])
 
 
 def _numpy_bytes(column: pa.ChunkedArray) -> np.ndarray:
@@ -168,6 +164,7 @@ def _numpy_bytes(column: pa.ChunkedArray) -> np.ndarray:
 
 
 def _ipc(table: pa.Table) -> pa.Buffer:
+    """``table`` as one Arrow IPC stream (how a fragment travels between pipeline stages)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -188,11 +185,17 @@ def write_fragments(block: pa.Table, sink: FragmentSink) -> pa.Table:
         row = {name: (block.column(name)[i].as_buffer() if block.schema.field(name).type == pa.large_binary()
                       else block.column(name)[i].as_py()) for name in block.column_names}
         fragment, actor = ScoredFragment.from_row(row)
-        record = fragment.write(sink)
-        record["actor"] = actor
-        rows.append({"fragment": fragment.fragment, "rows_out": record["rows_out"],
-                     "engine_fingerprint": row["engine_fingerprint"], "record": json.dumps(record)})
+        rows.append(_marker(fragment, sink, row["engine_fingerprint"], actor))
     return _rows_table(rows, MARKER_SCHEMA)
+
+
+def _marker(fragment: ScoredFragment, sink: FragmentSink, fingerprint: str, actor: dict[str, Any]
+            ) -> dict[str, Any]:
+    """Write ``fragment`` through ``sink``; its :data:`MARKER_SCHEMA` row, the record naming the actor."""
+    record = fragment.write(sink)
+    record["actor"] = actor
+    return {"fragment": fragment.fragment, "rows_out": record["rows_out"], "engine_fingerprint": fingerprint,
+            "record": json.dumps(record)}
 
 
 class ScoreActor(EngineActor):
@@ -216,21 +219,15 @@ class ScoreActor(EngineActor):
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.calls += 1
+        actor = {"id": self.actor_id, "incarnation": self.incarnation, "engine_load_s": self.engine_load_s,
+                 "ready_at": self.ready_at, "init_started_at": self.init_started_at, "engine_load": self.engine_load}
         rows = []
         for i in range(block.num_rows):
             scored = self._score_fragment(int(block.column("fragment")[i].as_py()),
                                           int(block.column("rows_in")[i].as_py()),
                                           block.column("batches")[i].as_buffer())
-            actor = {"id": self.actor_id, "incarnation": self.incarnation, "engine_load_s": self.engine_load_s,
-                     "ready_at": self.ready_at, "init_started_at": self.init_started_at,
-                     "engine_load": self.engine_load}
-            if self.sink is None:
-                rows.append(scored.to_row(self.fingerprint, actor))
-                continue
-            record = scored.write(self.sink)
-            record["actor"] = actor
-            rows.append({"fragment": scored.fragment, "rows_out": record["rows_out"],
-                         "engine_fingerprint": self.fingerprint, "record": json.dumps(record)})
+            rows.append(scored.to_row(self.fingerprint, actor) if self.sink is None
+                        else _marker(scored, self.sink, self.fingerprint, actor))
         return _rows_table(rows, MARKER_SCHEMA if self.sink is not None else SCORED_SCHEMA)
 
     def _score_fragment(self, frag: int, rows_in: int, packed: pa.Buffer) -> ScoredFragment:

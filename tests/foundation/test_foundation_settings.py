@@ -17,12 +17,13 @@ def test_defaults_load():
 
 
 def test_token_budget_unset_is_the_devices_and_a_set_one_wins_everywhere():
-    unset = load_settings().scoring
-    assert unset.token_budget is None
-    assert (unset.token_budget_for(gpu=True), unset.token_budget_for(gpu=False)) == (262_144, 65_536)
-    assert unset.on_device(True).token_budget == 262_144 and unset.on_device(False).token_budget == 65_536
-    chosen = load_settings({"scoring.token_budget": 32_768}).scoring
-    assert chosen.token_budget_for(gpu=True) == chosen.token_budget_for(gpu=False) == 32_768
+    unset = load_settings()
+    assert unset.scoring.token_budget is None
+    assert (unset.scoring.token_budget_for(gpu=True), unset.scoring.token_budget_for(gpu=False)) == (262_144, 65_536)
+    assert unset.on_device(True).scoring.token_budget == 262_144
+    assert unset.on_device(False).scoring.token_budget == 65_536
+    chosen = load_settings({"scoring.token_budget": 32_768})
+    assert chosen.on_device(True).scoring.token_budget == chosen.on_device(False).scoring.token_budget == 32_768
 
 
 def test_env_overrides_yaml_and_flags_override_env(monkeypatch):
