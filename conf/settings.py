@@ -54,10 +54,10 @@ class RaySettings(_Section):
     # overlaps host and device work in threads, see actor_threads; CT 2: while one actor
     # stitches a series on the host, another's patches run). docs/benchmarks.md has the runs.
     actors_per_gpu: int | None = Field(None, ge=1, le=8)
-    # Calls one EMR engine actor runs at once (Ray Data threads): one call holds the device
+    # Calls one EMR engine actor runs at once (threads of the actor): one call holds the device
     # (the actor's device lock) while the others decode their fragment or write the last one,
     # so an actor's host work overlaps its own kernels. 1: calls run one after another. None:
-    # 3 on GPUs, 1 on CPUs (inference.emr.EMR_ACTOR_THREADS; there the calls share the engine's cores).
+    # 3 on GPUs, 1 on CPUs (inference.emr_feed.EMR_ACTOR_THREADS; there the calls share the engine's cores).
     actor_threads: int | None = Field(None, ge=1, le=8)
     # Who writes a scored EMR fragment: the engine actor itself ("actor"), or CPU tasks beside it
     # ("tasks": the actor hands the scores over through the object store, its process only feeds

@@ -1,14 +1,15 @@
-"""EMR risk scoring with Ray Data: committed timelines in, committed scores + screening list out.
+"""EMR risk scoring: committed timelines in, committed scores + screening list out.
 
-The pipeline, top to bottom (:func:`build_pipeline`)::
+The run, top to bottom (:func:`_attempt`, :mod:`inference.emr_feed`)::
 
     fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
-      → pack_fragments    CPU tasks: read, validate, length-sort, pad to buckets,
+      → pack_fragments    Ray tasks (CPU): read, validate, length-sort, pad to buckets,
                           cut by token budget; one row per fragment (its padded batches)
-      → ScoreActor        actor pool, one engine per actor (one per GPU, ray.actors_per_gpu overrides;
-                          ray.actor_threads calls at once, the device under the actor's lock;
-                          else fractional CPUs); runs infer over a fragment's batches
-      → write_fragments   the actor itself (ray.fragment_writers: actor, the default) or CPU
+      → ScoreActor        engine actors created when the run starts, one engine each (one per
+                          GPU, ray.actors_per_gpu overrides; ray.actor_threads calls at once, the
+                          device under the actor's lock; else fractional CPUs); runs infer over a
+                          fragment's batches
+      → write_fragments   the actor itself (ray.fragment_writers: actor, the default) or Ray
                           tasks beside it (tasks): the model card's calibration
                           (engines.calibration: the one place it is applied, whatever the
                           backend), the fragment's Parquet into run staging, its screening
@@ -20,10 +21,10 @@ The pipeline, top to bottom (:func:`build_pipeline`)::
 
 Speed comes from what the actor does NOT do: no per-row Python, no padding,
 no pandas; it gets big numpy views of batches CPU tasks already padded, and
-Ray prefetches its next blocks while it computes. The driver stays off the
-data path: scored rows go from the actor (or a writer task beside it) straight
-to the staging directory, so adding GPUs adds writers instead of queueing every
-score on one process.
+its next fragments are packed and on their way while it computes. The driver
+stays off the data path: scored rows go from the actor (or a writer task
+beside it) straight to the staging directory, so adding GPUs adds writers
+instead of queueing every score on one process.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,9 @@ from engines.model_card import load_card
 from inference import metrics as run_metrics
 from inference import qc, report, score_stats, screening
 from engines.source import CachedEngine, EngineSource
-from inference.actors import engine_actor_pool, ray_session
-from inference.emr_actors import ScoreActor, pack_fragments, write_fragments
+from inference import emr_feed
+from inference.actors import ray_session
+from inference.emr_actors import ScoreActor
 from inference.batching import validate_buckets
 from inference.fragments import (DEFAULT_FRAGMENT_ROWS, FragmentSink, FragmentSpec, RunStaging, fragment_name,
                                  plan_fragments, spec_dicts)
@@ -66,18 +68,6 @@ from lake.schemas import HEADS
 
 MODEL = "emr_risk"
 STAGE = "score_emr"
-# Engine actors per GPU unless ray.actors_per_gpu says: one actor running ray.actor_threads calls fed an
-# H200 better than two single-call actors (docs/benchmarks.md, "threaded engine actor").
-EMR_ACTORS_PER_GPU = 1
-# Calls an engine actor runs at once unless ray.actor_threads says: 3 on GPUs (one on the device, the
-# others decoding and writing); 1 on CPUs, where the other calls would compete with the engine for the
-# same cores (2-core machine, --quick: 455 records/s with 1 against 424 with 3; docs/benchmarks.md).
-EMR_ACTOR_THREADS = {"gpu": 3, "cpu": 1}
-
-
-def actor_threads(settings: Settings, gpus: int) -> int:
-    """Calls one EMR engine actor runs at once: ``ray.actor_threads``, else :data:`EMR_ACTOR_THREADS`."""
-    return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
 
 
 def on_cluster_devices(settings: Settings) -> Settings:
@@ -89,11 +79,6 @@ def on_cluster_devices(settings: Settings) -> Settings:
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     return settings.on_device(gpus > 0)
-
-
-# CPUs a writer task asks for (ray.fragment_writers: tasks): it compresses and writes one fragment,
-# mostly in Arrow's C++ code.
-WRITER_NUM_CPUS = 0.5
 
 
 log = logging.getLogger(__name__)
@@ -116,14 +101,14 @@ class Attempt:
     wall_s: float = 0.0
     started_at: float = 0.0
     rows_this_attempt: int = 0
-    # Driver time: waiting on Ray Data for fragment records vs. writing done markers.
+    # Driver time: waiting on the feed for fragment records vs. writing done markers.
     driver: dict[str, float] = field(default_factory=dict)
     # The merged per-fragment score summaries (inference.score_stats): QC, drift and histograms.
     stats: dict[str, Any] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
     # Start-up of this attempt: the driver's engine-metadata load, actor creation and engine loads.
     startup: dict[str, float] = field(default_factory=dict)
-    # Calls each engine actor ran at once (inference.emr.actor_threads); None when nothing was pending.
+    # Calls each engine actor ran at once (inference.emr_feed.actor_threads); None when nothing was pending.
     actor_threads: int | None = None
 
 
@@ -258,7 +243,7 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
         "settings": {"token_budget": settings.scoring.token_budget,
                      "length_buckets": list(settings.scoring.length_buckets),
                      "actor_num_cpus": settings.ray.actor_num_cpus,
-                     "actors_per_gpu": settings.ray.actors_per_gpu or EMR_ACTORS_PER_GPU,
+                     "actors_per_gpu": settings.ray.actors_per_gpu or emr_feed.EMR_ACTORS_PER_GPU,
                      "actor_threads": chosen.actor_threads or settings.ray.actor_threads,
                      "fragment_writers": settings.ray.fragment_writers,
                      "fragment_rows": fragment_rows},
@@ -322,51 +307,6 @@ def _score(settings: Settings, lake: LakePaths, as_of: str, force_ungated: bool,
     return run_dir
 
 
-def build_pipeline(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSource, precision: str,
-                   sink: FragmentSink, actor_cls: type = ScoreActor, vocab_size: int | None = None
-                   ) -> tuple[Any, int]:
-    """The Ray Data pipeline: fragment specs → padded batches (CPU tasks) → engine actors → staging.
-
-    Returns a ``ray.data.Dataset`` whose rows are the marker records of fragments
-    scored and written through ``sink`` — by the actors, or by writer tasks after
-    them (``ray.fragment_writers``) — and the calls each actor runs at once
-    (:func:`actor_threads`).
-    """
-    import ray
-
-    items = spec_dicts(list(specs))
-    # One fragment per block: a pack task = one fragment, so fragments prepare in parallel. The blocks
-    # are positions made by read tasks, the specs travel once with the function: from_items put one
-    # object per fragment from the driver before anything ran (245 fragments, 2-core machine: 0.55 s
-    # against 0.27 s, Ray Data imported).
-    ds = ray.data.range(len(items), override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(pack_fragments, batch_size=None, batch_format="pyarrow",
-                        fn_kwargs={"specs": items, "length_buckets": list(settings.scoring.length_buckets),
-                                   "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size})
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    size, resources = engine_actor_pool(settings, gpus, EMR_ACTORS_PER_GPU)
-    # Several blocks in flight per actor: Ray fetches the next batches while the engine runs; with
-    # ray.actor_threads > 1 that many calls run at once in the actor (ScoreActor takes its device
-    # lock only around infer), so decoding and writing fragments overlap the device.
-    threads = actor_threads(settings, gpus)
-    compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=max(4, 2 * threads),
-                                         max_concurrent_calls_per_actor=threads,
-                                         enable_true_multi_threading=threads > 1)
-    # Each row is one whole fragment. Ray Data insists on an explicit batch_size for
-    # GPU stages; one row per call keeps a call = one fragment.
-    in_actor = settings.ray.fragment_writers == "actor"
-    ds = ds.map_batches(actor_cls, fn_constructor_kwargs={"source": source, "precision": precision,
-                                                          "sink": sink if in_actor else None, "threads": threads},
-                        batch_size=1 if gpus else None, batch_format="pyarrow", zero_copy_batch=True,
-                        compute=compute, **resources)
-    if not in_actor:
-        # The fragment's Parquet, its screening candidates and score summary are made in a CPU task,
-        # off the process whose Python thread feeds the device.
-        ds = ds.map_batches(write_fragments, fn_kwargs={"sink": sink}, batch_size=None,
-                            batch_format="pyarrow", num_cpus=WRITER_NUM_CPUS)
-    return ds, threads
-
-
 def _attempt(settings: Settings, source: EngineSource, precision: str, specs: list[FragmentSpec],
              in_manifest: dict[str, Any], timelines: Path, final: Path, run_id: str, actor_cls: type,
              on_fragment_done: Callable[[int, int], None] | None,
@@ -409,11 +349,13 @@ def _attempt(settings: Settings, source: EngineSource, precision: str, specs: li
                             engine_fingerprint=str(metadata.get("fingerprint")),
                             calibration=calibration, psi_edges=psi_edges, screening_criteria=criteria)
         t_build = time.perf_counter()
-        ds, attempt.actor_threads = build_pipeline(pending, settings, source, precision, sink, actor_cls,
-                                                   _vocab_size(metadata))
-        attempt.startup["pipeline_build_s"] = round(time.perf_counter() - t_build, 3)
-        attempt.rows_this_attempt, marking = _mark_fragments(
-            ds, {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")), on_fragment_done)
+        with emr_feed.started(pending, settings, source, precision, sink, actor_cls, _vocab_size(metadata)) as feed:
+            # Creating the engine actors (their engines load meanwhile) and the feed.
+            attempt.startup["feed_start_s"] = round(time.perf_counter() - t_build, 3)
+            attempt.actor_threads = feed.threads
+            attempt.rows_this_attempt, marking = _mark_fragments(
+                feed.markers(), {s.fragment for s in pending}, staging, str(metadata.get("fingerprint")),
+                on_fragment_done)
         attempt.driver.update(marking)
     attempt.wall_s = time.time() - attempt.started_at
     attempt.records = staging.records()
@@ -516,9 +458,10 @@ def _candidates(criteria: screening.Criteria | None, staged: dict[int, tuple[pa.
     return screening.Candidates(criteria, *screening.merge_candidates(parts))
 
 
-def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint: str,
+def _mark_fragments(markers: Iterable[pa.Table], pending: set[int], staging: RunStaging, fingerprint: str,
                     on_fragment_done: Callable[[int, int], None] | None) -> tuple[int, dict[str, float]]:
-    """Drain the pipeline's fragment records; mark each fragment done once, in arrival order.
+    """Drain the feed's fragment records (:meth:`inference.emr_feed.Feed.markers`); mark each fragment
+    done once, in arrival order.
 
     The actors already wrote the fragments' files; a marker makes one count. A
     late duplicate (a retried actor task) is ignored: exactly-once by fragment.
@@ -528,7 +471,7 @@ def _mark_fragments(ds: Any, pending: set[int], staging: RunStaging, fingerprint
     rows = 0
     wait_s = mark_s = actor_write_s = 0.0
     t = time.perf_counter()
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for block in markers:
         wait_s += time.perf_counter() - t
         t = time.perf_counter()
         for frag, engine, record in zip(block.column("fragment").to_pylist(),

@@ -10,7 +10,7 @@ fragment is written depends on ``ray.fragment_writers``: by the actor itself
 record, or by ``write_fragments`` CPU tasks beside it, to which the actor
 hands the fragment's scores (:class:`ScoredFragment`) so that its process does
 nothing but feed the device. Either way the scored rows never pass through
-the driver. The pipeline builder in :mod:`inference.emr` wires them into Ray Data.
+the driver. :mod:`inference.emr_feed` wires them together with Ray tasks and actors.
 """
 from __future__ import annotations
 
@@ -46,30 +46,26 @@ PACKED_SCHEMA = pa.schema([("fragment", pa.int32()), ("rows_in", pa.int64()), ("
                            ("batches", pa.large_binary())])
 
 
-def pack_fragments(ids: pa.Table, specs: list[dict[str, Any]], length_buckets: list[int], token_budget: int,
+def pack_fragments(spec: dict[str, Any], length_buckets: list[int], token_budget: int,
                    vocab_size: int | None = None) -> pa.Table:
-    """Ray Data batch fn (CPU task): positions in ``specs`` (the ``id`` column of ``ray.data.range``)
-    in, one row per fragment out.
+    """CPU task: one fragment of the timelines partition (a :func:`inference.fragments.spec_dicts`
+    entry) in, one :data:`PACKED_SCHEMA` row out.
 
     ``batches`` holds the fragment's padded batches (:func:`inference.batching.batches_to_table`)
     as one Arrow IPC stream, so a fragment reaches one actor whole and that actor can write it.
     """
-    rows: dict[str, list] = {name: [] for name in PACKED_SCHEMA.names}
-    for row in (specs[int(i)] for i in ids.column("id").to_pylist()):
-        f = pq.ParquetFile(row["path"])
-        present = set(f.schema_arrow.names)
-        table = f.read_row_groups(list(row["row_groups"]),
-                                  columns=TIMELINE_COLUMNS + [c for c in FACT_COLUMNS if c in present])
-        # A fragment cut by a row limit takes only the first num_rows of its row groups.
-        table = table.slice(0, int(row["num_rows"]))
-        batches = batches_to_table(pack_fragment(table, int(row["fragment"]), length_buckets,
-                                                 token_budget, vocab_size, facts=eligibility_facts(table)))
-        rows["fragment"].append(int(row["fragment"]))
-        rows["rows_in"].append(int(row["num_rows"]))
-        rows["n_batches"].append(batches.num_rows)
-        rows["batches"].append(_ipc(batches))
-    return pa.table({**{k: pa.array(v, PACKED_SCHEMA.field(k).type) for k, v in rows.items() if k != "batches"},
-                     "batches": binary_column(rows["batches"])}, schema=PACKED_SCHEMA)
+    f = pq.ParquetFile(spec["path"])
+    present = set(f.schema_arrow.names)
+    table = f.read_row_groups(list(spec["row_groups"]),
+                              columns=TIMELINE_COLUMNS + [c for c in FACT_COLUMNS if c in present])
+    # A fragment cut by a row limit takes only the first num_rows of its row groups.
+    table = table.slice(0, int(spec["num_rows"]))
+    batches = batches_to_table(pack_fragment(table, int(spec["fragment"]), length_buckets,
+                                             token_budget, vocab_size, facts=eligibility_facts(table)))
+    return pa.table({"fragment": pa.array([int(spec["fragment"])], pa.int32()),
+                     "rows_in": pa.array([int(spec["num_rows"])], pa.int64()),
+                     "n_batches": pa.array([batches.num_rows], pa.int32()),
+                     "batches": binary_column([_ipc(batches)])}, schema=PACKED_SCHEMA)
 
 
 def eligibility_facts(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +174,8 @@ def _rows_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 
 
 def write_fragments(block: pa.Table, sink: FragmentSink) -> pa.Table:
-    """Ray Data batch fn (CPU task, ``ray.fragment_writers: tasks``): rows of :data:`SCORED_SCHEMA`
-    in, their fragments written through ``sink``, one :data:`MARKER_SCHEMA` row each out."""
+    """CPU task (``ray.fragment_writers: tasks``): rows of :data:`SCORED_SCHEMA` in, their fragments
+    written through ``sink``, one :data:`MARKER_SCHEMA` row each out."""
     rows = []
     for i in range(block.num_rows):
         row = {name: (block.column(name)[i].as_buffer() if block.schema.field(name).type == pa.large_binary()
@@ -216,6 +212,10 @@ class ScoreActor(EngineActor):
         if threads > 1:
             sys.setswitchinterval(THREADED_SWITCH_INTERVAL_S)
         self.calls = 0  # calls started (a count only: several may run at once, ray.actor_threads)
+
+    def score(self, block: pa.Table) -> pa.Table:
+        """The actor method :mod:`inference.emr_feed` calls: ``self(block)``."""
+        return self(block)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.calls += 1

@@ -65,8 +65,9 @@ def engine_nodes(state: dict) -> set[str]:
 
 
 def engine_actors(state: dict, engine_class: str) -> list[dict]:
-    # Ray Data names the actor that hosts a map_batches class "MapWorker(MapBatches(<class>))".
-    return [a for a in state["actors"] if f"MapBatches({engine_class})" in a["cls"]]
+    # EMR engine actors are plain Ray actors of their class; Ray Data (CT) names the actor that hosts a
+    # map_batches class "MapWorker(MapBatches(<class>))".
+    return [a for a in state["actors"] if a["cls"] == engine_class or f"MapBatches({engine_class})" in a["cls"]]
 
 
 @pytest.fixture(scope="module")

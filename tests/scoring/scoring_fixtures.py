@@ -289,6 +289,19 @@ def crash_once_actor(marker: Path, crash_on_call: int) -> type:
     return CrashOnceActor
 
 
+def crash_while_armed_actor(armed: Path) -> type:
+    """A ScoreActor whose process dies on every call while ``armed`` exists, in every life: what a
+    GPU that keeps failing does to a run."""
+
+    class CrashWhileArmedActor(ScoreActor):
+        def __call__(self, block):
+            if armed.exists():
+                os._exit(1)
+            return super().__call__(block)
+
+    return CrashWhileArmedActor
+
+
 def marked_parts(final: Path) -> dict[str, int]:
     """Staged fragment files the driver marked done (name → mtime): what a resume keeps.
 

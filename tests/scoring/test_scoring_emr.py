@@ -12,14 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from conf.settings import Settings
-from inference import emr
+from inference import emr, emr_feed
 from inference.batching import pack_fragment
 from engines.source import CachedEngine
 from inference.qc import QCFailed
 from lake.commit import atomic_partition, is_committed, read_manifest
 from lake.paths import LakePaths
 from lake.schemas import HEADS, SCORES
-from scoring_fixtures import (BrokenLowPrecision, SlowEngine, commit_timelines, crash_once_actor, marked_parts,
+from scoring_fixtures import (BrokenLowPrecision, SlowEngine, commit_timelines, crash_once_actor,
+                              crash_while_armed_actor, marked_parts,
                               random_timelines, reference_scores, same_verdict)
 
 AS_OF = "2024-06-30"
@@ -231,6 +232,25 @@ def test_scoring_survives_an_actor_killed_mid_run(timelines, scoring_models, tmp
     _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], valid))
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["throughput"]["actor_restarts"] >= 1
+    assert json.loads((run_dir / "ledger.json").read_text())["balanced"]
+
+
+def test_an_actor_that_keeps_dying_fails_the_run_with_its_fix_and_the_rerun_resumes(timelines, scoring_models,
+                                                                                     tmp_path):
+    """Past emr_feed.ACTOR_RESTARTS restarts the run stops with EngineActorLost (what to do: rerun with
+    the same run id), publishes nothing, and that rerun scores every patient once."""
+    settings, table = timelines
+    armed = tmp_path / "armed"
+    armed.touch()
+    with pytest.raises(emr_feed.EngineActorLost, match="rerun with the same run_id"):
+        emr.score(settings, AS_OF, run_id="run-dying", fragment_rows=64, actor_cls=crash_while_armed_actor(armed))
+    assert not LakePaths(settings.lake.root).scores("emr_risk", AS_OF).exists()
+    armed.unlink()
+    run_dir = emr.score(settings, AS_OF, run_id="run-dying", fragment_rows=64)
+    scores = _scores(settings)
+    valid = table.filter(pa.compute.is_in(table.column("patient_key"), scores.column("patient_key")))
+    assert valid.num_rows == scores.num_rows == N - 4
+    _assert_matches_engine_alone(scores, reference_scores(scoring_models["good"], valid))
     assert json.loads((run_dir / "ledger.json").read_text())["balanced"]
 
 
