@@ -9,7 +9,9 @@ Compares, in one run and on the same engine and data:
   map_batches with a fixed batch size of 256 rows, pandas batches, every row
   padded in Python to max_tokens, no length bucketing → write_parquet);
 - ``engine_only_records_per_s``: the engine alone on preloaded, pre-padded
-  arrays (the ceiling); ``efficiency`` = records_per_s / engine_only.
+  arrays (the ceiling); ``efficiency`` = records_per_s / engine_only;
+  ``--engine-in-ray-worker`` times it again inside a Ray worker holding the
+  engine actor's resources.
 
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
 and on a GPU machine with onnxruntime-gpu (CUDA EP, ray.actors_per_gpu actors per
@@ -226,6 +228,19 @@ def engine_only(settings: Settings, timelines: Path, precision: str) -> dict[str
             "providers": providers}
 
 
+def engine_only_in_ray_worker(settings: Settings, timelines: Path, precision: str) -> dict[str, Any]:
+    """:func:`engine_only` in a Ray worker process holding the engine actor's resources (``num_gpus``,
+    ``num_cpus``, its environment): tells the worker's setting apart from the pipeline's concurrency
+    when the engine runs slower inside the pipeline than alone."""
+    import ray
+
+    from inference.actors import engine_actor_pool
+
+    _, resources = engine_actor_pool(settings, int(ray.cluster_resources().get("GPU", 0)), 1)
+    out = ray.get(ray.remote(**resources)(engine_only).remote(settings, timelines, precision))
+    return {"records_per_s": out["records_per_s"], "seconds": out["seconds"], "providers": out["providers"]}
+
+
 class NaiveScorer:
     """The usual first attempt: fixed-size pandas batches, pad every row in Python to max_tokens."""
 
@@ -329,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                         "CPU tasks beside it)")
     p.add_argument("--inductor-compile", choices=["per_shape", "dynamic"], default=None,
                    help="override engines.inductor_compile (one compile per scoring shape, or one dynamic compile)")
+    p.add_argument("--engine-in-ray-worker", action="store_true",
+                   help="also time the engine alone inside a Ray worker with the engine actor's resources")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
@@ -407,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         result["pipeline"]["seconds_end_to_end"] = round(ours["seconds"], 2)
         result["qc_passed"] = ours["qc_passed"]
         log(f"medscreen pipeline: {ours['records_per_s']:,.0f} records/s")
+        if args.engine_in_ray_worker:
+            in_worker = engine_only_in_ray_worker(settings, timelines, args.precision)
+            result["engine_in_ray_worker_records_per_s"] = round(in_worker["records_per_s"], 1)
+            log(f"engine alone in a Ray worker: {in_worker['records_per_s']:,.0f} records/s")
 
         if not args.skip_baseline:
             naive = naive_pipeline(settings, timelines, workdir / "naive_out", args.precision)

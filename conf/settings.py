@@ -50,20 +50,21 @@ class RaySettings(_Section):
     # Fractional CPUs per actor so an actor pool cannot starve read tasks on small machines.
     actor_num_cpus: float = Field(0.5, gt=0)
     num_actors: int | None = Field(None, ge=1)
-    # Engine actors sharing one GPU. None: each pipeline's measured default (EMR 1: its actor
-    # overlaps host and device work in threads, see actor_threads; CT 2: while one actor
+    # Engine actors sharing one GPU. None: each pipeline's measured default (EMR 1: writer tasks
+    # beside it do the host work, see fragment_writers; CT 2: while one actor
     # stitches a series on the host, another's patches run). docs/benchmarks.md has the runs.
     actors_per_gpu: int | None = Field(None, ge=1, le=8)
     # Calls one EMR engine actor runs at once (threads of the actor): one call holds the device
-    # (the actor's device lock) while the others decode their fragment or write the last one,
-    # so an actor's host work overlaps its own kernels. 1: calls run one after another. None:
-    # 3 on GPUs, 1 on CPUs (inference.emr_feed.EMR_ACTOR_THREADS; there the calls share the engine's cores).
+    # (the actor's device lock) while the others decode their fragment or write the last one.
+    # None: 1 (inference.emr_feed.EMR_ACTOR_THREADS): on an H200 further calls' Python work slowed
+    # the thread feeding the device more than their overlap gained; on CPUs they share the
+    # engine's cores.
     actor_threads: int | None = Field(None, ge=1, le=8)
-    # Who writes a scored EMR fragment: the engine actor itself ("actor"), or CPU tasks beside it
-    # ("tasks": the actor hands the scores over through the object store, its process only feeds
-    # the device). On an H200 the two ran alike (interleaved runs, docs/benchmarks.md, "writer
-    # tasks"), so the default keeps the pipeline one stage shorter.
-    fragment_writers: Literal["actor", "tasks"] = "actor"
+    # Who writes a scored EMR fragment: CPU tasks beside the engine actor ("tasks": the actor hands
+    # the scores over through the object store, its process only feeds the device) or the actor
+    # itself ("actor"). With one call per actor, tasks ran ahead on an H200 and level on 2 CPUs
+    # (docs/benchmarks.md, "Engine actors without Ray Data").
+    fragment_writers: Literal["actor", "tasks"] = "tasks"
     # Custom resources each engine actor asks for, e.g. {"medscreen_engine": 0.5}: on a
     # cluster only the worker nodes that offer them (GPU worker groups) host engines.
     actor_resources: dict[str, float] = Field(default_factory=dict)

@@ -9,8 +9,8 @@ The run, top to bottom (:func:`_attempt`, :mod:`inference.emr_feed`)::
                           GPU, ray.actors_per_gpu overrides; ray.actor_threads calls at once, the
                           device under the actor's lock; else fractional CPUs); runs infer over a
                           fragment's batches
-      → write_fragments   the actor itself (ray.fragment_writers: actor, the default) or Ray
-                          tasks beside it (tasks): the model card's calibration
+      → write_fragments   Ray tasks beside the actor (ray.fragment_writers: tasks, the default)
+                          or the actor itself (actor): the model card's calibration
                           (engines.calibration: the one place it is applied, whatever the
                           backend), the fragment's Parquet into run staging, its screening
                           candidates and score summary

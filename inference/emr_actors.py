@@ -5,11 +5,12 @@ timelines partition, validate, length-sort, pad into token-budget batches,
 and ship them as one row per fragment. ``ScoreActor`` holds one engine for its
 whole life (the shared lifecycle of :class:`inference.actors.EngineActor`);
 ``__call__`` feeds a fragment's pre-padded arrays to ``infer``. Where the
-fragment is written depends on ``ray.fragment_writers``: by the actor itself
+fragment is written depends on ``ray.fragment_writers``: by ``write_fragments``
+CPU tasks beside the actor (the default), to which the actor hands the
+fragment's scores (:class:`ScoredFragment`) so that its process does nothing
+but feed the device, or by the actor itself
 (:class:`inference.fragments.FragmentSink`), returning only a small marker
-record, or by ``write_fragments`` CPU tasks beside it, to which the actor
-hands the fragment's scores (:class:`ScoredFragment`) so that its process does
-nothing but feed the device. Either way the scored rows never pass through
+record. Either way the scored rows never pass through
 the driver. :mod:`inference.emr_feed` wires them together with Ray tasks and actors.
 """
 from __future__ import annotations

@@ -6,7 +6,8 @@
           ──► ScoreActor.score engine actors created when the feed starts, so their engines load while
                                the first fragments pack; ``limit`` calls in flight per actor,
                                ``threads`` of them running at once (the device under the actor's lock)
-          ──► write_fragments  Ray tasks beside the actor where ``ray.fragment_writers`` is ``tasks``
+          ──► write_fragments  Ray tasks beside the actor (``ray.fragment_writers``: tasks, the default;
+                               ``actor``: the actor writes the fragment itself)
           ──► driver           one marker table per fragment, in completion order
 
 A fragment's packed batches go from its pack task to the actor by object
@@ -39,13 +40,17 @@ from inference.actors import engine_actor_pool
 from inference.emr_actors import ScoreActor, pack_fragments, write_fragments
 from inference.fragments import FragmentSink, FragmentSpec, spec_dicts
 
-# Engine actors per GPU unless ray.actors_per_gpu says: one actor running ray.actor_threads calls fed an
-# H200 better than two single-call actors (docs/benchmarks.md, "threaded engine actor").
+# Engine actors per GPU unless ray.actors_per_gpu says: one actor fed an H200 better than two
+# (docs/benchmarks.md, "threaded engine actor").
 EMR_ACTORS_PER_GPU = 1
-# Calls an engine actor runs at once unless ray.actor_threads says: 3 on GPUs (one on the device, the
-# others decoding and writing); 1 on CPUs, where the other calls would compete with the engine for the
-# same cores (2-core machine, --quick: 455 records/s with 1 against 424 with 3; docs/benchmarks.md).
-EMR_ACTOR_THREADS = {"gpu": 3, "cpu": 1}
+# Calls an engine actor runs at once unless ray.actor_threads says. One: its process then does nothing
+# but decode batches and run the engine while writer tasks write (ray.fragment_writers: tasks). On an
+# H200 a second and third call in the same process slowed the device section (the calls' Python work
+# takes the GIL from the thread feeding the device: 309-348 k records/s on the device against 388-404 k
+# with one call), and one call with writer tasks ran ahead end to end in the same call (272 k and 258 k
+# against 253 k and 238 k; docs/benchmarks.md, "Engine actors without Ray Data"). On CPUs further calls
+# would compete with the engine for the same cores.
+EMR_ACTOR_THREADS = 1
 # CPUs a pack task asks for (it reads, validates and pads one fragment) and a writer task
 # (ray.fragment_writers: tasks; it compresses and writes one fragment, mostly in Arrow's C++ code).
 PACK_NUM_CPUS = 1.0
@@ -63,9 +68,9 @@ class EngineActorLost(RuntimeError):
     """An engine actor died more often than Ray restarts it; the fragments marked so far are kept."""
 
 
-def actor_threads(settings: Settings, gpus: int) -> int:
+def actor_threads(settings: Settings) -> int:
     """Calls one EMR engine actor runs at once: ``ray.actor_threads``, else :data:`EMR_ACTOR_THREADS`."""
-    return settings.ray.actor_threads or EMR_ACTOR_THREADS["gpu" if gpus else "cpu"]
+    return settings.ray.actor_threads or EMR_ACTOR_THREADS
 
 
 @dataclass
@@ -123,7 +128,7 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     size, resources = engine_actor_pool(settings, gpus, EMR_ACTORS_PER_GPU)
-    threads = actor_threads(settings, gpus)
+    threads = actor_threads(settings)
     in_actor = settings.ray.fragment_writers == "actor"
     engine_actor = ray.remote(actor_cls).options(max_concurrency=threads, max_restarts=ACTOR_RESTARTS,
                                                  max_task_retries=CALL_RETRIES_WHILE_RESTARTABLE,

@@ -186,9 +186,10 @@ class RunStaging:
 
 @dataclass(frozen=True)
 class FragmentSink:
-    """Where an engine actor writes the fragments it scored: one attempt's run staging.
+    """Where the fragments an engine actor scored are written (by a writer task beside it, or by the
+    actor itself): one attempt's run staging.
 
-    Built by the driver, shipped to every actor: the scored rows never travel
+    Built by the driver, shipped to every writer: the scored rows never travel
     back through the driver, only the marker record :meth:`write` returns.
     """
 
