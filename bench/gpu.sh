@@ -36,8 +36,8 @@ for bench in "$@"; do
     # the bench's synthetic labelled lake, then ROWS rows scored; PRECISION fp16 (default) or fp32.
     emr_inductor) run "emr_scoring_inductor_${PRECISION:-fp16}" $PY bench/emr_scoring.py --rows "${ROWS:-1000000}" \
                     --precision "${PRECISION:-fp16}" --backend inductor --skip-baseline ;;
-    # Does the plan's compile artefact make the compile warm in a fresh process, a Ray task and a Ray Data
-    # actor (the scoring actors' kind)? Hits, misses and how each process pickles a cache-key input.
+    # Does the plan's compile artefact make the compile warm in a fresh process, a Ray task and a Ray actor
+    # (the EMR scoring actors' kind)? Hits, misses and how each process pickles a cache-key input.
     inductor_warm) run inductor_warm_start $PY bench/inductor_warm_start.py --precision "${PRECISION:-fp16}" ;;
     ct)           # VARIANTS: a JSON list of imaging settings scored beside the configured ones (bench/ct.py --variants)
       run ct $PY bench/ct.py --series "${SERIES:-3}" --precisions "${PRECISIONS:-fp32,fp16}" \

@@ -8,8 +8,8 @@ directory so only the plan's artefacts can help, in:
 
 - ``fresh_process``: a new Python process (as a CLI run would);
 - ``ray_task``: a Ray task (a Ray worker process, ``OMP_NUM_THREADS=1``);
-- ``ray_data_actor``: an actor of a Ray Data actor pool, as the scoring
-  pipeline's engine actors are (``num_gpus`` where the machine has a GPU).
+- ``ray_actor``: a Ray actor loading it in ``__init__``, as the EMR scoring
+  feed's engine actors do (``num_gpus`` where the machine has a GPU).
 
 For each it reports the activate seconds, the FX-graph cache hits and misses,
 how its first FX-graph cache key differs from the build's (Inductor's hash lines
@@ -129,13 +129,13 @@ def key_difference(build: list[dict[str, Any]], loaded: list[dict[str, Any]]) ->
 
 
 class _LoadInActor:
-    """A Ray Data actor that loads the plan once, as an engine actor does in ``__init__``."""
+    """A Ray actor that loads the plan once, as an engine actor does in ``__init__``."""
 
     def __init__(self, plan: str):
         self.result = load_plan(plan)
 
-    def __call__(self, batch: dict) -> dict:
-        return {"result": [json.dumps(self.result)] * len(batch["id"])}
+    def loaded(self) -> dict:
+        return self.result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         resources = {"num_gpus": 0.5} if gpus else {"num_cpus": 0.5}
         result["ray_task"] = ray.get(ray.remote(**resources)(load_plan).remote(str(plan)))
-        ds = ray.data.range(1).map_batches(_LoadInActor, fn_constructor_args=(str(plan),), batch_size=1,
-                                           compute=ray.data.ActorPoolStrategy(size=1), **resources)
-        result["ray_data_actor"] = json.loads(ds.take_all()[0]["result"])
-        for where in ("fresh_process", "ray_task", "ray_data_actor"):
+        actor = ray.remote(**resources)(_LoadInActor).remote(str(plan))
+        result["ray_actor"] = ray.get(actor.loaded.remote())
+        for where in ("fresh_process", "ray_task", "ray_actor"):
             loaded = result[where].pop("keys", None)
             if loaded is not None:
                 result[where]["key_vs_build"] = key_difference(built_keys, loaded)

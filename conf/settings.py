@@ -117,8 +117,9 @@ class GateSettings(_Section):
 
 class EnginesSettings(_Section):
     cache_dir: Path | None = None  # default: <lake root>/engines
-    # auto: the inductor plan for emr_risk where torch sees a CUDA GPU and the plan builds and
-    # passes its gate, ONNX Runtime otherwise (CPU machines, CT; engines.cache.backend_candidates).
+    # auto: ONNX Runtime (on a GPU the card's fused graph), then for emr_risk where torch sees a
+    # CUDA GPU the inductor plan where ONNX Runtime cannot be built or fails its gate; ONNX Runtime
+    # alone elsewhere (CPU machines, CT). engines.cache.backend_candidates says why, by measurement.
     backend: Literal["auto", "onnxruntime", "tensorrt", "inductor"] = "auto"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     calibration_rows: int = Field(1000, ge=16)
