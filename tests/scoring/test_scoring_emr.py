@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import socket
+import time
 import urllib.request
 
 import numpy as np
@@ -282,7 +283,7 @@ def test_scoring_resumes_a_crashed_driver_rescoring_only_unfinished_fragments(ti
     assert not list(final.parent.glob(".staging-*"))
 
 
-def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_models):
+def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_models, ray_local):
     settings, table = timelines
     settings = settings.model_copy(update={"engines": settings.engines.model_copy(update={"precision": "fp16"})})
     source = BrokenLowPrecision(CachedEngine(settings), str(scoring_models["nan"]))
@@ -295,6 +296,12 @@ def test_scoring_fp32_safe_mode_when_low_precision_fails_qc(timelines, scoring_m
     assert set(scores.column("precision").to_pylist()) == {"fp32"}
     assert read_manifest(LakePaths(settings.lake.root).scores("emr_risk", AS_OF))["fp32_safe_mode"] is True
     assert "FP32 safe mode" in (run_dir / "report.html").read_text()
+    # Each attempt's engine actors are gone when it ends (on a GPU the fp32 attempt needs the GPU the
+    # fp16 actors held): the Ray instance the tests share has all its CPUs free again.
+    deadline = time.monotonic() + 30
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"engine actors outlived the run: {ray_local.available_resources()}"
+        time.sleep(0.2)
 
 
 def _commit_previous_scores(settings: Settings, scoring_models, table: pa.Table, previous: str = "2024-03-31") -> str:
