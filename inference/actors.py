@@ -9,7 +9,7 @@
 
 The stage actors (:class:`inference.emr_actors.ScoreActor`,
 :class:`inference.ct_stages.SegmentSeries`) subclass :class:`EngineActor` and
-add only their ``__call__``.
+add only the method their pipeline calls (``score``, ``__call__``).
 """
 from __future__ import annotations
 

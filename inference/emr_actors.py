@@ -4,7 +4,7 @@
 timelines partition, validate, length-sort, pad into token-budget batches,
 and ship them as one row per fragment. ``ScoreActor`` holds one engine for its
 whole life (the shared lifecycle of :class:`inference.actors.EngineActor`);
-``__call__`` feeds a fragment's pre-padded arrays to ``infer``. Where the
+``score`` feeds a fragment's pre-padded arrays to ``infer``. Where the
 fragment is written depends on ``ray.fragment_writers``: by ``write_fragments``
 CPU tasks beside the actor (the default), to which the actor hands the
 fragment's scores (:class:`ScoredFragment`) so that its process does nothing
@@ -196,7 +196,7 @@ def _marker(fragment: ScoredFragment, sink: FragmentSink, fingerprint: str, acto
 
 
 class ScoreActor(EngineActor):
-    """Holds one activated engine (:class:`inference.actors.EngineActor`); ``__call__`` scores whole
+    """Holds one activated engine (:class:`inference.actors.EngineActor`); ``score`` scores whole
     fragments.
 
     Each input row is one fragment (:func:`pack_fragments`). With a ``sink`` the
@@ -215,10 +215,8 @@ class ScoreActor(EngineActor):
         self.calls = 0  # calls started (a count only: several may run at once, ray.actor_threads)
 
     def score(self, block: pa.Table) -> pa.Table:
-        """The actor method :mod:`inference.emr_feed` calls: ``self(block)``."""
-        return self(block)
-
-    def __call__(self, block: pa.Table) -> pa.Table:
+        """Score the fragments in ``block`` (:data:`PACKED_SCHEMA` rows): the method
+        :mod:`inference.emr_feed` calls."""
         self.calls += 1
         actor = {"id": self.actor_id, "incarnation": self.incarnation, "engine_load_s": self.engine_load_s,
                  "ready_at": self.ready_at, "init_started_at": self.init_started_at, "engine_load": self.engine_load}
