@@ -55,6 +55,11 @@ EMR_ACTOR_THREADS = 1
 # (ray.fragment_writers: tasks; it compresses and writes one fragment, mostly in Arrow's C++ code).
 PACK_NUM_CPUS = 1.0
 WRITER_NUM_CPUS = 0.5
+# Fragments packed or scoring at once, at most, per engine actor: a packed fragment of 65 536 rows
+# is about 60 MB in the object store, an H200 scores one in ~0.16 s and a packer takes 0.1-0.6 s
+# for it (padding ~0.11 s on the H200's host, read and pad 0.56 s on the 2-core machine), so 16
+# keeps the device fed without a large cluster's every CPU packing fragments far ahead of it.
+PACKED_AHEAD_PER_ACTOR = 16
 # Times Ray restarts a dead engine actor before the run fails (the run is then resumable: rerun with the
 # same run_id). The calls it had in flight are retried for as long as it is restartable: while a lost
 # node is not yet declared dead its actor is only unavailable, and each failed connection would count
@@ -139,8 +144,10 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
     limit = max(4, 2 * threads)
     try:
         yield Feed(specs=spec_dicts(list(specs)), actors=actors, threads=threads, limit=limit,
-                   # Pack ahead on every CPU the cluster has, or as deep as the actors' queues.
-                   ahead=max(int(ray.cluster_resources().get("CPU", 1)), size * limit),
+                   # Pack ahead on every CPU the cluster has (at least as deep as the actors' queues),
+                   # up to PACKED_AHEAD_PER_ACTOR per actor.
+                   ahead=min(max(int(ray.cluster_resources().get("CPU", 1)), size * limit),
+                             size * max(limit, PACKED_AHEAD_PER_ACTOR)),
                    pack_kwargs={"length_buckets": list(settings.scoring.length_buckets),
                                 "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size},
                    sink_ref=None if in_actor else ray.put(sink))
