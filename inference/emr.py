@@ -463,7 +463,7 @@ def _mark_fragments(markers: Iterable[pa.Table], pending: set[int], staging: Run
     """Drain the feed's fragment records (:meth:`inference.emr_feed.Feed.markers`); mark each fragment
     done once, in arrival order.
 
-    The actors already wrote the fragments' files; a marker makes one count. A
+    The fragments' writers already wrote their files; a marker makes one count. A
     late duplicate (a retried actor task) is ignored: exactly-once by fragment.
     Returns (rows marked, driver timings).
     """
