@@ -215,7 +215,6 @@ class ScoringSettings(_Section):
         return self.token_budget or DEFAULT_TOKEN_BUDGET["gpu" if gpu else "cpu"]
 
 
-
 class CTQCSettings(_Section):
     """A CT run that looks broken fails before its findings are committed."""
 

@@ -18,11 +18,12 @@ fragment files are written atomically and the driver marks each fragment once,
 so a retried call neither loses nor duplicates rows.
 
 Why not Ray Data here: the EMR run has one CPU stage and one actor stage, and
-on the 2-core machine a first Ray Data pipeline ran its first task 2.7–2.9 s
-after it was built and started an actor pool's actor 3.5–4.3 s after it began,
-where a plain actor was ready in 0.5–0.6 s (docs/benchmarks.md, "Ray Data
-start-up"). That is a quarter of a 4 M-row run on an H200. CT keeps Ray Data:
-its read, resample and stitch stages are where Ray Data's streaming pays.
+what Ray Data added to them was start-up (its first pipeline's actor reached
+``__init__`` 3.5–4.3 s in on the 2-core machine, a plain actor 0.5–0.6 s). On
+one H200 at 4 M rows this feed ran 251 k and 264 k records/s against the Ray
+Data pipeline's 220 k and 216 k, interleaved (docs/benchmarks.md, "Engine
+actors without Ray Data"). CT keeps Ray Data: its read, resample and stitch
+stages are where Ray Data's streaming pays.
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ from inference.actors import engine_actor_pool
 from inference.emr_actors import ScoreActor, pack_fragments, write_fragments
 from inference.fragments import FragmentSink, FragmentSpec, spec_dicts
 
-# Engine actors per GPU unless ray.actors_per_gpu says: one actor fed an H200 better than two
-# (docs/benchmarks.md, "threaded engine actor").
+# Engine actors per GPU unless ray.actors_per_gpu says: one three-call actor fed an H200 better than two
+# one-call actors (docs/benchmarks.md, "threaded engine actor"); two actors with writer tasks were not
+# measured.
 EMR_ACTORS_PER_GPU = 1
 # Calls an engine actor runs at once unless ray.actor_threads says. One: its process then does nothing
 # but decode batches and run the engine while writer tasks write (ray.fragment_writers: tasks). On an
@@ -131,8 +133,8 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
     follows (the FP32 safe mode's second attempt)."""
     import ray
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    size, resources = engine_actor_pool(settings, gpus, EMR_ACTORS_PER_GPU)
+    cluster = ray.cluster_resources()
+    size, resources = engine_actor_pool(settings, int(cluster.get("GPU", 0)), EMR_ACTORS_PER_GPU)
     threads = actor_threads(settings)
     in_actor = settings.ray.fragment_writers == "actor"
     engine_actor = ray.remote(actor_cls).options(max_concurrency=threads, max_restarts=ACTOR_RESTARTS,
@@ -146,7 +148,7 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
         yield Feed(specs=spec_dicts(list(specs)), actors=actors, threads=threads, limit=limit,
                    # Pack ahead on every CPU the cluster has (at least as deep as the actors' queues),
                    # up to PACKED_AHEAD_PER_ACTOR per actor.
-                   ahead=min(max(int(ray.cluster_resources().get("CPU", 1)), size * limit),
+                   ahead=min(max(int(cluster.get("CPU", 1)), size * limit),
                              size * max(limit, PACKED_AHEAD_PER_ACTOR)),
                    pack_kwargs={"length_buckets": list(settings.scoring.length_buckets),
                                 "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size},
