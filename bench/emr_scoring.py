@@ -11,7 +11,12 @@ Compares, in one run and on the same engine and data:
 - ``engine_only_records_per_s``: the engine alone on preloaded, pre-padded
   arrays (the ceiling); ``efficiency`` = records_per_s / engine_only;
   ``--engine-in-ray-worker`` times it again inside a Ray worker holding the
-  engine actor's resources.
+  engine actor's resources;
+- with ``--ray-timeline``, ``pipeline.timeline``: where the end-to-end seconds
+  went by Ray's task events (until the engine actors' first call, time inside
+  and between their calls, the tail after the last fragment was written), and
+  the events themselves as ``ray_timeline.json`` (Chrome tracing) in the
+  workdir.
 
 Runs unchanged on a CPU machine (ONNX Runtime CPU EP, fractional-CPU actors)
 and on a GPU machine with onnxruntime-gpu (CUDA EP, ray.actors_per_gpu actors per
@@ -288,13 +293,76 @@ def naive_pipeline(settings: Settings, timelines: Path, out_dir: Path, precision
 def medscreen_pipeline(settings: Settings, fragment_rows: int) -> dict[str, Any]:
     from inference import emr
 
+    started_at = time.time()
     start = time.perf_counter()
     run_dir = emr.score(settings, AS_OF, fragment_rows=fragment_rows)
     elapsed = time.perf_counter() - start
     m = json.loads((run_dir / "metrics.json").read_text())
     return {"records_per_s": m["throughput"]["rows_scored"] / elapsed, "seconds": elapsed,
+            "started_at": started_at,
             "rows": m["throughput"]["rows_scored"], "metrics": m["throughput"], "settings": m["settings"],
             "qc_passed": m["qc"]["passed"]}
+
+
+def settled_timeline(calls: int, wait_s: float = 20.0) -> list[dict[str, Any]]:
+    """``ray.timeline()`` once it holds all ``calls`` engine calls: workers report task events in
+    batches, the last ones after the run has returned."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        events = ray.timeline()
+        done = sum(1 for e in events if e.get("ph") == "X" and str(e.get("cat", "")).endswith(".score"))
+        if done >= calls or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
+
+
+def call_timeline(events: list[dict[str, Any]], started_at: float, seconds: float) -> dict[str, Any]:
+    """Where an end-to-end run's seconds went, from Ray's task profile events (``ray.timeline()``):
+    until the engine actors' first ``score`` call began, the span of their calls (time inside calls,
+    of which Ray's argument deserialisation and output storing, and the actor idle between calls),
+    and the tail after the last call. Seconds, relative to the run's start (``started_at``, epoch)."""
+    t0 = started_at * 1e6  # the events' ts and dur are microseconds, ts since the epoch
+    workers: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("ph") == "X" and str(e.get("cat", "")).endswith(".score"):
+            workers.setdefault(e["tid"], []).append(e)
+    if not workers:
+        return {}
+    phases = {"task:deserialize_arguments": "deserialize_args_s", "task:execute": "execute_s",
+              "task:store_outputs": "store_outputs_s"}
+    out: dict[str, Any] = {"actors": []}
+    for tid, calls in workers.items():
+        calls.sort(key=lambda e: e["ts"])
+        windows = [(c["ts"], c["ts"] + c["dur"]) for c in calls]
+        inside = {v: 0.0 for v in phases.values()}
+        for e in events:
+            if e.get("tid") == tid and e.get("name") in phases and \
+                    any(a <= e["ts"] <= b for a, b in windows):
+                inside[phases[e["name"]]] += e["dur"] / 1e6
+        gaps = [(b[0] - a[1]) / 1e6 for a, b in zip(windows, windows[1:])]
+        out["actors"].append({
+            "calls": len(calls), "first_call_s": round((windows[0][0] - t0) / 1e6, 3),
+            "last_call_end_s": round((windows[-1][1] - t0) / 1e6, 3),
+            "in_calls_s": round(sum(b - a for a, b in windows) / 1e6, 3),
+            **{k: round(v, 3) for k, v in inside.items()},
+            "idle_between_calls_s": round(sum(max(g, 0.0) for g in gaps), 3),
+            "idle_gap_max_s": round(max(gaps, default=0.0), 3)})
+    last_end = max(a["last_call_end_s"] for a in out["actors"])
+    for cat, key in (("pack_fragments", "pack"), ("write_fragments", "write")):
+        tasks = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).endswith(cat)]
+        if tasks:
+            ends = [(e["ts"] + e["dur"] - t0) / 1e6 for e in tasks]
+            out[f"{key}_tasks"] = {"n": len(tasks), "sum_s": round(sum(e["dur"] for e in tasks) / 1e6, 3),
+                                   "first_end_s": round(min(ends), 3), "last_end_s": round(max(ends), 3)}
+            if key == "write":
+                last_end = max(last_end, max(ends))
+    # After the last fragment was scored and written: the driver's marking, stats, commit, screening,
+    # report. (An actor killed at the end of the feed may not have reported its last call's events:
+    # the last writer task's end stands for it.)
+    out["tail_s"] = round(seconds - last_end, 3)
+    return out
 
 
 def machine() -> dict[str, Any]:
@@ -346,6 +414,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override engines.inductor_compile (one compile per scoring shape, or one dynamic compile)")
     p.add_argument("--engine-in-ray-worker", action="store_true",
                    help="also time the engine alone inside a Ray worker with the engine actor's resources")
+    p.add_argument("--ray-timeline", action="store_true",
+                   help="also report where the pipeline's seconds went by Ray's task events: start-up until "
+                        "the engine actors' first call, time in and between their calls, the tail")
     p.add_argument("--graph", choices=["auto", "fused", "reference"], default="auto",
                    help="engines.graph: the card's fused contrib-op graph or the reference export")
     args = p.parse_args(argv)
@@ -424,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
         result["pipeline"]["seconds_end_to_end"] = round(ours["seconds"], 2)
         result["qc_passed"] = ours["qc_passed"]
         log(f"medscreen pipeline: {ours['records_per_s']:,.0f} records/s")
+        if args.ray_timeline:
+            events = settled_timeline(ours["metrics"]["fragments"])
+            # Chrome tracing format (chrome://tracing, Perfetto): every task's and call's phases.
+            (workdir / "ray_timeline.json").write_text(json.dumps(events))
+            result["pipeline"]["timeline"] = call_timeline(events, ours["started_at"], ours["seconds"])
         if args.engine_in_ray_worker:
             in_worker = engine_only_in_ray_worker(settings, timelines, args.precision)
             result["engine_in_ray_worker_records_per_s"] = round(in_worker["records_per_s"], 1)
