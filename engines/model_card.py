@@ -4,9 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from conf.settings import CONF_DIR, Settings
+from conf.settings import CONF_DIR, Settings, load_yaml
 from lake.files import file_sha256
 
 # Card paths (onnx.path) are repository-relative so the checkout can live anywhere.
@@ -34,7 +32,7 @@ def load_card(settings: Settings, model: str = "emr_risk", verify: bool = True) 
     if not path.is_file():
         raise ModelCardError(f"model card {path} for {model!r} does not exist; export the model "
                              f"first (python -m models.{model}.train)")
-    card = yaml.safe_load(path.read_text()) or {}
+    card = load_yaml(path.read_text()) or {}
     for key in ("name", "version", "onnx", "inputs", "outputs"):
         if key not in card:
             raise ModelCardError(f"model card {path} lacks {key!r}; re-export the model")
