@@ -50,10 +50,9 @@ class RaySettings(_Section):
     # Fractional CPUs per actor so an actor pool cannot starve read tasks on small machines.
     actor_num_cpus: float = Field(0.5, gt=0)
     num_actors: int | None = Field(None, ge=1)
-    # Engine actors sharing one GPU. None: each pipeline's measured default (EMR 3: while one decodes
-    # a fragment and hands it to its writer task, see fragment_writers, the others' batches run; CT 2:
-    # while one actor stitches a series on the host, another's patches run). docs/benchmarks.md has
-    # the runs.
+    # Engine actors sharing one GPU. None: each pipeline's measured default (EMR 3: while one is
+    # between its batches, the others' batches run; CT 2: while one actor stitches a series on the
+    # host, another's patches run). docs/benchmarks.md has the runs.
     actors_per_gpu: int | None = Field(None, ge=1, le=8)
     # Calls one EMR engine actor runs at once (threads of the actor): one call holds the device
     # (the actor's device lock) while the others decode their fragment or write the last one.

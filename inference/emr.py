@@ -5,7 +5,7 @@ The run, top to bottom (:func:`_attempt`, :mod:`inference.emr_feed`)::
     fragments of LAKE/emr/timelines/as_of=D          (plan from Parquet footers)
       → pack_fragments    Ray tasks (CPU): read, validate, length-sort, pad to buckets,
                           cut by token budget; one row per fragment (its padded batches)
-      → ScoreActor        engine actors created when the run starts, one engine each (one per
+      → ScoreActor        engine actors created when the run starts, one engine each (three per
                           GPU, ray.actors_per_gpu overrides; ray.actor_threads calls at once, the
                           device under the actor's lock; else fractional CPUs); runs infer over a
                           fragment's batches

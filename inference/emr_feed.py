@@ -41,10 +41,13 @@ from inference.actors import engine_actor_pool
 from inference.emr_actors import ScoreActor, pack_fragments, write_fragments
 from inference.fragments import FragmentSink, FragmentSpec, spec_dicts
 
-# Engine actors per GPU unless ray.actors_per_gpu says: one three-call actor fed an H200 better than two
-# one-call actors (docs/benchmarks.md, "threaded engine actor"); two actors with writer tasks were not
-# measured.
-EMR_ACTORS_PER_GPU = 1
+# Engine actors per GPU unless ray.actors_per_gpu says. Three: while one is between batches (in a
+# one-actor run on an H200 a call took 45-50 ms longer than its fragment's batches on the device,
+# time in which the GPU idled), the others' batches run. On one H200 at 4 M rows, one call each and
+# writer tasks, records/s: one actor 241 k, 241 k, 255 k; two 271-310 k (five runs, mean 284 k);
+# three 309 k and 297 k, the only setting at efficiency >= 0.7 each time (0.72, 0.71;
+# docs/benchmarks.md, "Engine actors per GPU").
+EMR_ACTORS_PER_GPU = 3
 # Calls an engine actor runs at once unless ray.actor_threads says. One: its process then does nothing
 # but decode batches and run the engine while writer tasks write (ray.fragment_writers: tasks). On an
 # H200 a second and third call in the same process slowed the device section (the calls' Python work
