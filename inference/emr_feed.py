@@ -60,11 +60,13 @@ EMR_ACTOR_THREADS = 1
 # (ray.fragment_writers: tasks; it compresses and writes one fragment, mostly in Arrow's C++ code).
 PACK_NUM_CPUS = 1.0
 WRITER_NUM_CPUS = 0.5
-# Fragments packed or scoring at once, at most, per engine actor: a packed fragment of 65 536 rows
-# is about 60 MB in the object store, an H200 scores one in ~0.16 s and a packer takes 0.1-0.6 s
-# for it (padding ~0.11 s on the H200's host, read and pad 0.56 s on the 2-core machine), so 16
-# keeps the device fed without a large cluster's every CPU packing fragments far ahead of it.
-PACKED_AHEAD_PER_ACTOR = 16
+# Fragments packed or scoring at once, at most, per device (a GPU, or an actor where there are
+# none), unless its actors' queues hold more: a packed fragment of 65 536 rows is about 60 MB in the object
+# store, an H200 scores one in ~0.16 s and a packer takes 0.1-0.6 s for it (padding ~0.11 s on the
+# H200's host, read and pad 0.56 s on the 2-core machine), so 16 keeps the device fed without a
+# large cluster's every CPU packing fragments far ahead of it. Per device, not per actor: three
+# actors sharing a GPU score no faster than the GPU does.
+PACKED_AHEAD_PER_DEVICE = 16
 # Times Ray restarts a dead engine actor before the run fails (the run is then resumable: rerun with the
 # same run_id). The calls it had in flight are retried for as long as it is restartable: while a lost
 # node is not yet declared dead its actor is only unavailable, and each failed connection would count
@@ -72,6 +74,14 @@ PACKED_AHEAD_PER_ACTOR = 16
 # restarted the actor on the other node). Ray Data's actor pools retry the same way.
 ACTOR_RESTARTS = 3
 CALL_RETRIES_WHILE_RESTARTABLE = -1
+
+
+def fragments_ahead(cpus: int, actors: int, devices: int, limit: int) -> int:
+    """Fragments packed or scoring at once: one per CPU of the cluster, at least as many as the
+    actors' queues hold (``actors × limit``), at most :data:`PACKED_AHEAD_PER_DEVICE` per device
+    or those queues, whichever is more."""
+    queues = actors * limit
+    return min(max(cpus, queues), max(queues, devices * PACKED_AHEAD_PER_DEVICE))
 
 
 class EngineActorLost(RuntimeError):
@@ -137,7 +147,8 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
     import ray
 
     cluster = ray.cluster_resources()
-    size, resources = engine_actor_pool(settings, int(cluster.get("GPU", 0)), EMR_ACTORS_PER_GPU)
+    gpus = int(cluster.get("GPU", 0))
+    size, resources = engine_actor_pool(settings, gpus, EMR_ACTORS_PER_GPU)
     threads = actor_threads(settings)
     in_actor = settings.ray.fragment_writers == "actor"
     engine_actor = ray.remote(actor_cls).options(max_concurrency=threads, max_restarts=ACTOR_RESTARTS,
@@ -149,10 +160,8 @@ def started(specs: Sequence[FragmentSpec], settings: Settings, source: EngineSou
     limit = max(4, 2 * threads)
     try:
         yield Feed(specs=spec_dicts(list(specs)), actors=actors, threads=threads, limit=limit,
-                   # Pack ahead on every CPU the cluster has (at least as deep as the actors' queues),
-                   # up to PACKED_AHEAD_PER_ACTOR per actor.
-                   ahead=min(max(int(cluster.get("CPU", 1)), size * limit),
-                             size * max(limit, PACKED_AHEAD_PER_ACTOR)),
+                   ahead=fragments_ahead(int(cluster.get("CPU", 1)), size,
+                                         min(gpus, size) if gpus else size, limit),
                    pack_kwargs={"length_buckets": list(settings.scoring.length_buckets),
                                 "token_budget": settings.scoring.token_budget, "vocab_size": vocab_size},
                    sink_ref=None if in_actor else ray.put(sink))

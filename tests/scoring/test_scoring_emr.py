@@ -399,3 +399,15 @@ def test_scoring_applies_the_cards_calibration_after_the_engine_and_reports_reli
     assert {h: m["reliability"][h]["n"] for h in HEADS} == labelled
     html = (run_dir / "report.html").read_text()
     assert "Reliability against this as-of" in html and html.count("<circle") >= 3
+
+
+def test_fragments_packed_ahead_are_bounded_per_device_not_per_actor():
+    ahead = emr_feed.fragments_ahead
+    cap = emr_feed.PACKED_AHEAD_PER_DEVICE
+    # One H200 host: 16 CPUs, three actors sharing its GPU with four calls each in flight.
+    assert ahead(cpus=16, actors=3, devices=1, limit=4) == min(16, max(12, cap))
+    # Eight GPUs of three actors each on 400 CPUs: the cap counts GPUs, not actors.
+    assert ahead(cpus=400, actors=24, devices=8, limit=4) == 8 * cap
+    # Queues deeper than the cap are still filled; the 2-core machine packs as deep as its queue.
+    assert ahead(cpus=400, actors=24, devices=1, limit=4) == 96
+    assert ahead(cpus=2, actors=1, devices=1, limit=4) == 4
