@@ -322,7 +322,8 @@ def call_timeline(events: list[dict[str, Any]], started_at: float, seconds: floa
     """Where an end-to-end run's seconds went, from Ray's task profile events (``ray.timeline()``):
     until the engine actors' first ``score`` call began, the span of their calls (time inside calls,
     of which Ray's argument deserialisation and output storing, and the actor idle between calls),
-    and the tail after the last call. Seconds, relative to the run's start (``started_at``, epoch)."""
+    the pack and writer tasks, and the tail after the last fragment was written. Seconds, relative to
+    the run's start (``started_at``, epoch)."""
     t0 = started_at * 1e6  # the events' ts and dur are microseconds, ts since the epoch
     workers: dict[str, list[dict[str, Any]]] = {}
     for e in events:
