@@ -304,6 +304,12 @@ def medscreen_pipeline(settings: Settings, fragment_rows: int) -> dict[str, Any]
             "qc_passed": m["qc"]["passed"]}
 
 
+def _spans(events: list[dict[str, Any]], category_suffix: str) -> list[dict[str, Any]]:
+    """Ray's complete events (``ph`` X) of one kind of task or call, by the end of their category
+    (``.score``: the engine actors' calls; ``pack_fragments``, ``write_fragments``: the tasks)."""
+    return [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).endswith(category_suffix)]
+
+
 def settled_timeline(calls: int, wait_s: float = 20.0) -> list[dict[str, Any]]:
     """``ray.timeline()`` once it holds all ``calls`` engine calls: workers report task events in
     batches, the last ones after the run has returned."""
@@ -312,10 +318,14 @@ def settled_timeline(calls: int, wait_s: float = 20.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + wait_s
     while True:
         events = ray.timeline()
-        done = sum(1 for e in events if e.get("ph") == "X" and str(e.get("cat", "")).endswith(".score"))
-        if done >= calls or time.monotonic() > deadline:
+        if len(_spans(events, ".score")) >= calls or time.monotonic() > deadline:
             return events
         time.sleep(0.5)
+
+
+# Ray's phases of a task or call, as they are reported in the timeline.
+_PHASES = {"task:deserialize_arguments": "deserialize_args_s", "task:execute": "execute_s",
+           "task:store_outputs": "store_outputs_s"}
 
 
 def call_timeline(events: list[dict[str, Any]], started_at: float, seconds: float) -> dict[str, Any]:
@@ -326,22 +336,20 @@ def call_timeline(events: list[dict[str, Any]], started_at: float, seconds: floa
     the run's start (``started_at``, epoch)."""
     t0 = started_at * 1e6  # the events' ts and dur are microseconds, ts since the epoch
     workers: dict[str, list[dict[str, Any]]] = {}
-    for e in events:
-        if e.get("ph") == "X" and str(e.get("cat", "")).endswith(".score"):
-            workers.setdefault(e["tid"], []).append(e)
+    for e in _spans(events, ".score"):
+        workers.setdefault(e["tid"], []).append(e)
     if not workers:
         return {}
-    phases = {"task:deserialize_arguments": "deserialize_args_s", "task:execute": "execute_s",
-              "task:store_outputs": "store_outputs_s"}
     out: dict[str, Any] = {"actors": []}
     for tid, calls in workers.items():
         calls.sort(key=lambda e: e["ts"])
         windows = [(c["ts"], c["ts"] + c["dur"]) for c in calls]
-        inside = {v: 0.0 for v in phases.values()}
+        # The actor's process runs nothing but its __init__ and its calls: phases from the first
+        # call on are the calls'.
+        inside = {v: 0.0 for v in _PHASES.values()}
         for e in events:
-            if e.get("tid") == tid and e.get("name") in phases and \
-                    any(a <= e["ts"] <= b for a, b in windows):
-                inside[phases[e["name"]]] += e["dur"] / 1e6
+            if e.get("tid") == tid and e.get("name") in _PHASES and e["ts"] >= windows[0][0]:
+                inside[_PHASES[e["name"]]] += e["dur"] / 1e6
         gaps = [(b[0] - a[1]) / 1e6 for a, b in zip(windows, windows[1:])]
         out["actors"].append({
             "calls": len(calls), "first_call_s": round((windows[0][0] - t0) / 1e6, 3),
@@ -352,7 +360,7 @@ def call_timeline(events: list[dict[str, Any]], started_at: float, seconds: floa
             "idle_gap_max_s": round(max(gaps, default=0.0), 3)})
     last_end = max(a["last_call_end_s"] for a in out["actors"])
     for cat, key in (("pack_fragments", "pack"), ("write_fragments", "write")):
-        tasks = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).endswith(cat)]
+        tasks = _spans(events, cat)
         if tasks:
             ends = [(e["ts"] + e["dur"] - t0) / 1e6 for e in tasks]
             out[f"{key}_tasks"] = {"n": len(tasks), "sum_s": round(sum(e["dur"] for e in tasks) / 1e6, 3),
