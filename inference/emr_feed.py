@@ -61,11 +61,11 @@ EMR_ACTOR_THREADS = 1
 PACK_NUM_CPUS = 1.0
 WRITER_NUM_CPUS = 0.5
 # Fragments packed or scoring at once, at most, per device (a GPU, or an actor where there are
-# none), unless its actors' queues hold more: a packed fragment of 65 536 rows is about 60 MB in the object
-# store, an H200 scores one in ~0.16 s and a packer takes 0.1-0.6 s for it (padding ~0.11 s on the
-# H200's host, read and pad 0.56 s on the 2-core machine), so 16 keeps the device fed without a
-# large cluster's every CPU packing fragments far ahead of it. Per device, not per actor: three
-# actors sharing a GPU score no faster than the GPU does.
+# none), unless its actors' queues hold more: a packed fragment of 65 536 rows is about 60 MB in
+# the object store, an H200 scores one in ~0.16 s and a packer takes 0.1-0.6 s for it (padding
+# ~0.11 s on the H200's host, read and pad 0.56 s on the 2-core machine), so 16 keeps the device
+# fed without a large cluster's every CPU packing fragments far ahead of it. Per device, not per
+# actor: three actors sharing a GPU score no faster than the GPU does.
 PACKED_AHEAD_PER_DEVICE = 16
 # Times Ray restarts a dead engine actor before the run fails (the run is then resumable: rerun with the
 # same run_id). The calls it had in flight are retried for as long as it is restartable: while a lost

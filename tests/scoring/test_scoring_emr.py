@@ -403,11 +403,11 @@ def test_scoring_applies_the_cards_calibration_after_the_engine_and_reports_reli
 
 def test_fragments_packed_ahead_are_bounded_per_device_not_per_actor():
     ahead = emr_feed.fragments_ahead
-    cap = emr_feed.PACKED_AHEAD_PER_DEVICE
-    # One H200 host: 16 CPUs, three actors sharing its GPU with four calls each in flight.
-    assert ahead(cpus=16, actors=3, devices=1, limit=4) == min(16, max(12, cap))
-    # Eight GPUs of three actors each on 400 CPUs: the cap counts GPUs, not actors.
-    assert ahead(cpus=400, actors=24, devices=8, limit=4) == 8 * cap
+    # One H200 host: 16 CPUs, three actors sharing its GPU with four calls each in flight; the
+    # bound it was measured with.
+    assert ahead(cpus=16, actors=3, devices=1, limit=4) == 16
+    # Eight GPUs of three actors each on 400 CPUs: 16 per GPU, not 16 per actor (384).
+    assert ahead(cpus=400, actors=24, devices=8, limit=4) == 128
     # Queues deeper than the cap are still filled; the 2-core machine packs as deep as its queue.
     assert ahead(cpus=400, actors=24, devices=1, limit=4) == 96
     assert ahead(cpus=2, actors=1, devices=1, limit=4) == 4
